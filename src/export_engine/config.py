@@ -1,0 +1,78 @@
+"""Precision enum and ExportConfig: the only home of defaults."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export_engine.errors import UsageError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    HYBRID = "hybrid"
+
+    @classmethod
+    def parse(cls, value: str) -> Precision:
+        try:
+            return cls(value.lower())
+        except ValueError:
+            choices = ", ".join(p.value for p in cls)
+            raise UsageError(f"unknown precision {value!r}; choose one of: {choices}") from None
+
+
+class Backend(str, enum.Enum):
+    ONNX = "onnx"
+
+    @classmethod
+    def parse(cls, value: str) -> Backend:
+        try:
+            return cls(value.lower())
+        except ValueError:
+            choices = ", ".join(b.value for b in cls)
+            raise UsageError(f"unknown backend {value!r}; choose one of: {choices}") from None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Image size in pixels, written ``WxH`` on the command line (width first, as upstream names them)."""
+
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str, multiple_of: int = 16) -> Resolution:
+        parts = text.lower().replace(" ", "").split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise UsageError(f"resolution {text!r} is not of the form WxH (e.g. 512x384)")
+        width, height = int(parts[0]), int(parts[1])
+        if width <= 0 or height <= 0 or width % multiple_of or height % multiple_of:
+            raise UsageError(
+                f"resolution {text!r}: width and height must be positive multiples of {multiple_of} "
+                f"(e.g. 512x384 or 384x512)"
+            )
+        return cls(width, height)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything one export run needs; CLI flags are these field names in kebab-case."""
+
+    model: str
+    precision: Precision = Precision.FP32
+    checkpoint: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    config_file: Path | None = None
+    resolution: str | None = None  # model default when None (MASt3R: 512x384)
+    backend: Backend = Backend.ONNX
+    out: Path = Path("artifacts/out")
+    force: bool = False
+    strict: bool = False
+    parity_samples: int = 1
+    extra: dict[str, str] = field(default_factory=dict)
