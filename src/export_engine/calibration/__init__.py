@@ -1,0 +1,1 @@
+"""Representative inputs (built-in structured synthetic sets) and, later, activation statistics."""

@@ -1,0 +1,54 @@
+"""Human-readable summary of an artifact manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _shape(shape: list[Any]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000  # type: ignore[assignment]
+    return str(num_bytes)
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    lines = [
+        f"model       {manifest['model']}",
+        f"precision   {manifest['precision']}",
+        f"resolution  {manifest.get('resolution', '?')}",
+        f"backend     {manifest.get('backend', '?')}",
+        f"created     {manifest.get('created', '?')} (schema {manifest.get('schema_version')})",
+    ]
+    weights = manifest.get("weights", {})
+    if weights.get("random_weights"):
+        lines.append(f"weights     random (seed {weights.get('seed')})")
+    else:
+        lines.append(f"weights     {weights.get('source')} sha256 {str(weights.get('sha256'))[:16]}...")
+    for graph in manifest["graphs"]:
+        lines.append(
+            f"graph       {graph['name']}: {graph['file']} (opset {graph['opset']}, {graph['nodes']} nodes, "
+            f"{graph['exporter']} exporter)"
+        )
+        for io in ("inputs", "outputs"):
+            for t in graph[io]:
+                lines.append(f"  {io[:-1]:7s} {t['name']:28s} {t['dtype']:8s} {_shape(t['shape'])}")
+    parity = manifest.get("parity", {})
+    lines.append(
+        f"parity      {'passed' if parity.get('passed') else 'FAILED'}: {parity.get('candidate')} vs "
+        f"{parity.get('reference')}, {parity.get('samples')} sample(s)"
+    )
+    for name, worst in parity.get("worst", {}).items():
+        lines.append(f"  {name:36s} max abs {worst['max_abs']:.3g}  max rel {worst['max_rel']:.3g}")
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    lines.append(f"files       {len(manifest['files'])} files, {_size(total)} (sha256 in manifest)")
+    for name, record in manifest["files"].items():
+        lines.append(f"  {name:36s} {_size(record['bytes']):>9s}  {record['sha256'][:16]}...")
+    versions = manifest.get("versions", {})
+    lines.append("versions    " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""Command line: parse -> config -> call the API. Nothing else lives here.
+
+    export-engine --model mast3r --precision fp32 --random-weights      (export; the default command)
+    export-engine run ARTIFACT --inputs IN.npz --outputs OUT.npz
+    export-engine inspect ARTIFACT
+    export-engine models
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from export_engine import __version__
+from export_engine.config import Backend, ExportConfig, Precision
+from export_engine.errors import ExportError, ModelInputError, UsageError
+
+log = logging.getLogger("export_engine")
+
+SUBCOMMANDS = ("run", "inspect", "models")
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own errors become our one-line usage errors
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="export-engine", description="Export a model to a validated inference artifact.")
+    p.add_argument("--version", action="version", version=f"export-engine {__version__}")
+    p.add_argument("--model", required=True, help="model to export (see: export-engine models)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | hybrid (default fp32)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", help="official checkpoint: .pth, .safetensors, model folder or HF repo id")
+    weights.add_argument("--random-weights", action="store_true", help="random weights (for testing the chain)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and the parity inputs")
+    p.add_argument("--config", type=Path, help="JSON configuration (layout of the reference config.json)")
+    p.add_argument("--resolution", help="input size, e.g. 512x384 (MASt3R: WxH, multiples of 16)")
+    p.add_argument("--backend", default="onnx", help="onnx (default)")
+    p.add_argument("--out", type=Path, help="artifact directory (default ./<model>-<precision>-<resolution>)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    p.add_argument("--strict", action="store_true", help="turn structural warnings into errors")
+    p.add_argument("--parity-samples", type=int, default=1, help="representative inputs for the parity gate")
+    _common(p)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+
+
+def _sub_parser(name: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"export-engine {name}")
+    if name == "run":
+        p.description = "Run an artifact on inputs from an .npz file and write the outputs to an .npz file."
+        p.add_argument("artifact", type=Path)
+        p.add_argument("--inputs", type=Path, required=True, help="npz with the model's input arrays")
+        p.add_argument("--outputs", type=Path, required=True, help="npz to write")
+        p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    elif name == "inspect":
+        p.description = "Print an artifact's manifest in a readable form."
+        p.add_argument("artifact", type=Path)
+        p.add_argument("--json", action="store_true", help="print the raw manifest")
+    else:
+        p.description = "List the models export-engine can export."
+    _common(p)
+    return p
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("export-engine: %(message)s"))
+    root = logging.getLogger("export_engine")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through the artifact writer, which removes its staging directory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if threading_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _dispatch(argv)
+    except ExportError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"export-engine: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("export-engine: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # last resort: one line, not a wall of traceback
+        if debug:
+            traceback.print_exc()
+        print(
+            f"export-engine: internal error: {type(err).__name__}: {err} (rerun with --debug and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        args = _sub_parser(argv[0]).parse_args(argv[1:])
+        _setup_logging(args)
+        return {"run": _cmd_run, "inspect": _cmd_inspect, "models": _cmd_models}[argv[0]](args)
+    args = _export_parser().parse_args(argv)
+    _setup_logging(args)
+    return _cmd_export(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export_engine.pipeline import export
+
+    precision = Precision.parse(args.precision)
+    from export_engine.exporters.registry import get_family
+
+    family = get_family(args.model)
+    if args.parity_samples < 1:
+        raise UsageError("--parity-samples must be at least 1")
+    shape = args.resolution or family.default_shape
+    out = args.out or Path(f"{family.name}-{precision.value}-{shape}")
+    config = ExportConfig(
+        model=family.name,
+        precision=precision,
+        checkpoint=args.checkpoint,
+        random_weights=args.random_weights,
+        seed=args.seed,
+        config_file=args.config,
+        resolution=args.resolution,
+        backend=Backend.parse(args.backend),
+        out=out,
+        force=args.force,
+        strict=args.strict,
+        parity_samples=args.parity_samples,
+    )
+    result = export(config)
+    print(result.artifact)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from export_engine.runtime.session import load
+
+    inputs = _read_npz(args.inputs)
+    session = load(args.artifact, verify=not args.no_verify)
+    outputs = session.run(inputs)
+    target = Path(args.outputs)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **outputs)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s (%s)", target, ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items()))
+    return 0
+
+
+def _read_npz(path: Path) -> dict[str, Any]:
+    import zipfile
+
+    import numpy as np
+
+    if not path.is_file():
+        raise ModelInputError(f"inputs file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ModelInputError(f"inputs file {path} is not a readable .npz ({err})") from err
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from export_engine.artifacts.inspect import describe
+    from export_engine.artifacts.store import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    print(json.dumps(manifest, indent=2) if args.json else describe(manifest))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from export_engine.exporters.registry import FAMILIES
+
+    for family in FAMILIES:
+        print(f"{family.name:10s} {family.summary}; shape: {family.shape_option}, default {family.default_shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

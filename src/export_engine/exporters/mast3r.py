@@ -1,0 +1,203 @@
+"""MASt3R as exported graphs: an encoder (images -> tokens) and a decoder+heads graph (two token sets -> outputs).
+
+Split so that a deployment encodes each image once and matches it against many. Both graphs are exported at
+one resolution (``--resolution WxH``, landscape or portrait): the network is not transpose-equivariant and the
+DPT head's grid sizes follow from H and W, so a portrait image needs a portrait artifact. The batch axis is
+dynamic in both graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from export_engine.calibration.synthetic import structured_images
+from export_engine.config import Precision, Resolution
+from export_engine.errors import ModelInputError
+from export_engine.exporters.spec import (
+    FamilySpec,
+    Feed,
+    GraphRunner,
+    LoadedModel,
+    ModelSpec,
+    TensorSpec,
+    Tolerance,
+)
+
+OUTPUT_NAMES = (
+    "view1_pts3d",
+    "view1_conf",
+    "view1_desc",
+    "view1_desc_conf",
+    "view2_pts3d_in_other_view",
+    "view2_conf",
+    "view2_desc",
+    "view2_desc_conf",
+)
+RUN_INPUTS = ("view1_img", "view2_img")
+
+# FP32 ONNX Runtime vs PyTorch on the CPU: the full-size model measured <= 2.3e-5 absolute on every output
+# (shared/specs/export_feasibility.md); these bounds leave ~10x margin and still catch any layout bug.
+_FP32_TOKENS = Tolerance(atol=2e-4, rtol=1e-3)
+_FP32_OUTPUT = Tolerance(atol=2e-4, rtol=1e-3)
+
+# The reference small model (shared/reference/mast3r/config.json) doubles as the tiny test configuration.
+TINY_CONFIG: dict[str, Any] = {
+    "constructor_kwargs": {
+        "pos_embed": "RoPE100",
+        "patch_embed_cls": "PatchEmbedDust3R",
+        "img_size": [512, 512],
+        "head_type": "catmlp+dpt",
+        "output_mode": "pts3d+desc8",
+        "depth_mode": ["exp", float("-inf"), float("inf")],
+        "conf_mode": ["exp", 1, float("inf")],
+        "enc_embed_dim": 96,
+        "enc_depth": 3,
+        "enc_num_heads": 3,
+        "dec_embed_dim": 64,
+        "dec_depth": 4,
+        "dec_num_heads": 2,
+        "two_confs": True,
+        "desc_conf_mode": ["exp", 0, float("inf")],
+        "landscape_only": False,
+    },
+    "dpt": {"feature_dim": 32, "last_dim": 16, "layer_dims": [16, 24, 32, 48], "hooks": [0, 2, 3, 4]},
+}
+
+
+class EncoderGraph(nn.Module):
+    """images (B, 3, H, W) -> encoder tokens (B, H/16 * W/16, enc_dim), after enc_norm."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(images)
+
+
+class DecoderGraph(nn.Module):
+    """(tokens of view 1, tokens of view 2) -> the 8 outputs, both views at the graph's resolution."""
+
+    def __init__(self, model: nn.Module, height: int, width: int):
+        super().__init__()
+        self.model = model
+        self.shape = (height, width)
+
+    def forward(self, feat1: torch.Tensor, feat2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.decode(feat1, feat2, self.shape, self.shape)
+        return tuple(out[name] for name in OUTPUT_NAMES)
+
+
+def load(config_json: Mapping[str, Any] | None, checkpoint: str | None, seed: int | None) -> LoadedModel:
+    from export_engine.models.mast3r.checkpoint import build_mast3r
+    from export_engine.models.mast3r.config import MASt3RConfig
+
+    config = MASt3RConfig.from_json(config_json) if config_json is not None else None
+    model, ckpt, resolved = build_mast3r(config, checkpoint, seed)
+    return LoadedModel(
+        module=model,
+        config=resolved,
+        checkpoint_source=ckpt.source if ckpt else None,
+        checkpoint_sha256=ckpt.sha256 if ckpt else None,
+        seed=seed,
+    )
+
+
+def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
+    res = Resolution.parse(shape_text or "512x384", multiple_of=config.patch_size)
+    h, w = res.height, res.width
+    n = (h // config.patch_size) * (w // config.patch_size)
+    desc = config.local_feat_dim
+    tokens = lambda name: TensorSpec(name, ("batch", n, config.enc_embed_dim))  # noqa: E731
+    encoder = ModelSpec(
+        name="encoder",
+        build_module=EncoderGraph,
+        inputs=(TensorSpec("images", ("batch", 3, h, w)),),
+        outputs=(tokens("tokens"),),
+        tolerances={Precision.FP32: {"tokens": _FP32_TOKENS}},
+        expected_counts={"attention": config.enc_depth},
+        shape_notes={"resolution": str(res), "batch": "dynamic", "tokens_per_image": n},
+    )
+    view_shapes = {"pts3d": (3,), "conf": (), "desc": (desc,), "desc_conf": ()}
+    outputs = []
+    for name in OUTPUT_NAMES:
+        kind = name.split("_", 1)[1].replace("pts3d_in_other_view", "pts3d")
+        outputs.append(TensorSpec(name, ("batch", h, w, *view_shapes[kind])))
+    decoder = ModelSpec(
+        name="decoder",
+        build_module=lambda model: DecoderGraph(model, h, w),
+        inputs=(tokens("feat1"), tokens("feat2")),
+        outputs=tuple(outputs),
+        tolerances={Precision.FP32: {name: _FP32_OUTPUT for name in OUTPUT_NAMES}},
+        expected_counts={"attention": 4 * config.dec_depth},
+        shape_notes={"resolution": str(res), "batch": "dynamic", "views": "both views at the resolution"},
+    )
+    return (encoder, decoder)
+
+
+def parity_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int, seed: int) -> dict[str, list[Feed]]:
+    """Structured image pairs for the encoder; the torch encoder's tokens of each pair for the decoder."""
+    from export_engine.validation.parity import reference_outputs
+
+    encoder, _ = specs
+    _, _, h, w = encoder.inputs[0].shape
+    assert isinstance(h, int) and isinstance(w, int)
+    encoder_feeds = [{"images": structured_images(2, h, w, seed + i)} for i in range(samples)]
+    tokens = reference_outputs(encoder.build_module(loaded.module), encoder, encoder_feeds)
+    decoder_feeds = [{"feat1": t["tokens"][0:1], "feat2": t["tokens"][1:2]} for t in tokens]
+    return {"encoder": encoder_feeds, "decoder": decoder_feeds}
+
+
+def run(
+    runners: Mapping[str, GraphRunner], inputs: Mapping[str, np.ndarray], graphs_meta: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """view1_img, view2_img (B, 3, H, W) in [-1, 1] -> the 8 outputs (encoder batched over both views)."""
+    expected = graphs_meta["encoder"]["inputs"][0]["shape"]  # ["batch", 3, H, W]
+    images = [_check_image(inputs, name, expected) for name in RUN_INPUTS]
+    if images[0].shape[0] != images[1].shape[0]:
+        raise ModelInputError(
+            f"view1_img and view2_img have different batch sizes ({images[0].shape[0]} vs {images[1].shape[0]})"
+        )
+    batch = images[0].shape[0]
+    tokens = runners["encoder"]({"images": np.concatenate(images)})["tokens"]
+    outputs = runners["decoder"]({"feat1": tokens[:batch], "feat2": tokens[batch:]})
+    return {name: outputs[name] for name in OUTPUT_NAMES}
+
+
+def _check_image(inputs: Mapping[str, np.ndarray], name: str, expected: list[Any]) -> np.ndarray:
+    if name not in inputs:
+        raise ModelInputError(
+            f"input {name!r} is missing (got {sorted(inputs)}); MASt3R artifacts take {', '.join(RUN_INPUTS)}"
+        )
+    image = np.asarray(inputs[name])
+    _, c, h, w = expected
+    if image.ndim != 4 or tuple(image.shape[1:]) != (c, h, w):
+        raise ModelInputError(
+            f"input {name!r} has shape {tuple(image.shape)}, this artifact was exported for {w}x{h}: expected "
+            f"(B, {c}, {h}, {w}); resize the image or export another --resolution"
+        )
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ModelInputError(f"input {name!r} has dtype {image.dtype}; expected float32 in [-1, 1]")
+    return image.astype(np.float32)
+
+
+FAMILY = FamilySpec(
+    name="mast3r",
+    summary="MASt3R ViT-L/ViT-B image matcher (encoder graph + decoder/heads graph)",
+    load=load,
+    graphs=graphs,
+    parity_feeds=parity_feeds,
+    run=run,
+    run_input_names=RUN_INPUTS,
+    run_output_names=OUTPUT_NAMES,
+    shape_option="--resolution WxH (multiples of 16; landscape or portrait)",
+    default_shape="512x384",
+    validate_shape=lambda text: Resolution.parse(text or "512x384"),
+    tiny_config=lambda: TINY_CONFIG,
+    tiny_shape="80x48",
+)

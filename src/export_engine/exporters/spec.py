@@ -1,0 +1,121 @@
+"""What generic code knows about a model: one ModelSpec per exported graph, one FamilySpec per model.
+
+Generic code (pipeline, validation, artifacts, runtime) only talks to these objects; everything that is
+model-specific (how to build the torch module, how graphs chain at run time) lives in callables provided by
+``exporters/<model>.py``. Generic code never branches on a model name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from export_engine.config import Precision
+
+Feed = dict[str, np.ndarray]
+# A runner for one graph: feed -> outputs by name (ONNX Runtime session, engine, or torch module).
+GraphRunner = Callable[[Feed], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Element-wise check ``|actual - ref| <= atol + rtol * |ref|``; ``max_share`` of elements may exceed it."""
+
+    atol: float
+    rtol: float
+    max_share: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"atol": self.atol, "rtol": self.rtol, "max_share": self.max_share}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. ``shape`` entries are ints (static) or names (dynamic axes)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One exported graph: how to build its torch module and what the graph must look like."""
+
+    name: str  # short graph name, e.g. "encoder"; the artifact file is <name>.onnx
+    build_module: Callable[[nn.Module], nn.Module]  # loaded model -> wrapper with forward(*inputs) -> tuple
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tolerances: Mapping[Precision, Mapping[str, Tolerance]]
+    opset: int = 17
+    # Structural expectations checked by graph passes (e.g. {"attention": 24}); a miss warns, or fails --strict.
+    expected_counts: Mapping[str, int] = field(default_factory=dict)
+    # Facts a deployment needs about shape choices (recorded in the manifest).
+    shape_notes: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes: dict[str, dict[int, str]] = {}
+        for tensor in (*self.inputs, *self.outputs):
+            named = {i: d for i, d in enumerate(tensor.shape) if isinstance(d, str)}
+            if named:
+                axes[tensor.name] = named
+        return axes
+
+    def tolerance(self, precision: Precision, output: str) -> Tolerance:
+        return self.tolerances[precision][output]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A torch model ready for export, and where its weights came from."""
+
+    module: nn.Module
+    config: Any  # the family's frozen config dataclass (has to_dict())
+    checkpoint_source: str | None
+    checkpoint_sha256: str | None
+    seed: int | None
+
+    def describe_weights(self) -> dict[str, Any]:
+        if self.checkpoint_source is None:
+            return {"random_weights": True, "seed": self.seed}
+        return {"source": self.checkpoint_source, "sha256": self.checkpoint_sha256, "random_weights": False}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A model family (``--model NAME``): loading, its graphs, representative inputs and run-time chaining."""
+
+    name: str
+    summary: str
+    # (config JSON or None, checkpoint or None, seed or None) -> LoadedModel
+    load: Callable[[Mapping[str, Any] | None, str | None, int | None], LoadedModel]
+    # (config, shape option text or None) -> graph specs, in export order
+    graphs: Callable[[Any, str | None], tuple[ModelSpec, ...]]
+    # (loaded model, graph specs, n samples, seed) -> representative feeds per graph name (structured data)
+    parity_feeds: Callable[[LoadedModel, tuple[ModelSpec, ...], int, int], dict[str, list[Feed]]]
+    # (runners by graph name, user inputs, manifest graph records) -> user-facing outputs
+    run: Callable[[Mapping[str, GraphRunner], Mapping[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
+    run_input_names: tuple[str, ...]
+    run_output_names: tuple[str, ...]
+    shape_option: str  # CLI text describing the shape option (e.g. "resolution WxH")
+    default_shape: str
+    # Raises UsageError for a bad shape option before any long work starts.
+    validate_shape: Callable[[str | None], object]
+    # A small configuration (config JSON) for tests and the tiny end-to-end run.
+    tiny_config: Callable[[], Mapping[str, Any]]
+    tiny_shape: str
