@@ -169,6 +169,12 @@ def run(
     return {name: outputs[name] for name in OUTPUT_NAMES}
 
 
+def sample_inputs(graphs_meta: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
+    _, _, h, w = graphs_meta["encoder"]["inputs"][0]["shape"]
+    images = structured_images(2, h, w, seed)
+    return {"view1_img": images[0:1], "view2_img": images[1:2]}
+
+
 def _check_image(inputs: Mapping[str, np.ndarray], name: str, expected: list[Any]) -> np.ndarray:
     if name not in inputs:
         raise ModelInputError(
@@ -193,6 +199,7 @@ FAMILY = FamilySpec(
     graphs=graphs,
     parity_feeds=parity_feeds,
     run=run,
+    sample_inputs=sample_inputs,
     run_input_names=RUN_INPUTS,
     run_output_names=OUTPUT_NAMES,
     shape_option="--resolution WxH (multiples of 16; landscape or portrait)",

@@ -84,8 +84,10 @@ def onnx_from_torch(
                     f"{' '.join(str(err).split())[:300]}); rerun with --debug for the traceback"
                 ) from err
         data_files = _finalize(raw, path, external)
-    seconds = time.perf_counter() - start
     proto = onnx.load(str(path), load_external_data=False)
+    _stamp_io_shapes(proto, spec)
+    onnx.save_model(proto, str(path))  # external tensors keep their references; only the graph is rewritten
+    seconds = time.perf_counter() - start
     log.info(
         "exported %s: %d nodes, opset %d, %.1f s%s",
         spec.name,
@@ -155,6 +157,30 @@ def _dynamo_dynamic_shapes(spec: ModelSpec) -> tuple[dict[int, object], ...] | N
                 named[i] = dims.setdefault(dim, torch.export.Dim(dim))
         shapes.append(named)
     return tuple(shapes)
+
+
+def _stamp_io_shapes(proto: onnx.ModelProto, spec: ModelSpec) -> None:
+    """Declare the spec's I/O shapes on the graph.
+
+    The exporters' symbolic shape inference sometimes names static dims after unrelated symbols (the
+    TorchScript exporter called MASt3R's output height 'batch'); the spec is the contract, and the parity
+    gate checks the real output shapes against PyTorch.
+    """
+    declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        tensor = declared.get(value.name)
+        if tensor is None:
+            raise OnnxExportError(f"graph {spec.name!r}: exported I/O {value.name!r} is not declared by its spec")
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(tensor.shape):
+            raise OnnxExportError(
+                f"graph {spec.name!r}: {value.name} has rank {len(dims)}, the spec declares {tensor.shape}"
+            )
+        for dim, want in zip(dims, tensor.shape):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
 
 
 def _finalize(raw: Path, path: Path, external: bool) -> list[Path]:

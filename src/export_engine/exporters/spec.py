@@ -110,6 +110,8 @@ class FamilySpec:
     parity_feeds: Callable[[LoadedModel, tuple[ModelSpec, ...], int, int], dict[str, list[Feed]]]
     # (runners by graph name, user inputs, manifest graph records) -> user-facing outputs
     run: Callable[[Mapping[str, GraphRunner], Mapping[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
+    # (graph records by name, seed) -> plausible user inputs for ``run`` (tests, benchmarks, smoke checks)
+    sample_inputs: Callable[[Mapping[str, Any], int], dict[str, np.ndarray]]
     run_input_names: tuple[str, ...]
     run_output_names: tuple[str, ...]
     shape_option: str  # CLI text describing the shape option (e.g. "resolution WxH")

@@ -42,24 +42,25 @@ class TorchRunner(BaseRunner):
 
     def get_input_metadata_impl(self) -> Any:
         from polygraphy.common import TensorMetadata
+        from polygraphy.datatype import DataType
 
         meta = TensorMetadata()
         for tensor in self._spec.inputs:
-            meta.add(tensor.name, np.dtype(tensor.dtype), tensor.shape)
+            meta.add(tensor.name, DataType.from_dtype(np.dtype(tensor.dtype)), tensor.shape)
         return meta
 
-    def infer_impl(self, feed_dict: Mapping[str, np.ndarray]) -> tuple[OrderedDict[str, np.ndarray], float]:
+    def infer_impl(self, feed_dict: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         inputs = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in self._spec.input_names]
         start = time.perf_counter()
         with torch.no_grad():
             outputs = self._module(*inputs)
-        elapsed = time.perf_counter() - start
+        self.inference_time = time.perf_counter() - start
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         result = OrderedDict(
             (name, out.detach().cpu().numpy()) for name, out in zip(self._spec.output_names, outputs)
         )
-        return result, elapsed
+        return result
 
     def deactivate_impl(self) -> None:
         pass

@@ -7,7 +7,7 @@ Attention comes in two interchangeable implementations chosen at construction:
 
 from __future__ import annotations
 
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export_engine.errors import UsageError
@@ -132,4 +132,3 @@ class PatchEmbed(nn.Module):
 
     def forward(self, img: Tensor) -> Tensor:
         return self.proj(img).flatten(2).transpose(1, 2)
-

@@ -92,13 +92,25 @@ class MASt3RConfig:
     img_size: tuple[int, int] = (512, 512)
 
     def __post_init__(self) -> None:
-        for name in ("enc_embed_dim", "enc_depth", "enc_num_heads", "dec_embed_dim", "dec_depth",
-                     "dec_num_heads", "patch_size", "local_feat_dim", "dpt_feature_dim", "dpt_last_dim"):
+        for name in (
+            "enc_embed_dim",
+            "enc_depth",
+            "enc_num_heads",
+            "dec_embed_dim",
+            "dec_depth",
+            "dec_num_heads",
+            "patch_size",
+            "local_feat_dim",
+            "dpt_feature_dim",
+            "dpt_last_dim",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"MASt3R config: {name} must be a positive integer, got {value!r}")
-        for dim, heads, where in ((self.enc_embed_dim, self.enc_num_heads, "encoder"),
-                                  (self.dec_embed_dim, self.dec_num_heads, "decoder")):
+        for dim, heads, where in (
+            (self.enc_embed_dim, self.enc_num_heads, "encoder"),
+            (self.dec_embed_dim, self.dec_num_heads, "decoder"),
+        ):
             if dim % heads or (dim // heads) % 4:
                 raise UsageError(
                     f"MASt3R config: {where} width {dim} / {heads} heads must give a head dim divisible by 4 "
@@ -116,8 +128,10 @@ class MASt3RConfig:
             )
         _check_mode("depth_mode", self.depth_mode, _DEPTH_MODES)
         if self.depth_mode[1:] != (-INF, INF):
-            raise UsageError(f"MASt3R config: bounded depth_mode {self.depth_mode} is not supported (upstream "
-                             f"asserts no bounds)")
+            raise UsageError(
+                f"MASt3R config: bounded depth_mode {self.depth_mode} is not supported (upstream "
+                f"asserts no bounds)"
+            )
         _check_mode("conf_mode", self.conf_mode, ("exp",))
         _check_mode("desc_conf_mode", self.desc_conf_mode, ("exp",))
         if self.desc_mode != "norm":
@@ -151,14 +165,23 @@ class MASt3RConfig:
         """
         kw = {**_UPSTREAM_DEFAULTS, **dict(kwargs)}
         values: dict[str, Any] = {}
-        for name in ("enc_embed_dim", "enc_depth", "enc_num_heads", "dec_embed_dim", "dec_depth",
-                     "dec_num_heads", "patch_size"):
+        for name in (
+            "enc_embed_dim",
+            "enc_depth",
+            "enc_num_heads",
+            "dec_embed_dim",
+            "dec_depth",
+            "dec_num_heads",
+            "patch_size",
+        ):
             values[name] = _int(name, kw[name])
         values["mlp_ratio"] = _float("mlp_ratio", kw["mlp_ratio"])
         values["img_size"] = _img_size(kw["img_size"])
 
         if kw["head_type"] != "catmlp+dpt":
-            raise UsageError(f"MASt3R config: head_type {kw['head_type']!r} is not supported; valid: 'catmlp+dpt'")
+            raise UsageError(
+                f"MASt3R config: head_type {kw['head_type']!r} is not supported; valid: 'catmlp+dpt'"
+            )
         found = re.fullmatch(r"pts3d\+desc(\d+)", str(kw["output_mode"]))
         if not found:
             raise UsageError(
@@ -180,9 +203,12 @@ class MASt3RConfig:
                 f"{list(_PATCH_EMBED_CLASSES)}"
             )
         if kw["patch_embed_cls"] != "PatchEmbedDust3R" or kw["landscape_only"]:
-            log.info("MASt3R config: training path (%s, landscape_only=%s) mapped to the inference path "
-                     "(PatchEmbedDust3R, landscape_only=False) as upstream load_model does",
-                     kw["patch_embed_cls"], kw["landscape_only"])
+            log.info(
+                "MASt3R config: training path (%s, landscape_only=%s) mapped to the inference path "
+                "(PatchEmbedDust3R, landscape_only=False) as upstream load_model does",
+                kw["patch_embed_cls"],
+                kw["landscape_only"],
+            )
         values["two_confs"] = _bool("two_confs", kw["two_confs"])
         values["depth_mode"] = _mode("depth_mode", kw["depth_mode"])
         values["conf_mode"] = _mode("conf_mode", kw["conf_mode"])
@@ -199,8 +225,9 @@ class MASt3RConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MASt3RConfig:
-        """Accept a reference config.json ({"constructor_kwargs"|"constructor_string", "dpt"}), a flat Hugging
-        Face config.json of constructor keywords (optionally with a "dpt" section), or :meth:`to_dict` output."""
+        """Build from a reference config.json ({"constructor_kwargs" | "constructor_string", "dpt"}), a flat
+        Hugging Face config.json of constructor keywords (optionally with a "dpt" section), or to_dict output.
+        """
         if not isinstance(data, Mapping):
             raise UsageError(f"MASt3R config: expected a JSON object, got {type(data).__name__}")
         dpt = data.get("dpt")
@@ -245,7 +272,7 @@ class MASt3RConfig:
 class _InfNames(ast.NodeTransformer):
     """Replace the bare names ``inf`` (upstream strings write ``-inf``/``inf``) by float constants."""
 
-    def visit_Name(self, node: ast.Name) -> ast.AST:  # noqa: N802 (ast API)
+    def visit_Name(self, node: ast.Name) -> ast.AST:
         if node.id == "inf":
             return ast.copy_location(ast.Constant(INF), node)
         raise UsageError(f"MASt3R constructor string: name {node.id!r} is not a literal (only 'inf' is)")
@@ -256,9 +283,13 @@ def parse_constructor_string(text: str) -> dict[str, Any]:
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
-        raise UsageError(f"MASt3R constructor string is not valid Python syntax ({err.msg}): {text[:120]!r}") from err
+        raise UsageError(
+            f"MASt3R constructor string is not valid Python syntax ({err.msg}): {text[:120]!r}"
+        ) from err
     call = tree.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "AsymmetricMASt3R"):
+    if not (
+        isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "AsymmetricMASt3R"
+    ):
         raise UsageError(
             f"MASt3R constructor string must be a single call AsymmetricMASt3R(...), got {text[:120]!r}"
         )
@@ -291,7 +322,9 @@ def _dpt_values(dpt: Mapping[str, Any]) -> dict[str, Any]:
     if "last_dim" in dpt:
         values["dpt_last_dim"] = _int("dpt.last_dim", dpt["last_dim"])
     if "layer_dims" in dpt:
-        values["dpt_layer_dims"] = tuple(_int("dpt.layer_dims", v) for v in _seq("dpt.layer_dims", dpt["layer_dims"]))
+        values["dpt_layer_dims"] = tuple(
+            _int("dpt.layer_dims", v) for v in _seq("dpt.layer_dims", dpt["layer_dims"])
+        )
     if dpt.get("hooks") is not None:
         values["dpt_hooks"] = tuple(_int("dpt.hooks", v) for v in _seq("dpt.hooks", dpt["hooks"]))
     return values
@@ -299,8 +332,9 @@ def _dpt_values(dpt: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_mode(name: str, mode: Any, valid: tuple[str, ...]) -> None:
     if not (isinstance(mode, tuple) and len(mode) == 3 and mode[0] in valid):
-        raise UsageError(f"MASt3R config: {name} {mode!r} is not supported; expected (one of {list(valid)}, "
-                         f"vmin, vmax)")
+        raise UsageError(
+            f"MASt3R config: {name} {mode!r} is not supported; expected (one of {list(valid)}, vmin, vmax)"
+        )
 
 
 def _mode(name: str, value: Any) -> Mode:

@@ -11,7 +11,7 @@ with ``strict=True``:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export_engine.models.mast3r.blocks import Mlp
@@ -47,8 +47,8 @@ class FeatureFusionBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.out_conv = nn.Conv2d(channels, channels, 1)
-        self.resConfUnit1 = ResidualConvUnit(channels)  # noqa: N815 (upstream key name)
-        self.resConfUnit2 = ResidualConvUnit(channels)  # noqa: N815
+        self.resConfUnit1 = ResidualConvUnit(channels)
+        self.resConfUnit2 = ResidualConvUnit(channels)
 
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
         if skip is not None:
@@ -101,7 +101,9 @@ class DPT(nn.Module):
                 nn.Sequential(nn.Conv2d(dim_tokens[0], d0, 1), nn.ConvTranspose2d(d0, d0, 4, stride=4)),  # 4h
                 nn.Sequential(nn.Conv2d(dim_tokens[1], d1, 1), nn.ConvTranspose2d(d1, d1, 2, stride=2)),  # 2h
                 nn.Sequential(nn.Conv2d(dim_tokens[2], d2, 1)),  # h
-                nn.Sequential(nn.Conv2d(dim_tokens[3], d3, 1), nn.Conv2d(d3, d3, 3, stride=2, padding=1)),  # h/2
+                nn.Sequential(
+                    nn.Conv2d(dim_tokens[3], d3, 1), nn.Conv2d(d3, d3, 3, stride=2, padding=1)
+                ),  # h/2
             ]
         )
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Full-size export benchmark: runs the CLI as a child process, reports stage times and peak memory.
+
+    python3 bench/full_size_export.py --model mast3r [--precision fp32] [--resolution 512x384]
+
+Prints a table last and writes bench/out/full_size_<model>_<precision>.json. Peak resident memory is the
+child's maximum RSS (getrusage of the finished child, the same figure GNU time -v reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mast3r")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--resolution")
+    parser.add_argument("--keep", type=Path, help="keep the artifact here instead of a temporary folder")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ee-bench-"))
+    out = args.keep or work / "artifact"
+    cmd = [sys.executable, "-m", "export_engine.cli", "--model", args.model, "--precision", args.precision,
+           "--random-weights", "--out", str(out), "--force"]  # fmt: skip
+    if args.resolution:
+        cmd += ["--resolution", args.resolution]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, text=True, capture_output=True)
+    wall = time.perf_counter() - start
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KiB -> GiB
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        print(f"export failed with exit code {proc.returncode}", file=sys.stderr)
+        return proc.returncode
+    manifest = json.loads((out / "manifest.json").read_text())
+    timings = manifest["timings_seconds"]
+    sizes = {name: rec["bytes"] for name, rec in manifest["files"].items()}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "command": " ".join(cmd[1:]),
+        "model": args.model,
+        "precision": args.precision,
+        "resolution": manifest["resolution"],
+        "wall_seconds": round(wall, 1),
+        "peak_rss_gib": round(peak_gib, 2),
+        "stage_seconds": timings,
+        "export_seconds": round(sum(v for k, v in timings.items() if k.startswith("export:")), 1),
+        "parity_seconds": round(sum(v for k, v in timings.items() if k.startswith("parity:")), 1),
+        "parity_worst": manifest["parity"]["worst"],
+        "file_bytes": sizes,
+    }
+    (HERE / "out").mkdir(exist_ok=True)
+    target = HERE / "out" / f"full_size_{args.model}_{args.precision}.json"
+    target.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rows = [("what", "value")]
+    rows += [("wall time (whole run)", f"{wall:.1f} s"), ("peak RSS", f"{peak_gib:.2f} GiB")]
+    rows += [(f"stage {k}", f"{v:.1f} s") for k, v in timings.items()]
+    rows += [(f"parity {k} max abs", f"{v['max_abs']:.2e}") for k, v in manifest["parity"]["worst"].items()]
+    rows += [(f"file {k}", f"{v / 1e9:.3f} GB") for k, v in sizes.items()]
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{a.ljust(width)}  {b}" for a, b in rows))
+    print(f"written: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
