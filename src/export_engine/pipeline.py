@@ -184,7 +184,7 @@ def _manifest(
         "model": family.name,
         "config": loaded.config.to_dict(),
         "weights": loaded.describe_weights(),
-        "resolution": config.resolution or family.default_shape,
+        "resolution": specs[0].shape_notes.get("resolution", config.resolution or family.default_shape),
         "precision": config.precision.value,
         "backend": config.backend.value,
         "run": {"inputs": list(family.run_input_names), "outputs": list(family.run_output_names)},

@@ -27,5 +27,5 @@ def test_tiny_export_and_run(family, tmp_path: Path) -> None:
     assert set(outputs) == set(family.run_output_names)
     for name, value in outputs.items():
         assert np.isfinite(value).all(), name
-        assert value.std() > 0, f"{name} is constant: the tiny model is degenerate"
+        assert value.size == 1 or value.std() > 0, f"{name} is constant: the tiny model is degenerate"
     assert json.loads((out / "manifest.json").read_text())["weights"] == {"random_weights": True, "seed": 3}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from export_engine.errors import UsageError
-from export_engine.exporters import mast3r
+from export_engine.exporters import fastsam3d, mast3r
 from export_engine.exporters.spec import FamilySpec
 
-FAMILIES: tuple[FamilySpec, ...] = (mast3r.FAMILY,)
+FAMILIES: tuple[FamilySpec, ...] = (mast3r.FAMILY, fastsam3d.FAMILY)
 
 
 def list_models() -> list[str]:

@@ -115,10 +115,12 @@ class FastSAM3DConfig:
         unknown = []
         for key, value in values.items():
             name = _ALIASES.get(key, key)
-            if name in known:
-                kwargs[name] = value
-            else:
+            if name not in known:
                 unknown.append(key)
+            elif name in kwargs and kwargs[name] != value:
+                raise UsageError(f"FastSAM3D config: {name} is given twice (as {key!r} too) with different values")
+            else:
+                kwargs[name] = value
         if unknown:
             raise UsageError(
                 f"FastSAM3D config: unknown field(s) {sorted(unknown)}; valid fields: {sorted(known)}"

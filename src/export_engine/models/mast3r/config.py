@@ -92,6 +92,11 @@ class MASt3RConfig:
     img_size: tuple[int, int] = (512, 512)
 
     def __post_init__(self) -> None:
+        if self.dpt_hooks is not None:
+            hooks = tuple(self.dpt_hooks)
+            default = (0, self.dec_depth * 2 // 4, self.dec_depth * 3 // 4, self.dec_depth)
+            # Hooks equal to the upstream formula are stored as None so equal models compare equal.
+            object.__setattr__(self, "dpt_hooks", None if hooks == default else hooks)
         for name in (
             "enc_embed_dim",
             "enc_depth",

@@ -1,0 +1,261 @@
+"""FastSAM3D as exported graphs (SAM convention): an encoder run once per volume and a prompt+decoder graph
+run once per click.
+
+* ``encoder``: ``image`` (B, 1, S, S, S) z-normalised crop -> ``image_embedding`` (B, C, g, g, g).
+* ``prompt_decoder``: ``image_embedding`` (1, C, g, g, g), ``point_coords`` (B, N, 3) voxel coordinates (d, h, w),
+  ``point_labels`` (B, N) int64 in {1, 0, -1}, ``mask_input`` (B, 1, m, m, m) previous low-res logits and
+  ``has_mask_input`` (B,) 0/1 -> ``low_res_masks`` (B, 1, m, m, m), ``iou_predictions`` (B, 1) and
+  ``masks_upscaled`` (B, 1, S, S, S). ``multimask_output=False`` semantics (channel 0, what every upstream
+  inference script uses). The image positional encoding is folded in as a constant; the padding point is
+  appended inside the graph, so B and N are dynamic. With ``has_mask_input = 0`` the mask branch is replaced
+  by ``no_mask_embed`` (upstream's ``masks=None``), so one graph serves both cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from export_engine.calibration.synthetic import structured_volume
+from export_engine.config import Precision
+from export_engine.errors import ModelInputError, UsageError
+from export_engine.exporters.spec import (
+    FamilySpec,
+    Feed,
+    GraphRunner,
+    LoadedModel,
+    ModelSpec,
+    TensorSpec,
+    Tolerance,
+)
+
+RUN_INPUTS = ("image", "point_coords", "point_labels", "mask_input")
+RUN_OUTPUTS = ("image_embedding", "low_res_masks", "iou_predictions", "masks_upscaled")
+_DECODER_OUTPUTS = ("low_res_masks", "iou_predictions", "masks_upscaled")
+
+# FP32 ONNX Runtime vs PyTorch: the reference README measured thread-count noise of ~8e-6 on every dense
+# array; 1e-4 absolute plus 1e-3 relative keeps a wide margin over it and still fails on any layout bug.
+_FP32 = Tolerance(atol=1e-4, rtol=1e-3)
+
+TINY_CONFIG: dict[str, Any] = {
+    "model": {
+        "img_size": 64,
+        "patch_size": 8,
+        "in_chans": 1,
+        "encoder_embed_dim": 96,
+        "encoder_depth": 4,
+        "encoder_num_heads": 3,
+        "mlp_ratio": 4.0,
+        "skip_layer": 2,
+        "window_size": 0,
+        "global_attn_indexes": [2, 5, 8, 11],
+        "layeroutput": 2,
+        "prompt_embed_dim": 96,
+        "mask_in_chans": 16,
+        "num_multimask_outputs": 3,
+        "iou_head_depth": 3,
+        "iou_head_hidden_dim": 64,
+        "decoder_transformer_depth": 2,
+        "decoder_mlp_dim": 2048,
+        "decoder_num_heads": 8,
+        "attention_downsample_rate": 2,
+    }
+}
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(image)
+
+
+class PromptDecoderGraph(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.size = model.config.img_size
+
+    def forward(
+        self,
+        image_embedding: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        result = self.model.prompt_decode_all(image_embedding, point_coords, point_labels, mask_input, has_mask_input)
+        low_res, iou = result.select(multimask_output=False)
+        return low_res, iou, self.model.upscale_masks(low_res, self.size)
+
+
+def load(config_json: Mapping[str, Any] | None, checkpoint: str | None, seed: int | None) -> LoadedModel:
+    from export_engine.models.fastsam3d.checkpoint import build_fastsam3d
+    from export_engine.models.fastsam3d.config import FastSAM3DConfig
+
+    config = FastSAM3DConfig.from_json(config_json) if config_json is not None else None
+    model, ckpt, resolved = build_fastsam3d(config, checkpoint, seed)
+    return LoadedModel(model, resolved, ckpt.source if ckpt else None, ckpt.sha256 if ckpt else None, seed)
+
+
+def validate_shape(text: str | None) -> None:
+    if text is not None:
+        raise UsageError(
+            "fastsam3d takes its volume size from the configuration (img_size, 128 for the released model); "
+            "--resolution does not apply"
+        )
+
+
+def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
+    validate_shape(shape_text)
+    s, g, c, m = config.img_size, config.grid, config.prompt_embed_dim, config.mask_input_size
+    encoder = ModelSpec(
+        name="encoder",
+        build_module=EncoderGraph,
+        inputs=(TensorSpec("image", ("batch", config.in_chans, s, s, s)),),
+        outputs=(TensorSpec("image_embedding", ("batch", c, g, g, g)),),
+        tolerances={Precision.FP32: {"image_embedding": _FP32}},
+        expected_counts={"attention": config.encoder_depth - config.skip_layer},
+        shape_notes={"resolution": f"{s}x{s}x{s}", "batch": "dynamic"},
+    )
+    decoder = ModelSpec(
+        name="prompt_decoder",
+        build_module=PromptDecoderGraph,
+        inputs=(
+            TensorSpec("image_embedding", (1, c, g, g, g)),
+            TensorSpec("point_coords", ("prompts", "points", 3)),
+            TensorSpec("point_labels", ("prompts", "points"), "int64"),
+            TensorSpec("mask_input", ("prompts", 1, m, m, m)),
+            TensorSpec("has_mask_input", ("prompts",)),
+        ),
+        outputs=(
+            TensorSpec("low_res_masks", ("prompts", 1, m, m, m)),
+            TensorSpec("iou_predictions", ("prompts", 1)),
+            TensorSpec("masks_upscaled", ("prompts", 1, s, s, s)),
+        ),
+        tolerances={Precision.FP32: {name: _FP32 for name in _DECODER_OUTPUTS}},
+        expected_counts={"attention": 3 * config.decoder_transformer_depth + 1},
+        shape_notes={"prompts": "dynamic (>= 1)", "points": "dynamic (>= 1)", "multimask_output": False},
+    )
+    return (encoder, decoder)
+
+
+def _normalized_volume(size: int, seed: int) -> np.ndarray:
+    from export_engine.runtime.fastsam3d_preprocess import z_normalize
+
+    normalized, _, _ = z_normalize(structured_volume(size, seed))
+    return normalized.astype(np.float32)[None, None]
+
+
+def _prompts(size: int, m: int, batch: int, points: int, seed: int) -> Feed:
+    rng = np.random.default_rng(seed)
+    coords = rng.uniform(size * 0.2, size * 0.8, size=(batch, points, 3)).astype(np.float32)
+    labels = rng.choice(np.array([1, 0, -1]), size=(batch, points)).astype(np.int64)
+    labels[:, 0] = 1  # every prompt set has at least one positive click
+    mask = (3 * rng.standard_normal((batch, 1, m, m, m))).astype(np.float32)
+    has_mask = (np.arange(batch) % 2 == 0).astype(np.float32)
+    return {"point_coords": coords, "point_labels": labels, "mask_input": mask, "has_mask_input": has_mask}
+
+
+def parity_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int, seed: int) -> dict[str, list[Feed]]:
+    """A CT-like volume per sample; then a first click (B=1, zero mask) and a batch of 2 multi-point prompts."""
+    from export_engine.validation.parity import reference_outputs
+
+    encoder, _ = specs
+    cfg = loaded.config
+    encoder_feeds = [{"image": _normalized_volume(cfg.img_size, seed + i)} for i in range(samples)]
+    embeddings = reference_outputs(encoder.build_module(loaded.module), encoder, encoder_feeds)
+    decoder_feeds = []
+    for i, emb in enumerate(embeddings):
+        first = _prompts(cfg.img_size, cfg.mask_input_size, 1, 1, seed + 100 + i)
+        first["point_labels"][:] = 1
+        first["mask_input"][:] = 0
+        decoder_feeds.append({"image_embedding": emb["image_embedding"], **first})
+        batch = _prompts(cfg.img_size, cfg.mask_input_size, 2, 3, seed + 200 + i)
+        decoder_feeds.append({"image_embedding": emb["image_embedding"], **batch})
+    return {"encoder": encoder_feeds, "prompt_decoder": decoder_feeds}
+
+
+def _check_prompt(inputs: Mapping[str, np.ndarray], size: int, m: int) -> Feed:
+    for name in ("point_coords", "point_labels"):
+        if name not in inputs:
+            raise ModelInputError(f"input {name!r} is missing (got {sorted(inputs)}); FastSAM3D takes {RUN_INPUTS}")
+    coords = np.asarray(inputs["point_coords"], dtype=np.float32)
+    labels = np.asarray(inputs["point_labels"])
+    if coords.ndim != 3 or coords.shape[-1] != 3 or coords.shape[1] < 1:
+        raise ModelInputError(f"point_coords has shape {coords.shape}; expected (B, N>=1, 3) voxel coordinates (d, h, w)")
+    if labels.shape != coords.shape[:2]:
+        raise ModelInputError(f"point_labels has shape {labels.shape}; expected {coords.shape[:2]} (B, N)")
+    if not np.isfinite(coords).all() or coords.min() < 0 or coords.max() > size - 1:
+        raise ModelInputError(
+            f"point_coords outside the volume: values must lie in [0, {size - 1}] (got {coords.min():.1f} .. "
+            f"{coords.max():.1f}); give voxel indices of the {size}^3 crop"
+        )
+    bad = sorted(set(np.unique(labels).tolist()) - {1, 0, -1})
+    if bad:
+        raise ModelInputError(f"point_labels must be 1 (positive), 0 (negative) or -1 (ignore); got {bad}")
+    batch = coords.shape[0]
+    if inputs.get("mask_input") is None:
+        mask = np.zeros((batch, 1, m, m, m), np.float32)
+        has_mask = np.zeros((batch,), np.float32)
+    else:
+        mask = np.asarray(inputs["mask_input"], dtype=np.float32)
+        if mask.shape != (batch, 1, m, m, m):
+            raise ModelInputError(
+                f"mask_input has shape {mask.shape}; expected ({batch}, 1, {m}, {m}, {m}) (the previous low_res_masks)"
+            )
+        has_mask = np.ones((batch,), np.float32)
+    return {"point_coords": coords, "point_labels": labels.astype(np.int64), "mask_input": mask, "has_mask_input": has_mask}
+
+
+def run(
+    runners: Mapping[str, GraphRunner], inputs: Mapping[str, np.ndarray], graphs_meta: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """image (1, 1, S, S, S) + clicks -> image_embedding, low_res_masks, iou_predictions, masks_upscaled."""
+    expected = graphs_meta["encoder"]["inputs"][0]["shape"]  # ["batch", 1, S, S, S]
+    size = expected[-1]
+    m = graphs_meta["prompt_decoder"]["inputs"][3]["shape"][-1]
+    if "image" not in inputs:
+        raise ModelInputError(f"input 'image' is missing (got {sorted(inputs)}); FastSAM3D takes {RUN_INPUTS}")
+    image = np.asarray(inputs["image"], dtype=np.float32)
+    if image.shape != (1, *expected[1:]):
+        raise ModelInputError(
+            f"image has shape {image.shape}; expected (1, {', '.join(map(str, expected[1:]))}): crop or pad the "
+            f"z-normalised volume to {size}^3 first"
+        )
+    prompt = _check_prompt(inputs, size, m)
+    embedding = runners["encoder"]({"image": image})["image_embedding"]
+    outputs = runners["prompt_decoder"]({"image_embedding": embedding, **prompt})
+    return {"image_embedding": embedding, **{name: outputs[name] for name in _DECODER_OUTPUTS}}
+
+
+def sample_inputs(graphs_meta: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
+    size = graphs_meta["encoder"]["inputs"][0]["shape"][-1]
+    m = graphs_meta["prompt_decoder"]["inputs"][3]["shape"][-1]
+    prompt = _prompts(size, m, 1, 2, seed)
+    return {"image": _normalized_volume(size, seed), "point_coords": prompt["point_coords"],
+            "point_labels": prompt["point_labels"], "mask_input": prompt["mask_input"]}  # fmt: skip
+
+
+FAMILY = FamilySpec(
+    name="fastsam3d",
+    summary="FastSAM3D interactive 3D segmentation (encoder graph + prompt/decoder graph)",
+    load=load,
+    graphs=graphs,
+    parity_feeds=parity_feeds,
+    run=run,
+    sample_inputs=sample_inputs,
+    run_input_names=RUN_INPUTS,
+    run_output_names=RUN_OUTPUTS,
+    shape_option="volume size from the configuration (img_size)",
+    default_shape="128",
+    validate_shape=validate_shape,
+    tiny_config=lambda: TINY_CONFIG,
+    tiny_shape="",
+)
