@@ -36,11 +36,16 @@ def test_reference_config_json_layout(fastsam3d_ref: Path) -> None:
         derived["num_tokens"],
         derived["encoder_head_dim"],
     )
-    assert (cfg.mask_input_size, cfg.num_mask_tokens) == (derived["mask_input_size"], derived["num_mask_tokens"])
+    assert (cfg.mask_input_size, cfg.num_mask_tokens) == (
+        derived["mask_input_size"],
+        derived["num_mask_tokens"],
+    )
 
 
 def test_to_dict_round_trips_through_json() -> None:
-    cfg = FastSAM3DConfig(img_size=32, patch_size=8, encoder_embed_dim=48, encoder_num_heads=2, prompt_embed_dim=48)
+    cfg = FastSAM3DConfig(
+        img_size=32, patch_size=8, encoder_embed_dim=48, encoder_num_heads=2, prompt_embed_dim=48
+    )
     text = json.dumps(cfg.to_dict())
     assert FastSAM3DConfig.from_json(json.loads(text)) == cfg
 

@@ -72,7 +72,9 @@ def test_encoder_matches_every_reference_array(
     torch.testing.assert_close(encoder_out["encoded"], encoder_out["image_embedding"], atol=0, rtol=0)
 
 
-def case_outputs(model: FastSAM3D, embedding: torch.Tensor, case: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def case_outputs(
+    model: FastSAM3D, embedding: torch.Tensor, case: dict[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
     coords = torch.from_numpy(case["point_coords"])
     labels = torch.from_numpy(case["point_labels"])
     mask = torch.from_numpy(case["mask_input"]) if "mask_input" in case else None

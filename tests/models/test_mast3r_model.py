@@ -334,3 +334,18 @@ def test_bad_config_values() -> None:
         _tiny_config(depth_mode=("exp", 0.0, 10.0))
     with pytest.raises(UsageError, match="unknown fields"):
         MASt3RConfig.from_dict({"enc_width": 3})
+
+
+@pytest.mark.slow
+def test_full_size_random_weights_are_finite() -> None:
+    """The official-size model (688M parameters) with random weights gives finite outputs (~25 s on 2 cores)."""
+    model, _, config = build_mast3r(None, random_seed=0)
+    assert config == MASt3RConfig.official()
+    generator = torch.Generator().manual_seed(0)
+    img1 = torch.rand(1, 3, 64, 96, generator=generator) * 2 - 1
+    img2 = torch.rand(1, 3, 96, 64, generator=generator) * 2 - 1
+    with torch.no_grad():
+        out = model(img1, img2)
+    assert out["view1_desc"].shape == (1, 64, 96, 24)
+    for name in OUTPUT_NAMES:
+        assert torch.isfinite(out[name]).all(), name

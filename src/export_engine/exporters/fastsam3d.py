@@ -26,6 +26,7 @@ from export_engine.errors import ModelInputError, UsageError
 from export_engine.exporters.spec import (
     FamilySpec,
     Feed,
+    GraphModule,
     GraphRunner,
     LoadedModel,
     ModelSpec,
@@ -67,19 +68,18 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-class EncoderGraph(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+class EncoderGraph(GraphModule):
+    uses = ("image_encoder",)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model.encode(image)
 
 
-class PromptDecoderGraph(nn.Module):
+class PromptDecoderGraph(GraphModule):
+    uses = ("prompt_encoder", "mask_decoder")
+
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.size = model.config.img_size
 
     def forward(

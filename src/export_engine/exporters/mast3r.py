@@ -21,6 +21,7 @@ from export_engine.errors import ModelInputError
 from export_engine.exporters.spec import (
     FamilySpec,
     Feed,
+    GraphModule,
     GraphRunner,
     LoadedModel,
     ModelSpec,
@@ -69,23 +70,22 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-class EncoderGraph(nn.Module):
+class EncoderGraph(GraphModule):
     """images (B, 3, H, W) -> encoder tokens (B, H/16 * W/16, enc_dim), after enc_norm."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+    uses = ("patch_embed", "enc_blocks", "enc_norm")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode(images)
 
 
-class DecoderGraph(nn.Module):
+class DecoderGraph(GraphModule):
     """(tokens of view 1, tokens of view 2) -> the 8 outputs, both views at the graph's resolution."""
 
+    uses = ("decoder_embed", "dec_blocks", "dec_blocks2", "dec_norm", "downstream_head1", "downstream_head2")
+
     def __init__(self, model: nn.Module, height: int, width: int):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.shape = (height, width)
 
     def forward(self, feat1: torch.Tensor, feat2: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -121,3 +121,19 @@ class FamilySpec:
     # A small configuration (config JSON) for tests and the tiny end-to-end run.
     tiny_config: Callable[[], Mapping[str, Any]]
     tiny_shape: str
+
+
+class GraphModule(nn.Module):
+    """Base for export wrappers: exposes one path through a model while registering only the submodules that
+    graph uses, so the exporter sees (and sizes) exactly the weights the graph needs.
+
+    The full model is kept as a plain attribute (not a registered child): its methods run unchanged.
+    """
+
+    uses: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        for name in self.uses:
+            self.add_module(name.replace(".", "__"), model.get_submodule(name))

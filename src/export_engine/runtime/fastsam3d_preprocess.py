@@ -48,9 +48,11 @@ class CropWindow:
         return out
 
     def paste_back(self, crop: np.ndarray, fill: float = 0) -> np.ndarray:
-        """Inverse of :meth:`crop` for a (..., S, S, S) array: (..., D, H, W) with `fill` outside the window."""
+        """Inverse of :meth:`crop` for (..., S, S, S) arrays: (..., D, H, W), `fill` outside the window."""
         if tuple(crop.shape[-3:]) != self.size:
-            raise ModelInputError(f"paste_back: array {crop.shape} does not end in the window size {self.size}")
+            raise ModelInputError(
+                f"paste_back: array {crop.shape} does not end in the window size {self.size}"
+            )
         out = np.full((*crop.shape[:-3], *self.original_shape), fill, dtype=crop.dtype)
         src, dst = self._overlap()
         out[(..., *src)] = crop[(..., *dst)]
@@ -107,7 +109,8 @@ def window_around_box(
     """
     shape3, size3 = _triple(shape), _triple(size)
     start = tuple(
-        int(np.floor((lo + hi) / 2 - target / 2)) for lo, hi, target in zip(box_min, box_max, size3, strict=True)
+        int(np.floor((lo + hi) / 2 - target / 2))
+        for lo, hi, target in zip(box_min, box_max, size3, strict=True)
     )
     return CropWindow((start[0], start[1], start[2]), size3, shape3)
 
@@ -155,17 +158,21 @@ def z_normalize(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
     """
     values = np.asarray(volume, dtype=np.float32)
     if not np.isfinite(values).all():
-        raise ModelInputError("FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference")
+        raise ModelInputError(
+            "FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference"
+        )
     foreground = values[values > 0].astype(np.float64)
     if foreground.size < 2:
         raise ModelInputError(
-            f"FastSAM3D volume has {foreground.size} voxel(s) > 0 in the crop; z-normalisation needs at least "
-            f"2 (is the crop outside the body, or the intensities shifted to <= 0?)"
+            f"FastSAM3D volume has {foreground.size} voxel(s) > 0 in the crop; z-normalisation needs at "
+            f"least 2 (is the crop outside the body, or the intensities shifted to <= 0?)"
         )
     mean = np.float32(foreground.mean())
     std = np.float32(foreground.std(ddof=1))
     if not std > 0:
-        raise ModelInputError("FastSAM3D volume: all voxels > 0 have the same value (std 0); cannot normalise")
+        raise ModelInputError(
+            "FastSAM3D volume: all voxels > 0 have the same value (std 0); cannot normalise"
+        )
     return (values - mean) / std, float(mean), float(std)
 
 
@@ -189,7 +196,9 @@ def preprocess_volume(
     if not np.issubdtype(vol.dtype, np.number) or np.iscomplexobj(vol):
         raise ModelInputError(f"FastSAM3D volume must be real numbers, got dtype {vol.dtype}")
     if not np.isfinite(vol).all():
-        raise ModelInputError("FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference")
+        raise ModelInputError(
+            "FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference"
+        )
     if label is not None:
         lab = _as_3d(label, "label")
         if lab.shape != vol.shape:

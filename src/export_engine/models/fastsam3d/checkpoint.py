@@ -110,8 +110,12 @@ def build_fastsam3d(
         _reject_encoder_only(ckpt, expected)
         state_dict = match_state_dict(ckpt.state_dict, expected, model_name="FastSAM3D")
         model.load_state_dict(state_dict, strict=True)
-        log.info("FastSAM3D: loaded %s (sha256 %s...) in %.1fs", ckpt.source, ckpt.sha256[:12],
-                 time.perf_counter() - start)
+        log.info(
+            "FastSAM3D: loaded %s (sha256 %s...) in %.1fs",
+            ckpt.source,
+            ckpt.sha256[:12],
+            time.perf_counter() - start,
+        )
     elif random_seed is not None:
         init_random_weights(model, random_seed)
         log.info("FastSAM3D: random weights (seed %d) in %.1fs", random_seed, time.perf_counter() - start)

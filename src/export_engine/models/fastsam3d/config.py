@@ -118,7 +118,9 @@ class FastSAM3DConfig:
             if name not in known:
                 unknown.append(key)
             elif name in kwargs and kwargs[name] != value:
-                raise UsageError(f"FastSAM3D config: {name} is given twice (as {key!r} too) with different values")
+                raise UsageError(
+                    f"FastSAM3D config: {name} is given twice (as {key!r} too) with different values"
+                )
             else:
                 kwargs[name] = value
         if unknown:
@@ -152,26 +154,39 @@ def _validate(cfg: FastSAM3DConfig) -> None:
     for name in ("qkv_bias", "use_rel_pos", "use_abs_pos"):
         if not isinstance(getattr(cfg, name), bool):
             raise UsageError(f"FastSAM3D config: {name} must be true or false, got {getattr(cfg, name)!r}")
-    _check(cfg.window_size == 0, f"window_size must be 0 (windowed attention is not used by FastSAM3D; "
-           f"got {cfg.window_size!r})")
-    _check(cfg.img_size % cfg.patch_size == 0,
-           f"img_size {cfg.img_size} must be a multiple of patch_size {cfg.patch_size}")
-    _check(cfg.encoder_embed_dim % cfg.encoder_num_heads == 0,
-           f"encoder_embed_dim {cfg.encoder_embed_dim} must be divisible by encoder_num_heads "
-           f"{cfg.encoder_num_heads}")
-    _check(0 <= cfg.skip_layer <= cfg.encoder_depth,
-           f"skip_layer {cfg.skip_layer} must lie in 0..encoder_depth ({cfg.encoder_depth})")
+    _check(
+        cfg.window_size == 0,
+        f"window_size must be 0 (windowed attention is not used by FastSAM3D; got {cfg.window_size!r})",
+    )
+    _check(
+        cfg.img_size % cfg.patch_size == 0,
+        f"img_size {cfg.img_size} must be a multiple of patch_size {cfg.patch_size}",
+    )
+    _check(
+        cfg.encoder_embed_dim % cfg.encoder_num_heads == 0,
+        f"encoder_embed_dim {cfg.encoder_embed_dim} must be divisible by encoder_num_heads "
+        f"{cfg.encoder_num_heads}",
+    )
+    _check(
+        0 <= cfg.skip_layer <= cfg.encoder_depth,
+        f"skip_layer {cfg.skip_layer} must lie in 0..encoder_depth ({cfg.encoder_depth})",
+    )
     _check(int(cfg.encoder_embed_dim * cfg.mlp_ratio) >= 1, f"mlp_ratio {cfg.mlp_ratio} gives an empty MLP")
-    _check(cfg.prompt_embed_dim % 3 == 0 and cfg.prompt_embed_dim % 8 == 0,
-           f"prompt_embed_dim {cfg.prompt_embed_dim} must be divisible by 3 (Fourier PE: sin, cos, sin) "
-           f"and by 8 (decoder upscaling to C/4 and C/8 channels)")
+    _check(
+        cfg.prompt_embed_dim % 3 == 0 and cfg.prompt_embed_dim % 8 == 0,
+        f"prompt_embed_dim {cfg.prompt_embed_dim} must be divisible by 3 (Fourier PE: sin, cos, sin) "
+        f"and by 8 (decoder upscaling to C/4 and C/8 channels)",
+    )
     _check(cfg.mask_in_chans % 4 == 0, f"mask_in_chans {cfg.mask_in_chans} must be divisible by 4")
     internal = cfg.prompt_embed_dim // cfg.attention_downsample_rate
-    _check(cfg.prompt_embed_dim % cfg.attention_downsample_rate == 0 and internal % cfg.decoder_num_heads == 0
-           and cfg.prompt_embed_dim % cfg.decoder_num_heads == 0,
-           f"prompt_embed_dim {cfg.prompt_embed_dim} / attention_downsample_rate "
-           f"{cfg.attention_downsample_rate} and prompt_embed_dim itself must be divisible by "
-           f"decoder_num_heads {cfg.decoder_num_heads}")
+    _check(
+        cfg.prompt_embed_dim % cfg.attention_downsample_rate == 0
+        and internal % cfg.decoder_num_heads == 0
+        and cfg.prompt_embed_dim % cfg.decoder_num_heads == 0,
+        f"prompt_embed_dim {cfg.prompt_embed_dim} / attention_downsample_rate "
+        f"{cfg.attention_downsample_rate} and prompt_embed_dim itself must be divisible by "
+        f"decoder_num_heads {cfg.decoder_num_heads}",
+    )
 
 
 def _check(condition: bool, message: str) -> None:

@@ -59,7 +59,9 @@ class TwoWayBlock(nn.Module):
         self.cross_attn_image_to_token = DecoderAttention(dim, heads, rate, attn_impl)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+    ) -> tuple[Tensor, Tensor]:
         # queries (B, T, C), keys (B, N_img, C)
         if self.skip_first_layer_pe:  # layer 0: no PE and no residual
             queries = self.self_attn(queries, queries, queries)

@@ -120,18 +120,26 @@ class FastSAM3D(nn.Module):
         cfg, g = self.config, self.config.grid
         problems = []
         if tuple(embedding.shape[1:]) != (cfg.prompt_embed_dim, g, g, g) or embedding.dim() != 5:
-            problems.append(f"image_embedding {tuple(embedding.shape)} != (1 or B, {cfg.prompt_embed_dim}, "
-                            f"{g}, {g}, {g})")
+            problems.append(
+                f"image_embedding {tuple(embedding.shape)} != (1 or B, {cfg.prompt_embed_dim}, {g}, {g}, {g})"
+            )
         if coords.dim() != 3 or coords.shape[-1] != 3 or coords.shape[1] < 1:
             problems.append(f"point_coords {tuple(coords.shape)} is not (B, N>=1, 3)")
         elif tuple(labels.shape) != tuple(coords.shape[:2]):
             problems.append(f"point_labels {tuple(labels.shape)} != {tuple(coords.shape[:2])} (B, N)")
         elif embedding.shape[0] != 1 and embedding.shape[0] != coords.shape[0]:
-            problems.append(f"image_embedding batch {embedding.shape[0]} is neither 1 nor the prompt batch "
-                            f"{coords.shape[0]}")
+            problems.append(
+                f"image_embedding batch {embedding.shape[0]} is neither 1 nor the prompt batch "
+                f"{coords.shape[0]}"
+            )
         s = cfg.mask_input_size
-        if mask_input is not None and (mask_input.dim() != 5 or tuple(mask_input.shape[1:]) != (1, s, s, s)
-                                       or mask_input.shape[0] != coords.shape[0]):
-            problems.append(f"mask_input {tuple(mask_input.shape)} != (B={coords.shape[0]}, 1, {s}, {s}, {s})")
+        if mask_input is not None and (
+            mask_input.dim() != 5
+            or tuple(mask_input.shape[1:]) != (1, s, s, s)
+            or mask_input.shape[0] != coords.shape[0]
+        ):
+            problems.append(
+                f"mask_input {tuple(mask_input.shape)} != (B={coords.shape[0]}, 1, {s}, {s}, {s})"
+            )
         if problems:
             raise ModelInputError("FastSAM3D prompt inputs: " + "; ".join(problems))
