@@ -1,9 +1,9 @@
 """Command line: parse -> config -> call the API. Nothing else lives here.
 
-    export-engine --model mast3r --precision fp32 --random-weights      (export; the default command)
-    export-engine run ARTIFACT --inputs IN.npz --outputs OUT.npz
-    export-engine inspect ARTIFACT
-    export-engine models
+export-engine --model mast3r --precision fp32 --random-weights      (export; the default command)
+export-engine run ARTIFACT --inputs IN.npz --outputs OUT.npz
+export-engine inspect ARTIFACT
+export-engine models
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger("export_engine")
     root.handlers[:] = [handler]
     root.setLevel(level)
-    root.propagate = False
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -174,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     target = Path(args.outputs)
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}.npz")
     try:
-        np.savez(tmp, **outputs)
+        np.savez(tmp, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds too narrowly
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

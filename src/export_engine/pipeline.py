@@ -59,8 +59,9 @@ def export(config: ExportConfig) -> ExportResult:
     writer = ArtifactWriter(config.out, force=config.force)
     writer.check_target()  # fail before minutes of work, not after
     timings: dict[str, float] = {}
+    peaks: dict[str, float] = {}
 
-    with stage("load", timings):
+    with stage("load", timings, peaks):
         loaded = family.load(config_json, config.checkpoint, config.seed if config.random_weights else None)
     specs = family.graphs(loaded.config, config.resolution)
     for spec in specs:
@@ -69,21 +70,22 @@ def export(config: ExportConfig) -> ExportResult:
             raise UsageError(
                 f"precision {config.precision.value!r} is not available for {family.name} yet; use: {available}"
             )
-    with stage("feeds", timings):
+    with stage("feeds", timings, peaks):
         feeds = family.parity_feeds(loaded, specs, config.parity_samples, config.seed + 7919)
 
     with writer as staging:
         exports: dict[str, OnnxExportResult] = {}
         reports: list[GraphParityReport] = []
         for spec in specs:
-            with stage(f"export:{spec.name}", timings):
+            with stage(f"export:{spec.name}", timings, peaks):
                 exports[spec.name] = _export_graph(loaded, spec, feeds[spec.name], staging)
-            with stage(f"parity:{spec.name}", timings):
+            with stage(f"parity:{spec.name}", timings, peaks):
                 reports.append(_parity(loaded, spec, feeds[spec.name], exports[spec.name].path, config))
             gc.collect()
         raise_on_failure(reports, f"{family.name} at {config.precision.value}")
         write_json(staging / "parity.json", _parity_json(reports))
         manifest = _manifest(family, config, loaded, specs, exports, reports, timings)
+        manifest["peak_rss_gib_after_stage"] = peaks
         writer.commit(manifest)
     log.info("artifact written to %s", writer.target)
     return ExportResult(writer.target, manifest, reports, timings)
@@ -195,7 +197,9 @@ def _manifest(
             "candidate": f"onnxruntime-cpu-{config.precision.value}",
             "samples": config.parity_samples,
             "worst": {
-                f"{r.graph}/{o.output}": {"max_abs": o.max_abs, "max_rel": o.max_rel} for r in reports for o in r.outputs
+                f"{r.graph}/{o.output}": {"max_abs": o.max_abs, "max_rel": o.max_rel}
+                for r in reports
+                for o in r.outputs
             },
         },
         "timings_seconds": timings,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,10 +35,19 @@ def heartbeat(what: str, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
         thread.join()
 
 
+def peak_rss_gib() -> float:
+    """High-water mark of this process's resident memory so far, in GiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, KiB on Linux
+
+
 @contextmanager
-def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Time a pipeline stage; log one line with its duration and store it in ``timings``."""
+def stage(name: str, timings: dict[str, float], peaks: dict[str, float] | None = None) -> Iterator[None]:
+    """Time a pipeline stage; log one line with its duration and the process's peak memory so far."""
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 3)
-    log.info("stage %-10s %.1f s", name, timings[name])
+    peak = peak_rss_gib()
+    if peaks is not None:
+        peaks[name] = round(peak, 3)
+    log.info("stage %-16s %6.1f s   peak RSS so far %.2f GiB", name, timings[name], peak)

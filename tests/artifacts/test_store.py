@@ -17,7 +17,13 @@ from export_engine.errors import ArtifactError
 
 
 def _manifest() -> dict:
-    return {"schema_version": SCHEMA_VERSION, "kind": ARTIFACT_KIND, "model": "toy", "graphs": [], "precision": "fp32"}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": ARTIFACT_KIND,
+        "model": "toy",
+        "graphs": [],
+        "precision": "fp32",
+    }
 
 
 def _write(target: Path, payload: bytes = b"onnx", force: bool = False) -> None:

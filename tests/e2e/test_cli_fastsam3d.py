@@ -80,6 +80,14 @@ def test_bad_prompts(artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_resolution_does_not_apply(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = ["--model", "fastsam3d", "--random-weights", "--resolution", "128x128", "--out", str(tmp_path / "a")]
+    argv = [
+        "--model",
+        "fastsam3d",
+        "--random-weights",
+        "--resolution",
+        "128x128",
+        "--out",
+        str(tmp_path / "a"),
+    ]
     assert main(argv) == 2
     assert "--resolution does not apply" in capsys.readouterr().err

@@ -31,16 +31,26 @@ def artifact(tmp_path_factory: pytest.TempPathFactory, mast3r_ref: Path) -> Path
 
 
 def test_artifact_layout_and_manifest(artifact: Path, mast3r_ref: Path) -> None:
-    assert sorted(p.name for p in artifact.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json", "parity.json"]
+    assert sorted(p.name for p in artifact.iterdir()) == [
+        "decoder.onnx",
+        "encoder.onnx",
+        "manifest.json",
+        "parity.json",
+    ]
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["model"] == "mast3r" and manifest["precision"] == "fp32" and manifest["resolution"] == "80x48"
-    assert manifest["weights"]["sha256"] == __import__("hashlib").sha256(
-        (mast3r_ref / "model.safetensors").read_bytes()
-    ).hexdigest()
+    assert (
+        manifest["weights"]["sha256"]
+        == __import__("hashlib").sha256((mast3r_ref / "model.safetensors").read_bytes()).hexdigest()
+    )
     assert manifest["config"]["enc_embed_dim"] == 96
     graphs = {g["name"]: g for g in manifest["graphs"]}
     assert graphs["encoder"]["inputs"] == [{"name": "images", "shape": ["batch", 3, 48, 80], "dtype": "float32"}]
-    assert graphs["decoder"]["outputs"][0] == {"name": "view1_pts3d", "shape": ["batch", 48, 80, 3], "dtype": "float32"}
+    assert graphs["decoder"]["outputs"][0] == {
+        "name": "view1_pts3d",
+        "shape": ["batch", 48, 80, 3],
+        "dtype": "float32",
+    }
     assert set(manifest["files"]) == {"decoder.onnx", "encoder.onnx", "parity.json"}
     assert manifest["parity"]["passed"] is True
     assert {"torch", "onnx", "onnxruntime", "polygraphy"} <= set(manifest["versions"])

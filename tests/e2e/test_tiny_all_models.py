@@ -18,7 +18,17 @@ def test_tiny_export_and_run(family, tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps(family.tiny_config()))
     out = tmp_path / "artifact"
-    argv = ["--model", family.name, "--random-weights", "--seed", "3", "--config", str(config), "--out", str(out)]
+    argv = [
+        "--model",
+        family.name,
+        "--random-weights",
+        "--seed",
+        "3",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
     if family.tiny_shape:
         argv += ["--resolution", family.tiny_shape]
     assert main([*argv, "--quiet"]) == 0

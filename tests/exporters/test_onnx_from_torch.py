@@ -54,7 +54,7 @@ def test_export_matches_torch_with_dynamic_batch(tmp_path: Path) -> None:
 
 
 def test_large_weights_go_to_one_external_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(exporter_module, "_INLINE_LIMIT_BYTES", 100)  # pretend the toy exceeds 2 GB
+    monkeypatch.setattr(exporter_module, "EXTERNAL_DATA_BYTES", 100)  # pretend the toy is large
     model = Toy().eval()
     result = onnx_from_torch(model, (torch.randn(1, 4, 8),), tmp_path / "toy.onnx", _spec())
     assert [p.name for p in result.data_files] == ["toy.onnx.data"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ from safetensors.torch import load_file, save_file
 
 from export_engine.errors import CheckpointError
 from export_engine.models.fastsam3d import FastSAM3DConfig, build_fastsam3d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny tensors: with 2 OpenMP threads on a loaded 2-core box every op pays ~10 ms of barrier waits
+    (measured: a tiny decode 1 s vs 4 ms single-threaded). Results differ by < 1e-5 across thread counts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 ENCODER_PREFIX = "image_encoder."
 
@@ -90,9 +102,7 @@ def test_released_style_training_container(
     assert len(ckpt.sha256) == 64
 
 
-def test_safetensors(
-    tmp_path: Path, small_config: FastSAM3DConfig, ref_state: dict[str, torch.Tensor]
-) -> None:
+def test_safetensors(tmp_path: Path, small_config: FastSAM3DConfig, ref_state: dict[str, torch.Tensor]) -> None:
     path = tmp_path / "fastsam3d.safetensors"
     save_file(ref_state, str(path))
     model, ckpt, _ = build_fastsam3d(small_config, checkpoint=str(path), attn_impl="sdpa")
@@ -133,9 +143,7 @@ def test_weights_of_another_model(tmp_path: Path, small_config: FastSAM3DConfig)
         build_fastsam3d(small_config, checkpoint=str(path))
 
 
-def test_misshaped_tensors(
-    tmp_path: Path, small_config: FastSAM3DConfig, ref_state: dict[str, torch.Tensor]
-) -> None:
+def test_misshaped_tensors(tmp_path: Path, small_config: FastSAM3DConfig, ref_state: dict[str, torch.Tensor]) -> None:
     path = tmp_path / "small.safetensors"
     save_file(ref_state, str(path))
     wider_iou_head = FastSAM3DConfig.from_json({**small_config.to_dict(), "iou_head_hidden_dim": 32})
@@ -143,9 +151,7 @@ def test_misshaped_tensors(
         build_fastsam3d(wider_iou_head, checkpoint=str(path))
 
 
-def test_missing_pe_buffer(
-    tmp_path: Path, small_config: FastSAM3DConfig, ref_state: dict[str, torch.Tensor]
-) -> None:
+def test_missing_pe_buffer(tmp_path: Path, small_config: FastSAM3DConfig, ref_state: dict[str, torch.Tensor]) -> None:
     path = tmp_path / "no_pe.pth"
     key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
     torch.save({"model_state_dict": {k: v for k, v in ref_state.items() if k != key}}, path)

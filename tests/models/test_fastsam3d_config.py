@@ -43,9 +43,7 @@ def test_reference_config_json_layout(fastsam3d_ref: Path) -> None:
 
 
 def test_to_dict_round_trips_through_json() -> None:
-    cfg = FastSAM3DConfig(
-        img_size=32, patch_size=8, encoder_embed_dim=48, encoder_num_heads=2, prompt_embed_dim=48
-    )
+    cfg = FastSAM3DConfig(img_size=32, patch_size=8, encoder_embed_dim=48, encoder_num_heads=2, prompt_embed_dim=48)
     text = json.dumps(cfg.to_dict())
     assert FastSAM3DConfig.from_json(json.loads(text)) == cfg
 
@@ -67,12 +65,20 @@ def test_to_dict_round_trips_through_json() -> None:
         ({"mlp_ratio": -1}, "mlp_ratio"),
         ({"qkv_bias": "yes"}, "qkv_bias"),
         ({"patch_sise": 16}, "unknown field"),
+        ({"global_attn_indexes": [2, "5"]}, "global_attn_indexes"),
     ],
 )
 def test_invalid_values_raise_usage_error(changes: dict[str, object], needle: str) -> None:
     data = {**FastSAM3DConfig.released().to_dict(), **changes}
     with pytest.raises(UsageError, match=needle):
         FastSAM3DConfig.from_json(data)
+
+
+def test_reference_layout_ignores_unknown_model_fields(fastsam3d_ref: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = json.loads((fastsam3d_ref / "config.json").read_text())
+    data["model"]["future_knob"] = 1
+    assert FastSAM3DConfig.from_json(data).img_size == 64
+    assert "future_knob" in caplog.text
 
 
 def test_not_a_mapping_raises_usage_error() -> None:

@@ -163,9 +163,7 @@ def test_hf_repo_id_from_cache(
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     shutil.copyfile(mast3r_ref / "model.safetensors", snapshot / "model.safetensors")
-    (snapshot / "config.json").write_text(
-        json.dumps({**ref_json["constructor_kwargs"], "dpt": ref_json["dpt"]})
-    )
+    (snapshot / "config.json").write_text(json.dumps({**ref_json["constructor_kwargs"], "dpt": ref_json["dpt"]}))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
@@ -189,9 +187,7 @@ def test_exactly_one_source(small_config: MASt3RConfig) -> None:
         build_mast3r(small_config, "x.pth", random_seed=1)
 
 
-def test_truncated_files(
-    tmp_path: Path, mast3r_ref: Path, small_config: MASt3RConfig, ref_state_dict: dict
-) -> None:
+def test_truncated_files(tmp_path: Path, mast3r_ref: Path, small_config: MASt3RConfig, ref_state_dict: dict) -> None:
     data = (mast3r_ref / "model.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 2])

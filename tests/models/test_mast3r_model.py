@@ -338,7 +338,7 @@ def test_bad_config_values() -> None:
 
 @pytest.mark.slow
 def test_full_size_random_weights_are_finite() -> None:
-    """The official-size model (688M parameters) with random weights gives finite outputs (~25 s on 2 cores)."""
+    """The official-size model (688M parameters) with random weights gives finite outputs (~25 s, 2 cores)."""
     model, _, config = build_mast3r(None, random_seed=0)
     assert config == MASt3RConfig.official()
     generator = torch.Generator().manual_seed(0)

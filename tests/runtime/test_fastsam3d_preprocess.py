@@ -80,9 +80,7 @@ def test_label_centred_preprocess_and_paste_back() -> None:
     window = result.window
     assert window.start == (3, -22, 40) and window.original_shape == volume.shape
     cube = window.crop(volume)
-    np.testing.assert_allclose(
-        result.image[0, 0], (cube - result.norm_mean) / result.norm_std, rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(result.image[0, 0], (cube - result.norm_mean) / result.norm_std, rtol=1e-5, atol=1e-5)
     # Statistics come from the crop, padding excluded (only voxels > 0 count).
     positive = cube[cube > 0].astype(np.float64)
     assert result.norm_mean == pytest.approx(positive.mean(), rel=1e-6)
@@ -102,9 +100,7 @@ def test_points_centred_window() -> None:
     assert window.start == (-1, 4, 20)
     with pytest.raises(ModelInputError, match="span"):
         window_around_points(np.array([[0, 0, 0], [40, 0, 0]]), (64, 64, 64), 32)
-    result = preprocess_volume(
-        np.ones((64, 64, 64)) + np.eye(64)[None], size=32, points=np.array([[10, 20, 30]])
-    )
+    result = preprocess_volume(np.ones((64, 64, 64)) + np.eye(64)[None], size=32, points=np.array([[10, 20, 30]]))
     assert result.window.start == (-6, 4, 14)  # a single click lands on voxel S/2 of the crop
 
 

@@ -78,9 +78,7 @@ def test_gate_passes_faithful_export_and_fails_a_broken_one(tmp_path: Path) -> N
     init.CopyFrom(numpy_helper.from_array(arr, init.name))
     broken = tmp_path / "broken.onnx"
     onnx.save(proto, str(broken))
-    report = check_parity(
-        TorchRunner(model, SPEC), onnxrt_runner(broken), _feeds(), tol, graph="toy", precision="fp32"
-    )
+    report = check_parity(TorchRunner(model, SPEC), onnxrt_runner(broken), _feeds(), tol, graph="toy", precision="fp32")
     verdict = {o.output: o.passed for o in report.outputs}
     assert verdict == {"out": False, "mean": True}
     with pytest.raises(ParityError) as info:

@@ -110,14 +110,13 @@ class ArtifactWriter:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
+    ) -> None:
         if not self.committed:
             shutil.rmtree(self.staging, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, ExportError):
             raise ArtifactError(
                 f"writing the artifact {self.target} failed ({exc.strerror or exc}); nothing was written"
             ) from exc
-        return False
 
 
 def _write_json(path: Path, data: Any) -> None:

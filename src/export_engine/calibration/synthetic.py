@@ -16,7 +16,7 @@ def structured_image(height: int, width: int, seed: int) -> np.ndarray:
     y /= max(height - 1, 1)
     x /= max(width - 1, 1)
     channels = []
-    for c in range(3):
+    for _ in range(3):
         fx, fy = rng.uniform(1.0, 6.0, size=2)
         phase = rng.uniform(0, 2 * np.pi)
         ramp = rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y

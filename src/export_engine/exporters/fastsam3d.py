@@ -80,7 +80,7 @@ class PromptDecoderGraph(GraphModule):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.size = model.config.img_size
+        self.size = self.model.config.img_size
 
     def forward(
         self,
@@ -189,7 +189,9 @@ def _check_prompt(inputs: Mapping[str, np.ndarray], size: int, m: int) -> Feed:
     coords = np.asarray(inputs["point_coords"], dtype=np.float32)
     labels = np.asarray(inputs["point_labels"])
     if coords.ndim != 3 or coords.shape[-1] != 3 or coords.shape[1] < 1:
-        raise ModelInputError(f"point_coords has shape {coords.shape}; expected (B, N>=1, 3) voxel coordinates (d, h, w)")
+        raise ModelInputError(
+            f"point_coords has shape {coords.shape}; expected (B, N>=1, 3) voxel coordinates (d, h, w)"
+        )
     if labels.shape != coords.shape[:2]:
         raise ModelInputError(f"point_labels has shape {labels.shape}; expected {coords.shape[:2]} (B, N)")
     if not np.isfinite(coords).all() or coords.min() < 0 or coords.max() > size - 1:
@@ -211,7 +213,12 @@ def _check_prompt(inputs: Mapping[str, np.ndarray], size: int, m: int) -> Feed:
                 f"mask_input has shape {mask.shape}; expected ({batch}, 1, {m}, {m}, {m}) (the previous low_res_masks)"
             )
         has_mask = np.ones((batch,), np.float32)
-    return {"point_coords": coords, "point_labels": labels.astype(np.int64), "mask_input": mask, "has_mask_input": has_mask}
+    return {
+        "point_coords": coords,
+        "point_labels": labels.astype(np.int64),
+        "mask_input": mask,
+        "has_mask_input": has_mask,
+    }
 
 
 def run(

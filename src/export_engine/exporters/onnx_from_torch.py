@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 import warnings
@@ -23,6 +22,11 @@ log = logging.getLogger(__name__)
 
 # protobuf refuses messages over 2 GiB; keep a margin for the graph itself.
 _INLINE_LIMIT_BYTES = 1_900_000_000
+# Graphs with more weights than this keep them in one external ``<graph>.onnx.data`` file (mandatory above
+# 2 GB). Below 2 GB it is still worth it: the .onnx itself stays small, so graph passes and shape stamping
+# rewrite megabytes instead of re-serialising gigabytes (full MASt3R peaked at 7.9 GiB when the 1.5 GB decoder
+# was re-saved inline), and ONNX Runtime / TensorRT read the weights straight from the data file.
+EXTERNAL_DATA_BYTES = 256_000_000
 EXPORTERS = ("torchscript", "dynamo")
 
 
@@ -69,13 +73,12 @@ def onnx_from_torch(
         raise OnnxExportError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
     path = Path(path)
     param_bytes = _parameter_bytes(module)
-    external = param_bytes > _INLINE_LIMIT_BYTES
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{spec.name}-export-", dir=path.parent) as tmp:
         raw = Path(tmp) / path.name
         with heartbeat(f"exporting {spec.name} ({param_bytes / 1e9:.2f} GB of weights, {exporter})"):
             try:
-                _export(module, example_inputs, raw, spec, exporter, external)
+                _export(module, example_inputs, raw, spec, exporter, param_bytes > _INLINE_LIMIT_BYTES)
             except OnnxExportError:
                 raise
             except Exception as err:  # the exporters raise many unrelated types
@@ -83,22 +86,21 @@ def onnx_from_torch(
                     f"ONNX export of graph {spec.name!r} failed ({type(err).__name__}: "
                     f"{' '.join(str(err).split())[:300]}); rerun with --debug for the traceback"
                 ) from err
-        data_files = _finalize(raw, path, external)
-    proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(raw), load_external_data=True)
     _stamp_io_shapes(proto, spec)
-    onnx.save_model(proto, str(path))  # external tensors keep their references; only the graph is rewritten
+    num_nodes = len(proto.graph.node)
+    data_files = _save(proto, path, external=param_bytes > EXTERNAL_DATA_BYTES)
+    del proto
     seconds = time.perf_counter() - start
     log.info(
         "exported %s: %d nodes, opset %d, %.1f s%s",
         spec.name,
-        len(proto.graph.node),
+        num_nodes,
         spec.opset,
         seconds,
-        f", external data {data_files[0].name}" if data_files else "",
+        f", weights in {data_files[0].name}" if data_files else "",
     )
-    return OnnxExportResult(
-        path, tuple(data_files), exporter, spec.opset, seconds, len(proto.graph.node), param_bytes
-    )
+    return OnnxExportResult(path, tuple(data_files), exporter, spec.opset, seconds, num_nodes, param_bytes)
 
 
 def _export(
@@ -176,22 +178,21 @@ def _stamp_io_shapes(proto: onnx.ModelProto, spec: ModelSpec) -> None:
             raise OnnxExportError(
                 f"graph {spec.name!r}: {value.name} has rank {len(dims)}, the spec declares {tensor.shape}"
             )
-        for dim, want in zip(dims, tensor.shape):
+        for dim, want in zip(dims, tensor.shape, strict=True):
             if isinstance(want, str):
                 dim.dim_param = want
             else:
                 dim.dim_value = want
 
 
-def _finalize(raw: Path, path: Path, external: bool) -> list[Path]:
-    """Move the exported file into place, gathering external tensors into a single ``<name>.data`` file."""
-    if not external and raw.stat().st_size < _INLINE_LIMIT_BYTES:
-        shutil.move(str(raw), str(path))
+def _save(proto: onnx.ModelProto, path: Path, external: bool) -> list[Path]:
+    """Write the graph; with ``external`` all weights go to one ``<name>.data`` file next to it."""
+    if not external:
+        onnx.save_model(proto, str(path))
         return []
     data = path.with_name(path.name + ".data")
     # save_model appends to an existing data file (measured pitfall): always start from nothing.
     data.unlink(missing_ok=True)
-    proto = onnx.load(str(raw), load_external_data=True)
     onnx.save_model(
         proto,
         str(path),

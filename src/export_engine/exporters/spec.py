@@ -131,6 +131,7 @@ class GraphModule(nn.Module):
     """
 
     uses: tuple[str, ...] = ()
+    model: Any  # the family's model class; typed loosely so generic code needs no model imports
 
     def __init__(self, model: nn.Module):
         super().__init__()

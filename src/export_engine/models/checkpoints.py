@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
+# A missing path with one of these suffixes is a missing file, never a Hugging Face repo id.
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar")
 
 
 @dataclass
@@ -62,7 +64,7 @@ def load_checkpoint(source: str | Path, state_dict_keys: Sequence[str] = ("model
         return _load_folder(path, state_dict_keys)
     if path.is_file():
         return _load_file(path, state_dict_keys)
-    if _HF_REPO_ID.match(text) and not text.startswith((".", "/")):
+    if _HF_REPO_ID.match(text) and not text.startswith((".", "/")) and not text.lower().endswith(_FILE_SUFFIXES):
         return _load_folder(_hf_snapshot(text), state_dict_keys, source=f"hf:{text}")
     raise CheckpointError(
         f"checkpoint {text!r} not found: give a .pth/.safetensors file, a model folder, or a Hugging Face "
@@ -73,7 +75,7 @@ def load_checkpoint(source: str | Path, state_dict_keys: Sequence[str] = ("model
 def _load_file(path: Path, state_dict_keys: Sequence[str]) -> Checkpoint:
     digest = sha256_file(path)
     if path.suffix == ".safetensors":
-        state_dict, meta = _read_safetensors(path), {}
+        state_dict, meta = _read_safetensors(path), dict[str, Any]()
     else:
         state_dict, meta = _read_torch_container(path, state_dict_keys)
     return Checkpoint(state_dict, str(path), digest, [str(path)], meta)
@@ -92,9 +94,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def _read_torch_container(
-    path: Path, state_dict_keys: Sequence[str]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _read_torch_container(path: Path, state_dict_keys: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_can_mmap(path))

@@ -50,12 +50,10 @@ class CropWindow:
     def paste_back(self, crop: np.ndarray, fill: float = 0) -> np.ndarray:
         """Inverse of :meth:`crop` for (..., S, S, S) arrays: (..., D, H, W), `fill` outside the window."""
         if tuple(crop.shape[-3:]) != self.size:
-            raise ModelInputError(
-                f"paste_back: array {crop.shape} does not end in the window size {self.size}"
-            )
+            raise ModelInputError(f"paste_back: array {crop.shape} does not end in the window size {self.size}")
         out = np.full((*crop.shape[:-3], *self.original_shape), fill, dtype=crop.dtype)
         src, dst = self._overlap()
-        out[(..., *src)] = crop[(..., *dst)]
+        out[..., src[0], src[1], src[2]] = crop[..., dst[0], dst[1], dst[2]]
         return out
 
     def points_to_crop(self, points: np.ndarray) -> np.ndarray:
@@ -109,8 +107,7 @@ def window_around_box(
     """
     shape3, size3 = _triple(shape), _triple(size)
     start = tuple(
-        int(np.floor((lo + hi) / 2 - target / 2))
-        for lo, hi, target in zip(box_min, box_max, size3, strict=True)
+        int(np.floor((lo + hi) / 2 - target / 2)) for lo, hi, target in zip(box_min, box_max, size3, strict=True)
     )
     return CropWindow((start[0], start[1], start[2]), size3, shape3)
 
@@ -158,9 +155,7 @@ def z_normalize(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
     """
     values = np.asarray(volume, dtype=np.float32)
     if not np.isfinite(values).all():
-        raise ModelInputError(
-            "FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference"
-        )
+        raise ModelInputError("FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference")
     foreground = values[values > 0].astype(np.float64)
     if foreground.size < 2:
         raise ModelInputError(
@@ -170,9 +165,7 @@ def z_normalize(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
     mean = np.float32(foreground.mean())
     std = np.float32(foreground.std(ddof=1))
     if not std > 0:
-        raise ModelInputError(
-            "FastSAM3D volume: all voxels > 0 have the same value (std 0); cannot normalise"
-        )
+        raise ModelInputError("FastSAM3D volume: all voxels > 0 have the same value (std 0); cannot normalise")
     return (values - mean) / std, float(mean), float(std)
 
 
@@ -196,9 +189,7 @@ def preprocess_volume(
     if not np.issubdtype(vol.dtype, np.number) or np.iscomplexobj(vol):
         raise ModelInputError(f"FastSAM3D volume must be real numbers, got dtype {vol.dtype}")
     if not np.isfinite(vol).all():
-        raise ModelInputError(
-            "FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference"
-        )
+        raise ModelInputError("FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference")
     if label is not None:
         lab = _as_3d(label, "label")
         if lab.shape != vol.shape:

@@ -55,10 +55,8 @@ def _ort_runner(path: Path, providers: list[str]) -> GraphRunner:
         try:
             outputs = session.run(None, {n: feed[n] for n in declared})
         except Exception as err:  # invalid shapes and types surface here as onnxruntime errors
-            raise ModelInputError(
-                f"graph {path.stem} rejected its inputs: {' '.join(str(err).split())[:300]}"
-            ) from err
-        return {o.name: v for o, v in zip(session.get_outputs(), outputs)}
+            raise ModelInputError(f"graph {path.stem} rejected its inputs: {' '.join(str(err).split())[:300]}") from err
+        return {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)}
 
     return run
 

@@ -58,7 +58,7 @@ class TorchRunner(BaseRunner):
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
         result = OrderedDict(
-            (name, out.detach().cpu().numpy()) for name, out in zip(self._spec.output_names, outputs)
+            (name, out.detach().cpu().numpy()) for name, out in zip(self._spec.output_names, outputs, strict=True)
         )
         return result
 
@@ -198,7 +198,7 @@ def format_table(reports: Sequence[GraphParityReport]) -> str:
                 )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def raise_on_failure(reports: Sequence[GraphParityReport], what: str) -> None:
@@ -212,9 +212,7 @@ def raise_on_failure(reports: Sequence[GraphParityReport], what: str) -> None:
     )
 
 
-def reference_outputs(
-    module: torch.nn.Module, spec: ModelSpec, feeds: Sequence[Feed]
-) -> list[dict[str, np.ndarray]]:
+def reference_outputs(module: torch.nn.Module, spec: ModelSpec, feeds: Sequence[Feed]) -> list[dict[str, np.ndarray]]:
     """Run the torch module on each feed (used to chain graphs: one graph's outputs feed the next)."""
     runner = TorchRunner(module, spec)
     with runner:

@@ -102,7 +102,12 @@ def build_fastsam3d(
         raise UsageError("build_fastsam3d needs exactly one of checkpoint= or random_seed=")
     config = config or FastSAM3DConfig.released()
     start = time.perf_counter()
-    model = FastSAM3D(config, attn_impl=attn_impl)
+    # Built on the meta device and materialised uninitialised: every tensor of the model is in its state
+    # dict (no non-persistent buffers), and both branches below overwrite all of them. Skips PyTorch's
+    # default init of 53M parameters.
+    with torch.device("meta"):
+        model = FastSAM3D(config, attn_impl=attn_impl)
+    model = model.to_empty(device="cpu")
     ckpt: Checkpoint | None = None
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint, state_dict_keys=STATE_DICT_KEYS)

@@ -60,7 +60,12 @@ class FastSAM3DConfig:
     use_abs_pos: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+        indexes = self.global_attn_indexes
+        if not isinstance(indexes, list | tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indexes
+        ):
+            raise UsageError(f"FastSAM3D config: global_attn_indexes must be a list of ints, got {indexes!r}")
+        object.__setattr__(self, "global_attn_indexes", tuple(indexes))
         _validate(self)
 
     # ---------------------------------------------------------------- derived sizes
@@ -96,11 +101,13 @@ class FastSAM3DConfig:
     def from_json(cls, data: Mapping[str, Any]) -> FastSAM3DConfig:
         """Accept the reference ``config.json`` layout (sizes under ``model``) or a flat dict of fields.
 
-        In the reference layout, every section other than ``model`` and ``fixed_constants`` is ignored
-        (``name``, ``derived``, ``cases``...). Unknown size names raise :class:`UsageError`.
+        In the reference layouts (config.json: ``model`` + ``fixed_constants``; state_dict_full.json:
+        ``config``) everything else is ignored (``name``, ``derived``, ``cases``...), and so are unknown keys
+        inside those sections, with a warning. In a flat dict an unknown key is an error (a typo).
         """
         if not isinstance(data, Mapping):
             raise UsageError(f"FastSAM3D config must be a JSON object, got {type(data).__name__}")
+        document = True
         if "model" in data and isinstance(data["model"], Mapping):
             values: dict[str, Any] = dict(data["model"])
             constants = data.get("fixed_constants", {})
@@ -109,7 +116,7 @@ class FastSAM3DConfig:
         elif "config" in data and isinstance(data["config"], Mapping):  # state_dict_full.json layout
             values = dict(data["config"])
         else:
-            values = dict(data)
+            values, document = dict(data), False
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown = []
@@ -118,18 +125,13 @@ class FastSAM3DConfig:
             if name not in known:
                 unknown.append(key)
             elif name in kwargs and kwargs[name] != value:
-                raise UsageError(
-                    f"FastSAM3D config: {name} is given twice (as {key!r} too) with different values"
-                )
+                raise UsageError(f"FastSAM3D config: {name} is given twice (as {key!r} too) with different values")
             else:
                 kwargs[name] = value
-        if unknown:
-            raise UsageError(
-                f"FastSAM3D config: unknown field(s) {sorted(unknown)}; valid fields: {sorted(known)}"
-            )
-        for name in ("global_attn_indexes",):
-            if name in kwargs and not isinstance(kwargs[name], list | tuple):
-                raise UsageError(f"FastSAM3D config: {name} must be a list of ints, got {kwargs[name]!r}")
+        if unknown and document:
+            log.warning("FastSAM3D config: ignoring unknown model field(s) %s", sorted(unknown))
+        elif unknown:
+            raise UsageError(f"FastSAM3D config: unknown field(s) {sorted(unknown)}; valid fields: {sorted(known)}")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,8 +166,7 @@ def _validate(cfg: FastSAM3DConfig) -> None:
     )
     _check(
         cfg.encoder_embed_dim % cfg.encoder_num_heads == 0,
-        f"encoder_embed_dim {cfg.encoder_embed_dim} must be divisible by encoder_num_heads "
-        f"{cfg.encoder_num_heads}",
+        f"encoder_embed_dim {cfg.encoder_embed_dim} must be divisible by encoder_num_heads {cfg.encoder_num_heads}",
     )
     _check(
         0 <= cfg.skip_layer <= cfg.encoder_depth,

@@ -38,9 +38,7 @@ class RelPosAttention3D(nn.Module):
     changes block outputs by O(1). Written with broadcast MatMuls (no einsum) for TensorRT.
     """
 
-    def __init__(
-        self, dim: int, num_heads: int, grid: int, qkv_bias: bool, use_rel_pos: bool, attn_impl: str
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, grid: int, qkv_bias: bool, use_rel_pos: bool, attn_impl: str) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -53,9 +51,6 @@ class RelPosAttention3D(nn.Module):
             self.rel_pos_d = nn.Parameter(torch.zeros(2 * grid - 1, self.head_dim))
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * grid - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * grid - 1, self.head_dim))
-        # rel_index[a, b] = a - b + g - 1: gathers the (g, g, c) matrices R_X from the (2g-1, c) tables.
-        coords = torch.arange(grid)
-        self.register_buffer("rel_index", coords[:, None] - coords[None, :] + grid - 1, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         b, d, h, w, dim = x.shape
@@ -86,9 +81,12 @@ class RelPosAttention3D(nn.Module):
         """The three bias terms, each broadcastable to (B*nh, qd, qh, qw, kd, kh, kw)."""
         d, h, w = size
         c = self.head_dim
-        r_d = self.rel_pos_d[self.rel_index]  # (g, g, c): R_d[a, b] = T_d[a - b + g - 1]
-        r_h = self.rel_pos_h[self.rel_index]
-        r_w = self.rel_pos_w[self.rel_index]
+        # index[a, b] = a - b + g - 1 gathers R_X[a, b] = T_X[a - b + g - 1], (g, g, c), from each (2g-1, c)
+        # table. Built here, not stored as a buffer: a constant to exporters, and nothing to re-create
+        # when the model is materialised from the meta device.
+        coords = torch.arange(d, device=q.device)
+        index = coords[:, None] - coords[None, :] + (d - 1)
+        r_d, r_h, r_w = self.rel_pos_d[index], self.rel_pos_h[index], self.rel_pos_w[index]
         # Unscaled q as one row vector per token: (B*nh, D, H, W, 1, c).
         q_rows = q.reshape(-1, d, h, w, 1, c)
         # A_X[.., d, h, w, k] = q(d,h,w) . R_X[x, k], x = the query's own X coordinate; matmul against
@@ -128,9 +126,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         dim = cfg.encoder_embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.encoder_layernorm_eps)
-        self.attn = RelPosAttention3D(
-            dim, cfg.encoder_num_heads, cfg.grid, cfg.qkv_bias, cfg.use_rel_pos, attn_impl
-        )
+        self.attn = RelPosAttention3D(dim, cfg.encoder_num_heads, cfg.grid, cfg.qkv_bias, cfg.use_rel_pos, attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.encoder_layernorm_eps)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
 
@@ -147,9 +143,7 @@ class ImageEncoder3D(nn.Module):
         super().__init__()
         dim, g, out = cfg.encoder_embed_dim, cfg.grid, cfg.prompt_embed_dim
         self.patch_embed = PatchEmbed3D(cfg.patch_size, cfg.in_chans, dim)
-        self.pos_embed: nn.Parameter | None = (
-            nn.Parameter(torch.zeros(1, g, g, g, dim)) if cfg.use_abs_pos else None
-        )
+        self.pos_embed: nn.Parameter | None = nn.Parameter(torch.zeros(1, g, g, g, dim)) if cfg.use_abs_pos else None
         mlp_dim = int(dim * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(
             MLPOnlyBlock(dim, mlp_dim, cfg.encoder_layernorm_eps)

@@ -62,9 +62,7 @@ class MLP(nn.Module):
         return x
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, impl: str, scale_query: bool = True
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, impl: str, scale_query: bool = True) -> Tensor:
     """softmax(q k^T / sqrt(c) + bias) v over the last two axes; q/k/v (..., N, c), bias (..., Nq, Nk).
 
     "explicit" writes MatMul/Softmax/MatMul; "sdpa" calls F.scaled_dot_product_attention with the bias as

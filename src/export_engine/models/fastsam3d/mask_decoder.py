@@ -59,9 +59,7 @@ class TwoWayBlock(nn.Module):
         self.cross_attn_image_to_token = DecoderAttention(dim, heads, rate, attn_impl)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(
-        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
         # queries (B, T, C), keys (B, N_img, C)
         if self.skip_first_layer_pe:  # layer 0: no PE and no residual
             queries = self.self_attn(queries, queries, queries)
@@ -131,14 +129,10 @@ class MaskDecoder3D(nn.Module):
             nn.ConvTranspose3d(dim // 4, dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)
-        )
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(dim, cfg.iou_head_hidden_dim, self.num_mask_tokens, cfg.iou_head_depth)
 
-    def forward(
-        self, image_embedding: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor
-    ) -> MaskDecoderResult:
+    def forward(self, image_embedding: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor) -> MaskDecoderResult:
         """image_embedding (1 or B, C, g, g, g), image_pe (1, C, g, g, g), sparse (B, N+1, C),
         dense (B, C, g, g, g) -> all M masks and IoU predictions."""
         b = sparse.shape[0]

@@ -129,8 +129,7 @@ class FastSAM3D(nn.Module):
             problems.append(f"point_labels {tuple(labels.shape)} != {tuple(coords.shape[:2])} (B, N)")
         elif embedding.shape[0] != 1 and embedding.shape[0] != coords.shape[0]:
             problems.append(
-                f"image_embedding batch {embedding.shape[0]} is neither 1 nor the prompt batch "
-                f"{coords.shape[0]}"
+                f"image_embedding batch {embedding.shape[0]} is neither 1 nor the prompt batch {coords.shape[0]}"
             )
         s = cfg.mask_input_size
         if mask_input is not None and (
@@ -138,8 +137,6 @@ class FastSAM3D(nn.Module):
             or tuple(mask_input.shape[1:]) != (1, s, s, s)
             or mask_input.shape[0] != coords.shape[0]
         ):
-            problems.append(
-                f"mask_input {tuple(mask_input.shape)} != (B={coords.shape[0]}, 1, {s}, {s}, {s})"
-            )
+            problems.append(f"mask_input {tuple(mask_input.shape)} != (B={coords.shape[0]}, 1, {s}, {s}, {s})")
         if problems:
             raise ModelInputError("FastSAM3D prompt inputs: " + "; ".join(problems))

@@ -8,6 +8,7 @@ model draws it at random).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ class PositionEmbeddingRandom3D(nn.Module):
 
     The third block repeats the first; that is how upstream reaches 3F = embed_dim channels.
     """
+
+    positional_encoding_gaussian_matrix: Tensor
 
     def __init__(self, num_pos_feats: int) -> None:
         super().__init__()
@@ -95,12 +98,8 @@ class PromptEncoder3D(nn.Module):
         is_pad = (labels == -1).to(pe.dtype)
         is_neg = (labels == 0).to(pe.dtype)
         is_pos = (labels == 1).to(pe.dtype)
-        return (
-            pe
-            + is_pad * self.not_a_point_embed.weight
-            + is_neg * self.point_embeddings[0].weight
-            + is_pos * self.point_embeddings[1].weight
-        )
+        negative, positive = (cast(nn.Embedding, m).weight for m in self.point_embeddings)
+        return pe + is_pad * self.not_a_point_embed.weight + is_neg * negative + is_pos * positive
 
     def embed_mask(self, mask_input: Tensor) -> Tensor:
         """(B, 1, 4g, 4g, 4g) previous low-res logits -> dense embedding (B, C, g, g, g)."""

@@ -140,9 +140,7 @@ def config_from_checkpoint(ckpt: Checkpoint) -> MASt3RConfig:
         try:
             config = dataclasses.replace(config, **dims)
         except UsageError as err:
-            raise CheckpointError(
-                f"checkpoint {ckpt.source}: DPT tensor shapes are inconsistent ({err})"
-            ) from err
+            raise CheckpointError(f"checkpoint {ckpt.source}: DPT tensor shapes are inconsistent ({err})") from err
     return config
 
 

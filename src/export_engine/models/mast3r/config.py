@@ -92,11 +92,6 @@ class MASt3RConfig:
     img_size: tuple[int, int] = (512, 512)
 
     def __post_init__(self) -> None:
-        if self.dpt_hooks is not None:
-            hooks = tuple(self.dpt_hooks)
-            default = (0, self.dec_depth * 2 // 4, self.dec_depth * 3 // 4, self.dec_depth)
-            # Hooks equal to the upstream formula are stored as None so equal models compare equal.
-            object.__setattr__(self, "dpt_hooks", None if hooks == default else hooks)
         for name in (
             "enc_embed_dim",
             "enc_depth",
@@ -125,6 +120,11 @@ class MASt3RConfig:
             raise UsageError(f"MASt3R config: dpt_feature_dim must be even, got {self.dpt_feature_dim}")
         if len(self.dpt_layer_dims) != 4:
             raise UsageError(f"MASt3R config: dpt_layer_dims needs 4 values, got {self.dpt_layer_dims}")
+        if self.dpt_hooks is not None:
+            hooks = tuple(self.dpt_hooks)
+            default = (0, self.dec_depth * 2 // 4, self.dec_depth * 3 // 4, self.dec_depth)
+            # Hooks equal to the upstream formula are stored as None so equal models compare equal.
+            object.__setattr__(self, "dpt_hooks", None if hooks == default else hooks)
         hooks = self.hooks
         if len(hooks) != 4 or hooks[0] != 0 or not all(1 <= h <= self.dec_depth for h in hooks[1:]):
             raise UsageError(
@@ -134,8 +134,7 @@ class MASt3RConfig:
         _check_mode("depth_mode", self.depth_mode, _DEPTH_MODES)
         if self.depth_mode[1:] != (-INF, INF):
             raise UsageError(
-                f"MASt3R config: bounded depth_mode {self.depth_mode} is not supported (upstream "
-                f"asserts no bounds)"
+                f"MASt3R config: bounded depth_mode {self.depth_mode} is not supported (upstream asserts no bounds)"
             )
         _check_mode("conf_mode", self.conf_mode, ("exp",))
         _check_mode("desc_conf_mode", self.desc_conf_mode, ("exp",))
@@ -159,9 +158,7 @@ class MASt3RConfig:
         return cls.from_constructor_string(OFFICIAL_CONSTRUCTOR)
 
     @classmethod
-    def from_constructor_kwargs(
-        cls, kwargs: Mapping[str, Any], dpt: Mapping[str, Any] | None = None
-    ) -> MASt3RConfig:
+    def from_constructor_kwargs(cls, kwargs: Mapping[str, Any], dpt: Mapping[str, Any] | None = None) -> MASt3RConfig:
         """Build from upstream ``AsymmetricMASt3R(**kwargs)`` keywords plus an optional DPT section.
 
         Keywords the inference model does not use (``freeze``, ``mask_ratio``, ...) are ignored. As upstream
@@ -184,9 +181,7 @@ class MASt3RConfig:
         values["img_size"] = _img_size(kw["img_size"])
 
         if kw["head_type"] != "catmlp+dpt":
-            raise UsageError(
-                f"MASt3R config: head_type {kw['head_type']!r} is not supported; valid: 'catmlp+dpt'"
-            )
+            raise UsageError(f"MASt3R config: head_type {kw['head_type']!r} is not supported; valid: 'catmlp+dpt'")
         found = re.fullmatch(r"pts3d\+desc(\d+)", str(kw["output_mode"]))
         if not found:
             raise UsageError(
@@ -196,8 +191,7 @@ class MASt3RConfig:
         found = re.fullmatch(r"RoPE(\d+(?:\.\d*)?)", str(kw["pos_embed"]))
         if not found:
             raise UsageError(
-                f"MASt3R config: pos_embed {kw['pos_embed']!r} is not supported; expected 'RoPE<base>' "
-                f"(e.g. 'RoPE100')"
+                f"MASt3R config: pos_embed {kw['pos_embed']!r} is not supported; expected 'RoPE<base>' (e.g. 'RoPE100')"
             )
         values["rope_base"] = float(found.group(1))
         if kw["norm_im2_in_dec"] is not True:
@@ -288,16 +282,10 @@ def parse_constructor_string(text: str) -> dict[str, Any]:
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
-        raise UsageError(
-            f"MASt3R constructor string is not valid Python syntax ({err.msg}): {text[:120]!r}"
-        ) from err
+        raise UsageError(f"MASt3R constructor string is not valid Python syntax ({err.msg}): {text[:120]!r}") from err
     call = tree.body
-    if not (
-        isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "AsymmetricMASt3R"
-    ):
-        raise UsageError(
-            f"MASt3R constructor string must be a single call AsymmetricMASt3R(...), got {text[:120]!r}"
-        )
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "AsymmetricMASt3R"):
+        raise UsageError(f"MASt3R constructor string must be a single call AsymmetricMASt3R(...), got {text[:120]!r}")
     if call.args:
         raise UsageError("MASt3R constructor string: positional arguments are not supported; use keywords")
     kwargs: dict[str, Any] = {}
@@ -327,9 +315,7 @@ def _dpt_values(dpt: Mapping[str, Any]) -> dict[str, Any]:
     if "last_dim" in dpt:
         values["dpt_last_dim"] = _int("dpt.last_dim", dpt["last_dim"])
     if "layer_dims" in dpt:
-        values["dpt_layer_dims"] = tuple(
-            _int("dpt.layer_dims", v) for v in _seq("dpt.layer_dims", dpt["layer_dims"])
-        )
+        values["dpt_layer_dims"] = tuple(_int("dpt.layer_dims", v) for v in _seq("dpt.layer_dims", dpt["layer_dims"]))
     if dpt.get("hooks") is not None:
         values["dpt_hooks"] = tuple(_int("dpt.hooks", v) for v in _seq("dpt.hooks", dpt["hooks"]))
     return values

@@ -101,9 +101,7 @@ class DPT(nn.Module):
                 nn.Sequential(nn.Conv2d(dim_tokens[0], d0, 1), nn.ConvTranspose2d(d0, d0, 4, stride=4)),  # 4h
                 nn.Sequential(nn.Conv2d(dim_tokens[1], d1, 1), nn.ConvTranspose2d(d1, d1, 2, stride=2)),  # 2h
                 nn.Sequential(nn.Conv2d(dim_tokens[2], d2, 1)),  # h
-                nn.Sequential(
-                    nn.Conv2d(dim_tokens[3], d3, 1), nn.Conv2d(d3, d3, 3, stride=2, padding=1)
-                ),  # h/2
+                nn.Sequential(nn.Conv2d(dim_tokens[3], d3, 1), nn.Conv2d(d3, d3, 3, stride=2, padding=1)),  # h/2
             ]
         )
 

@@ -155,9 +155,7 @@ def _build_head(c: MASt3RConfig) -> MASt3RHead:
     in_dim = c.enc_embed_dim + c.dec_embed_dim
     out_dim = (c.local_feat_dim + int(c.two_confs)) * c.patch_size**2
     local_mlp = Mlp(in_dim, int(c.hidden_dim_factor * in_dim), out_dim)
-    return MASt3RHead(
-        dpt, local_mlp, c.local_feat_dim, (c.depth_mode, c.conf_mode, c.desc_conf_mode), c.two_confs
-    )
+    return MASt3RHead(dpt, local_mlp, c.local_feat_dim, (c.depth_mode, c.conf_mode, c.desc_conf_mode), c.two_confs)
 
 
 def expected_state_dict_shapes(config: MASt3RConfig) -> dict[str, tuple[int, ...]]:

@@ -23,9 +23,7 @@ def grid_positions(h: int, w: int, device: torch.device | None = None) -> Tensor
     return torch.stack((ys, xs), dim=-1).reshape(h * w, 2)
 
 
-def rope_tables(
-    positions: Tensor, head_dim: int, base: float, f0: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def rope_tables(positions: Tensor, head_dim: int, base: float, f0: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sin tables (..., N, head_dim) for ``positions`` (..., N, 2) of (y, x).
 
     Layout per token: [y-half: cos(theta_0..theta_{q-1}) twice | x-half: the same for x], q = head_dim / 4,
