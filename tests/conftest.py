@@ -27,3 +27,39 @@ def mast3r_ref() -> Path:
 @pytest.fixture(scope="session")
 def fastsam3d_ref() -> Path:
     return reference_path("fastsam3d")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny exported graphs of every registered model, shared by pass/calibration/builder tests.
+
+
+class TinyGraph:
+    """One exported FP32 graph of a tiny random-weight model: its ONNX path, spec and representative feeds."""
+
+    def __init__(self, path: Path, spec: object, feeds: list[dict]):
+        self.path = path
+        self.spec = spec
+        self.feeds = feeds
+
+
+@pytest.fixture(scope="session")
+def tiny_graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyGraph]:
+    """``{"mast3r.encoder": TinyGraph, "mast3r.decoder": ..., "fastsam3d.encoder": ..., ...}`` (FP32, ORT-checked
+    by the exporter tests; two feeds per graph)."""
+    import torch
+
+    from export_engine.exporters.onnx_from_torch import onnx_from_torch
+    from export_engine.exporters.registry import FAMILIES
+
+    root = tmp_path_factory.mktemp("tiny_graphs")
+    graphs: dict[str, TinyGraph] = {}
+    for family in FAMILIES:
+        loaded = family.load(family.tiny_config(), None, 0)
+        specs = family.graphs(loaded.config, family.tiny_shape or None)
+        feeds = family.parity_feeds(loaded, specs, 2, 0)
+        for spec in specs:
+            example = tuple(torch.from_numpy(feeds[spec.name][0][n]) for n in spec.input_names)
+            path = root / f"{family.name}.{spec.name}.onnx"
+            onnx_from_torch(spec.build_module(loaded.module), example, path, spec)
+            graphs[f"{family.name}.{spec.name}"] = TinyGraph(path, spec, feeds[spec.name])
+    return graphs

@@ -1,0 +1,107 @@
+"""What every graph pass shares: its report, and loading/saving graphs for passes.
+
+A pass is a plain function ``verb_object(graph, config) -> PassReport`` over an onnx-graphsurgeon graph. It
+edits the graph in place, ends with ``graph.cleanup().toposort()``, names the nodes it creates
+``<pass>/<i>``, and running it twice changes nothing. Its config is a frozen dataclass in its own file.
+The ordered pass tuples per precision live in ``export_engine/pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from export_engine.errors import GraphPassError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassReport:
+    """What a pass matched, rewrote and skipped (with reasons); stored in the artifact."""
+
+    name: str
+    matched: int = 0
+    rewritten: int = 0
+    skipped: list[str] = field(default_factory=list)  # one reason per skipped match
+    details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        text = f"{self.name}: matched {self.matched}, rewrote {self.rewritten}"
+        if self.skipped:
+            text += f", skipped {len(self.skipped)} ({self.skipped[0]}{', ...' if len(self.skipped) > 1 else ''})"
+        return text
+
+
+@contextmanager
+def timed(report: PassReport) -> Iterator[PassReport]:
+    start = time.perf_counter()
+    yield report
+    report.seconds = round(time.perf_counter() - start, 3)
+
+
+def check_count(report: PassReport, what: str, found: int, expected: int | None, strict: bool) -> None:
+    """Compare a structural count against the spec's expectation: a warning, or an error under --strict."""
+    if expected is None or found == expected:
+        return
+    message = f"{report.name}: found {found} {what}, the model spec expects {expected}"
+    if strict:
+        raise GraphPassError(f"{message} (--strict); the exporter produced a pattern this pass does not know")
+    report.warnings.append(message)
+    log.warning("%s", message)
+
+
+def node_name(pass_name: str, index: int) -> str:
+    """Name of the index-th node a pass creates, so an engine layer can be traced back to its pass."""
+    return f"{pass_name}/{index}"
+
+
+def next_index(graph: gs.Graph, pass_name: str) -> int:
+    """First free ``<pass>/<i>`` index (passes may run more than once on a graph)."""
+    prefix = f"{pass_name}/"
+    used = [int(n.name[len(prefix) :].split("/")[0]) for n in graph.nodes if n.name.startswith(prefix)
+            and n.name[len(prefix) :].split("/")[0].isdigit()]  # fmt: skip
+    return max(used, default=-1) + 1
+
+
+def load_graph(path: Path) -> gs.Graph:
+    """Import an ONNX file for passes, weights included.
+
+    Weights are loaded (not left as lazy references to the source's data file) so that the graph can be saved
+    anywhere, under any name, without pointing into a file that a later step replaces or deletes.
+    """
+    return gs.import_onnx(onnx.load(str(path), load_external_data=True))
+
+
+def save_graph(graph: gs.Graph, path: Path, *, opset: int | None = None, external_data: bool = True) -> None:
+    """Export ``graph`` to ``path`` (weights in ``<name>.data`` when ``external_data``), checking the result."""
+    model = gs.export_onnx(graph, do_type_check=True)
+    if opset is not None:
+        for entry in model.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = max(entry.version, opset)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+
+
+PassFn = Callable[[gs.Graph, Any], PassReport]
+ExpectedCounts = Mapping[str, int]
