@@ -91,3 +91,14 @@ def test_resolution_does_not_apply(tmp_path: Path, capsys: pytest.CaptureFixture
     ]
     assert main(argv) == 2
     assert "--resolution does not apply" in capsys.readouterr().err
+
+
+def test_graphs_are_engine_friendly(artifact: Path) -> None:
+    """No boolean-mask scatter, no data-dependent shapes, no Einsum; the image PE is a constant."""
+    import onnx
+
+    for name in ("encoder.onnx", "prompt_decoder.onnx"):
+        ops = [n.op_type for n in onnx.load(str(artifact / name), load_external_data=False).graph.node]
+        assert not {"NonZero", "ScatterND", "GatherND", "Einsum", "Loop"} & set(ops), name
+    ops = [n.op_type for n in onnx.load(str(artifact / "prompt_decoder.onnx")).graph.node]
+    assert ops.count("Sin") == 1 and ops.count("Cos") == 1, "only the clicks' Fourier features are computed"

@@ -76,11 +76,19 @@ class EncoderGraph(GraphModule):
 
 
 class PromptDecoderGraph(GraphModule):
+    """Prompt encoder + mask decoder for one click (``multimask_output=False``: mask channel 0).
+
+    The image positional encoding depends only on the weights, so it is computed once here and enters the
+    graph as a constant (upstream recomputes its sin/cos grid on every call).
+    """
+
     uses = ("prompt_encoder", "mask_decoder")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.size = self.model.config.img_size
+        with torch.no_grad():
+            self.register_buffer("image_pe", self.model.dense_pe().detach().clone())
 
     def forward(
         self,
@@ -90,8 +98,9 @@ class PromptDecoderGraph(GraphModule):
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        result = self.model.prompt_decode_all(image_embedding, point_coords, point_labels, mask_input, has_mask_input)
-        low_res, iou = result.select(multimask_output=False)
+        sparse, dense = self.model.prompt_encoder(point_coords, point_labels, mask_input, has_mask_input)
+        out = self.model.mask_decoder(image_embedding, self.image_pe, sparse, dense)
+        low_res, iou = out.low_res_masks[:, :1], out.iou_predictions[:, :1]
         return low_res, iou, self.model.upscale_masks(low_res, self.size)
 
 
