@@ -25,7 +25,7 @@ from export_engine.errors import ExportError, ModelInputError, UsageError
 
 log = logging.getLogger("export_engine")
 
-SUBCOMMANDS = ("run", "inspect", "models")
+SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "models")
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
@@ -51,6 +51,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("--strict", action="store_true", help="turn structural warnings into errors")
     p.add_argument("--parity-samples", type=int, default=1, help="representative inputs for the parity gate")
+    p.add_argument("--calibration-samples", type=int, default=2, help="built-in inputs for calibration (hybrid)")
+    p.add_argument("--calibration-data", type=Path, help="folder of your images (png/jpg) or volumes (.npy/.nii[.gz])")
+    p.add_argument("--precision-plan", type=Path, help="reuse a precision_plan.json instead of calibrating")
+    p.add_argument("--skip-pass", action="append", default=[], metavar="NAME", help="skip a graph pass (repeatable)")
     _common(p)
     return p
 
@@ -72,6 +76,19 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.description = "Print an artifact's manifest in a readable form."
         p.add_argument("artifact", type=Path)
         p.add_argument("--json", action="store_true", help="print the raw manifest")
+    elif name == "verify":
+        p.description = "Check an artifact's files, schema and compatibility; --run also re-checks parity here."
+        p.add_argument("artifact", type=Path)
+        p.add_argument("--run", action="store_true", help="rerun the graphs on the stored reference inputs")
+    elif name == "pack":
+        p.description = "Verify an artifact and pack it into one .tar.gz."
+        p.add_argument("artifact", type=Path)
+        p.add_argument("-o", "--output", type=Path, required=True, help="NAME.tar.gz")
+    elif name == "unpack":
+        p.description = "Unpack a packed artifact safely and verify it."
+        p.add_argument("archive", type=Path)
+        p.add_argument("-o", "--output", type=Path, required=True, help="artifact folder to create")
+        p.add_argument("--force", action="store_true", help="replace an existing folder")
     else:
         p.description = "List the models export-engine can export."
     _common(p)
@@ -126,7 +143,15 @@ def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         args = _sub_parser(argv[0]).parse_args(argv[1:])
         _setup_logging(args)
-        return {"run": _cmd_run, "inspect": _cmd_inspect, "models": _cmd_models}[argv[0]](args)
+        commands = {
+            "run": _cmd_run,
+            "inspect": _cmd_inspect,
+            "verify": _cmd_verify,
+            "pack": _cmd_pack,
+            "unpack": _cmd_unpack,
+            "models": _cmd_models,
+        }
+        return commands[argv[0]](args)
     args = _export_parser().parse_args(argv)
     _setup_logging(args)
     return _cmd_export(args)
@@ -156,6 +181,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         force=args.force,
         strict=args.strict,
         parity_samples=args.parity_samples,
+        calibration_samples=args.calibration_samples,
+        calibration_data=args.calibration_data,
+        precision_plan=args.precision_plan,
+        skip_passes=tuple(args.skip_pass),
     )
     result = export(config)
     print(result.artifact)
@@ -203,6 +232,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.artifact)
     print(json.dumps(manifest, indent=2) if args.json else describe(manifest))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from export_engine.artifacts.verify import verify
+
+    report = verify(args.artifact, run=args.run)
+    for check in report.checks:
+        print(f"ok  {check}")
+    print(f"{report.artifact}: verified")
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from export_engine.artifacts.pack import pack
+
+    print(pack(args.artifact, args.output))
+    return 0
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    from export_engine.artifacts.pack import unpack
+
+    print(unpack(args.archive, args.output, force=args.force))
     return 0
 
 

@@ -75,4 +75,8 @@ class ExportConfig:
     force: bool = False
     strict: bool = False
     parity_samples: int = 1
+    calibration_samples: int = 2
+    skip_passes: tuple[str, ...] = ()
+    precision_plan: Path | None = None  # reuse a precision_plan.json instead of calibrating
+    calibration_data: Path | None = None  # folder of the user's images / volumes for calibration
     extra: dict[str, str] = field(default_factory=dict)

@@ -1,33 +1,38 @@
-"""The one readable flow: spec -> onnx -> parity -> artifact.
+"""The one readable flow: spec -> onnx -> passes -> calibration -> parity -> artifact.
 
-    load model  ->  for each graph: export ONNX  ->  parity (PyTorch FP32 vs ONNX Runtime)  ->  manifest
+    load model
+    for each graph: export FP32 ONNX; gate A: PyTorch FP32 vs ONNX Runtime (the exporter is faithful)
+    (free the torch model)
+    for each graph: graph passes for the precision (fusion, cleanups, FP16 / HybridCast with calibration);
+                    gate B: FP32 ONNX (ONNX Runtime) vs the final graph at the precision's tolerances,
+                    on inputs not used for calibration
+    write reports, reference data for `verify --run`, the manifest; rename the staging folder into place
 
-Nothing is written at the target until every graph passed parity; a failure raises a stage error and the
-staging directory disappears.
+Nothing is written at the target until every gate passed; a failure raises a stage error and the staging
+directory disappears.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
-import json
 import logging
-import platform
-from dataclasses import dataclass
-from importlib import metadata
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
+import numpy as np
 import torch
 
-from export_engine import __version__
-from export_engine.artifacts.store import ARTIFACT_KIND, SCHEMA_VERSION, ArtifactWriter, write_json
-from export_engine.config import ExportConfig
+from export_engine.artifacts.manifest import build_manifest
+from export_engine.artifacts.store import ArtifactWriter, write_json
+from export_engine.config import ExportConfig, Precision
 from export_engine.errors import UsageError
 from export_engine.exporters.onnx_from_torch import OnnxExportResult, onnx_from_torch
 from export_engine.exporters.registry import get_family
 from export_engine.exporters.spec import FamilySpec, Feed, LoadedModel, ModelSpec
+from export_engine.graph_passes.base import PassReport
+from export_engine.graph_passes.schedule import ScheduledPass, run_passes
 from export_engine.progress import stage
 from export_engine.validation.parity import (
     GraphParityReport,
@@ -40,15 +45,44 @@ from export_engine.validation.parity import (
 
 log = logging.getLogger(__name__)
 
-_VERSIONED = ("torch", "onnx", "onnxruntime", "polygraphy", "onnx-graphsurgeon", "numpy", "safetensors")
+# The ordered passes per precision: (name, config builder, pass). Names are what --skip-pass takes.
+PASSES: dict[Precision, tuple[ScheduledPass, ...]] = {
+    Precision.FP32: (),
+    Precision.FP16: (),
+    Precision.HYBRID: (),
+}
 
 
-@dataclass(frozen=True)
+def pass_names() -> list[str]:
+    return sorted({name for passes in PASSES.values() for name, _, _ in passes})
+
+
+@dataclass
 class ExportResult:
     artifact: Path
     manifest: dict[str, Any]
     parity: list[GraphParityReport]
     timings: dict[str, float]
+    passes: dict[str, list[PassReport]] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """State shared by the stages of one export."""
+
+    family: FamilySpec
+    config: ExportConfig
+    specs: tuple[ModelSpec, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, float] = field(default_factory=dict)
+    exports: dict[str, OnnxExportResult] = field(default_factory=dict)
+    exporter_parity: list[GraphParityReport] = field(default_factory=list)
+    final_parity: list[GraphParityReport] = field(default_factory=list)
+    passes: dict[str, list[PassReport]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # per-graph records from passes (precision plans ...)
+
+    def stage(self, name: str) -> Any:
+        return stage(name, self.timings, self.peaks)
 
 
 def export(config: ExportConfig) -> ExportResult:
@@ -58,40 +92,58 @@ def export(config: ExportConfig) -> ExportResult:
     config_json = read_config_file(config.config_file)
     writer = ArtifactWriter(config.out, force=config.force)
     writer.check_target()  # fail before minutes of work, not after
-    timings: dict[str, float] = {}
-    peaks: dict[str, float] = {}
+    run = _Run(family, config)
 
-    with stage("load", timings, peaks):
+    with run.stage("load"):
         loaded = family.load(config_json, config.checkpoint, config.seed if config.random_weights else None)
-    specs = family.graphs(loaded.config, config.resolution)
-    for spec in specs:
-        if config.precision not in spec.tolerances:
-            available = ", ".join(p.value for p in spec.tolerances)
-            raise UsageError(
-                f"precision {config.precision.value!r} is not available for {family.name} yet; use: {available}"
-            )
-    with stage("feeds", timings, peaks):
-        feeds = family.parity_feeds(loaded, specs, config.parity_samples, config.seed + 7919)
+    run.specs = family.graphs(loaded.config, config.resolution)
+    _check_precision(run)
+    with run.stage("feeds"):
+        # Different seeds: the final gate must not reuse the inputs calibration saw.
+        feeds = family.parity_feeds(loaded, run.specs, config.parity_samples, config.seed + 7919)
+        calib = family.parity_feeds(loaded, run.specs, config.calibration_samples, config.seed + 104729)
 
     with writer as staging:
-        exports: dict[str, OnnxExportResult] = {}
-        reports: list[GraphParityReport] = []
-        for spec in specs:
-            with stage(f"export:{spec.name}", timings, peaks):
-                exports[spec.name] = _export_graph(loaded, spec, feeds[spec.name], staging)
-            with stage(f"parity:{spec.name}", timings, peaks):
-                reports.append(_parity(loaded, spec, feeds[spec.name], exports[spec.name].path, config))
+        work = staging / ".work"
+        work.mkdir()
+        for spec in run.specs:
+            with run.stage(f"export:{spec.name}"):
+                module = spec.build_module(loaded.module)
+                example = tuple(torch.from_numpy(feeds[spec.name][0][n]) for n in spec.input_names)
+                run.exports[spec.name] = onnx_from_torch(module, example, work / f"{spec.name}.fp32.onnx", spec)
+            with run.stage(f"parity-torch:{spec.name}"):
+                run.exporter_parity.append(_exporter_gate(loaded, spec, feeds[spec.name], run))
             gc.collect()
-        raise_on_failure(reports, f"{family.name} at {config.precision.value}")
-        write_json(staging / "parity.json", _parity_json(reports))
-        manifest = _manifest(family, config, loaded, specs, exports, reports, timings)
-        manifest["peak_rss_gib_after_stage"] = peaks
+        raise_on_failure(run.exporter_parity, f"{family.name}: PyTorch vs exported FP32 ONNX")
+        weights = loaded.describe_weights()
+        resolved_config = loaded.config.to_dict()
+        del loaded, module
+        gc.collect()
+
+        for spec in run.specs:
+            fp32_path = run.exports[spec.name].path
+            final_path = staging / f"{spec.name}.onnx"
+            with run.stage(f"passes:{spec.name}"):
+                run.passes[spec.name] = run_passes(
+                    fp32_path, final_path, spec, config, calib[spec.name], run.extra, PASSES[config.precision]
+                )
+            with run.stage(f"parity:{spec.name}"):
+                run.final_parity.append(_final_gate(spec, fp32_path, final_path, feeds[spec.name], run))
+            gc.collect()
+        raise_on_failure(run.final_parity, f"{family.name} at {config.precision.value}")
+
+        _write_reports(staging, run, feeds)
+        shutil.rmtree(work)
+        manifest = build_manifest(staging, run, weights, resolved_config)
         writer.commit(manifest)
     log.info("artifact written to %s", writer.target)
-    return ExportResult(writer.target, manifest, reports, timings)
+    return ExportResult(writer.target, manifest, run.final_parity, run.timings, run.passes)
 
 
 def _check_choices(family: FamilySpec, config: ExportConfig) -> None:
+    unknown = sorted(set(config.skip_passes) - set(pass_names()))
+    if unknown:
+        raise UsageError(f"unknown pass {unknown[0]!r} for --skip-pass; passes: {', '.join(pass_names()) or 'none'}")
     if bool(config.checkpoint) == bool(config.random_weights):
         raise UsageError(
             "give exactly one of --checkpoint PATH_OR_HF_ID (official weights) or --random-weights [--seed N]"
@@ -99,7 +151,18 @@ def _check_choices(family: FamilySpec, config: ExportConfig) -> None:
     family.validate_shape(config.resolution)
 
 
+def _check_precision(run: _Run) -> None:
+    for spec in run.specs:
+        if run.config.precision not in spec.tolerances:
+            available = ", ".join(p.value for p in spec.tolerances)
+            raise UsageError(
+                f"precision {run.config.precision.value!r} is not available for {run.family.name} yet; use: {available}"
+            )
+
+
 def read_config_file(path: Path | None) -> dict[str, Any] | None:
+    import json
+
     if path is None:
         return None
     try:
@@ -113,95 +176,38 @@ def read_config_file(path: Path | None) -> dict[str, Any] | None:
     return data
 
 
-def _export_graph(loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], staging: Path) -> OnnxExportResult:
-    module = spec.build_module(loaded.module)
-    example = tuple(torch.from_numpy(feeds[0][name]) for name in spec.input_names)
-    return onnx_from_torch(module, example, staging / f"{spec.name}.onnx", spec)
+def _exporter_gate(loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], run: _Run) -> GraphParityReport:
+    from export_engine.config import Precision
 
-
-def _parity(
-    loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], path: Path, config: ExportConfig
-) -> GraphParityReport:
     reference = TorchRunner(spec.build_module(loaded.module), spec, name="pytorch-fp32")
-    candidate = onnxrt_runner(path, name=f"onnxruntime-{config.precision.value}")
-    tolerances = spec.tolerances[config.precision]
-    return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision=config.precision.value)
+    candidate = onnxrt_runner(run.exports[spec.name].path, name="onnxruntime-fp32-export")
+    tolerances = spec.tolerances[Precision.FP32]
+    return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision="fp32")
 
 
-def _parity_json(reports: list[GraphParityReport]) -> dict[str, Any]:
-    return {
-        "passed": all(r.passed for r in reports),
-        "graphs": [r.to_dict() for r in reports],
-        "table": format_table(reports).splitlines(),
-    }
+def _final_gate(spec: ModelSpec, fp32_path: Path, final_path: Path, feeds: list[Feed], run: _Run) -> GraphParityReport:
+    precision = run.config.precision.value
+    reference = onnxrt_runner(fp32_path, name="onnxruntime-fp32")
+    candidate = onnxrt_runner(final_path, name=f"onnxruntime-{precision}")
+    tolerances = spec.tolerances[run.config.precision]
+    return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision=precision)
 
 
-def _graph_record(spec: ModelSpec, result: OnnxExportResult) -> dict[str, Any]:
-    proto = onnx.load(str(result.path), load_external_data=False)
-    return {
-        "name": spec.name,
-        "file": result.path.name,
-        "data_files": [p.name for p in result.data_files],
-        "opset": result.opset,
-        "exporter": result.exporter,
-        "nodes": len(proto.graph.node),
-        "inputs": [_value_info(v) for v in proto.graph.input],
-        "outputs": [_value_info(v) for v in proto.graph.output],
-        "shape_notes": dict(spec.shape_notes),
-        "expected_counts": dict(spec.expected_counts),
-        "export_seconds": round(result.seconds, 2),
-    }
-
-
-def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    tensor = value.type.tensor_type
-    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-    return {"name": value.name, "shape": shape, "dtype": dtype}
-
-
-def _versions() -> dict[str, str]:
-    versions = {"export-engine": __version__, "python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _manifest(
-    family: FamilySpec,
-    config: ExportConfig,
-    loaded: LoadedModel,
-    specs: tuple[ModelSpec, ...],
-    exports: dict[str, OnnxExportResult],
-    reports: list[GraphParityReport],
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": ARTIFACT_KIND,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": family.name,
-        "config": loaded.config.to_dict(),
-        "weights": loaded.describe_weights(),
-        "resolution": specs[0].shape_notes.get("resolution", config.resolution or family.default_shape),
-        "precision": config.precision.value,
-        "backend": config.backend.value,
-        "run": {"inputs": list(family.run_input_names), "outputs": list(family.run_output_names)},
-        "graphs": [_graph_record(spec, exports[spec.name]) for spec in specs],
-        "parity": {
-            "passed": all(r.passed for r in reports),
-            "reference": "pytorch-fp32",
-            "candidate": f"onnxruntime-cpu-{config.precision.value}",
-            "samples": config.parity_samples,
-            "worst": {
-                f"{r.graph}/{o.output}": {"max_abs": o.max_abs, "max_rel": o.max_rel}
-                for r in reports
-                for o in r.outputs
-            },
+def _write_reports(staging: Path, run: _Run, feeds: dict[str, list[Feed]]) -> None:
+    """parity.json, passes.json, and per graph one input sample with its FP32 reference outputs."""
+    write_json(
+        staging / "parity.json",
+        {
+            "passed": all(r.passed for r in run.final_parity),
+            "exporter": [r.to_dict() for r in run.exporter_parity],
+            "final": [r.to_dict() for r in run.final_parity],
+            "table": format_table(run.exporter_parity + run.final_parity).splitlines(),
         },
-        "timings_seconds": timings,
-        "versions": _versions(),
-    }
+    )
+    write_json(staging / "passes.json", {g: [r.to_dict() for r in reports] for g, reports in run.passes.items()})
+    reference = staging / "reference"
+    reference.mkdir()
+    for report in run.final_parity:
+        assert report.reference_sample is not None
+        np.savez(reference / f"{report.graph}.inputs.npz", **feeds[report.graph][0])
+        np.savez(reference / f"{report.graph}.expected.npz", **report.reference_sample)

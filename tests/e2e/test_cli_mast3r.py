@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -36,26 +37,31 @@ def test_artifact_layout_and_manifest(artifact: Path, mast3r_ref: Path) -> None:
         "encoder.onnx",
         "manifest.json",
         "parity.json",
+        "passes.json",
+        "reference",
     ]
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["model"] == "mast3r" and manifest["precision"] == "fp32" and manifest["resolution"] == "80x48"
-    assert (
-        manifest["weights"]["sha256"]
-        == __import__("hashlib").sha256((mast3r_ref / "model.safetensors").read_bytes()).hexdigest()
-    )
+    digest = hashlib.sha256((mast3r_ref / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["weights"]["sha256"] == digest
     assert manifest["config"]["enc_embed_dim"] == 96
     graphs = {g["name"]: g for g in manifest["graphs"]}
     assert graphs["encoder"]["inputs"] == [{"name": "images", "shape": ["batch", 3, 48, 80], "dtype": "float32"}]
-    assert graphs["decoder"]["outputs"][0] == {
-        "name": "view1_pts3d",
-        "shape": ["batch", 48, 80, 3],
-        "dtype": "float32",
+    assert graphs["decoder"]["outputs"][0] == {"name": "view1_pts3d", "shape": ["batch", 48, 80, 3], "dtype": "float32"}
+    assert set(manifest["files"]) == {
+        "decoder.onnx",
+        "encoder.onnx",
+        "parity.json",
+        "passes.json",
+        "reference/encoder.inputs.npz",
+        "reference/encoder.expected.npz",
+        "reference/decoder.inputs.npz",
+        "reference/decoder.expected.npz",
     }
-    assert set(manifest["files"]) == {"decoder.onnx", "encoder.onnx", "parity.json"}
     assert manifest["parity"]["passed"] is True
     assert {"torch", "onnx", "onnxruntime", "polygraphy"} <= set(manifest["versions"])
     parity = json.loads((artifact / "parity.json").read_text())
-    assert parity["passed"] and len(parity["graphs"]) == 2
+    assert parity["passed"] and len(parity["exporter"]) == 2 and len(parity["final"]) == 2
 
 
 def test_run_reproduces_upstream_outputs(artifact: Path, mast3r_ref: Path, tmp_path: Path) -> None:
@@ -150,7 +156,7 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, mast3r_ref: Path, mon
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_parity", interrupt)
+    monkeypatch.setattr(pipeline, "_final_gate", interrupt)
     argv = _args(
         tmp_path, "--model", "mast3r", "--checkpoint", str(mast3r_ref / "model.safetensors"),
         "--config", str(mast3r_ref / "config.json"), "--resolution", "80x48",
@@ -162,3 +168,35 @@ def test_interrupted_export_leaves_nothing(tmp_path: Path, mast3r_ref: Path, mon
 def test_console_script_reports_version_and_models() -> None:
     proc = subprocess.run([sys.executable, "-m", "export_engine.cli", "models"], capture_output=True, text=True)
     assert proc.returncode == 0 and "mast3r" in proc.stdout
+
+
+def test_verify_pack_unpack_and_run_from_package(artifact: Path, tmp_path: Path, mast3r_ref: Path) -> None:
+    assert main(["verify", str(artifact), "--run"]) == 0
+    archive = tmp_path / "mast3r.tar.gz"
+    assert main(["pack", str(artifact), "-o", str(archive)]) == 0
+    restored = tmp_path / "restored"
+    assert main(["unpack", str(archive), "-o", str(restored)]) == 0
+    out = tmp_path / "out.npz"
+    assert main(["run", str(restored), "--inputs", str(mast3r_ref / "inputs.npz"), "--outputs", str(out)]) == 0
+    expected = np.load(mast3r_ref / "outputs.npz")
+    np.testing.assert_allclose(np.load(out)["view1_pts3d"], expected["view1_pts3d"], rtol=1e-4, atol=1e-4)
+
+
+def test_verify_run_catches_a_changed_graph(artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from export_engine.artifacts.store import hash_tree
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    proto = onnx.load(str(copy / "decoder.onnx"))
+    init = max(proto.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(proto, str(copy / "decoder.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = hash_tree(copy)  # a consistent re-hash: only the numbers can tell
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(copy)]) == 0
+    assert main(["verify", str(copy), "--run"]) == 7
+    assert "no longer matches" in capsys.readouterr().err

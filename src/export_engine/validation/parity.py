@@ -87,15 +87,24 @@ class GraphParityReport:
     samples: int
     seconds: float
     outputs: list[OutputParity]
+    # The reference runner's outputs for the first sample (kept so an artifact can store a re-checkable pair).
+    reference_sample: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["passed"] = self.passed
-        return data
+        return {
+            "graph": self.graph,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "precision": self.precision,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "passed": self.passed,
+            "outputs": [asdict(o) for o in self.outputs],
+        }
 
 
 def compare_output(name: str, actual: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputParity:
@@ -168,6 +177,7 @@ def check_parity(
     start = time.perf_counter()
     results = Comparator.run([reference, candidate], data_loader=list(feeds))
     Comparator.compare_accuracy(results, compare_func=judge)
+    first_reference = {name: np.array(value) for name, value in results[0][1][0].items()}
     report = GraphParityReport(
         graph=graph,
         reference=reference.name,
@@ -176,6 +186,7 @@ def check_parity(
         samples=len(feeds),
         seconds=round(time.perf_counter() - start, 2),
         outputs=[judge.worst[name] for name in tolerances],
+        reference_sample=first_reference,
     )
     for line in format_table([report]).splitlines():
         log.info("%s", line)
