@@ -209,5 +209,5 @@ def _write_reports(staging: Path, run: _Run, feeds: dict[str, list[Feed]]) -> No
     reference.mkdir()
     for report in run.final_parity:
         assert report.reference_sample is not None
-        np.savez(reference / f"{report.graph}.inputs.npz", **feeds[report.graph][0])
-        np.savez(reference / f"{report.graph}.expected.npz", **report.reference_sample)
+        np.savez(reference / f"{report.graph}.inputs.npz", **feeds[report.graph][0])  # type: ignore[arg-type]
+        np.savez(reference / f"{report.graph}.expected.npz", **report.reference_sample)  # type: ignore[arg-type]
