@@ -25,7 +25,7 @@ from export_engine.errors import ExportError, ModelInputError, UsageError
 
 log = logging.getLogger("export_engine")
 
-SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "models")
+SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "segment", "models")
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
@@ -89,6 +89,14 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("archive", type=Path)
         p.add_argument("-o", "--output", type=Path, required=True, help="artifact folder to create")
         p.add_argument("--force", action="store_true", help="replace an existing folder")
+    elif name == "segment":
+        p.description = "Segment a volume with a FastSAM3D artifact from clicks (d,h,w[,label]; label 1 or 0)."
+        p.add_argument("artifact", type=Path)
+        p.add_argument("volume", type=Path, help=".npy, .nii or .nii.gz")
+        p.add_argument("--click", action="append", required=True, metavar="D,H,W[,LABEL]", help="repeatable")
+        p.add_argument("--out", type=Path, required=True, help="mask.nii.gz (or .nii / .npy)")
+        p.add_argument("--plot", type=Path, help="slices.png: three orthogonal slices with the mask")
+        p.add_argument("--accumulate", action="store_true", help="send every click so far (default: newest only)")
     else:
         p.description = "List the models export-engine can export."
     _common(p)
@@ -149,6 +157,7 @@ def _dispatch(argv: list[str]) -> int:
             "verify": _cmd_verify,
             "pack": _cmd_pack,
             "unpack": _cmd_unpack,
+            "segment": _cmd_segment,
             "models": _cmd_models,
         }
         return commands[argv[0]](args)
@@ -256,6 +265,37 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     from export_engine.artifacts.pack import unpack
 
     print(unpack(args.archive, args.output, force=args.force))
+    return 0
+
+
+def _parse_click(text: str) -> tuple[tuple[float, float, float], bool]:
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--click {text!r}: expected D,H,W or D,H,W,LABEL with numbers") from None
+    if len(values) not in (3, 4) or (len(values) == 4 and values[3] not in (0.0, 1.0)):
+        raise UsageError(f"--click {text!r}: expected D,H,W[,LABEL] with LABEL 1 (include) or 0 (exclude)")
+    return (values[0], values[1], values[2]), len(values) == 3 or values[3] == 1.0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from export_engine.runtime.plots import plot_slices
+    from export_engine.runtime.segment import SegmentSession
+    from export_engine.runtime.session import load
+    from export_engine.runtime.volumes import load_volume, save_mask
+
+    clicks = [_parse_click(c) for c in args.click]
+    volume = load_volume(args.volume)
+    session = SegmentSession(load(args.artifact), accumulate=args.accumulate)
+    session.set_volume(volume.data, around=[c for c, _ in clicks])
+    for point, positive in clicks:
+        result = session.click(point, positive)
+        log.info("click %s (%s): predicted IoU %.3f, %d voxels", point, "+" if positive else "-",
+                 result.iou_prediction, int(result.mask.sum()))  # fmt: skip
+    print(save_mask(result.mask, args.out, volume.affine))
+    if args.plot:
+        print(plot_slices(volume.data, result.mask, clicks, args.plot))
     return 0
 
 
