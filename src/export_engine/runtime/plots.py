@@ -31,7 +31,7 @@ def plot_slices(
     from PIL import Image, ImageDraw
 
     lo, hi = np.percentile(volume, [1, 99])
-    centre = [int(round(c)) for c in (clicks[-1][0] if clicks else np.array(volume.shape) // 2)]
+    centre = [int(np.round(c)) for c in (clicks[-1][0] if clicks else np.array(volume.shape) // 2)]
     panels = []
     for axis in range(3):
         index = [slice(None)] * 3

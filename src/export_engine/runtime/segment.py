@@ -70,6 +70,7 @@ class SegmentSession:
             )
         self.clicks.append((tuple(float(c) for c in crop_point), 1 if positive else 0))  # type: ignore[arg-type]
         used = self.clicks if self.accumulate else self.clicks[-1:]
+        previous = self.low_res if self.low_res is not None else np.zeros((1, 1, *(self.mask_size,) * 3), np.float32)
         feed = {
             "image_embedding": self.embedding,
             "point_coords": np.asarray([[c for c, _ in used]], dtype=np.float32),

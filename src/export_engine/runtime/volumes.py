@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def load_volume(path: str | Path) -> Volume:
         elif _is_nifti(path):
             import nibabel as nib
 
-            image = nib.load(str(path))
+            image: Any = nib.load(str(path))
             data = np.asarray(image.dataobj)
             affine = np.asarray(image.affine, dtype=np.float64)
         else:
