@@ -39,7 +39,7 @@ def plot_slices(
         rgb = _gray(volume[tuple(index)], lo, hi)
         overlay = mask[tuple(index)].astype(bool)
         rgb[overlay] = (0.5 * rgb[overlay] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
-        panel = Image.fromarray(rgb).resize((256, 256), Image.NEAREST)
+        panel = Image.fromarray(rgb).resize((256, 256), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(panel)
         rest = [a for a in range(3) if a != axis]
         for point, positive in clicks:
@@ -65,7 +65,9 @@ def plot_matches(
     canvas.paste(Image.fromarray(image1), (0, 0))
     canvas.paste(Image.fromarray(image2), (image1.shape[1], 0))
     draw = ImageDraw.Draw(canvas)
-    picks = np.linspace(0, len(xy1) - 1, num=min(len(xy1), max_lines)).astype(int) if len(xy1) else []
+    picks: Sequence[int] | np.ndarray = (
+        np.linspace(0, len(xy1) - 1, num=min(len(xy1), max_lines)).astype(int) if len(xy1) else []
+    )
     rng = np.random.default_rng(0)
     for i in picks:
         colour = tuple(int(c) for c in rng.integers(64, 256, size=3))

@@ -75,9 +75,7 @@ class SegmentSession:
             "image_embedding": self.embedding,
             "point_coords": np.asarray([[c for c, _ in used]], dtype=np.float32),
             "point_labels": np.asarray([[label for _, label in used]], dtype=np.int64),
-            "mask_input": self.low_res
-            if self.low_res is not None
-            else np.zeros((1, 1, *(self.mask_size,) * 3), np.float32),
+            "mask_input": previous,
             "has_mask_input": np.ones((1,), np.float32),  # the first click feeds zeros, as upstream's loop does
         }
         out = self.artifact.runners["prompt_decoder"](feed)
