@@ -1,0 +1,78 @@
+"""Image loading the way MASt3R expects it, fitted to an artifact's fixed resolution.
+
+Upstream (dust3r load_images, size=512): EXIF orientation, RGB, resize so the long side is 512 (LANCZOS when
+shrinking, BICUBIC when enlarging; new side = round(side * 512 / long side)), then centre-crop to multiples
+of 16 with half-sizes ((2 c) // 16) * 8 around c = side // 2, then [0, 1] -> [-1, 1].
+
+An artifact runs at one resolution (W x H). When upstream's procedure gives exactly that size (a 4:3 photo for
+512x384) nothing else happens. Otherwise the image is scaled to cover W x H and centre-cropped to it (the same
+resampling rule), and the log says so: another aspect ratio needs an artifact exported at that resolution
+for results identical to upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export_engine.errors import ModelInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    tensor: np.ndarray  # (1, 3, H, W) float32 in [-1, 1]
+    rgb: np.ndarray  # (H, W, 3) uint8, what the network saw (for plots)
+    source: Path
+    original_size: tuple[int, int]  # (W, H) of the file after EXIF orientation
+
+
+def _resample(image: object, size: tuple[int, int]) -> object:
+    from PIL import Image
+
+    w, h = image.size  # type: ignore[attr-defined]
+    shrinking = size[0] * size[1] < w * h
+    method = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
+    return image.resize(size, method)  # type: ignore[attr-defined]
+
+
+def upstream_size(width: int, height: int, long_side: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(resized W, H) and the crop box (left, top, right, bottom) upstream's loader would use."""
+    scale = long_side / max(width, height)
+    new_w, new_h = round(width * scale), round(height * scale)
+    cx, cy = new_w // 2, new_h // 2
+    half_w, half_h = ((2 * cx) // 16) * 8, ((2 * cy) // 16) * 8
+    return (new_w, new_h), (cx - half_w, cy - half_h, cx + half_w, cy + half_h)
+
+
+def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
+    """Read ``path`` and return it at exactly ``width`` x ``height`` as the network input."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelInputError(f"image {path} not found")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ModelInputError(f"image {path} could not be read ({err}); give a PNG or JPEG file") from err
+    original = image.size
+    resized, box = upstream_size(*original, long_side=max(width, height))
+    candidate = _resample(image, resized).crop(box)  # type: ignore[attr-defined]
+    if candidate.size != (width, height):
+        scale = max(width / original[0], height / original[1])
+        cover = (max(width, round(original[0] * scale)), max(height, round(original[1] * scale)))
+        left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
+        candidate = _resample(image, cover).crop((left, top, left + width, top + height))  # type: ignore[attr-defined]
+        log.info(
+            "%s: %dx%d does not give %dx%d the upstream way (%dx%d); scaled to cover and centre-cropped",
+            path.name, *original, width, height, box[2] - box[0], box[3] - box[1],
+        )  # fmt: skip
+    rgb = np.asarray(candidate, dtype=np.uint8)
+    tensor = (rgb.astype(np.float32) / 255.0 - 0.5) / 0.5
+    return LoadedImage(tensor.transpose(2, 0, 1)[None].copy(), rgb, path, original)
