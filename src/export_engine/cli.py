@@ -25,7 +25,7 @@ from export_engine.errors import ExportError, ModelInputError, UsageError
 
 log = logging.getLogger("export_engine")
 
-SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "segment", "models")
+SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "segment", "models")
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
@@ -89,6 +89,16 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("archive", type=Path)
         p.add_argument("-o", "--output", type=Path, required=True, help="artifact folder to create")
         p.add_argument("--force", action="store_true", help="replace an existing folder")
+    elif name == "match":
+        p.description = "Match two images with a MASt3R artifact (reciprocal nearest neighbours, FastNN-Lite)."
+        p.add_argument("artifact", type=Path)
+        p.add_argument("image1", type=Path)
+        p.add_argument("image2", type=Path)
+        p.add_argument("--out", type=Path, required=True, help="matches.npz")
+        p.add_argument("--plot", type=Path, help="matches.png: both images with match lines")
+        p.add_argument("--subsample", type=int, default=8, help="seed grid step in pixels (default 8)")
+        p.add_argument("--min-desc-conf", type=float, default=0.0, help="drop matches below this confidence")
+        p.add_argument("--device", default="cpu", help="torch device for matching (cpu, cuda)")
     elif name == "segment":
         p.description = "Segment a volume with a FastSAM3D artifact from clicks (d,h,w[,label]; label 1 or 0)."
         p.add_argument("artifact", type=Path)
@@ -158,6 +168,7 @@ def _dispatch(argv: list[str]) -> int:
             "pack": _cmd_pack,
             "unpack": _cmd_unpack,
             "segment": _cmd_segment,
+            "match": _cmd_match,
             "models": _cmd_models,
         }
         return commands[argv[0]](args)
@@ -265,6 +276,40 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     from export_engine.artifacts.pack import unpack
 
     print(unpack(args.archive, args.output, force=args.force))
+    return 0
+
+
+def _cmd_match(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from export_engine.runtime.match import MatchConfig, Matcher
+    from export_engine.runtime.plots import plot_matches
+    from export_engine.runtime.session import load
+
+    if args.subsample < 1:
+        raise UsageError("--subsample must be at least 1")
+    config = MatchConfig(subsample=args.subsample, min_desc_conf=args.min_desc_conf, device=args.device)
+    matcher = Matcher(load(args.artifact), config)
+    result = matcher.match(args.image1, args.image2)
+    target = Path(args.out)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}.npz")
+    try:
+        np.savez(
+            tmp,
+            xy1=result.xy1,
+            xy2=result.xy2,
+            conf=result.conf,
+            xy1_original=result.xy1_original,
+            xy2_original=result.xy2_original,
+            pts3d1=result.pts3d1,
+            pts3d2=result.pts3d2,
+        )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{target} ({len(result.xy1)} matches)")
+    if args.plot:
+        print(plot_matches(result.image1.rgb, result.image2.rgb, result.xy1, result.xy2, args.plot))
     return 0
 
 

@@ -29,6 +29,14 @@ class LoadedImage:
     rgb: np.ndarray  # (H, W, 3) uint8, what the network saw (for plots)
     source: Path
     original_size: tuple[int, int]  # (W, H) of the file after EXIF orientation
+    scale: tuple[float, float] = (1.0, 1.0)  # resized / original, per axis (x, y)
+    offset: tuple[int, int] = (0, 0)  # crop origin (left, top) in the resized image
+
+    def to_original(self, xy: np.ndarray) -> np.ndarray:
+        """(M, 2) pixel (x, y) of the network input -> (x, y) in the original image (pixel centres)."""
+        xy = np.asarray(xy, dtype=np.float64)
+        offset, scale = np.asarray(self.offset, np.float64), np.asarray(self.scale, np.float64)
+        return (xy + offset + 0.5) / scale - 0.5
 
 
 def _resample(image: object, size: tuple[int, int]) -> object:
@@ -64,15 +72,18 @@ def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
     original = image.size
     resized, box = upstream_size(*original, long_side=max(width, height))
     candidate = _resample(image, resized).crop(box)  # type: ignore[attr-defined]
+    scale = (resized[0] / original[0], resized[1] / original[1])
+    offset = (box[0], box[1])
     if candidate.size != (width, height):
-        scale = max(width / original[0], height / original[1])
-        cover = (max(width, round(original[0] * scale)), max(height, round(original[1] * scale)))
+        factor = max(width / original[0], height / original[1])
+        cover = (max(width, round(original[0] * factor)), max(height, round(original[1] * factor)))
         left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
         candidate = _resample(image, cover).crop((left, top, left + width, top + height))  # type: ignore[attr-defined]
+        scale, offset = (cover[0] / original[0], cover[1] / original[1]), (left, top)
         log.info(
             "%s: %dx%d does not give %dx%d the upstream way (%dx%d); scaled to cover and centre-cropped",
             path.name, *original, width, height, box[2] - box[0], box[3] - box[1],
         )  # fmt: skip
     rgb = np.asarray(candidate, dtype=np.uint8)
     tensor = (rgb.astype(np.float32) / 255.0 - 0.5) / 0.5
-    return LoadedImage(tensor.transpose(2, 0, 1)[None].copy(), rgb, path, original)
+    return LoadedImage(tensor.transpose(2, 0, 1)[None].copy(), rgb, path, original, scale, offset)
