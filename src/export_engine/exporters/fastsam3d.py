@@ -132,6 +132,7 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
         tolerances={Precision.FP32: {"image_embedding": _FP32}},
         expected_counts={"attention": config.encoder_depth - config.skip_layer},
         shape_notes={"resolution": f"{s}x{s}x{s}", "batch": "dynamic"},
+        profile_dims={"batch": (1, 1, 2)},
     )
     decoder = ModelSpec(
         name="prompt_decoder",
@@ -151,6 +152,8 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
         tolerances={Precision.FP32: {name: _FP32 for name in _DECODER_OUTPUTS}},
         expected_counts={"attention": 3 * config.decoder_transformer_depth + 1},
         shape_notes={"prompts": "dynamic (>= 1)", "points": "dynamic (>= 1)", "multimask_output": False},
+        # The released click loop sends the newest click only (1 point + the padding point).
+        profile_dims={"prompts": (1, 1, 8), "points": (1, 1, 32)},
     )
     return (encoder, decoder)
 

@@ -122,6 +122,7 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
         tolerances={Precision.FP32: {"tokens": _FP32_TOKENS}},
         expected_counts={"attention": config.enc_depth},
         shape_notes={"resolution": str(res), "batch": "dynamic", "tokens_per_image": n},
+        profile_dims={"batch": (1, 2, 8)},  # a pair is encoded as one batch of 2
     )
     view_shapes = {"pts3d": (3,), "conf": (), "desc": (desc,), "desc_conf": ()}
     outputs = []
@@ -136,6 +137,7 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
         tolerances={Precision.FP32: {name: _FP32_OUTPUT for name in OUTPUT_NAMES}},
         expected_counts={"attention": 4 * config.dec_depth},
         shape_notes={"resolution": str(res), "batch": "dynamic", "views": "both views at the resolution"},
+        profile_dims={"batch": (1, 1, 4)},
     )
     return (encoder, decoder)
 

@@ -59,6 +59,8 @@ class ModelSpec:
     expected_counts: Mapping[str, int] = field(default_factory=dict)
     # Facts a deployment needs about shape choices (recorded in the manifest).
     shape_notes: Mapping[str, Any] = field(default_factory=dict)
+    # TensorRT optimisation profile per dynamic dim: (min, opt, max); kernels are tuned for opt.
+    profile_dims: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def input_names(self) -> tuple[str, ...]:

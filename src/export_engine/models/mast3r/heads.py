@@ -151,18 +151,20 @@ class MASt3RHead(nn.Module):
         return F.pixel_shuffle(grid, p)
 
     def forward(self, tokens: list[Tensor], image_size: tuple[int, int]) -> dict[str, Tensor]:
-        dense = self.dpt(tokens, image_size).permute(0, 2, 3, 1)  # (B, H, W, 4): x, y, z, conf_raw
-        local = self.local_features(tokens, image_size).permute(0, 2, 3, 1)  # (B, H, W, D [+1])
-        conf = positive_conf(dense[..., 3], self.conf_mode)
-        desc = local[..., : self.local_feat_dim]
+        dense = self.dpt(tokens, image_size)  # (B, 4, H, W): x, y, z, conf_raw
+        local = self.local_features(tokens, image_size)  # (B, D [+1], H, W)
+        # Channels are picked in NCHW and each piece is made channels-last on its own. Upstream permutes first
+        # and then slices: same numbers, but TensorRT-RTX 1.7.1 cannot build a dynamic-batch engine for
+        # Transpose(0,2,3,1) -> Gather(axis 3) -> Exp (Myelin stride-order check), while Gather on axis 1 builds.
+        d = self.local_feat_dim
+        conf = positive_conf(dense[:, 3], self.conf_mode)  # (B, H, W)
+        desc = local[:, :d].permute(0, 2, 3, 1)  # (B, H, W, D)
         out = {
-            "pts3d": points_from_raw(dense[..., 0:3], self.depth_mode),
+            "pts3d": points_from_raw(dense[:, 0:3].permute(0, 2, 3, 1), self.depth_mode),  # (B, H, W, 3)
             "conf": conf,
             "desc": desc / desc.norm(dim=-1, keepdim=True),  # no epsilon, as upstream
         }
-        out["desc_conf"] = (
-            positive_conf(local[..., self.local_feat_dim], self.desc_conf_mode) if self.two_confs else conf
-        )
+        out["desc_conf"] = positive_conf(local[:, d], self.desc_conf_mode) if self.two_confs else conf
         return out
 
 
