@@ -46,7 +46,22 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and the parity inputs")
     p.add_argument("--config", type=Path, help="JSON configuration (layout of the reference config.json)")
     p.add_argument("--resolution", help="input size, e.g. 512x384 (MASt3R: WxH, multiples of 16)")
-    p.add_argument("--backend", default="onnx", help="onnx (default)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (default: full TensorRT with a GPU, else TensorRT-RTX if installed, else onnx) | tensorrt | "
+        "tensorrt-rtx | onnx",
+    )
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0..5 (default 3)")
+    p.add_argument(
+        "--compute-capability",
+        action="append",
+        default=[],
+        metavar="X.Y",
+        help="TensorRT-RTX target (repeatable; 8.0, 8.6, 8.9, 12.0; default: all it supports)",
+    )
+    p.add_argument("--hardware-compatibility", default="none", help="full TensorRT: none | ampere_plus | same_cc")
+    p.add_argument("--version-compatible", action="store_true", help="full TensorRT: version-compatible engines")
     p.add_argument("--out", type=Path, help="artifact directory (default ./<model>-<precision>-<resolution>)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
     p.add_argument("--strict", action="store_true", help="turn structural warnings into errors")
@@ -205,6 +220,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         calibration_data=args.calibration_data,
         precision_plan=args.precision_plan,
         skip_passes=tuple(args.skip_pass),
+        opt_level=args.opt_level,
+        compute_capabilities=tuple(args.compute_capability),
+        hardware_compatibility=args.hardware_compatibility,
+        version_compatible=args.version_compatible,
     )
     result = export(config)
     print(result.artifact)

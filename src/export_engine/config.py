@@ -24,6 +24,9 @@ class Precision(str, enum.Enum):
 
 
 class Backend(str, enum.Enum):
+    AUTO = "auto"  # full TensorRT with a GPU, else TensorRT-RTX when installed, else ONNX only
+    TENSORRT = "tensorrt"
+    TENSORRT_RTX = "tensorrt-rtx"
     ONNX = "onnx"
 
     @classmethod
@@ -70,7 +73,11 @@ class ExportConfig:
     seed: int = 0
     config_file: Path | None = None
     resolution: str | None = None  # model default when None (MASt3R: 512x384)
-    backend: Backend = Backend.ONNX
+    backend: Backend = Backend.AUTO
+    opt_level: int = 3  # TensorRT builder optimisation level, 0..5
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("8.9",); () = the builder's default set
+    hardware_compatibility: str = "none"  # full TensorRT: none | ampere_plus | same_cc
+    version_compatible: bool = False  # full TensorRT only
     out: Path = Path("artifacts/out")
     force: bool = False
     strict: bool = False

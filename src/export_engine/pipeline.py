@@ -26,12 +26,23 @@ import torch
 
 from export_engine.artifacts.manifest import build_manifest
 from export_engine.artifacts.store import ArtifactWriter, write_json
+from export_engine.builders.backends import choose_backend
+from export_engine.builders.for_artifact import build_engines
 from export_engine.config import ExportConfig, Precision
 from export_engine.errors import UsageError
 from export_engine.exporters.onnx_from_torch import OnnxExportResult, onnx_from_torch
 from export_engine.exporters.registry import get_family
 from export_engine.exporters.spec import FamilySpec, Feed, LoadedModel, ModelSpec
 from export_engine.graph_passes.base import PassReport
+from export_engine.graph_passes.cleanup import (
+    CheckFusedNormsConfig,
+    FoldConstantsConfig,
+    ReplaceEinsumConfig,
+    check_fused_norms,
+    fold_constants,
+    replace_einsum,
+)
+from export_engine.graph_passes.fuse_attention import FuseAttentionConfig, fuse_attention
 from export_engine.graph_passes.schedule import ScheduledPass, run_passes
 from export_engine.progress import stage
 from export_engine.validation.parity import (
@@ -46,10 +57,20 @@ from export_engine.validation.parity import (
 log = logging.getLogger(__name__)
 
 # The ordered passes per precision: (name, config builder, pass). Names are what --skip-pass takes.
+# Folding comes first (the TorchScript exporter computes attention scales from Shape ops at run time), fusion
+# before any precision change (precision passes must see Attention as one op and never cast around a softmax).
+_CLEANUP: tuple[ScheduledPass, ...] = (
+    ("fold_constants", lambda c: FoldConstantsConfig(input_shapes={t.name: t.shape for t in c["spec"].inputs}),
+     fold_constants),
+    ("replace_einsum", lambda c: ReplaceEinsumConfig(strict=c["config"].strict), replace_einsum),
+    ("fuse_attention", lambda c: FuseAttentionConfig(c["spec"].expected_counts.get("attention"), c["config"].strict),
+     fuse_attention),
+    ("check_fused_norms", lambda c: CheckFusedNormsConfig(strict=c["config"].strict), check_fused_norms),
+)  # fmt: skip
 PASSES: dict[Precision, tuple[ScheduledPass, ...]] = {
-    Precision.FP32: (),
-    Precision.FP16: (),
-    Precision.HYBRID: (),
+    Precision.FP32: _CLEANUP,
+    Precision.FP16: _CLEANUP,
+    Precision.HYBRID: _CLEANUP,
 }
 
 
@@ -93,6 +114,9 @@ def export(config: ExportConfig) -> ExportResult:
     writer = ArtifactWriter(config.out, force=config.force)
     writer.check_target()  # fail before minutes of work, not after
     run = _Run(family, config)
+    backend, why = choose_backend(config.backend.value)
+    run.extra["backend"] = {"name": backend, "reason": why}
+    log.info("backend: %s (%s)", backend, why)
 
     with run.stage("load"):
         loaded = family.load(config_json, config.checkpoint, config.seed if config.random_weights else None)
@@ -133,6 +157,12 @@ def export(config: ExportConfig) -> ExportResult:
         raise_on_failure(run.final_parity, f"{family.name} at {config.precision.value}")
 
         _write_reports(staging, run, feeds)
+        if backend != "onnx":
+            with run.stage("engines"):
+                references = {name: result.path for name, result in run.exports.items()}
+                records, reports = build_engines(staging, run.specs, config, backend, references, feeds)
+                raise_on_failure(reports, f"{family.name} {backend} engines")
+            run.extra["engines"] = records
         shutil.rmtree(work)
         manifest = build_manifest(staging, run, weights, resolved_config)
         writer.commit(manifest)

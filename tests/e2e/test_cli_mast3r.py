@@ -24,7 +24,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory, mast3r_ref: Path) -> Path
             "--model", "mast3r", "--precision", "fp32",
             "--checkpoint", str(mast3r_ref / "model.safetensors"),
             "--config", str(mast3r_ref / "config.json"),
-            "--resolution", "80x48", "--out", str(out), "--quiet",
+            "--resolution", "80x48", "--backend", "onnx", "--out", str(out), "--quiet",
         ]
     )  # fmt: skip
     assert code == 0

@@ -66,7 +66,7 @@ def graph_record(staging: Path, run: _Run, name: str) -> dict[str, Any]:
             "tolerances": {out: tol.to_dict() for out, tol in tolerances.items()},
         },
     }
-    record.update(run.extra.get(name, {}))
+    record.update(run.extra.get("graphs", {}).get(name, {}))
     return record
 
 
@@ -83,7 +83,9 @@ def build_manifest(staging: Path, run: _Run, weights: dict[str, Any], config: di
         "weights": weights,
         "resolution": specs[0].shape_notes.get("resolution", run.config.resolution or run.family.default_shape),
         "precision": run.config.precision.value,
-        "backend": run.config.backend.value,
+        "backend": run.extra["backend"]["name"],
+        "backend_reason": run.extra["backend"]["reason"],
+        "engines": run.extra.get("engines", []),
         "run": {"inputs": list(run.family.run_input_names), "outputs": list(run.family.run_output_names)},
         "graphs": [graph_record(staging, run, spec.name) for spec in specs],
         "parity": {

@@ -39,6 +39,7 @@ class AttentionLayer:
     q_dtype: str
     decomposable: bool
     set_by_builder: bool  # True when engine_from_onnx set decomposable (False: the parsed graph already had it)
+    head_size: int = -1
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,11 @@ def _tensor_info(tensor: Any) -> dict[str, Any]:
 
 
 def mark_attention(trt: Any, network: Any, mode: str) -> list[dict[str, Any]]:
-    """Set IAttention.decomposable per ``mode`` ("fp32": where Q is FP32; "all"; "none": leave as parsed).
+    """Set IAttention.decomposable per ``mode`` ("fp32": where no fused kernel can exist; "all"; "none").
+
+    "fp32" marks attention whose Q is FP32 (fused kernels need FP16/BF16) and attention whose head size is outside
+    what the fused kernels take (16 <= head size <= 256, a multiple of 8: toolchain facts A3), e.g. the tiny
+    FastSAM3D decoder's head sizes 12 and 6; every other attention must get its fused kernel or fail the build.
 
     Each IAttention shows up as an ATTENTION_INPUT and an ATTENTION_OUTPUT boundary layer; pybind returns them as
     plain ILayer, so the layer is re-typed to its boundary class to reach ``.attention``.
@@ -147,14 +151,17 @@ def mark_attention(trt: Any, network: Any, mode: str) -> list[dict[str, Any]]:
         layer.__class__ = trt.IAttentionInputLayer
         attention = layer.attention
         q_dtype = str(attention.get_input(0).dtype).rsplit(".", 1)[-1]
+        head = attention.get_input(0).shape[-1]
+        unfusable_head = head > 0 and not (16 <= head <= 256 and head % 8 == 0)
         parsed = bool(attention.decomposable)  # ONNX attribute TRT_decomposable may have set it
-        want = mode == "all" or (mode == "fp32" and q_dtype == "FLOAT")
+        want = mode == "all" or (mode == "fp32" and (q_dtype == "FLOAT" or unfusable_head))
         if want and not parsed:
             attention.decomposable = True
         found.append(
             {
                 "name": attention.name,
                 "q_dtype": q_dtype,
+                "head_size": int(head),
                 "decomposable": bool(attention.decomposable),
                 "set_by_builder": want and not parsed,
             }

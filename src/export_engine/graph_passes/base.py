@@ -24,6 +24,13 @@ from export_engine.errors import GraphPassError
 log = logging.getLogger(__name__)
 
 
+def quiet_onnxruntime() -> None:
+    """Constant folding runs ONNX Runtime on sub-graphs; its optimiser warnings are noise for our users."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+
+
 @dataclass
 class PassReport:
     """What a pass matched, rewrote and skipped (with reasons); stored in the artifact."""
@@ -83,6 +90,7 @@ def load_graph(path: Path) -> gs.Graph:
     Weights are loaded (not left as lazy references to the source's data file) so that the graph can be saved
     anywhere, under any name, without pointing into a file that a later step replaces or deletes.
     """
+    quiet_onnxruntime()
     return gs.import_onnx(onnx.load(str(path), load_external_data=True))
 
 

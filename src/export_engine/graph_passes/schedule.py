@@ -41,14 +41,12 @@ def run_passes(
         "calibration": calibration,
         "fp32_path": fp32_path,
         "work_dir": fp32_path.parent,
-        "extra": extra.setdefault(spec.name, {}),
+        "extra": extra.setdefault("graphs", {}).setdefault(spec.name, {}),
     }
     reports = []
     for name, make_config, run_pass in active:
         report = run_pass(graph, make_config(context))
         log.info("pass %-24s %s: %s (%.1f s)", name, spec.name, report.summary(), report.seconds)
-        for warning in report.warnings:
-            log.warning("%s", warning)
         reports.append(report)
     save_graph(graph, final_path, external_data=_weight_bytes(graph) > 256_000_000)
     return reports
