@@ -279,7 +279,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify(args.artifact, run=args.run)
     for check in report.checks:
-        print(f"ok  {check}")
+        print(f"{'note' if ': needs ' in check else 'ok  '}  {check}")
     print(f"{report.artifact}: verified")
     return 0
 

@@ -45,6 +45,23 @@ def describe(manifest: dict[str, Any]) -> str:
     )
     for name, worst in parity.get("worst", {}).items():
         lines.append(f"  {name:36s} max abs {worst['max_abs']:.3g}  max rel {worst['max_rel']:.3g}")
+    for engine in manifest.get("engines", []):
+        build = engine.get("build", {})
+        attention = build.get("attention", [])
+        precisions = sorted({a.get("q_dtype", "?") for a in attention})
+        targets = engine.get("header", {}).get("targets")
+        lines.append(
+            f"engine      {engine['graph']}: {engine['file']} ({engine['backend']} {engine.get('backend_version')}, "
+            f"{_size(build.get('engine_bytes', 0))}, built in {build.get('build_seconds', 0):.1f} s)"
+        )
+        lines.append(
+            f"  layers  {build.get('network_layers')} network layers; {len(attention)} fused attention layers "
+            f"({', '.join(precisions) or '-'}), {sum(a.get('decomposable', False) for a in attention)} decomposable"
+        )
+        if targets:
+            lines.append(f"  targets compute capability {', '.join(map(str, targets))}")
+        parity = engine.get("parity", {})
+        lines.append(f"  parity  {parity.get('status')}{': ' + parity['reason'] if parity.get('reason') else ''}")
     total = sum(f["bytes"] for f in manifest["files"].values())
     lines.append(f"files       {len(manifest['files'])} files, {_size(total)} (sha256 in manifest)")
     for name, record in manifest["files"].items():

@@ -32,10 +32,38 @@ def verify(artifact: Path, run: bool = False) -> VerifyReport:
     manifest = read_manifest(artifact)
     files = verify_files(artifact, manifest)
     report = VerifyReport(artifact, len(files), [f"{len(files)} files match their sha256", "manifest schema ok"])
+    report.checks.extend(engine_compatibility(artifact, manifest))
     if run:
         report.parity = _rerun(artifact, manifest)
         report.checks.append(f"parity rerun on this machine passed ({len(report.parity)} graphs)")
     return report
+
+
+def engine_compatibility(artifact: Path, manifest: dict[str, Any]) -> list[str]:
+    """One line per engine: can it run here, or what it needs that this machine lacks."""
+    from export_engine.builders.backends import backend_version
+    from export_engine.runtime.engine_runner import can_run_engine
+
+    lines = []
+    for engine in manifest.get("engines", []):
+        name, backend, built = engine["graph"], engine["backend"], engine.get("backend_version")
+        installed = backend_version(backend)
+        targets = engine.get("header", {}).get("targets")
+        needs = f"{backend} {built}" + (
+            f" and a GPU of compute capability {', '.join(map(str, targets))}" if targets else ""
+        )
+        if installed is None:
+            lines.append(f"engine {name}: needs {needs}; this machine has no {backend}: ONNX Runtime will run the ONNX")
+            continue
+        if built and installed != built:
+            lines.append(f"engine {name}: needs {needs}; this machine has {backend} {installed}: rebuild the engine")
+            continue
+        runnable, why = can_run_engine(artifact / engine["file"], backend)
+        if runnable:
+            lines.append(f"engine {name}: runs here ({why}); parity {engine.get('parity', {}).get('status')}")
+        else:
+            lines.append(f"engine {name}: needs {needs}; here: {why}: ONNX Runtime will run the ONNX")
+    return lines
 
 
 def _rerun(artifact: Path, manifest: dict[str, Any]) -> list[GraphParityReport]:

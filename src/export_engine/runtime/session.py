@@ -61,20 +61,57 @@ def _ort_runner(path: Path, providers: list[str]) -> GraphRunner:
     return run
 
 
-def load(artifact: str | Path, verify: bool = True) -> ArtifactSession:
-    """Open ``artifact`` (verifying every file's sha256 unless ``verify=False``) and prepare its graphs."""
+def _engine_runner(path: Path, backend: str) -> GraphRunner:
+    from export_engine.runtime.engine_runner import EngineRunner
+
+    runner = EngineRunner(path, backend)
+    runner.activate()
+
+    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(runner.infer(feed, check_inputs=False))
+
+    return run
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # onnxruntime-gpu finds the CUDA libraries that torch ships
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load(artifact: str | Path, verify: bool = True, use_engines: bool = True) -> ArtifactSession:
+    """Open ``artifact`` (verifying every file's sha256 unless ``verify=False``) and prepare its graphs.
+
+    Each graph runs its engine when this machine can run it, else ONNX Runtime on the artifact's ONNX (CUDA when
+    onnxruntime-gpu is installed, else CPU); the log says which and why.
+    """
+    from export_engine.runtime.engine_runner import can_run_engine
+
     path = Path(artifact)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
     family = get_family(manifest["model"])
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        providers.insert(0, "CUDAExecutionProvider")
-    log.info("running %s with ONNX Runtime (%s)", path.name, ", ".join(providers))
     graphs = {g["name"]: g for g in manifest["graphs"]}
-    runners = {name: _ort_runner(path / g["file"], providers) for name, g in graphs.items()}
-    return ArtifactSession(path, manifest, family, runners, providers[0], graphs)
+    engines = {e["graph"]: e for e in manifest.get("engines", [])}
+    providers = _ort_providers()
+    runners: dict[str, GraphRunner] = {}
+    used = set()
+    for name, graph in graphs.items():
+        engine = engines.get(name)
+        if engine and use_engines:
+            runnable, why = can_run_engine(path / engine["file"], engine["backend"])
+            if runnable:
+                runners[name] = _engine_runner(path / engine["file"], engine["backend"])
+                used.add(f"{engine['backend']} engine")
+                log.info("%s: running the %s engine (%s)", name, engine["backend"], why)
+                continue
+            log.info("%s: the %s engine cannot run here (%s); using ONNX Runtime", name, engine["backend"], why)
+        runners[name] = _ort_runner(path / graph["file"], providers)
+        used.add(f"onnxruntime {providers[0]}")
+    log.info("running %s with %s", path.name, ", ".join(sorted(used)))
+    return ArtifactSession(path, manifest, family, runners, ", ".join(sorted(used)), graphs)
