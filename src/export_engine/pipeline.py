@@ -15,8 +15,10 @@ directory disappears.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,13 @@ from export_engine.artifacts.manifest import build_manifest
 from export_engine.artifacts.store import ArtifactWriter, write_json
 from export_engine.builders.backends import choose_backend
 from export_engine.builders.for_artifact import build_engines
+from export_engine.calibration.step import CalibratePrecisionConfig, calibrate_precision
 from export_engine.config import ExportConfig, Precision
 from export_engine.errors import UsageError
 from export_engine.exporters.onnx_from_torch import OnnxExportResult, onnx_from_torch
 from export_engine.exporters.registry import get_family
 from export_engine.exporters.spec import FamilySpec, Feed, LoadedModel, ModelSpec
+from export_engine.graph_passes.apply_precision_plan import ApplyPrecisionPlanConfig, apply_precision_plan
 from export_engine.graph_passes.base import PassReport
 from export_engine.graph_passes.cleanup import (
     CheckFusedNormsConfig,
@@ -42,6 +46,7 @@ from export_engine.graph_passes.cleanup import (
     fold_constants,
     replace_einsum,
 )
+from export_engine.graph_passes.convert_fp16 import ConvertFp16Config, convert_fp16
 from export_engine.graph_passes.fuse_attention import FuseAttentionConfig, fuse_attention
 from export_engine.graph_passes.schedule import ScheduledPass, run_passes
 from export_engine.progress import stage
@@ -67,11 +72,52 @@ _CLEANUP: tuple[ScheduledPass, ...] = (
      fuse_attention),
     ("check_fused_norms", lambda c: CheckFusedNormsConfig(strict=c["config"].strict), check_fused_norms),
 )  # fmt: skip
+_FP16: tuple[ScheduledPass, ...] = (("convert_fp16", lambda c: ConvertFp16Config(), convert_fp16),)
+_HYBRID: tuple[ScheduledPass, ...] = (
+    ("calibrate_precision", lambda c: _calibration_config(c), calibrate_precision),
+    ("apply_precision_plan",
+     lambda c: ApplyPrecisionPlanConfig(c["scratch"]["plan"], strict=c["config"].strict or bool(c["config"].precision_plan)),
+     apply_precision_plan),
+)  # fmt: skip
 PASSES: dict[Precision, tuple[ScheduledPass, ...]] = {
     Precision.FP32: _CLEANUP,
-    Precision.FP16: _CLEANUP,
-    Precision.HYBRID: _CLEANUP,
+    Precision.FP16: _CLEANUP + _FP16,
+    Precision.HYBRID: _CLEANUP + _HYBRID,
 }
+
+
+def _calibration_config(context: Mapping[str, Any]) -> CalibratePrecisionConfig:
+    spec, config = context["spec"], context["config"]
+    plan_file = None
+    if config.precision_plan is not None:
+        plan_file = context["work_dir"] / f"{spec.name}.plan.json"
+        plan_file.write_text(json.dumps(read_plan_section(config.precision_plan, spec.name)))
+    return CalibratePrecisionConfig(
+        graph_name=spec.name,
+        feeds=context["calibration"],
+        tolerances=spec.tolerances[Precision.HYBRID],
+        work_dir=context["work_dir"],
+        plan_file=plan_file,
+        sink=context["scratch"],
+    )
+
+
+def read_plan_section(path: Path, graph: str) -> Any:
+    """One graph's plan from a precision_plan.json written by an earlier export (``--precision-plan``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"precision plan {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"precision plan {path} is not valid JSON: {err}") from err
+    graphs = data.get("graphs") if isinstance(data, dict) else None
+    if not isinstance(graphs, dict) or graph not in graphs:
+        found = sorted(graphs) if isinstance(graphs, dict) else "none"
+        raise UsageError(
+            f"precision plan {path} has no plan for graph {graph!r} (graphs: {found}); give the precision_plan.json "
+            f"of an artifact of the same model"
+        )
+    return graphs[graph]
 
 
 def pass_names() -> list[str]:
@@ -100,7 +146,8 @@ class _Run:
     exporter_parity: list[GraphParityReport] = field(default_factory=list)
     final_parity: list[GraphParityReport] = field(default_factory=list)
     passes: dict[str, list[PassReport]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # per-graph records from passes (precision plans ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON facts for the manifest (backend, graphs, engines)
+    scratch: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: objects between passes
 
     def stage(self, name: str) -> Any:
         return stage(name, self.timings, self.peaks)
@@ -149,7 +196,14 @@ def export(config: ExportConfig) -> ExportResult:
             final_path = staging / f"{spec.name}.onnx"
             with run.stage(f"passes:{spec.name}"):
                 run.passes[spec.name] = run_passes(
-                    fp32_path, final_path, spec, config, calib[spec.name], run.extra, PASSES[config.precision]
+                    fp32_path,
+                    final_path,
+                    spec,
+                    config,
+                    calib[spec.name],
+                    run.extra,
+                    PASSES[config.precision],
+                    run.scratch.setdefault(spec.name, {}),
                 )
             with run.stage(f"parity:{spec.name}"):
                 run.final_parity.append(_final_gate(spec, fp32_path, final_path, feeds[spec.name], run))
@@ -218,7 +272,18 @@ def _exporter_gate(loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], run:
 def _final_gate(spec: ModelSpec, fp32_path: Path, final_path: Path, feeds: list[Feed], run: _Run) -> GraphParityReport:
     precision = run.config.precision.value
     reference = onnxrt_runner(fp32_path, name="onnxruntime-fp32")
-    candidate = onnxrt_runner(final_path, name=f"onnxruntime-{precision}")
+    if run.config.precision is Precision.FP32:
+        candidate = onnxrt_runner(final_path, name="onnxruntime-fp32")
+    else:
+        # ONNX Runtime's CPU kernels run FP16 regions in FP32, hiding FP16 overflow; the emulated graph rounds every
+        # FP16 tensor through FP16 storage (rounding, overflow to inf, flush to zero) as a GPU engine would.
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        from export_engine.calibration.fp16_emulation import emulation_session
+
+        candidate = OnnxrtRunner(
+            lambda: emulation_session(str(final_path)), name=f"onnxruntime-{precision}-fp16-storage"
+        )
     tolerances = spec.tolerances[run.config.precision]
     return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision=precision)
 
@@ -235,6 +300,17 @@ def _write_reports(staging: Path, run: _Run, feeds: dict[str, list[Feed]]) -> No
         },
     )
     write_json(staging / "passes.json", {g: [r.to_dict() for r in reports] for g, reports in run.passes.items()})
+    plans = {name: scratch["plan"] for name, scratch in run.scratch.items() if "plan" in scratch}
+    if plans:
+        write_json(
+            staging / "precision_plan.json",
+            {
+                "format": "export-engine-precision-plans",
+                "graphs": {n: json.loads(p.to_json()) for n, p in plans.items()},
+            },
+        )
+        for name, plan in plans.items():
+            run.extra.setdefault("graphs", {}).setdefault(name, {})["precision_plan"] = plan.summary()
     reference = staging / "reference"
     reference.mkdir()
     for report in run.final_parity:

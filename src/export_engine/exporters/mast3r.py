@@ -45,6 +45,18 @@ RUN_INPUTS = ("view1_img", "view2_img")
 # (shared/specs/export_feasibility.md); these bounds leave ~10x margin and still catch any layout bug.
 _FP32_TOKENS = Tolerance(atol=2e-4, rtol=1e-3)
 _FP32_OUTPUT = Tolerance(atol=2e-4, rtol=1e-3)
+# FP16 / hybrid vs the FP32 ONNX with FP16 storage emulated. Measured: naive FP16 of the full model (random
+# weights) reached 1.5e-2 on pts3d and 2e-2 on desc_conf (export_feasibility.md); hybrid on the tiny graphs
+# <= 1.5e-2. Half-precision rounding makes a few elements near zero exceed any relative bound, so 0.1 % of the
+# elements may; an overflow (inf/NaN) or a systematic error fails regardless.
+_HALF_TOKENS = Tolerance(atol=3e-2, rtol=3e-2, max_share=1e-3)
+_HALF_OUTPUT = {
+    "pts3d": Tolerance(atol=3e-2, rtol=3e-2, max_share=1e-3),
+    "pts3d_in_other_view": Tolerance(atol=3e-2, rtol=3e-2, max_share=1e-3),
+    "conf": Tolerance(atol=3e-2, rtol=3e-2, max_share=1e-3),
+    "desc": Tolerance(atol=3e-2, rtol=3e-2, max_share=1e-3),
+    "desc_conf": Tolerance(atol=5e-2, rtol=5e-2, max_share=1e-3),
+}
 
 # The reference small model (shared/reference/mast3r/config.json) doubles as the tiny test configuration.
 TINY_CONFIG: dict[str, Any] = {
@@ -119,7 +131,11 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
         build_module=EncoderGraph,
         inputs=(TensorSpec("images", ("batch", 3, h, w)),),
         outputs=(tokens("tokens"),),
-        tolerances={Precision.FP32: {"tokens": _FP32_TOKENS}},
+        tolerances={
+            Precision.FP32: {"tokens": _FP32_TOKENS},
+            Precision.FP16: {"tokens": _HALF_TOKENS},
+            Precision.HYBRID: {"tokens": _HALF_TOKENS},
+        },
         expected_counts={"attention": config.enc_depth},
         shape_notes={"resolution": str(res), "batch": "dynamic", "tokens_per_image": n},
         profile_dims={"batch": (1, 2, 8)},  # a pair is encoded as one batch of 2
@@ -134,7 +150,11 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
         build_module=lambda model: DecoderGraph(model, h, w),
         inputs=(tokens("feat1"), tokens("feat2")),
         outputs=tuple(outputs),
-        tolerances={Precision.FP32: {name: _FP32_OUTPUT for name in OUTPUT_NAMES}},
+        tolerances={
+            Precision.FP32: {name: _FP32_OUTPUT for name in OUTPUT_NAMES},
+            Precision.FP16: {name: _HALF_OUTPUT[name.split("_", 1)[1]] for name in OUTPUT_NAMES},
+            Precision.HYBRID: {name: _HALF_OUTPUT[name.split("_", 1)[1]] for name in OUTPUT_NAMES},
+        },
         expected_counts={"attention": 4 * config.dec_depth},
         shape_notes={"resolution": str(res), "batch": "dynamic", "views": "both views at the resolution"},
         profile_dims={"batch": (1, 1, 4)},

@@ -28,6 +28,7 @@ def run_passes(
     calibration: Sequence[Feed],
     extra: dict[str, Any],
     passes: Sequence[ScheduledPass] = (),
+    scratch: dict[str, Any] | None = None,
 ) -> list[PassReport]:
     """Apply ``passes`` (minus ``config.skip_passes``) to the graph at ``fp32_path``; write ``final_path``."""
     active = [p for p in passes if p[0] not in config.skip_passes]
@@ -41,7 +42,8 @@ def run_passes(
         "calibration": calibration,
         "fp32_path": fp32_path,
         "work_dir": fp32_path.parent,
-        "extra": extra.setdefault("graphs", {}).setdefault(spec.name, {}),
+        "extra": extra.setdefault("graphs", {}).setdefault(spec.name, {}),  # JSON facts for the manifest
+        "scratch": scratch if scratch is not None else {},  # objects passed between passes (e.g. the plan)
     }
     reports = []
     for name, make_config, run_pass in active:

@@ -1,0 +1,105 @@
+"""FP16 storage emulation for CPU checks of FP16 / hybrid graphs.
+
+ONNX Runtime on the CPU has few FP16 kernels: it runs FP16 regions in FP32, upcasting the FP16 weights and
+dropping the FP32->FP16->FP32 round trips between nodes ("InsertedPrecisionFreeCast", at every optimization
+level, observed on 1.32). Its outputs therefore show FP16 *weight* rounding but not FP16 *activations*: an MLP
+hidden state of 1e5 passes through MatMul->Add->Gelu->MatMul in FP32 and never overflows, where a GPU engine
+storing it in FP16 produces inf.
+
+:func:`emulate_fp16_storage` rewrites a mixed graph into an FP32 graph in which every FP16 tensor is rounded
+through an explicit ``Cast(FP16) -> Cast(FP32)`` pair (FP16 initializers become their FP32-widened values).
+Run with graph optimizations disabled, ONNX Runtime then reproduces FP16 storage exactly (rounding, overflow
+to inf, underflow to 0) with FP32 arithmetic in between, which is what tensor-core kernels with FP32
+accumulation do. FP16 accumulation inside kernels is still not modelled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from export_engine.calibration.graph_facts import FP16, FP32, ONNX_TYPE, constant_values, is_constant_source, np_dtype
+from export_engine.graph_passes.base import next_index, node_name
+
+PASS_NAME = "emulate_fp16"
+
+
+def emulate_fp16_storage(graph: gs.Graph) -> int:
+    """Rewrite ``graph`` in place as described above; returns the number of FP16 tensors emulated.
+
+    Only for evaluation: the result is an FP32 graph with twice the casts, not something to deploy.
+    """
+    index = next_index(graph, PASS_NAME)
+    count = 0
+    for tensor in list(graph.tensors().values()):
+        if np_dtype(tensor) != FP16 or not tensor.name:
+            continue
+        count += 1
+        if is_constant_source(tensor):
+            _widen_constant(tensor)
+            continue
+        if not tensor.inputs:  # an FP16 graph input: widen it for its consumers
+            index = _round_trip_after(graph, tensor, tensor, index, widen_only=True)
+            continue
+        producer = tensor.inputs[0]
+        raw = gs.Variable(f"{tensor.name}/{PASS_NAME}_raw", dtype=FP32, shape=tensor.shape)
+        producer.outputs[producer.outputs.index(tensor)] = raw
+        _widen_node(producer)
+        index = _round_trip_after(graph, raw, tensor, index)
+    graph.cleanup().toposort()
+    return count
+
+
+def _widen_constant(tensor: gs.Tensor) -> None:
+    values = constant_values(tensor)
+    assert values is not None
+    widened = values.astype(np.float32)  # exact: the FP16 rounding stays in the values
+    if isinstance(tensor, gs.Constant):
+        replacement = gs.Constant(tensor.name, widened)
+        for consumer in {id(n): n for n in tensor.outputs}.values():
+            for slot, t in enumerate(consumer.inputs):
+                if t is tensor:
+                    consumer.inputs[slot] = replacement
+    else:
+        producer = tensor.inputs[0]
+        producer.attrs["value"] = gs.Constant(producer.attrs["value"].name, widened)
+        tensor.dtype = FP32
+
+
+def _widen_node(node: gs.Node) -> None:
+    """A node that produced FP16 because of an attribute now produces FP32 (the round trip rounds it)."""
+    if node.op == "Cast" and int(node.attrs.get("to", 0)) == ONNX_TYPE[FP16]:
+        node.attrs["to"] = ONNX_TYPE[FP32]
+    if node.op == "ConstantOfShape":
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant) and np.asarray(value.values).dtype == FP16:
+            node.attrs["value"] = gs.Constant(value.name, np.asarray(value.values).astype(np.float32))
+
+
+def _round_trip_after(
+    graph: gs.Graph, source: gs.Tensor, out: gs.Tensor, index: int, *, widen_only: bool = False
+) -> int:
+    if widen_only:  # FP16 graph input: consumers read an FP32 copy
+        wide = gs.Variable(f"{source.name}/{PASS_NAME}_fp32", dtype=FP32, shape=source.shape)
+        for consumer in {id(n): n for n in source.outputs}.values():
+            for slot, t in enumerate(consumer.inputs):
+                if t is source:
+                    consumer.inputs[slot] = wide
+        graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index), {"to": ONNX_TYPE[FP32]}, [source], [wide]))
+        return index + 1
+    rounded = gs.Variable(f"{out.name}/{PASS_NAME}_fp16", dtype=FP16, shape=out.shape)
+    graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index), {"to": ONNX_TYPE[FP16]}, [source], [rounded]))
+    out.dtype = FP32
+    graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index + 1), {"to": ONNX_TYPE[FP32]}, [rounded], [out]))
+    return index + 2
+
+
+def emulation_session(model: onnx.ModelProto | str) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session with graph optimizations off, so that the round trips stay."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

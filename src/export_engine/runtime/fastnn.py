@@ -1,0 +1,426 @@
+"""FastNN-Lite: MASt3R reciprocal nearest-neighbour matching on the device, with the reference's exact results.
+
+Same algorithm as :mod:`export_engine.runtime.matching_reference` (upstream ``fast_reciprocal_NNs`` with
+``dist='dot'``, spec ``shared/specs/mast3r.md`` section 6); what changes is where and how often work is done:
+
+* Nearest neighbours are tiles of ``queries x keys`` similarities (one fp32 matmul each) folded into a running
+  (max, first argmax) per query, so memory is O(tile + pixels): no N1 x N2 matrix ever exists.
+* A pixel's nearest neighbour never changes, so each one is computed once and remembered in a per-pixel table
+  (one per direction). Seeds whose chains meet, and the reverse run of :func:`extract_correspondences`
+  (B -> A reads the same two tables as A -> B), ask for rows already known and cost nothing.
+* The round loop stays on the device. Each round compacts the active seeds and the rows still unknown
+  (boolean indexing / ``torch.unique``), which costs a few host syncs per round and none per tile. The
+  alternative, a fixed ``max_iter`` rounds over every seed with masks, would have no syncs but ~3x to 10x the
+  matmul work (most seeds converge in round 1 or 2), and the matmuls are where the time goes.
+* De-duplication and the (idx1, idx2) order come from ``torch.unique`` on packed int64 keys, as upstream's
+  ``np.unique`` on the same packing.
+
+Ties: upstream takes ``torch.max(dim=1)`` over the similarity row (blocked: a running maximum that moves only
+on a strictly larger value), i.e. the first index among equal maxima, which is also what ``np.argmax`` does.
+Here every tile keeps its first maximum and later tiles only win on a strictly larger value: the same index.
+
+Exactness: indices equal the reference's whenever both see the same fp32 similarity values. A GEMM's rounding
+can depend on its shape (measured on this CPU with MKL: up to 1.8e-7 between a 1-row and a 4-row matmul of the
+same vectors, never between tiles with >= 4 rows); only a top-2 gap that small could flip a neighbour, in this
+code as in upstream between CPU and GPU. TF32 is switched off around the matmuls on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from export_engine.errors import ModelInputError
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+# CPU tiles are capped at this side: measured (3072 queries x 196608 keys, D = 24, 2 cores) 0.33-0.38 s with
+# 1024-2048 tiles against 1.7 s with 8192 x 8192 tiles, whose 256 MB similarity block does not stay in cache.
+_CPU_TILE = 2048
+_ROW_QUANTUM = 4  # matmul row counts are multiples of this (see nearest_by_dot)
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Knobs of the nearest-neighbour search (not of the seeding).
+
+    `block_size` bounds a similarity tile to block_size queries x block_size keys (upstream's meaning;
+    CPU tiles are further capped at 2048). `precision="fp16"` rounds the descriptors to fp16 and
+    accumulates in fp32: faster on tensor cores, but no longer bit-equal to the fp32 reference.
+    """
+
+    max_iter: int = 10
+    block_size: int = 8192
+    precision: Literal["fp32", "fp16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 1 or self.block_size < 1:
+            raise ModelInputError(f"max_iter and block_size must be >= 1, got {self.max_iter}, {self.block_size}")
+        if self.precision not in ("fp32", "fp16"):
+            raise ModelInputError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Disable TF32 for CUDA matmuls inside the block (upstream croco enables it globally at import).
+
+    torch refuses to mix its legacy (`allow_tf32`) and new (`fp32_precision`) flags, so the flag family the
+    process already uses is the one saved and restored. Process-global: not safe against other threads.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:
+        legacy: bool | None = bool(matmul.allow_tf32)
+    except RuntimeError:  # the process set the new API: stay on it
+        legacy = None
+    if legacy is not None:
+        matmul.allow_tf32 = False
+    else:
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            matmul.allow_tf32 = legacy
+        else:
+            matmul.fp32_precision = previous
+
+
+def _similarity(queries: Tensor, keys: Tensor, out: Tensor | None) -> Tensor:
+    """(m, n) dot products; fp16 inputs only reach here on CUDA and come back as fp32."""
+    if queries.dtype == torch.float16:
+        return torch.mm(queries, keys.T, out_dtype=torch.float32)
+    if out is None:
+        return queries @ keys.T
+    return torch.mm(queries, keys.T, out=out)
+
+
+def nearest_by_dot(queries: Tensor, keys: Tensor, block_size: int = 8192) -> Tensor:
+    """Index (int64) in `keys` (n, D) of the largest dot product for each row of `queries` (m, D).
+
+    Equal maxima resolve to the first index. A similarity tile holds at most block_size**2 values (upstream's
+    budget): block_size queries x block_size keys, or fewer queries x more keys, so that the late rounds, with
+    few active seeds, take one or two wide tiles instead of hundreds of thin ones (GPU launch overhead).
+    Every matmul has a row count that is a multiple of 4 (short blocks are padded with copies of their last
+    row) and, when n allows, the full tile width (the last key tile is moved back to end at n): the BLAS
+    libraries round a dot product differently in their small-shape paths (measured: MKL when a thread gets
+    fewer than 4 rows or 16 columns, cuBLAS for 1 row or fewer than 64 columns; 1-ulp differences), and this
+    keeps a pixel's neighbour independent of which rows it was batched with.
+    """
+    m, n = queries.shape[0], keys.shape[0]
+    tile = min(block_size, _CPU_TILE) if queries.device.type == "cpu" else block_size
+    tile_q = _round_up(min(tile, max(m, 1)), _ROW_QUANTUM)
+    tile_k = min(n, max(tile, tile * tile // tile_q))
+    out = torch.empty(m, dtype=torch.int64, device=queries.device)
+    buffer = None if queries.dtype == torch.float16 else queries.new_empty(tile_q * tile_k)
+    fold = _fold_tile_sparse if queries.device.type == "cpu" else _fold_tile_dense
+    key_starts = [min(j, n - tile_k) for j in range(0, n, tile_k)]  # last tile overlaps: strict > ignores repeats
+    for i in range(0, m, tile_q):
+        block = queries[i : i + tile_q]
+        rows = block.shape[0]
+        if rows % _ROW_QUANTUM:
+            block = torch.cat([block, block[-1:].expand(_ROW_QUANTUM - rows % _ROW_QUANTUM, -1)])
+        padded = block.shape[0]
+        best_dtype = torch.float32 if buffer is None else buffer.dtype
+        best = torch.full((padded,), -torch.inf, dtype=best_dtype, device=queries.device)
+        arg = torch.zeros(padded, dtype=torch.int64, device=queries.device)
+        for j in key_starts:
+            view = None if buffer is None else buffer[: padded * tile_k].view(padded, tile_k)
+            fold(_similarity(block, keys[j : j + tile_k], view), j, best, arg)
+        out[i : i + rows] = arg[:rows]
+    return out
+
+
+def _round_up(value: int, quantum: int) -> int:
+    return -(-value // quantum) * quantum
+
+
+def _fold_tile_dense(sim: Tensor, offset: int, best: Tensor, arg: Tensor) -> None:
+    """Running (max, argmax) update without host syncs (GPU): max with indices over the whole tile."""
+    values, indices = sim.max(dim=1)  # first index among equal maxima
+    better = values > best  # strict: an earlier tile keeps a tie
+    torch.maximum(best, values, out=best)  # = where(better, values, best): inputs are finite
+    torch.where(better, indices.add_(offset), arg, out=arg)
+
+
+def _fold_tile_sparse(sim: Tensor, offset: int, best: Tensor, arg: Tensor) -> None:
+    """Same update on CPU, where the argmax pass costs ~5x the max pass (measured 320 vs 60 ms for 600 M
+    values): take the row maxima only, and the argmax of just the rows whose best improved."""
+    values = sim.amax(dim=1)
+    better = values > best
+    rows = better.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    if 2 * rows.numel() > sim.shape[0]:  # most rows improved (always so on the first tile): no gather
+        best.copy_(torch.where(better, values, best))
+        arg.copy_(torch.where(better, sim.argmax(dim=1) + offset, arg))
+        return
+    best[rows] = values[rows]
+    arg[rows] = sim.index_select(0, rows).argmax(dim=1) + offset  # same values, first index of the max
+
+
+class _MemoNN:
+    """Nearest neighbour in `keys` of each row of `source`, computed on first request and then remembered."""
+
+    def __init__(self, source: Tensor, keys: Tensor, block_size: int) -> None:
+        self.source, self.keys, self.block_size = source, keys, block_size
+        self.table = torch.full((source.shape[0],), -1, dtype=torch.int64, device=source.device)
+        self.rows_computed = 0
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        missing = torch.unique(rows[self.table[rows] < 0])
+        if missing.numel() > 0:
+            self.table[missing] = nearest_by_dot(self.source[missing], self.keys, self.block_size)
+            self.rows_computed += int(missing.numel())
+        return self.table[rows]
+
+
+def _check_map(name: str, desc: object) -> Tensor:
+    if not isinstance(desc, Tensor):
+        raise ModelInputError(f"{name} must be a torch.Tensor (H, W, D), got {type(desc).__name__}")
+    if desc.ndim != 3 or min(desc.shape) < 1:
+        raise ModelInputError(f"{name} must be a non-empty (H, W, D) descriptor map, got shape {tuple(desc.shape)}")
+    if not desc.dtype.is_floating_point:
+        raise ModelInputError(f"{name} must be floating point (float32 expected), got {desc.dtype}")
+    if desc.shape[0] * desc.shape[1] >= 2**31:
+        raise ModelInputError(f"{name}: {desc.shape[0]} x {desc.shape[1]} pixels do not fit int32 flat indices")
+    return desc
+
+
+class ReciprocalMatcher:
+    """Reciprocal matching between two descriptor maps, remembering every nearest neighbour it computed.
+
+    :meth:`swapped` gives the matcher for (desc2, desc1) sharing the same remembered neighbours.
+    """
+
+    def __init__(self, desc1: Tensor, desc2: Tensor, config: MatchConfig | None = None) -> None:
+        desc1, desc2 = _check_map("desc1", desc1), _check_map("desc2", desc2)
+        if desc1.shape[2] != desc2.shape[2] or desc1.device != desc2.device or desc1.dtype != desc2.dtype:
+            raise ModelInputError(
+                f"descriptor maps disagree: {tuple(desc1.shape)} {desc1.dtype} on {desc1.device} vs "
+                f"{tuple(desc2.shape)} {desc2.dtype} on {desc2.device} (need the same D, dtype and device)"
+            )
+        if not (torch.isfinite(desc1).all() and torch.isfinite(desc2).all()):
+            raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
+        self.config = config or MatchConfig()
+        self.shape1 = (int(desc1.shape[0]), int(desc1.shape[1]))
+        self.shape2 = (int(desc2.shape[0]), int(desc2.shape[1]))
+        flat1, flat2 = (self._compute_dtype(d.reshape(-1, d.shape[2])) for d in (desc1, desc2))
+        self._nn12 = _MemoNN(flat1, flat2, self.config.block_size)
+        self._nn21 = _MemoNN(flat2, flat1, self.config.block_size)
+
+    def _compute_dtype(self, flat: Tensor) -> Tensor:
+        if self.config.precision == "fp16":
+            half = flat.to(torch.float16).contiguous()
+            # fp16 products are exact in fp32, so CPU (no fp16 -> fp32 GEMM) gets the same semantics upcast.
+            return half if half.device.type == "cuda" else half.float()
+        return flat.contiguous() if flat.dtype == torch.float64 else flat.float().contiguous()
+
+    @property
+    def device(self) -> torch.device:
+        return self._nn12.table.device
+
+    @property
+    def rows_computed(self) -> int:
+        """Nearest-neighbour rows computed so far, both directions."""
+        return self._nn12.rows_computed + self._nn21.rows_computed
+
+    def swapped(self) -> ReciprocalMatcher:
+        other = object.__new__(ReciprocalMatcher)
+        other.config, other.shape1, other.shape2 = self.config, self.shape2, self.shape1
+        other._nn12, other._nn21 = self._nn21, self._nn12
+        return other
+
+    def grid_seeds(self, subsample: int) -> Tensor:
+        """Flat int64 indices y * W1 + x of x, y in subsample//2, subsample//2 + subsample, ... (sorted)."""
+        if subsample < 1:
+            raise ModelInputError(f"subsample must be >= 1, got {subsample}")
+        height, width = self.shape1
+        ys = torch.arange(subsample // 2, height, subsample, device=self.device)
+        xs = torch.arange(subsample // 2, width, subsample, device=self.device)
+        return (ys[:, None] * width + xs[None, :]).reshape(-1)
+
+    def chains(self, seeds: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Walk each seed 1 -> 2 -> 1 until reciprocal; returns (idx1, idx2, converged) per seed, int64/bool."""
+        with _ieee_fp32_matmul(self.device):
+            return self._chains(seeds, max_iter)
+
+    def _chains(self, seeds: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+        n = seeds.numel()
+        idx1, prev1 = seeds.clone(), seeds.clone()
+        idx2 = torch.full_like(seeds, -1)
+        prev2 = idx2.clone()
+        active = torch.arange(n, device=seeds.device)
+        rounds = 0
+        while active.numel() > 0:
+            found2 = self._nn12(idx1[active])
+            idx2[active] = found2
+            active = active[found2 != prev2[active]]  # image-2 point unchanged since last round: reciprocal
+            found1 = self._nn21(idx2[active])
+            idx1[active] = found1
+            active = active[found1 != prev1[active]]  # back where the round started: reciprocal
+            rounds += 1
+            if rounds >= max_iter:
+                break
+            prev1[active], prev2[active] = idx1[active], idx2[active]
+        converged = torch.ones(n, dtype=torch.bool, device=seeds.device)
+        converged[active] = False
+        log.debug(
+            "fastnn: %d seeds, %d rounds, %d not converged, %d NN rows computed so far",
+            n,
+            rounds,
+            active.numel(),
+            self.rows_computed,
+        )
+        return idx1, idx2, converged
+
+
+def _seeds_from_xy(matcher: ReciprocalMatcher, init_xy1: tuple[Tensor, Tensor]) -> Tensor:
+    x1, y1 = (torch.as_tensor(v, device=matcher.device).reshape(-1).long() for v in init_xy1)
+    height, width = matcher.shape1
+    if x1.shape != y1.shape or bool(((x1 < 0) | (x1 >= width) | (y1 < 0) | (y1 >= height)).any()):
+        raise ModelInputError(f"init_xy1 must be two equal-length (x, y) vectors inside {width}x{height}")
+    return torch.unique(x1 + width * y1)
+
+
+def pack_pairs(idx1: Tensor, idx2: Tensor) -> Tensor:
+    """int64 keys whose order is the (idx1, idx2) lexicographic order (idx1 in the high 32 bits)."""
+    return (idx1.long() << 32) | idx2.long()
+
+
+def _unpack(keys: Tensor, shape1: tuple[int, int], shape2: tuple[int, int], ret_xy: bool) -> tuple[Tensor, Tensor]:
+    idx1, idx2 = keys >> 32, keys & 0xFFFFFFFF
+    if not ret_xy:
+        return idx1.int(), idx2.int()
+    return (
+        torch.stack([idx1 % shape1[1], idx1 // shape1[1]], dim=1),
+        torch.stack([idx2 % shape2[1], idx2 // shape2[1]], dim=1),
+    )
+
+
+def fast_reciprocal_nn(
+    desc1: Tensor,
+    desc2: Tensor,
+    subsample: int = 8,
+    max_iter: int = 10,
+    block_size: int = 8192,
+    ret_xy: bool = True,
+    *,
+    init_xy1: tuple[Tensor, Tensor] | None = None,
+    pixel_tol: float = 0.0,
+    precision: Literal["fp32", "fp16"] = "fp32",
+) -> tuple[Tensor, Tensor]:
+    """Reciprocal matches between (H1, W1, D) and (H2, W2, D) maps, sorted by (index 1, index 2).
+
+    Returns two (M, 2) int64 (x, y) tensors, or with ``ret_xy=False`` two (M,) int32 flat indices y * W + x,
+    on the maps' device. Explicit seeds `init_xy1` = (x, y) run one round as upstream; with ``pixel_tol > 0``
+    a seed is kept when it comes back within `pixel_tol` px and is itself returned for image 1.
+    """
+    config = MatchConfig(max_iter=max_iter, block_size=block_size, precision=precision)
+    matcher = ReciprocalMatcher(desc1, desc2, config)
+    return matcher_reciprocal_nn(matcher, subsample, ret_xy, init_xy1=init_xy1, pixel_tol=pixel_tol)
+
+
+def matcher_reciprocal_nn(
+    matcher: ReciprocalMatcher,
+    subsample: int = 8,
+    ret_xy: bool = True,
+    *,
+    init_xy1: tuple[Tensor, Tensor] | None = None,
+    pixel_tol: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fast_reciprocal_nn` on an existing matcher (reusing the neighbours it already knows)."""
+    if init_xy1 is None:
+        if pixel_tol > 0:
+            raise ModelInputError("pixel_tol > 0 needs explicit seeds init_xy1=(x, y), as upstream")
+        seeds, max_iter = matcher.grid_seeds(subsample), matcher.config.max_iter
+    else:
+        seeds, max_iter = _seeds_from_xy(matcher, init_xy1), 1
+    idx1, idx2, converged = matcher.chains(seeds, max_iter)
+    if pixel_tol > 0:
+        width = matcher.shape1[1]
+        dy = (seeds // width - idx1 // width).double()
+        dx = (seeds % width - idx1 % width).double()
+        converged = torch.sqrt(dy * dy + dx * dx) < pixel_tol  # float64 like upstream's np.linalg.norm
+        idx1 = seeds
+    keys = torch.unique(pack_pairs(idx1[converged], idx2[converged]))  # sorted
+    return _unpack(keys, matcher.shape1, matcher.shape2, ret_xy)
+
+
+def extract_correspondences(
+    descs: Sequence[Tensor],
+    qconfs: Sequence[Tensor],
+    subsample: int = 8,
+    config: MatchConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Upstream ``sparse_ga.extract_correspondences`` for the maps (11, 21, 22, 12) of a symmetric pass.
+
+    (11, 21) and (12, 22) are matched both ways; all pairs are merged in that order, a pair's first occurrence
+    keeps its confidence sqrt(qconf1 * qconf2). Returns xy1, xy2 (M, 2) int64 (x, y) and conf (M,).
+    """
+    if len(descs) != 4 or len(qconfs) != 4:
+        raise ModelInputError(
+            f"need 4 descriptor maps (11, 21, 22, 12) and 4 confidences, got {len(descs)}, {len(qconfs)}"
+        )
+    d11, d21, d22, d12 = (_check_map(f"descs[{i}]", d) for i, d in enumerate(descs))
+    q11, q21, q22, q12 = (torch.as_tensor(q, device=d11.device) for q in qconfs)
+    if not (d11.shape[:2] == d12.shape[:2] == q11.shape == q12.shape):
+        raise ModelInputError(
+            f"image 1 maps disagree: descs {tuple(d11.shape)}, {tuple(d12.shape)}, confidences "
+            f"{tuple(q11.shape)}, {tuple(q12.shape)}"
+        )
+    if not (d21.shape[:2] == d22.shape[:2] == q21.shape == q22.shape):
+        raise ModelInputError(
+            f"image 2 maps disagree: descs {tuple(d21.shape)}, {tuple(d22.shape)}, confidences "
+            f"{tuple(q21.shape)}, {tuple(q22.shape)}"
+        )
+    idx1, idx2, conf1, conf2 = [], [], [], []
+    for desc_a, desc_b, conf_a, conf_b in ((d11, d21, q11, q21), (d12, d22, q12, q22)):
+        forward = ReciprocalMatcher(desc_a, desc_b, config)
+        a_fwd, b_fwd = matcher_reciprocal_nn(forward, subsample, ret_xy=False)
+        b_bwd, a_bwd = matcher_reciprocal_nn(forward.swapped(), subsample, ret_xy=False)
+        idx1.append(torch.cat([a_fwd, a_bwd]).long())
+        idx2.append(torch.cat([b_fwd, b_bwd]).long())
+        conf1.append(conf_a.reshape(-1)[idx1[-1]])
+        conf2.append(conf_b.reshape(-1)[idx2[-1]])
+    all1, all2 = torch.cat(idx1), torch.cat(idx2)
+    keys, inverse = torch.unique(pack_pairs(all1, all2), return_inverse=True)
+    position = torch.arange(all1.numel(), device=all1.device)
+    first = torch.full((keys.numel(),), all1.numel(), device=all1.device, dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, position, reduce="amin")  # first occurrence, like np.unique's index
+    xy1, xy2 = _unpack(keys, (int(d11.shape[0]), int(d11.shape[1])), (int(d22.shape[0]), int(d22.shape[1])), True)
+    return xy1, xy2, _sqrt_rounded(torch.cat(conf1)[first] * torch.cat(conf2)[first])
+
+
+def _sqrt_rounded(values: Tensor) -> Tensor:
+    """Correctly rounded sqrt, like numpy's (upstream takes np.sqrt of the float32 products).
+
+    torch's CPU float32 sqrt is off by one ulp for ~20 % of inputs (measured against np.sqrt, torch 2.13);
+    sqrt in float64 rounded once to float32 is exact (53 >= 2 * 24 + 2 bits: double rounding is harmless).
+    """
+    if values.dtype == torch.float64:
+        return torch.sqrt(values)
+    return torch.sqrt(values.double()).to(values.dtype)
+
+
+def filter_border_matches(
+    xy1: Tensor, xy2: Tensor, shape1: tuple[int, int], shape2: tuple[int, int], border: int = 3
+) -> tuple[Tensor, Tensor]:
+    """Keep matches whose (x, y) lie at least `border` px inside both images, `shape` = (H, W) (upstream README)."""
+
+    def inside(xy: Tensor, shape: tuple[int, int]) -> Tensor:
+        x, y = xy[:, 0], xy[:, 1]
+        return (x >= border) & (x < shape[1] - border) & (y >= border) & (y < shape[0] - border)
+
+    keep = inside(xy1, shape1) & inside(xy2, shape2)
+    return xy1[keep], xy2[keep]
