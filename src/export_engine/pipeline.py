@@ -75,15 +75,21 @@ _CLEANUP: tuple[ScheduledPass, ...] = (
 _FP16: tuple[ScheduledPass, ...] = (("convert_fp16", lambda c: ConvertFp16Config(), convert_fp16),)
 _HYBRID: tuple[ScheduledPass, ...] = (
     ("calibrate_precision", lambda c: _calibration_config(c), calibrate_precision),
-    ("apply_precision_plan",
-     lambda c: ApplyPrecisionPlanConfig(c["scratch"]["plan"], strict=c["config"].strict or bool(c["config"].precision_plan)),
-     apply_precision_plan),
+    ("apply_precision_plan", lambda c: _apply_config(c), apply_precision_plan),
 )  # fmt: skip
 PASSES: dict[Precision, tuple[ScheduledPass, ...]] = {
     Precision.FP32: _CLEANUP,
     Precision.FP16: _CLEANUP + _FP16,
     Precision.HYBRID: _CLEANUP + _HYBRID,
 }
+
+
+def _apply_config(context: Mapping[str, Any]) -> ApplyPrecisionPlanConfig:
+    config = context["config"]
+    # A reused plan must fit this graph exactly (strict); a measured one was made for it.
+    return ApplyPrecisionPlanConfig(
+        context["scratch"]["plan"], strict=config.strict or config.precision_plan is not None
+    )
 
 
 def _calibration_config(context: Mapping[str, Any]) -> CalibratePrecisionConfig:
@@ -172,7 +178,9 @@ def export(config: ExportConfig) -> ExportResult:
     with run.stage("feeds"):
         # Different seeds: the final gate must not reuse the inputs calibration saw.
         feeds = family.parity_feeds(loaded, run.specs, config.parity_samples, config.seed + 7919)
-        calib = family.parity_feeds(loaded, run.specs, config.calibration_samples, config.seed + 104729)
+        calib = {spec.name: [] for spec in run.specs}
+        if config.precision is Precision.HYBRID and config.precision_plan is None:
+            calib = family.parity_feeds(loaded, run.specs, config.calibration_samples, config.seed + 104729)
 
     with writer as staging:
         work = staging / ".work"
