@@ -178,7 +178,7 @@ def export(config: ExportConfig) -> ExportResult:
     with run.stage("feeds"):
         # Different seeds: the final gate must not reuse the inputs calibration saw.
         feeds = family.parity_feeds(loaded, run.specs, config.parity_samples, config.seed + 7919)
-        calib = {spec.name: [] for spec in run.specs}
+        calib: dict[str, list[Feed]] = {spec.name: [] for spec in run.specs}
         if config.precision is Precision.HYBRID and config.precision_plan is None:
             calib = family.parity_feeds(loaded, run.specs, config.calibration_samples, config.seed + 104729)
 

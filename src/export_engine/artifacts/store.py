@@ -8,7 +8,6 @@ artifact (and never damages an artifact that was already there).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,20 +17,13 @@ from types import TracebackType
 from typing import Any
 
 from export_engine.errors import ArtifactError, ExportError
+from export_engine.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 ARTIFACT_KIND = "export-engine-artifact"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_tree(root: Path) -> dict[str, dict[str, Any]]:

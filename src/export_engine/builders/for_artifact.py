@@ -8,7 +8,6 @@ the target GPU.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from export_engine.builders.config import BuildConfig, profiles_from_spec
 from export_engine.builders.inspect import read_header
 from export_engine.config import ExportConfig
 from export_engine.exporters.spec import Feed, ModelSpec
+from export_engine.hashing import sha256_file
 from export_engine.validation.parity import GraphParityReport, check_parity, onnxrt_runner
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def build_engines(
                 "graph": spec.name,
                 "file": f"engines/{engine_path.name}",
                 "onnx": onnx_path.name,
-                "onnx_sha256": _sha256(onnx_path),
+                "onnx_sha256": sha256_file(onnx_path),
                 "backend": backend,
                 "backend_version": result.backend_version,
                 "header": read_header(engine_path),
@@ -100,11 +100,3 @@ def _relative(data: Any, root: Path) -> Any:
     if isinstance(data, str) and data.startswith(str(root)):
         return Path(data).relative_to(root).as_posix()
     return data
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()

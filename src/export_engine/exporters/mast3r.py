@@ -28,17 +28,8 @@ from export_engine.exporters.spec import (
     TensorSpec,
     Tolerance,
 )
+from export_engine.models.mast3r.model import OUTPUT_NAMES
 
-OUTPUT_NAMES = (
-    "view1_pts3d",
-    "view1_conf",
-    "view1_desc",
-    "view1_desc_conf",
-    "view2_pts3d_in_other_view",
-    "view2_conf",
-    "view2_desc",
-    "view2_desc_conf",
-)
 RUN_INPUTS = ("view1_img", "view2_img")
 
 # FP32 ONNX Runtime vs PyTorch on the CPU: the full-size model measured <= 2.3e-5 absolute on every output

@@ -8,7 +8,6 @@ Model-specific knowledge (which key holds the state dict, aliases, dead weights)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from export_engine.errors import CheckpointError
+from export_engine.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ class Checkpoint:
     files: list[str] = field(default_factory=list)
     # Free-form facts from the container: "args_model" (constructor string), "hf_config" (dict), ...
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(source: str | Path, state_dict_keys: Sequence[str] = ("model",)) -> Checkpoint:
