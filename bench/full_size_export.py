@@ -29,12 +29,13 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--resolution")
     parser.add_argument("--keep", type=Path, help="keep the artifact here instead of a temporary folder")
+    parser.add_argument("--backend", default="auto", help="auto | tensorrt | tensorrt-rtx | onnx")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ee-bench-"))
     out = args.keep or work / "artifact"
     cmd = [sys.executable, "-m", "export_engine.cli", "--model", args.model, "--precision", args.precision,
-           "--random-weights", "--out", str(out), "--force"]  # fmt: skip
+           "--random-weights", "--out", str(out), "--force", "--backend", args.backend]  # fmt: skip
     if args.resolution:
         cmd += ["--resolution", args.resolution]
     start = time.perf_counter()
@@ -48,6 +49,25 @@ def main() -> int:
     manifest = json.loads((out / "manifest.json").read_text())
     timings = manifest["timings_seconds"]
     sizes = {name: rec["bytes"] for name, rec in manifest["files"].items()}
+    passes = json.loads((out / "passes.json").read_text())
+    graphs = {}
+    for graph in manifest["graphs"]:
+        plan = graph.get("precision_plan", {})
+        pass_seconds = {r["name"]: r["seconds"] for r in passes.get(graph["name"], [])}
+        graphs[graph["name"]] = {
+            "attention": graph["op_counts"].get("Attention", 0),
+            "softmax_left": graph["op_counts"].get("Softmax", 0),
+            "casts": graph["op_counts"].get("Cast", 0),
+            "nodes": graph["nodes"],
+            "fp16_flop_share": plan.get("fp16_flop_share"),
+            "fp32_nodes": plan.get("fp32_nodes"),
+            "pass_seconds": pass_seconds,
+        }
+    engines = {
+        e["graph"]: {"build_seconds": e["build"]["build_seconds"], "engine_bytes": e["build"]["engine_bytes"],
+                     "peak_rss_gib": e["build"].get("peak_rss_gib"), "parity": e["parity"]["status"]}
+        for e in manifest.get("engines", [])
+    }  # fmt: skip
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
@@ -62,6 +82,9 @@ def main() -> int:
         "parity_seconds": round(sum(v for k, v in timings.items() if k.startswith("parity:")), 1),
         "parity_worst": manifest["parity"]["worst"],
         "file_bytes": sizes,
+        "graphs": graphs,
+        "engines": engines,
+        "backend": manifest.get("backend"),
     }
     (HERE / "out").mkdir(exist_ok=True)
     target = HERE / "out" / f"full_size_{args.model}_{args.precision}.json"
@@ -74,6 +97,14 @@ def main() -> int:
     rows += [(f"stage {k}", f"{v:.1f} s") for k, v in timings.items()]
     rows += [(f"parity {k} max abs", f"{v['max_abs']:.2e}") for k, v in manifest["parity"]["worst"].items()]
     rows += [(f"file {k}", f"{v / 1e9:.3f} GB") for k, v in sizes.items()]
+    for name, g in graphs.items():
+        share = "-" if g["fp16_flop_share"] is None else f"{100 * g['fp16_flop_share']:.1f}%"
+        rows.append((f"graph {name}", f"{g['attention']} Attention, {g['softmax_left']} Softmax left, {g['casts']} Cast, "
+                     f"FP16 FLOPs {share}, {g['nodes']} nodes"))  # fmt: skip
+        rows.append((f"passes {name}", ", ".join(f"{k} {v:.1f} s" for k, v in g["pass_seconds"].items())))
+    for name, e in engines.items():
+        rows.append((f"engine {name}", f"{e['engine_bytes'] / 1e9:.3f} GB, build {e['build_seconds']:.1f} s, "
+                     f"child peak {e['peak_rss_gib']} GiB, parity {e['parity']}"))  # fmt: skip
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{a.ljust(width)}  {b}" for a, b in rows))
     print(f"written: {target}")

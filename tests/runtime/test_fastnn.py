@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,6 +35,17 @@ MATCHING_CASES = {
     "kdtree": (8, True, ("kdtree_xy1", "kdtree_xy2")),  # upstream's L2 KDTree gave the dot result
     "dot_s4": (4, True, ("dot_s4_xy1", "dot_s4_xy2")),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """These tests are about exact results, not speed: one thread keeps them fast on a busy shared machine
+    (measured there: 5 s with one thread, 45-60 s with two, where a descheduled OpenMP thread stalls each of
+    the thousands of small block-64 tiles). test_fast_equals_reference_with_two_threads covers two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def smooth_pair(height: int, width: int, dim: int = 24, noise: float = 0.3, seed: int = 0) -> list[torch.Tensor]:
@@ -121,6 +133,18 @@ def test_fast_equals_reference_on_128x96_maps(subsample: int, ret_xy: bool, bloc
         _assert_same(fast_reciprocal_nn(desc1, desc2, subsample, block_size=block_size, ret_xy=ret_xy), expected)
 
 
+def test_fast_equals_reference_with_two_threads() -> None:
+    """MKL splits a matmul between threads and rounds differently when a thread gets < 4 rows: still equal."""
+    desc1, desc2 = smooth_pair(96, 128, seed=2)
+    torch.set_num_threads(2)
+    try:
+        expected = reciprocal_nn_reference(desc1, desc2, 8)
+        _assert_same(fast_reciprocal_nn(desc1, desc2, 8), expected)
+        _assert_same(fast_reciprocal_nn(desc1, desc2, 8, block_size=1000), expected)
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_iteration_is_exercised_and_max_iter_drops_unconverged() -> None:
     desc1, desc2 = smooth_pair(96, 128, noise=0.6, seed=3)
     full = reciprocal_nn_reference(desc1, desc2, 8)
@@ -138,6 +162,13 @@ def test_explicit_seeds_and_pixel_tol_follow_reference(matching: dict, pixel_tol
     desc1, desc2 = torch.from_numpy(matching["desc1"]), torch.from_numpy(matching["desc2"])
     got = fast_reciprocal_nn(desc1, desc2, init_xy1=(torch.from_numpy(xs), torch.from_numpy(ys)), pixel_tol=pixel_tol)
     _assert_same(got, expected)
+
+
+def test_no_seeds_gives_empty_results() -> None:
+    desc1, desc2 = smooth_pair(8, 8)
+    expected = reciprocal_nn_reference(desc1, desc2, 32)  # first seed row would be y = 16 > H
+    assert expected[0].shape == (0, 2)
+    _assert_same(fast_reciprocal_nn(desc1, desc2, 32), expected)
 
 
 def test_border_filter_agrees() -> None:

@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from export_engine.calibration import lean_session_options
 from export_engine.calibration.graph_facts import FP16, FP32, ONNX_TYPE, constant_values, is_constant_source, np_dtype
 from export_engine.graph_passes.base import next_index, node_name
 
@@ -98,7 +99,7 @@ def _round_trip_after(
 
 def emulation_session(model: onnx.ModelProto | str) -> ort.InferenceSession:
     """An ONNX Runtime CPU session with graph optimizations off, so that the round trips stay."""
-    options = ort.SessionOptions()
+    options = lean_session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model

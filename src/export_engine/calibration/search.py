@@ -31,6 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from export_engine.calibration import lean_session_options
 from export_engine.calibration.fp16_emulation import emulate_fp16_storage
 from export_engine.calibration.graph_facts import GraphFacts, fill_missing_dtypes
 from export_engine.calibration.plan import DATA_RULES, PrecisionPlan, describe_structure
@@ -115,7 +116,7 @@ class OrtPlanEvaluator:
         self.feeds = list(feeds)
         self.tolerances = dict(tolerances)
         self.emulate = emulate
-        session = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(fp32_onnx), lean_session_options(), providers=["CPUExecutionProvider"])
         self.reference = [dict(zip(self.tolerances, session.run(list(self.tolerances), f), strict=True)) for f in feeds]
 
     def __call__(self, plan: PrecisionPlan) -> Evaluation:
@@ -135,7 +136,7 @@ class OrtPlanEvaluator:
 
 
 def _session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
-    options = ort.SessionOptions()
+    options = lean_session_options()
     options.log_severity_level = 3
     if not optimize:  # keep the emulation's FP16 round trips
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

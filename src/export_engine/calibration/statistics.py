@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from export_engine.calibration import lean_session_options
 from export_engine.calibration.graph_facts import VALUE_PRESERVING_OPS
 from export_engine.errors import ModelInputError
 
@@ -232,7 +233,7 @@ def _inline_small_initializers(model: onnx.ModelProto, folder: Path) -> None:
 
 
 def _session_options(path: Path, model: onnx.ModelProto) -> ort.SessionOptions:
-    options = ort.SessionOptions()
+    options = lean_session_options()
     options.log_severity_level = 3
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     if external:  # the serialized graph has no folder of its own: tell ORT where the data file is

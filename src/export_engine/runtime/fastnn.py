@@ -19,10 +19,14 @@ Ties: upstream takes ``torch.max(dim=1)`` over the similarity row (blocked: a ru
 on a strictly larger value), i.e. the first index among equal maxima, which is also what ``np.argmax`` does.
 Here every tile keeps its first maximum and later tiles only win on a strictly larger value: the same index.
 
-Exactness: indices equal the reference's whenever both see the same fp32 similarity values. A GEMM's rounding
-can depend on its shape (measured on this CPU with MKL: up to 1.8e-7 between a 1-row and a 4-row matmul of the
-same vectors, never between tiles with >= 4 rows); only a top-2 gap that small could flip a neighbour, in this
-code as in upstream between CPU and GPU. TF32 is switched off around the matmuls on CUDA.
+Exactness: indices equal the reference's whenever both see the same fp32 similarity values. BLAS rounding
+depends on the GEMM shape in small-shape paths (measured, D = 24: MKL when a thread gets fewer than 4 rows or
+16 columns, cuBLAS for 1 row or fewer than 64 columns; 1-ulp differences up to 1.8e-7). This code pads every
+matmul out of those paths (see :func:`nearest_by_dot`), so a pixel's neighbour does not depend on its batch.
+The reference, like upstream, runs rounds with 1-3 active seeds through those paths; only a top-2 similarity
+gap below ~2e-7 in such a round could make the two differ (as upstream differs between CPU and GPU). Verified
+equal: matching.npz, symmetric.npz, synthetic 128x96 and 512x384 maps, on CPU and on an H100 (where CUDA,
+CPU and both implementations all agreed). TF32 is switched off around the matmuls on CUDA.
 """
 
 from __future__ import annotations
@@ -45,15 +49,17 @@ Tensor = torch.Tensor
 # 1024-2048 tiles against 1.7 s with 8192 x 8192 tiles, whose 256 MB similarity block does not stay in cache.
 _CPU_TILE = 2048
 _ROW_QUANTUM = 4  # matmul row counts are multiples of this (see nearest_by_dot)
+_MIN_KEYS = 64  # and key tiles at least this wide, where there are that many keys
 
 
 @dataclass(frozen=True)
 class MatchConfig:
     """Knobs of the nearest-neighbour search (not of the seeding).
 
-    `block_size` bounds a similarity tile to block_size queries x block_size keys (upstream's meaning;
-    CPU tiles are further capped at 2048). `precision="fp16"` rounds the descriptors to fp16 and
-    accumulates in fp32: faster on tensor cores, but no longer bit-equal to the fp32 reference.
+    `block_size` bounds a similarity tile to block_size**2 values (upstream's budget; on CPU the side is
+    further capped at 2048 for the cache). `precision="fp16"` rounds the descriptors to fp16 and accumulates
+    in fp32: not bit-equal to the fp32 reference (98 % of the matches shared on the 512x384 bench), and only
+    ~7 % faster on an H100, where writing and reducing the fp32 similarity tiles dominates.
     """
 
     max_iter: int = 10
@@ -112,7 +118,7 @@ def nearest_by_dot(queries: Tensor, keys: Tensor, block_size: int = 8192) -> Ten
     budget): block_size queries x block_size keys, or fewer queries x more keys, so that the late rounds, with
     few active seeds, take one or two wide tiles instead of hundreds of thin ones (GPU launch overhead).
     Every matmul has a row count that is a multiple of 4 (short blocks are padded with copies of their last
-    row) and, when n allows, the full tile width (the last key tile is moved back to end at n): the BLAS
+    row) and, when n allows, the full tile width of >= 64 keys (the last tile is moved back to end at n): the BLAS
     libraries round a dot product differently in their small-shape paths (measured: MKL when a thread gets
     fewer than 4 rows or 16 columns, cuBLAS for 1 row or fewer than 64 columns; 1-ulp differences), and this
     keeps a pixel's neighbour independent of which rows it was batched with.
@@ -120,7 +126,7 @@ def nearest_by_dot(queries: Tensor, keys: Tensor, block_size: int = 8192) -> Ten
     m, n = queries.shape[0], keys.shape[0]
     tile = min(block_size, _CPU_TILE) if queries.device.type == "cpu" else block_size
     tile_q = _round_up(min(tile, max(m, 1)), _ROW_QUANTUM)
-    tile_k = min(n, max(tile, tile * tile // tile_q))
+    tile_k = min(n, max(tile, tile * tile // tile_q, _MIN_KEYS))
     out = torch.empty(m, dtype=torch.int64, device=queries.device)
     buffer = None if queries.dtype == torch.float16 else queries.new_empty(tile_q * tile_k)
     fold = _fold_tile_sparse if queries.device.type == "cpu" else _fold_tile_dense
@@ -246,8 +252,9 @@ class ReciprocalMatcher:
         if subsample < 1:
             raise ModelInputError(f"subsample must be >= 1, got {subsample}")
         height, width = self.shape1
-        ys = torch.arange(subsample // 2, height, subsample, device=self.device)
-        xs = torch.arange(subsample // 2, width, subsample, device=self.device)
+        start = subsample // 2  # torch.arange refuses start > end where range() gives nothing
+        ys = torch.arange(start, max(start, height), subsample, device=self.device)
+        xs = torch.arange(start, max(start, width), subsample, device=self.device)
         return (ys[:, None] * width + xs[None, :]).reshape(-1)
 
     def chains(self, seeds: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
