@@ -180,7 +180,10 @@ def export(config: ExportConfig) -> ExportResult:
         feeds = family.parity_feeds(loaded, run.specs, config.parity_samples, config.seed + 7919)
         calib: dict[str, list[Feed]] = {spec.name: [] for spec in run.specs}
         if config.precision is Precision.HYBRID and config.precision_plan is None:
-            calib = family.parity_feeds(loaded, run.specs, config.calibration_samples, config.seed + 104729)
+            if config.calibration_data is not None:
+                calib = family.user_feeds(loaded, run.specs, config.calibration_data, config.seed)
+            else:
+                calib = family.parity_feeds(loaded, run.specs, config.calibration_samples, config.seed + 104729)
 
     with writer as staging:
         work = staging / ".work"
@@ -241,6 +244,13 @@ def _check_choices(family: FamilySpec, config: ExportConfig) -> None:
             "give exactly one of --checkpoint PATH_OR_HF_ID (official weights) or --random-weights [--seed N]"
         )
     family.validate_shape(config.resolution)
+    if config.calibration_data is not None:
+        if config.precision is not Precision.HYBRID:
+            raise UsageError(
+                "--calibration-data applies to --precision hybrid only (fp32 and fp16 need no calibration)"
+            )
+        if not Path(config.calibration_data).is_dir():
+            raise UsageError(f"calibration folder {config.calibration_data} does not exist or is not a folder")
 
 
 def _check_precision(run: _Run) -> None:

@@ -35,7 +35,10 @@ def _export(family: str, root: Path, *extra: str) -> Path:
 @needs_rtx
 @pytest.mark.parametrize("family", [f.name for f in FAMILIES])
 def test_rtx_engines_in_artifact(family: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    art = _export(family, tmp_path, "--backend", "tensorrt-rtx", "--compute-capability", "8.9")
+    # Hybrid, as deployments ship them: FP16 attention gets its fused kernel (decomposable only where the head
+    # size rules a fused kernel out, as in the tiny FastSAM3D decoder), FP32 islands stay FP32.
+    art = _export(family, tmp_path, "--backend", "tensorrt-rtx", "--compute-capability", "8.9", "--precision", "hybrid",
+                  "--strict")  # fmt: skip
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["backend"] == "tensorrt-rtx"
     assert [e["graph"] for e in manifest["engines"]] == [g["name"] for g in manifest["graphs"]]
@@ -45,6 +48,7 @@ def test_rtx_engines_in_artifact(family: str, tmp_path: Path, capsys: pytest.Cap
         assert engine["parity"]["status"] == "pending" and "GPU" in engine["parity"]["reason"]
         assert engine["onnx_sha256"] == manifest["files"][engine["onnx"]]["sha256"]
         assert not any(str(tmp_path) in json.dumps(v) for v in engine["build"].values())  # relative paths only
+        assert {a["q_dtype"] for a in engine["build"]["attention"]} == {"HALF"}
     capsys.readouterr()
     assert main(["verify", str(art)]) == 0
     assert "needs tensorrt-rtx" in capsys.readouterr().out

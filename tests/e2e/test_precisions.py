@@ -18,7 +18,7 @@ from export_engine.models.mast3r.config import MASt3RConfig
 def _argv(root: Path, out: str, *extra: str) -> list[str]:
     (root / "config.json").write_text(json.dumps(TINY_CONFIG))
     return ["--model", "mast3r", "--config", str(root / "config.json"), "--resolution", "80x48",
-            "--backend", "onnx", "--out", str(root / out), "--quiet", *extra]  # fmt: skip
+            "--backend", "onnx", "--out", str(root / out), "--quiet", "--strict", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,29 @@ def test_skipping_fusion_keeps_softmax(tmp_path: Path) -> None:
     assert main([*_argv(tmp_path, "art", "--random-weights", "--skip-pass", "fuse_attention")]) == 0
     manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
     assert all("Attention" not in g["op_counts"] and g["op_counts"]["Softmax"] > 0 for g in manifest["graphs"])
+
+
+def test_calibration_data_folder(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from export_engine.calibration.synthetic import structured_image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        image = (structured_image(96, 128, 50 + i).transpose(1, 2, 0) + 1) * 127.5
+        Image.fromarray(image.astype(np.uint8)).save(photos / f"{i}.png")
+    argv = _argv(tmp_path, "art", "--precision", "hybrid", "--random-weights", "--calibration-data", str(photos))
+    assert main(argv) == 0
+    passes = json.loads((tmp_path / "art" / "passes.json").read_text())
+    calibrate = next(r for r in passes["decoder"] if r["name"] == "calibrate_precision")
+    assert calibrate["details"]["source"] == "measured on 2 calibration input(s)"  # 3 photos -> 2 pairs
+
+
+def test_calibration_data_needs_hybrid_and_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(_argv(tmp_path, "a", "--random-weights", "--calibration-data", str(tmp_path))) == 2
+    assert "hybrid only" in capsys.readouterr().err
+    argv = _argv(tmp_path, "a", "--random-weights", "--precision", "hybrid", "--calibration-data", str(tmp_path / "x"))
+    assert main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err

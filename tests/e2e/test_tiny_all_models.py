@@ -31,7 +31,7 @@ def test_tiny_export_and_run(family, tmp_path: Path) -> None:
     ]
     if family.tiny_shape:
         argv += ["--resolution", family.tiny_shape]
-    assert main([*argv, "--quiet"]) == 0
+    assert main([*argv, "--quiet", "--strict"]) == 0
     session = load(out)
     outputs = session.run(family.sample_inputs(session.graphs, 0))
     assert set(outputs) == set(family.run_output_names)

@@ -14,6 +14,7 @@ run once per click.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -194,11 +195,32 @@ def _prompts(size: int, m: int, batch: int, points: int, seed: int) -> Feed:
 
 def parity_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int, seed: int) -> dict[str, list[Feed]]:
     """A CT-like volume per sample; then a first click (B=1, zero mask) and a batch of 2 multi-point prompts."""
+
+    cfg = loaded.config
+    return _volume_feeds(loaded, specs, [_normalized_volume(cfg.img_size, seed + i) for i in range(samples)], seed)
+
+
+def user_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], folder: Path, seed: int) -> dict[str, list[Feed]]:
+    """The user's volumes (.npy/.nii/.nii.gz), centre-cropped/padded and z-normalised as the released inference."""
+    from export_engine.runtime.fastsam3d_preprocess import preprocess_volume
+    from export_engine.runtime.volumes import load_volume
+
+    files = sorted(p for p in Path(folder).iterdir() if p.name.lower().endswith((".npy", ".nii", ".nii.gz")))
+    if not files:
+        raise UsageError(f"calibration folder {folder} holds no volumes (.npy, .nii, .nii.gz)")
+    size = loaded.config.img_size
+    images = [preprocess_volume(load_volume(f).data, size).image for f in files]
+    return _volume_feeds(loaded, specs, images, seed)
+
+
+def _volume_feeds(
+    loaded: LoadedModel, specs: tuple[ModelSpec, ...], images: list[np.ndarray], seed: int
+) -> dict[str, list[Feed]]:
     from export_engine.validation.parity import reference_outputs
 
     encoder, _ = specs
     cfg = loaded.config
-    encoder_feeds = [{"image": _normalized_volume(cfg.img_size, seed + i)} for i in range(samples)]
+    encoder_feeds = [{"image": image.astype(np.float32)} for image in images]
     embeddings = reference_outputs(encoder.build_module(loaded.module), encoder, encoder_feeds)
     decoder_feeds = []
     for i, emb in enumerate(embeddings):
@@ -285,6 +307,7 @@ FAMILY = FamilySpec(
     load=load,
     graphs=graphs,
     parity_feeds=parity_feeds,
+    user_feeds=user_feeds,
     run=run,
     sample_inputs=sample_inputs,
     run_input_names=RUN_INPUTS,

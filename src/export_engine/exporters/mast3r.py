@@ -9,6 +9,7 @@ dynamic in both graphs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 
 from export_engine.calibration.synthetic import structured_images
 from export_engine.config import Precision, Resolution
-from export_engine.errors import ModelInputError
+from export_engine.errors import ModelInputError, UsageError
 from export_engine.exporters.spec import (
     FamilySpec,
     Feed,
@@ -155,12 +156,30 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
 
 def parity_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int, seed: int) -> dict[str, list[Feed]]:
     """Structured image pairs for the encoder; the torch encoder's tokens of each pair for the decoder."""
+    _, _, h, w = specs[0].inputs[0].shape
+    assert isinstance(h, int) and isinstance(w, int)
+    return _pair_feeds(loaded, specs, [structured_images(2, h, w, seed + i) for i in range(samples)])
+
+
+def user_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], folder: Path, seed: int) -> dict[str, list[Feed]]:
+    """The user's photos (png/jpg, loaded the MASt3R way at the graph's resolution), paired in name order."""
+    from export_engine.runtime.images import load_image
+
+    _, _, h, w = specs[0].inputs[0].shape
+    assert isinstance(h, int) and isinstance(w, int)
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 2:
+        raise UsageError(f"calibration folder {folder} needs at least 2 images (.png/.jpg) for MASt3R pairs")
+    images = [load_image(f, w, h).tensor[0] for f in files]
+    pairs = [np.stack((images[i], images[(i + 1) % len(images)])) for i in range(0, len(images), 2)]
+    return _pair_feeds(loaded, specs, pairs)
+
+
+def _pair_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], pairs: list[np.ndarray]) -> dict[str, list[Feed]]:
     from export_engine.validation.parity import reference_outputs
 
     encoder, _ = specs
-    _, _, h, w = encoder.inputs[0].shape
-    assert isinstance(h, int) and isinstance(w, int)
-    encoder_feeds = [{"images": structured_images(2, h, w, seed + i)} for i in range(samples)]
+    encoder_feeds = [{"images": pair.astype(np.float32)} for pair in pairs]
     tokens = reference_outputs(encoder.build_module(loaded.module), encoder, encoder_feeds)
     decoder_feeds = [{"feat1": t["tokens"][0:1], "feat2": t["tokens"][1:2]} for t in tokens]
     return {"encoder": encoder_feeds, "decoder": decoder_feeds}
@@ -211,6 +230,7 @@ FAMILY = FamilySpec(
     load=load,
     graphs=graphs,
     parity_feeds=parity_feeds,
+    user_feeds=user_feeds,
     run=run,
     sample_inputs=sample_inputs,
     run_input_names=RUN_INPUTS,

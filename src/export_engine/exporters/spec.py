@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,8 @@ class FamilySpec:
     graphs: Callable[[Any, str | None], tuple[ModelSpec, ...]]
     # (loaded model, graph specs, n samples, seed) -> representative feeds per graph name (structured data)
     parity_feeds: Callable[[LoadedModel, tuple[ModelSpec, ...], int, int], dict[str, list[Feed]]]
+    # (loaded model, graph specs, folder of the user's images or volumes, seed) -> calibration feeds per graph
+    user_feeds: Callable[[LoadedModel, tuple[ModelSpec, ...], Path, int], dict[str, list[Feed]]]
     # (runners by graph name, user inputs, manifest graph records) -> user-facing outputs
     run: Callable[[Mapping[str, GraphRunner], Mapping[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
     # (graph records by name, seed) -> plausible user inputs for ``run`` (tests, benchmarks, smoke checks)
