@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import traceback
@@ -20,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from export_engine import __version__
+from export_engine.atomic import replacing
 from export_engine.config import Backend, ExportConfig, Precision
 from export_engine.errors import ExportError, ModelInputError, UsageError
 
@@ -239,12 +239,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     session = load(args.artifact, verify=not args.no_verify)
     outputs = session.run(inputs)
     target = Path(args.outputs)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}.npz")
-    try:
+    with replacing(target) as tmp:
         np.savez(tmp, **outputs)  # type: ignore[arg-type]  # numpy's stub types **kwds too narrowly
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote %s (%s)", target, ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items()))
     return 0
 
@@ -311,8 +307,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
     matcher = Matcher(load(args.artifact), config)
     result = matcher.match(args.image1, args.image2)
     target = Path(args.out)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}.npz")
-    try:
+    with replacing(target) as tmp:
         np.savez(
             tmp,
             xy1=result.xy1,
@@ -323,9 +318,6 @@ def _cmd_match(args: argparse.Namespace) -> int:
             pts3d1=result.pts3d1,
             pts3d2=result.pts3d2,
         )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"{target} ({len(result.xy1)} matches)")
     if args.plot:
         print(plot_matches(result.image1.rgb, result.image2.rgb, result.xy1, result.xy2, args.plot))

@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from export_engine.artifacts.store import MANIFEST, read_manifest, verify_files
+from export_engine.atomic import replacing
 from export_engine.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,12 @@ def pack(artifact: Path, target: Path) -> Path:
     if not target.name.endswith((".tar.gz", ".tgz")):
         raise ArtifactError(f"pack target {target} must end in .tar.gz")
     root = artifact.resolve().name
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
-        with tarfile.open(partial, "w:gz", compresslevel=1) as tar:  # weights barely compress: favour speed
-            for rel in [*files, MANIFEST]:
+        with replacing(target) as partial, tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+            for rel in [*files, MANIFEST]:  # compresslevel 1: weights barely compress, favour speed
                 tar.add(artifact / rel, arcname=f"{root}/{rel}", recursive=False)
-        os.replace(partial, target)
     except OSError as err:
         raise ArtifactError(f"writing {target} failed ({err.strerror or err}); nothing was written") from err
-    finally:
-        partial.unlink(missing_ok=True)
     log.info("packed %s (%d files) into %s", artifact, len(files) + 1, target)
     return target
 

@@ -37,10 +37,6 @@ class CalibratePrecisionConfig:
     sink: dict[str, Any] = field(default_factory=dict)  # receives "plan" and "search" for the apply pass
 
 
-def _weight_bytes(graph: gs.Graph) -> int:
-    return sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
-
-
 def calibrate_precision(graph: gs.Graph, config: CalibratePrecisionConfig) -> PassReport:
     """Decide the precision plan for ``graph`` (changes nothing in the graph itself)."""
     report = PassReport("calibrate_precision")
@@ -50,7 +46,7 @@ def calibrate_precision(graph: gs.Graph, config: CalibratePrecisionConfig) -> Pa
             report.details["source"] = str(config.plan_file)
         else:
             path = config.work_dir / f"{config.graph_name}.calibration.onnx"
-            save_graph(graph, path, external_data=_weight_bytes(graph) > 256_000_000)
+            save_graph(graph, path)
             stats = collect_activation_stats(path, list(config.feeds))
             plan = plan_precision(graph, stats, config.hybrid)
             report.details["source"] = f"measured on {len(config.feeds)} calibration input(s)"

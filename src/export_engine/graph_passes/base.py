@@ -94,8 +94,20 @@ def load_graph(path: Path) -> gs.Graph:
     return gs.import_onnx(onnx.load(str(path), load_external_data=True))
 
 
-def save_graph(graph: gs.Graph, path: Path, *, opset: int | None = None, external_data: bool = True) -> None:
-    """Export ``graph`` to ``path`` (weights in ``<name>.data`` when ``external_data``), checking the result."""
+def weight_bytes(graph: gs.Graph) -> int:
+    return sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def save_graph(graph: gs.Graph, path: Path, *, opset: int | None = None, external_data: bool | None = None) -> None:
+    """Export ``graph`` to ``path``, checking the result.
+
+    Weights go to ``<name>.data`` when ``external_data`` is true; when it is None, under the exporter's rule
+    (more than ``EXTERNAL_DATA_BYTES`` of weights), so graphs keep one layout from export to artifact.
+    """
+    from export_engine.exporters.onnx_from_torch import EXTERNAL_DATA_BYTES
+
+    if external_data is None:
+        external_data = weight_bytes(graph) > EXTERNAL_DATA_BYTES
     model = gs.export_onnx(graph, do_type_check=True)
     if opset is not None:
         for entry in model.opset_import:

@@ -50,14 +50,8 @@ def run_passes(
         report = run_pass(graph, make_config(context))
         log.info("pass %-24s %s: %s (%.1f s)", name, spec.name, report.summary(), report.seconds)
         reports.append(report)
-    save_graph(graph, final_path, external_data=_weight_bytes(graph) > 256_000_000)
+    save_graph(graph, final_path)
     return reports
-
-
-def _weight_bytes(graph: Any) -> int:
-    import onnx_graphsurgeon as gs
-
-    return sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
 def _copy_onnx(source: Path, target: Path) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from export_engine.atomic import replacing
 
 
 def _gray(slice2d: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -15,12 +16,8 @@ def _gray(slice2d: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _save(image: object, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
-    try:
+    with replacing(path) as tmp:
         image.save(tmp, format="PNG")  # type: ignore[attr-defined]
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

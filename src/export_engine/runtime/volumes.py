@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export_engine.atomic import replacing
 from export_engine.errors import ModelInputError
 
 
@@ -53,17 +53,13 @@ def load_volume(path: str | Path) -> Volume:
 def save_mask(mask: np.ndarray, path: str | Path, affine: np.ndarray | None = None) -> Path:
     """Write a uint8 mask as .nii.gz/.nii (with ``affine``) or .npy, atomically."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}{''.join(path.suffixes)}")
-    try:
+    if not (_is_nifti(path) or path.suffix == ".npy"):
+        raise ModelInputError(f"mask output {path}: give a .nii.gz, .nii or .npy file name")
+    with replacing(path) as tmp:
         if _is_nifti(path):
             import nibabel as nib
 
             nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4) if affine is None else affine), str(tmp))
-        elif path.suffix == ".npy":
-            np.save(tmp, mask.astype(np.uint8))
         else:
-            raise ModelInputError(f"mask output {path}: give a .nii.gz, .nii or .npy file name")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            np.save(tmp, mask.astype(np.uint8))
     return path

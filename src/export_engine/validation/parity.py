@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,3 @@ def reference_outputs(module: torch.nn.Module, spec: ModelSpec, feeds: Sequence[
     runner = TorchRunner(module, spec)
     with runner:
         return [dict(runner.infer(feed)) for feed in feeds]
-
-
-ProgressFn = Callable[[str], None]
