@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Without a GPU, Triton kernels (FastNN-Lite's fused kernel) run in Triton's interpreter. The flag must be set
+# before triton is first imported: triton decides at import which of its own functions are interpreted.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repo with shared/ beside it; EXPORT_ENGINE_REFERENCE overrides.

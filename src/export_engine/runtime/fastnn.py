@@ -4,7 +4,9 @@ Same algorithm as :mod:`export_engine.runtime.matching_reference` (upstream ``fa
 ``dist='dot'``, spec ``shared/specs/mast3r.md`` section 6); what changes is where and how often work is done:
 
 * Nearest neighbours are tiles of ``queries x keys`` similarities (one fp32 matmul each) folded into a running
-  (max, first argmax) per query, so memory is O(tile + pixels): no N1 x N2 matrix ever exists.
+  (max, first argmax) per query, so memory is O(tile + pixels): no N1 x N2 matrix ever exists. On CUDA the
+  fused Triton kernel of :mod:`export_engine.runtime.fastnn_kernel` does the same without writing any tile
+  (``MatchConfig.kernel``).
 * A pixel's nearest neighbour never changes, so each one is computed once and remembered in a per-pixel table
   (one per direction). Seeds whose chains meet, and the reverse run of :func:`extract_correspondences`
   (B -> A reads the same two tables as A -> B), ask for rows already known and cost nothing.
@@ -39,7 +41,8 @@ from typing import Literal
 
 import torch
 
-from export_engine.errors import ModelInputError
+from export_engine.errors import BackendError, ModelInputError
+from export_engine.runtime import fastnn_kernel
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +68,29 @@ class MatchConfig:
     max_iter: int = 10
     block_size: int = 8192
     precision: Literal["fp32", "fp16"] = "fp32"
+    # "fused": the Triton kernel of fastnn_kernel (dot products and argmax in registers, no similarity tiles);
+    # "tiles": torch matmul tiles; "auto": fused where it can run (CUDA with triton, fp32), else tiles.
+    kernel: Literal["auto", "fused", "tiles"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_iter < 1 or self.block_size < 1:
             raise ModelInputError(f"max_iter and block_size must be >= 1, got {self.max_iter}, {self.block_size}")
         if self.precision not in ("fp32", "fp16"):
             raise ModelInputError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
+        if self.kernel not in ("auto", "fused", "tiles"):
+            raise ModelInputError(f"kernel must be 'auto', 'fused' or 'tiles', got {self.kernel!r}")
+
+    def use_fused(self, device: torch.device) -> bool:
+        """Whether the fused kernel computes the neighbours on `device` (raises if "fused" cannot run there)."""
+        if self.kernel == "tiles":
+            return False
+        runnable, why = fastnn_kernel.available(device)
+        if self.kernel == "fused":
+            if not runnable or self.precision != "fp32":
+                reason = why if not runnable else "it computes in fp32 only"
+                raise BackendError(f"FastNN-Lite kernel='fused' cannot run: {reason}; use kernel='tiles' or 'auto'")
+            return True
+        return runnable and device.type == "cuda" and self.precision == "fp32"
 
 
 @contextlib.contextmanager
@@ -178,15 +198,20 @@ def _fold_tile_sparse(sim: Tensor, offset: int, best: Tensor, arg: Tensor) -> No
 class _MemoNN:
     """Nearest neighbour in `keys` of each row of `source`, computed on first request and then remembered."""
 
-    def __init__(self, source: Tensor, keys: Tensor, block_size: int) -> None:
+    def __init__(self, source: Tensor, keys: Tensor, block_size: int, fused: bool) -> None:
         self.source, self.keys, self.block_size = source, keys, block_size
+        self.keys_t = fastnn_kernel.transposed(keys) if fused else None  # the fused kernel's layout, made once
         self.table = torch.full((source.shape[0],), -1, dtype=torch.int64, device=source.device)
         self.rows_computed = 0
 
     def __call__(self, rows: Tensor) -> Tensor:
         missing = torch.unique(rows[self.table[rows] < 0])
         if missing.numel() > 0:
-            self.table[missing] = nearest_by_dot(self.source[missing], self.keys, self.block_size)
+            queries = self.source[missing]
+            if self.keys_t is not None:
+                self.table[missing] = fastnn_kernel.nearest_by_dot_fused(queries, self.keys_t)
+            else:
+                self.table[missing] = nearest_by_dot(queries, self.keys, self.block_size)
             self.rows_computed += int(missing.numel())
         return self.table[rows]
 
@@ -222,8 +247,9 @@ class ReciprocalMatcher:
         self.shape1 = (int(desc1.shape[0]), int(desc1.shape[1]))
         self.shape2 = (int(desc2.shape[0]), int(desc2.shape[1]))
         flat1, flat2 = (self._compute_dtype(d.reshape(-1, d.shape[2])) for d in (desc1, desc2))
-        self._nn12 = _MemoNN(flat1, flat2, self.config.block_size)
-        self._nn21 = _MemoNN(flat2, flat1, self.config.block_size)
+        fused = self.config.use_fused(desc1.device)
+        self._nn12 = _MemoNN(flat1, flat2, self.config.block_size, fused)
+        self._nn21 = _MemoNN(flat2, flat1, self.config.block_size, fused)
 
     def _compute_dtype(self, flat: Tensor) -> Tensor:
         if self.config.precision == "fp16":
@@ -326,6 +352,7 @@ def fast_reciprocal_nn(
     init_xy1: tuple[Tensor, Tensor] | None = None,
     pixel_tol: float = 0.0,
     precision: Literal["fp32", "fp16"] = "fp32",
+    kernel: Literal["auto", "fused", "tiles"] = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Reciprocal matches between (H1, W1, D) and (H2, W2, D) maps, sorted by (index 1, index 2).
 
@@ -333,7 +360,7 @@ def fast_reciprocal_nn(
     on the maps' device. Explicit seeds `init_xy1` = (x, y) run one round as upstream; with ``pixel_tol > 0``
     a seed is kept when it comes back within `pixel_tol` px and is itself returned for image 1.
     """
-    config = MatchConfig(max_iter=max_iter, block_size=block_size, precision=precision)
+    config = MatchConfig(max_iter=max_iter, block_size=block_size, precision=precision, kernel=kernel)
     matcher = ReciprocalMatcher(desc1, desc2, config)
     return matcher_reciprocal_nn(matcher, subsample, ret_xy, init_xy1=init_xy1, pixel_tol=pixel_tol)
 
