@@ -10,7 +10,7 @@ from pathlib import Path
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repo with shared/ beside it; EXPORT_ENGINE_REFERENCE overrides.

@@ -63,9 +63,9 @@ def _compiled_kernel(interpret: bool) -> Any:
         m,
         n,
         keys_per_split,
-        D: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        D: tl.constexpr,  # noqa: N803 (Triton constexpr parameters are upper case by convention)
+        BLOCK_M: tl.constexpr,  # noqa: N803
+        BLOCK_N: tl.constexpr,  # noqa: N803
     ):
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
@@ -133,7 +133,8 @@ def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor) -> Tensor:
     best = torch.empty((splits, m), dtype=torch.float32, device=queries.device)
     arg = torch.empty((splits, m), dtype=torch.int32, device=queries.device)
     grid = (-(-m // _BLOCK_M), splits)
-    _kernel()[grid](qt, keys_t.contiguous(), best, arg, m, n, keys_per_split, D=d, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=4)
+    kernel = _kernel()
+    kernel[grid](qt, keys_t.contiguous(), best, arg, m, n, keys_per_split, D=d, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
     if splits == 1:
         return arg[0].long()
     # Splits cover increasing key ranges: the first split holding the maximum has its smallest index.
