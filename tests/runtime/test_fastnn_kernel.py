@@ -26,22 +26,24 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: the fused kernel cannot run", allow_module_level=True)
 
 
+@pytest.mark.parametrize("variant", fastnn_kernel.VARIANTS)
 @pytest.mark.parametrize(("m", "n", "d"), [(1, 5, 3), (7, 300, 24), (70, 1000, 24), (130, 4097, 8)])
-def test_fused_equals_tiles(m: int, n: int, d: int) -> None:
+def test_fused_equals_tiles(m: int, n: int, d: int, variant: str) -> None:
     gen = torch.Generator().manual_seed(m * 31 + n)
     queries, keys = torch.randn(m, d, generator=gen).to(DEVICE), torch.randn(n, d, generator=gen).to(DEVICE)
-    got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys))
+    got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys), variant)
     assert got.dtype == torch.int64 and got.shape == (m,)
     np.testing.assert_array_equal(got.cpu().numpy(), nearest_by_dot(queries, keys).cpu().numpy())
 
 
-def test_fused_ties_resolve_to_first_index_across_splits() -> None:
+@pytest.mark.parametrize("variant", fastnn_kernel.VARIANTS)
+def test_fused_ties_resolve_to_first_index_across_splits(variant: str) -> None:
     keys = torch.randn(5000, 24, generator=torch.Generator().manual_seed(1))
     keys[4999] = keys[17]  # same maximum in the first and in the last split
     keys[2500] = keys[17]
     queries = torch.stack([keys[17], keys[4999] * 2.0, keys[123]])
     assert fastnn_kernel.plan_splits(3, 5000)[0] > 1  # the tie really crosses splits
-    got = fastnn_kernel.nearest_by_dot_fused(queries.to(DEVICE), fastnn_kernel.transposed(keys.to(DEVICE)))
+    got = fastnn_kernel.nearest_by_dot_fused(queries.to(DEVICE), fastnn_kernel.transposed(keys.to(DEVICE)), variant)
     assert got.tolist() == [17, 17, 123]
 
 

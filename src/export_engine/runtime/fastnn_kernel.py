@@ -29,6 +29,11 @@ Tensor = torch.Tensor
 
 _BLOCK_M = 64  # queries per program
 _BLOCK_N = 64  # keys per step; with 4 warps, 32 similarities + 32 best values + 32 indices per thread
+# Two ways to form the similarities, both fp32 products summed in feature order: "fma" (explicit multiply-adds,
+# the order fixed by this code) and "dot" (tl.dot in IEEE fp32 over features zero-padded to a power of two,
+# Triton's FMA matmul with shared-memory staging). bench/gpu_bench.py times both and checks both are exact.
+VARIANTS = ("fma", "dot")
+DEFAULT_VARIANT = "fma"
 _TARGET_PROGRAMS = 4 * 132  # enough programs to fill an H100 (132 SMs) a few times over
 
 
@@ -66,6 +71,8 @@ def _compiled_kernel(interpret: bool) -> Any:
         D: tl.constexpr,  # noqa: N803 (Triton constexpr parameters are upper case by convention)
         BLOCK_M: tl.constexpr,  # noqa: N803
         BLOCK_N: tl.constexpr,  # noqa: N803
+        USE_DOT: tl.constexpr,  # noqa: N803 (tl.dot in IEEE fp32, D zero-padded to DP; else explicit FMAs)
+        DP: tl.constexpr,  # noqa: N803
     ):
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
@@ -75,17 +82,26 @@ def _compiled_kernel(interpret: bool) -> Any:
         stop = tl.minimum(start + keys_per_split, n)
         best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
         arg = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+        feats = tl.arange(0, DP)
+        if USE_DOT:  # the query block stays in registers; zero features past D add exact zeros
+            q2 = tl.load(qt_ptr + feats[None, :] * m + rows[:, None], mask=row_ok[:, None] & (feats[None, :] < D),
+                         other=0.0)  # fmt: skip
         for j in range(0, keys_per_split, BLOCK_N):  # keys_per_split is a multiple of BLOCK_N
             cols = start + j + tl.arange(0, BLOCK_N)
             col_ok = cols < stop
-            # k = 0 first as a plain product, then FMAs in feature order (see the module docstring).
-            q = tl.load(qt_ptr + rows, mask=row_ok, other=0.0)
-            kv = tl.load(kt_ptr + cols, mask=col_ok, other=0.0)
-            sim = q[:, None] * kv[None, :]
-            for k in tl.static_range(1, D):
-                q = tl.load(qt_ptr + k * m + rows, mask=row_ok, other=0.0)
-                kv = tl.load(kt_ptr + k * n + cols, mask=col_ok, other=0.0)
-                sim = tl.fma(q[:, None], kv[None, :], sim)
+            if USE_DOT:
+                k2 = tl.load(kt_ptr + feats[:, None] * n + cols[None, :], mask=(feats[:, None] < D) & col_ok[None, :],
+                             other=0.0)  # fmt: skip
+                sim = tl.dot(q2, k2, input_precision="ieee", out_dtype=tl.float32)
+            else:
+                # k = 0 first as a plain product, then FMAs in feature order (see the module docstring).
+                q = tl.load(qt_ptr + rows, mask=row_ok, other=0.0)
+                kv = tl.load(kt_ptr + cols, mask=col_ok, other=0.0)
+                sim = q[:, None] * kv[None, :]
+                for k in tl.static_range(1, D):
+                    q = tl.load(qt_ptr + k * m + rows, mask=row_ok, other=0.0)
+                    kv = tl.load(kt_ptr + k * n + cols, mask=col_ok, other=0.0)
+                    sim = tl.fma(q[:, None], kv[None, :], sim)
             sim = tl.where(col_ok[None, :], sim, float("-inf"))
             better = sim > best  # strict: an earlier key in this column slot keeps a tie
             best = tl.where(better, sim, best)
@@ -114,7 +130,7 @@ def transposed(flat: Tensor) -> Tensor:
     return flat.float().t().contiguous()
 
 
-def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor) -> Tensor:
+def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor, variant: str = DEFAULT_VARIANT) -> Tensor:
     """Index (int64) of the largest fp32 dot product in the keys for each row of `queries` (m, D).
 
     `keys_t` is the (D, n) layout from :func:`transposed` (made once per map, not per call). Same contract as
@@ -133,8 +149,12 @@ def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor) -> Tensor:
     best = torch.empty((splits, m), dtype=torch.float32, device=queries.device)
     arg = torch.empty((splits, m), dtype=torch.int32, device=queries.device)
     grid = (-(-m // _BLOCK_M), splits)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    dp = max(16, 1 << (d - 1).bit_length())
     kernel = _kernel()
-    kernel[grid](qt, keys_t.contiguous(), best, arg, m, n, keys_per_split, D=d, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    kernel[grid](qt, keys_t.contiguous(), best, arg, m, n, keys_per_split, D=d, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+                 USE_DOT=variant == "dot", DP=dp)  # fmt: skip
     if splits == 1:
         return arg[0].long()
     # Splits cover increasing key ranges: the first split holding the maximum has its smallest index.
