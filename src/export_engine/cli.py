@@ -304,7 +304,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
     if args.subsample < 1:
         raise UsageError("--subsample must be at least 1")
     config = MatchConfig(subsample=args.subsample, min_desc_conf=args.min_desc_conf, device=args.device)
-    matcher = Matcher(load(args.artifact), config)
+    matcher = Matcher(load(args.artifact, cuda_graph=True), config)  # fixed shapes: one image, one pair
     result = matcher.match(args.image1, args.image2)
     target = Path(args.out)
     with replacing(target) as tmp:

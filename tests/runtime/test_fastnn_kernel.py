@@ -75,9 +75,10 @@ def test_fused_symmetric_reference(mast3r_ref: Path) -> None:
 
 
 def test_auto_uses_fused_only_on_cuda_and_fused_refuses_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert MatchConfig().use_fused(torch.device("cpu")) is False  # interpreting is for tests, never automatic
+    assert MatchConfig().fused_variant(torch.device("cpu")) is None  # interpreting is for tests, never automatic
+    assert MatchConfig(kernel="fused-dot").fused_variant(DEVICE) == "dot"
     with pytest.raises(BackendError, match="fp32 only"):
-        MatchConfig(kernel="fused", precision="fp16").use_fused(DEVICE)
+        MatchConfig(kernel="fused", precision="fp16").fused_variant(DEVICE)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendError, match="kernel='fused' cannot run"):
-        MatchConfig(kernel="fused").use_fused(torch.device("cpu"))
+        MatchConfig(kernel="fused").fused_variant(torch.device("cpu"))

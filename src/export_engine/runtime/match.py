@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,19 +53,31 @@ class MatchResult:
 
 
 class Matcher:
+    """Matches image pairs with an artifact. Where the artifact's graphs run on ONNX Runtime CUDA, tokens,
+    decoder outputs and FastNN-Lite stay in GPU memory (:func:`match_tensors`); otherwise on the CPU."""
+
     def __init__(self, artifact: ArtifactSession, config: MatchConfig | None = None):
         if artifact.manifest["model"] != "mast3r":
             raise UsageError(f"{artifact.path} is a {artifact.manifest['model']} artifact, not mast3r")
         self.artifact = artifact
         self.config = config or MatchConfig()
         _, _, self.height, self.width = artifact.graphs["encoder"]["inputs"][0]["shape"]
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[str, Any] = OrderedDict()
         self.encoded = 0  # encoder runs so far (tests and logs)
+        encoder, decoder = artifact.runners["encoder"], artifact.runners["decoder"]
+        self.on_device = all(callable(getattr(r, "run", None)) for r in (encoder, decoder))
 
-    def _tokens(self, image: LoadedImage) -> np.ndarray:
+    def _tokens(self, image: LoadedImage) -> Any:
+        import torch
+
         key = hashlib.sha256(image.tensor.tobytes()).hexdigest()
         if key not in self._cache:
-            self._cache[key] = self.artifact.runners["encoder"]({"images": image.tensor})["tokens"]
+            encoder = self.artifact.runners["encoder"]
+            if self.on_device:  # torch CUDA tensors in and out (ort_cuda.CudaGraphRunner)
+                tokens = encoder.run({"images": torch.from_numpy(image.tensor).cuda()})["tokens"]  # type: ignore[attr-defined]
+            else:
+                tokens = torch.from_numpy(encoder({"images": image.tensor})["tokens"])
+            self._cache[key] = tokens
             self.encoded += 1
             while len(self._cache) > self.config.cache_size:
                 self._cache.popitem(last=False)
@@ -76,37 +90,58 @@ class Matcher:
     def match(self, image1: str | Path | LoadedImage, image2: str | Path | LoadedImage) -> MatchResult:
         import torch
 
-        from export_engine.runtime.fastnn import fast_reciprocal_nn
-
         img1 = image1 if isinstance(image1, LoadedImage) else self.load(image1)
         img2 = image2 if isinstance(image2, LoadedImage) else self.load(image2)
-        out = self.artifact.runners["decoder"]({"feat1": self._tokens(img1), "feat2": self._tokens(img2)})
-        device = torch.device(self.config.device)
-        desc1 = torch.from_numpy(out["view1_desc"][0]).to(device)
-        desc2 = torch.from_numpy(out["view2_desc"][0]).to(device)
-        xy1_t, xy2_t = fast_reciprocal_nn(desc1, desc2, subsample=self.config.subsample)
-        xy1, xy2 = xy1_t.cpu().numpy(), xy2_t.cpu().numpy()
-        keep = _inside(xy1, self.width, self.height, self.config.border) & _inside(
-            xy2, self.width, self.height, self.config.border
-        )
-        c1 = out["view1_desc_conf"][0][xy1[:, 1], xy1[:, 0]]
-        c2 = out["view2_desc_conf"][0][xy2[:, 1], xy2[:, 0]]
-        keep &= (c1 >= self.config.min_desc_conf) & (c2 >= self.config.min_desc_conf)
-        xy1, xy2, c1, c2 = xy1[keep], xy2[keep], c1[keep], c2[keep]
+        feeds = {"feat1": self._tokens(img1), "feat2": self._tokens(img2)}
+        decoder = self.artifact.runners["decoder"]
+        if self.on_device:
+            out = decoder.run(feeds, copy=False)  # type: ignore[attr-defined]
+        else:
+            numpy_out = decoder({k: v.numpy() for k, v in feeds.items()})
+            out = {k: torch.from_numpy(v).to(self.config.device) for k, v in numpy_out.items()}
+        found = {k: v.cpu().numpy() for k, v in pair_matches(out, self.config).items()}
+        xy1, xy2 = found["xy1"], found["xy2"]
         log.info("%s <-> %s: %d matches", img1.source.name, img2.source.name, len(xy1))
         return MatchResult(
             xy1=xy1,
             xy2=xy2,
-            conf=np.sqrt(c1 * c2).astype(np.float32),
+            conf=found["conf"],
             xy1_original=img1.to_original(xy1),
             xy2_original=img2.to_original(xy2),
-            pts3d1=out["view1_pts3d"][0][xy1[:, 1], xy1[:, 0]],
-            pts3d2=out["view2_pts3d_in_other_view"][0][xy2[:, 1], xy2[:, 0]],
+            pts3d1=found["pts3d1"],
+            pts3d2=found["pts3d2"],
             image1=img1,
             image2=img2,
         )
 
 
-def _inside(xy: np.ndarray, width: int, height: int, border: int) -> np.ndarray:
+def pair_matches(outputs: Mapping[str, Any], config: MatchConfig) -> dict[str, Any]:
+    """FastNN-Lite matches of one decoded pair (batch item 0), filtered, on the outputs' device.
+
+    `outputs` are the decoder's tensors (torch, CPU or CUDA). Returns xy1, xy2 (M, 2) int64 (x, y) network
+    pixels, conf (M,) = sqrt(desc_conf1 * desc_conf2), and the matched pts3d1 / pts3d2 (M, 3).
+    """
+    import torch
+
+    from export_engine.runtime.fastnn import fast_reciprocal_nn
+
+    desc1, desc2 = outputs["view1_desc"][0], outputs["view2_desc"][0]
+    height, width = int(desc1.shape[0]), int(desc1.shape[1])
+    xy1, xy2 = fast_reciprocal_nn(desc1, desc2, subsample=config.subsample)
+    keep = _inside(xy1, width, height, config.border) & _inside(xy2, width, height, config.border)
+    c1 = outputs["view1_desc_conf"][0][xy1[:, 1], xy1[:, 0]]
+    c2 = outputs["view2_desc_conf"][0][xy2[:, 1], xy2[:, 0]]
+    keep &= (c1 >= config.min_desc_conf) & (c2 >= config.min_desc_conf)
+    xy1, xy2, c1, c2 = xy1[keep], xy2[keep], c1[keep], c2[keep]
+    return {
+        "xy1": xy1,
+        "xy2": xy2,
+        "conf": torch.sqrt(c1 * c2).float(),
+        "pts3d1": outputs["view1_pts3d"][0][xy1[:, 1], xy1[:, 0]],
+        "pts3d2": outputs["view2_pts3d_in_other_view"][0][xy2[:, 1], xy2[:, 0]],
+    }
+
+
+def _inside(xy: Any, width: int, height: int, border: int) -> Any:
     x, y = xy[:, 0], xy[:, 1]
     return (x >= border) & (x < width - border) & (y >= border) & (y < height - border)

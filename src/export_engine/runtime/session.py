@@ -74,20 +74,24 @@ def _engine_runner(path: Path, backend: str) -> GraphRunner:
 
 
 def _ort_providers() -> list[str]:
-    import onnxruntime as ort
+    from export_engine.runtime.ort_cuda import cuda_available
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # onnxruntime-gpu finds the CUDA libraries that torch ships
+    runnable, why = cuda_available()
+    if runnable:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    log.debug("ONNX Runtime runs on the CPU: %s", why)
     return ["CPUExecutionProvider"]
 
 
-def load(artifact: str | Path, verify: bool = True, use_engines: bool = True) -> ArtifactSession:
+def load(
+    artifact: str | Path, verify: bool = True, use_engines: bool = True, cuda_graph: bool = False
+) -> ArtifactSession:
     """Open ``artifact`` (verifying every file's sha256 unless ``verify=False``) and prepare its graphs.
 
-    Each graph runs its engine when this machine can run it, else ONNX Runtime on the artifact's ONNX (CUDA when
-    onnxruntime-gpu is installed, else CPU); the log says which and why.
+    Each graph runs its engine when this machine can run it, else ONNX Runtime on the artifact's ONNX: on CUDA
+    when onnxruntime-gpu and a GPU are there (:class:`~export_engine.runtime.ort_cuda.CudaGraphRunner`, I/O in
+    device memory; ``cuda_graph`` captures CUDA graphs, for callers whose shapes repeat), else on the CPU. The
+    log says which and why.
     """
     from export_engine.runtime.engine_runner import can_run_engine
 
@@ -111,7 +115,12 @@ def load(artifact: str | Path, verify: bool = True, use_engines: bool = True) ->
                 log.info("%s: running the %s engine (%s)", name, engine["backend"], why)
                 continue
             log.info("%s: the %s engine cannot run here (%s); using ONNX Runtime", name, engine["backend"], why)
-        runners[name] = _ort_runner(path / graph["file"], providers)
+        if providers[0] == "CUDAExecutionProvider":
+            from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig
+
+            runners[name] = CudaGraphRunner(path / graph["file"], graph, CudaSessionConfig(cuda_graph=cuda_graph))
+        else:
+            runners[name] = _ort_runner(path / graph["file"], providers)
         used.add(f"onnxruntime {providers[0]}")
     log.info("running %s with %s", path.name, ", ".join(sorted(used)))
     return ArtifactSession(path, manifest, family, runners, ", ".join(sorted(used)), graphs)

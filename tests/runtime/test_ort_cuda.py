@@ -1,0 +1,86 @@
+"""ONNX Runtime CUDA runner: clear refusals without a GPU; on a GPU (marker gpu), the same numbers as the CPU.
+
+The gpu tests run on the device machine (bench/gpu_bench.py runs them first); CI has no GPU and skips them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export_engine.cli import main
+from export_engine.errors import BackendError, ModelInputError
+from export_engine.exporters.fastsam3d import TINY_CONFIG as FASTSAM3D_TINY
+from export_engine.exporters.mast3r import TINY_CONFIG as MAST3R_TINY
+from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig, cuda_available
+from export_engine.runtime.session import load
+
+CUDA, WHY = cuda_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {WHY}")
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight artifacts: MASt3R hybrid and FastSAM3D fp32 (ONNX only)."""
+    root = tmp_path_factory.mktemp("ort_cuda")
+    found = {}
+    cases = (("mast3r", "hybrid", MAST3R_TINY, ["--resolution", "80x48"]), ("fastsam3d", "fp32", FASTSAM3D_TINY, []))
+    for model, precision, config, extra in cases:
+        (root / f"{model}.json").write_text(json.dumps(config))
+        out = root / f"{model}-{precision}"
+        args = ["--model", model, "--precision", precision, "--random-weights", "--backend", "onnx", "--out",
+                str(out), "--quiet", "--config", str(root / f"{model}.json"), *extra]  # fmt: skip
+        assert main(args) == 0
+        found[model] = out
+    return found
+
+
+def test_config_and_availability_say_what_is_wrong() -> None:
+    with pytest.raises(ModelInputError, match="attention must be"):
+        CudaSessionConfig(attention="flash")  # type: ignore[arg-type]
+    ok, why = cuda_available()
+    assert isinstance(ok, bool) and why
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on machines without ONNX Runtime CUDA")
+def test_runner_refuses_without_cuda(tmp_path: Path) -> None:
+    meta = {"inputs": [], "outputs": []}
+    with pytest.raises(BackendError, match=r"cannot run x\.onnx on CUDA"):
+        CudaGraphRunner(tmp_path / "x.onnx", meta)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("attention", ["fused", "decomposed"])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_runner_matches_cpu(tiny_artifacts: dict[str, Path], attention: str, cuda_graph: bool) -> None:
+    for model, artifact in tiny_artifacts.items():
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        for graph in manifest["graphs"]:
+            check = graph["reference_check"]
+            with np.load(artifact / check["inputs"]) as data:
+                feed = {k: data[k] for k in data.files}
+            runner = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(attention, cuda_graph))
+            tensors = {k: torch.from_numpy(v) for k, v in feed.items()}
+            for _ in range(3):  # capture, then replays
+                got = {k: v.cpu().numpy() for k, v in runner.run(tensors).items()}
+            with np.load(artifact / check["expected"]) as data:
+                for name in data.files:
+                    tol = check["tolerances"][name]
+                    np.testing.assert_allclose(got[name], data[name], atol=tol["atol"], rtol=tol["rtol"],
+                                               err_msg=f"{model}/{graph['name']}/{name}")  # fmt: skip
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_load_runs_on_cuda_and_refuses_bad_shapes(tiny_artifacts: dict[str, Path]) -> None:
+    session = load(tiny_artifacts["mast3r"], cuda_graph=True)
+    assert "CUDAExecutionProvider" in session.provider
+    encoder = session.runners["encoder"]
+    assert isinstance(encoder, CudaGraphRunner)
+    with pytest.raises(ModelInputError, match="input images: shape"):
+        encoder.run({"images": torch.zeros(1, 3, 7, 7, device="cuda")})
