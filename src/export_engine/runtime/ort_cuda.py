@@ -163,7 +163,7 @@ class CudaGraphRunner:
         """The :data:`GraphRunner` interface (numpy in and out), for the generic artifact code."""
         import torch
 
-        device = torch.device("cuda", self.config.device_id)
+        device = _device(self.config.device_id)
         outputs = self.run({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feed.items()})
         return {name: t.cpu().numpy() for name, t in outputs.items()}
 
@@ -186,7 +186,7 @@ class CudaGraphRunner:
                 isinstance(d, int) and d != s for d, s in zip(shape, value.shape, strict=True)
             ):
                 raise ModelInputError(f"{self.path.stem} input {name}: shape {tuple(value.shape)}, expected {shape}")
-            tensors[name] = value.to(f"cuda:{self.config.device_id}", non_blocking=True).contiguous()
+            tensors[name] = value.to(_device(self.config.device_id), non_blocking=True).contiguous()
         return tensors
 
     def _new_signature(self, key: tuple, tensors: dict[str, Any]) -> _Signature:
@@ -197,7 +197,7 @@ class CudaGraphRunner:
             for d, s in zip(meta["shape"], tensors[name].shape, strict=True):
                 if isinstance(d, str) and dims.setdefault(d, int(s)) != int(s):
                     raise ModelInputError(f"{self.path.stem}: dimension {d!r} differs between inputs ({dims[d]}, {s})")
-        device = torch.device("cuda", self.config.device_id)
+        device = _device(self.config.device_id)
         outputs = {}
         for name, meta in self._outputs.items():
             unresolved = [d for d in meta["shape"] if isinstance(d, str) and d not in dims]
@@ -226,6 +226,12 @@ class CudaGraphRunner:
     def _bind(self, bind: Any, name: str, tensor: Any) -> None:
         element = _DTYPES[str(tensor.dtype).removeprefix("torch.")]
         bind(name, "cuda", self.config.device_id, element, list(tensor.shape), tensor.data_ptr())
+
+
+def _device(device_id: int) -> Any:
+    import torch
+
+    return torch.device("cuda", device_id)
 
 
 def _torch_dtype(name: str) -> Any:
