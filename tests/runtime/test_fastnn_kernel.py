@@ -26,31 +26,35 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: the fused kernel cannot run", allow_module_level=True)
 
 
-@pytest.mark.parametrize("variant", fastnn_kernel.VARIANTS)
+TILES = [fastnn_kernel.DEFAULT_TILES, fastnn_kernel.Tiles(32, 128, 4, 64)]
+
+
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize(("m", "n", "d"), [(1, 5, 3), (7, 300, 24), (70, 1000, 24), (130, 4097, 8)])
-def test_fused_equals_tiles(m: int, n: int, d: int, variant: str) -> None:
+def test_fused_equals_tiles(m: int, n: int, d: int, tiles: fastnn_kernel.Tiles) -> None:
     gen = torch.Generator().manual_seed(m * 31 + n)
     queries, keys = torch.randn(m, d, generator=gen).to(DEVICE), torch.randn(n, d, generator=gen).to(DEVICE)
-    got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys), variant)
+    got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys), tiles)
     assert got.dtype == torch.int64 and got.shape == (m,)
     np.testing.assert_array_equal(got.cpu().numpy(), nearest_by_dot(queries, keys).cpu().numpy())
 
 
-@pytest.mark.parametrize("variant", fastnn_kernel.VARIANTS)
-def test_fused_ties_resolve_to_first_index_across_splits(variant: str) -> None:
+@pytest.mark.parametrize("tiles", TILES)
+def test_fused_ties_resolve_to_first_index_across_splits(tiles: fastnn_kernel.Tiles) -> None:
     keys = torch.randn(5000, 24, generator=torch.Generator().manual_seed(1))
     keys[4999] = keys[17]  # same maximum in the first and in the last split
     keys[2500] = keys[17]
     queries = torch.stack([keys[17], keys[4999] * 2.0, keys[123]])
-    assert fastnn_kernel.plan_splits(3, 5000)[0] > 1  # the tie really crosses splits
-    got = fastnn_kernel.nearest_by_dot_fused(queries.to(DEVICE), fastnn_kernel.transposed(keys.to(DEVICE)), variant)
+    assert fastnn_kernel.plan_splits(3, 5000, tiles)[0] > 1  # the tie really crosses splits
+    got = fastnn_kernel.nearest_by_dot_fused(queries.to(DEVICE), fastnn_kernel.transposed(keys.to(DEVICE)), tiles)
     assert got.tolist() == [17, 17, 123]
 
 
-def test_plan_splits_covers_every_key_once() -> None:
+@pytest.mark.parametrize("tiles", TILES)
+def test_plan_splits_covers_every_key_once(tiles: fastnn_kernel.Tiles) -> None:
     for m, n in [(1, 64), (3, 196608), (3072, 196608), (100000, 1000), (5, 63)]:
-        splits, per_split = fastnn_kernel.plan_splits(m, n)
-        assert per_split % 64 == 0 and splits * per_split >= n > (splits - 1) * per_split
+        splits, per_split = fastnn_kernel.plan_splits(m, n, tiles)
+        assert per_split % tiles.block_n == 0 and splits * per_split >= n > (splits - 1) * per_split
 
 
 def test_fused_matches_reference_data(mast3r_ref: Path) -> None:
@@ -75,10 +79,10 @@ def test_fused_symmetric_reference(mast3r_ref: Path) -> None:
 
 
 def test_auto_uses_fused_only_on_cuda_and_fused_refuses_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert MatchConfig().fused_variant(torch.device("cpu")) is None  # interpreting is for tests, never automatic
-    assert MatchConfig(kernel="fused-dot").fused_variant(DEVICE) == "dot"
+    assert MatchConfig().use_fused(torch.device("cpu")) is False  # interpreting is for tests, never automatic
+    assert MatchConfig(kernel="fused").use_fused(DEVICE) is True
     with pytest.raises(BackendError, match="fp32 only"):
-        MatchConfig(kernel="fused", precision="fp16").fused_variant(DEVICE)
+        MatchConfig(kernel="fused", precision="fp16").use_fused(DEVICE)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendError, match="kernel='fused' cannot run"):
-        MatchConfig(kernel="fused").fused_variant(torch.device("cpu"))
+        MatchConfig(kernel="fused").use_fused(torch.device("cpu"))

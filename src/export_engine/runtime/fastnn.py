@@ -69,31 +69,29 @@ class MatchConfig:
     block_size: int = 8192
     precision: Literal["fp32", "fp16"] = "fp32"
     # "fused": the Triton kernel of fastnn_kernel (dot products and argmax in registers, no similarity tiles);
-    # "fused-dot": the same kernel forming the products with tl.dot (benchmark alternative); "tiles": torch
-    # matmul tiles; "auto": "fused" where it can run (CUDA with triton, fp32), else "tiles".
-    kernel: Literal["auto", "fused", "fused-dot", "tiles"] = "auto"
+    # "tiles": torch matmul tiles; "auto": "fused" where it can run (CUDA with triton, fp32), else "tiles".
+    kernel: Literal["auto", "fused", "tiles"] = "auto"
+    tiles: fastnn_kernel.Tiles = fastnn_kernel.DEFAULT_TILES  # the fused kernel's launch shape
 
     def __post_init__(self) -> None:
         if self.max_iter < 1 or self.block_size < 1:
             raise ModelInputError(f"max_iter and block_size must be >= 1, got {self.max_iter}, {self.block_size}")
         if self.precision not in ("fp32", "fp16"):
             raise ModelInputError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
-        if self.kernel not in ("auto", "fused", "fused-dot", "tiles"):
-            raise ModelInputError(f"kernel must be 'auto', 'fused', 'fused-dot' or 'tiles', got {self.kernel!r}")
+        if self.kernel not in ("auto", "fused", "tiles"):
+            raise ModelInputError(f"kernel must be 'auto', 'fused' or 'tiles', got {self.kernel!r}")
 
-    def fused_variant(self, device: torch.device) -> str | None:
-        """The fused kernel's variant computing the neighbours on `device`, or None for torch tiles.
-
-        Raises when "fused"/"fused-dot" was asked for and cannot run there."""
+    def use_fused(self, device: torch.device) -> bool:
+        """Whether the fused kernel computes the neighbours on `device` (raises if "fused" cannot run there)."""
         if self.kernel == "tiles":
-            return None
+            return False
         runnable, why = fastnn_kernel.available(device)
-        if self.kernel in ("fused", "fused-dot"):
+        if self.kernel == "fused":
             if not runnable or self.precision != "fp32":
                 reason = why if not runnable else "it computes in fp32 only"
-                raise BackendError(f"FastNN-Lite kernel={self.kernel!r} cannot run: {reason}; use 'tiles' or 'auto'")
-            return "dot" if self.kernel == "fused-dot" else "fma"
-        return "fma" if runnable and device.type == "cuda" and self.precision == "fp32" else None
+                raise BackendError(f"FastNN-Lite kernel='fused' cannot run: {reason}; use kernel='tiles' or 'auto'")
+            return True
+        return runnable and device.type == "cuda" and self.precision == "fp32"
 
 
 @contextlib.contextmanager
@@ -201,9 +199,9 @@ def _fold_tile_sparse(sim: Tensor, offset: int, best: Tensor, arg: Tensor) -> No
 class _MemoNN:
     """Nearest neighbour in `keys` of each row of `source`, computed on first request and then remembered."""
 
-    def __init__(self, source: Tensor, keys: Tensor, block_size: int, variant: str | None) -> None:
-        self.source, self.keys, self.block_size, self.variant = source, keys, block_size, variant
-        self.keys_t = fastnn_kernel.transposed(keys) if variant else None  # the fused kernel's layout, made once
+    def __init__(self, source: Tensor, keys: Tensor, config: MatchConfig, fused: bool) -> None:
+        self.source, self.keys, self.config = source, keys, config
+        self.keys_t = fastnn_kernel.transposed(keys) if fused else None  # the fused kernel's layout, made once
         self.table = torch.full((source.shape[0],), -1, dtype=torch.int64, device=source.device)
         self.rows_computed = 0
 
@@ -212,9 +210,9 @@ class _MemoNN:
         if missing.numel() > 0:
             queries = self.source[missing]
             if self.keys_t is not None:
-                self.table[missing] = fastnn_kernel.nearest_by_dot_fused(queries, self.keys_t, self.variant or "fma")
+                self.table[missing] = fastnn_kernel.nearest_by_dot_fused(queries, self.keys_t, self.config.tiles)
             else:
-                self.table[missing] = nearest_by_dot(queries, self.keys, self.block_size)
+                self.table[missing] = nearest_by_dot(queries, self.keys, self.config.block_size)
             self.rows_computed += int(missing.numel())
         return self.table[rows]
 
@@ -250,9 +248,9 @@ class ReciprocalMatcher:
         self.shape1 = (int(desc1.shape[0]), int(desc1.shape[1]))
         self.shape2 = (int(desc2.shape[0]), int(desc2.shape[1]))
         flat1, flat2 = (self._compute_dtype(d.reshape(-1, d.shape[2])) for d in (desc1, desc2))
-        variant = self.config.fused_variant(desc1.device)
-        self._nn12 = _MemoNN(flat1, flat2, self.config.block_size, variant)
-        self._nn21 = _MemoNN(flat2, flat1, self.config.block_size, variant)
+        fused = self.config.use_fused(desc1.device)
+        self._nn12 = _MemoNN(flat1, flat2, self.config, fused)
+        self._nn21 = _MemoNN(flat2, flat1, self.config, fused)
 
     def _compute_dtype(self, flat: Tensor) -> Tensor:
         if self.config.precision == "fp16":
@@ -355,7 +353,7 @@ def fast_reciprocal_nn(
     init_xy1: tuple[Tensor, Tensor] | None = None,
     pixel_tol: float = 0.0,
     precision: Literal["fp32", "fp16"] = "fp32",
-    kernel: Literal["auto", "fused", "fused-dot", "tiles"] = "auto",
+    kernel: Literal["auto", "fused", "tiles"] = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Reciprocal matches between (H1, W1, D) and (H2, W2, D) maps, sorted by (index 1, index 2).
 
