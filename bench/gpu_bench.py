@@ -138,6 +138,65 @@ class Report:
         return "\n".join(lines)
 
 
+def fastsam3d_section(report: Report, work: Path, warm: int, reps: int) -> None:
+    for label, precision, config in (
+        ("hybrid, fused attention, CUDA graph", "hybrid", CudaSessionConfig("fused", cuda_graph=True)),
+        ("hybrid, decomposed attention, CUDA graph", "hybrid", CudaSessionConfig("decomposed", cuda_graph=True)),
+        ("fp32, fused attention, CUDA graph", "fp32", CudaSessionConfig("fused", cuda_graph=True)),
+    ):
+        artifact = work / f"fastsam3d-{precision}"
+        report.add(report.section(f"ORT FastSAM3D {label}", 15, cases.ort_fastsam3d, artifact, config, warm, reps,
+                                  label))  # fmt: skip
+    report.data["profile FastSAM3D hybrid encoder"] = report.section(
+        "profile FastSAM3D hybrid encoder", 15, cases.profile_fastsam3d, work / "fastsam3d-hybrid"
+    )
+
+
+def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, reps: int) -> None:
+    configs = [  # (label, artifact, config): the lowering study on hybrid, then FP32 with and without TF32
+        ("hybrid, fused attention, CUDA graph", "hybrid", CudaSessionConfig("fused", cuda_graph=True)),
+        ("hybrid, fused attention", "hybrid", CudaSessionConfig("fused", cuda_graph=False)),
+        ("hybrid, decomposed attention, CUDA graph", "hybrid", CudaSessionConfig("decomposed", cuda_graph=True)),
+        ("fp32, fused attention, CUDA graph", "fp32", CudaSessionConfig("fused", cuda_graph=True)),
+        ("fp32 (TF32 on), fused attention, CUDA graph", "fp32", CudaSessionConfig("fused", True, tf32=True)),
+    ]
+    best: tuple[float, Any, str] | None = None
+    for label, precision, config in configs:
+        result = report.section(f"ORT MASt3R {label}", 30, cases.ort_mast3r, work / f"mast3r-{precision}", config,
+                                images, warm, reps, label)  # fmt: skip
+        if result is None:
+            continue
+        row, runners = result
+        report.add(row)
+        if label.startswith("hybrid") and (best is None or row["median_ms"] < best[0]):
+            best = (row["median_ms"], runners, label)
+        if label == "hybrid, fused attention":  # no CUDA graph: CUPTI sees every kernel launch
+            pair = cases.network(runners, images)
+            report.data["profile MASt3R hybrid"] = report.section("profile MASt3R hybrid", 15, cases.profile, pair)
+        result = row = runners = None  # the session is freed unless it is the best so far (kept in `best`)
+    if best is not None:
+        report.add(report.section("MASt3R end to end", 15, cases.end_to_end, best[1], images, warm, reps, best[2]))
+
+
+def print_details(data: dict[str, Any]) -> None:
+    fastnn = data.get("fastnn breakdown")
+    if fastnn:
+        done = [r for r in fastnn["sweep"] if "median_ms" in r]
+        sweep = ", ".join(f"{r['tiles']['block_m']}x{r['tiles']['block_n']}/{r['tiles']['warps']}w/"
+                          f"{r['tiles']['target_programs']}: {r['median_ms']:.2f} ms"
+                          f"{'' if r['identical'] else ' NOT EXACT'}" for r in done)  # fmt: skip
+        print(f"FastNN-Lite kernel, 3072 x 196608 rows x keys: {sweep}")
+        print(f"FastNN-Lite pair: rows per call {fastnn['rows_per_call']}, kernel time on them "
+              f"{fastnn['kernel_ms_sum']:.2f} ms (best tiles {fastnn['best_tiles']})")  # fmt: skip
+    for key in ("profile MASt3R hybrid", "profile FastSAM3D hybrid encoder"):
+        prof = data.get(key)
+        if prof:
+            cats = ", ".join(f"{c} {ms:.2f}" for c, ms in prof["by_category_ms"].items())
+            print(f"{key}: GPU kernels {prof['gpu_kernel_ms_per_run']:.2f} ms per run; by category (ms): {cats}")
+            for k in prof["top_kernels_ms"][:6]:
+                print(f"    {k['ms']:7.3f} ms  {k['kernel'][:110]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="where the artifacts are (or are exported to)")
@@ -165,46 +224,22 @@ def main() -> int:
 
     report.add(report.section("torch MASt3R", 60, cases.torch_mast3r, images, warm, reps))
     report.add(report.section("torch FastSAM3D", 30, cases.torch_fastsam3d, warm, 4 * reps))
-    report.add(report.section("FastNN-Lite", 40, cases.fastnn, warm, 4 * reps, 10))
-    report.data["exports"] = wait_exports(procs, args.work, time.monotonic() + max(report.left() - 200, 30), theirs)
+    fastnn = report.section("FastNN-Lite", 40, cases.fastnn, warm, 4 * reps, 10)
+    if fastnn:
+        report.add(fastnn[0])
+        report.data["fastnn breakdown"] = fastnn[1]
+    small = {k: v for k, v in procs.items() if k.startswith("fastsam3d")}
+    report.data["exports"] = wait_exports(small, args.work, time.monotonic() + max(report.left() - 300, 30), theirs)
+    fastsam3d_section(report, args.work, warm, 4 * reps)
+    large = {k: v for k, v in procs.items() if k not in small}
+    report.data["exports"].update(wait_exports(large, args.work, time.monotonic() + max(report.left() - 150, 30),
+                                               theirs))  # fmt: skip
     report.save()
-
-    configs = [  # (label, artifact, config): the lowering study on hybrid, then FP32 with and without TF32
-        ("hybrid, fused attention, CUDA graph", "hybrid", CudaSessionConfig("fused", cuda_graph=True)),
-        ("hybrid, fused attention", "hybrid", CudaSessionConfig("fused", cuda_graph=False)),
-        ("hybrid, decomposed attention, CUDA graph", "hybrid", CudaSessionConfig("decomposed", cuda_graph=True)),
-        ("fp32, fused attention, CUDA graph", "fp32", CudaSessionConfig("fused", cuda_graph=True)),
-        ("fp32 (TF32 on), fused attention, CUDA graph", "fp32", CudaSessionConfig("fused", True, tf32=True)),
-    ]
-    best: tuple[float, Any, str] | None = None
-    for label, precision, config in configs:
-        artifact = args.work / f"mast3r-{precision}"
-        result = report.section(f"ORT MASt3R {label}", 45, cases.ort_mast3r, artifact, config, images, warm, reps,
-                                label)  # fmt: skip
-        if result is None:
-            continue
-        row, runners = result
-        report.add(row)
-        if label.startswith("hybrid") and (best is None or row["median_ms"] < best[0]):
-            best = (row["median_ms"], runners, label)
-        if label.startswith("hybrid, fused attention") and not config.cuda_graph:
-            pair = cases.network(runners, images)
-            report.data["profile hybrid"] = report.section("profile MASt3R hybrid", 20, cases.profile, pair)
-        result = row = runners = None  # the session is freed unless it is the best so far (kept in `best`)
-    if best is not None:
-        report.add(report.section("MASt3R end to end", 20, cases.end_to_end, best[1], images, warm, reps, best[2]))
-        best = None
-    for label, precision, config in (
-        ("hybrid, fused attention, CUDA graph", "hybrid", CudaSessionConfig("fused", cuda_graph=True)),
-        ("hybrid, decomposed attention, CUDA graph", "hybrid", CudaSessionConfig("decomposed", cuda_graph=True)),
-        ("fp32, fused attention, CUDA graph", "fp32", CudaSessionConfig("fused", cuda_graph=True)),
-    ):
-        artifact = args.work / f"fastsam3d-{precision}"
-        report.add(report.section(f"ORT FastSAM3D {label}", 20, cases.ort_fastsam3d, artifact, config, warm,
-                                  4 * reps, label))  # fmt: skip
+    mast3r_section(report, args.work, images, warm, reps)
     report.save()
     print("\n" + report.data["device"] + "  " + json.dumps(report.data["versions"]))
     print(report.table())
+    print_details(report.data)
     for line in report.data["skipped"]:
         print("skipped:", line)
     print(f"written: {args.out / 'gpu_bench.json'}")

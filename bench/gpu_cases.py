@@ -12,6 +12,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -72,26 +73,27 @@ def set_tf32(enabled: bool) -> None:
 
 
 def torch_mast3r(images: torch.Tensor, warmup: int, repeats: int) -> list[dict[str, Any]]:
-    """Our PyTorch MASt3R (upstream-equivalent, explicit attention) per pair: FP32, TF32; FP16 autocast + SDPA."""
+    """Our PyTorch MASt3R (upstream-equivalent, explicit attention) per pair: FP32, TF32; FP16 autocast + SDPA.
+
+    One set of weights on the GPU; the SDPA model is built on the meta device and takes the same tensors."""
     from export_engine.models.mast3r.model import MASt3R
 
     loaded = get_family("mast3r").load(None, None, 0)
+    explicit = loaded.module.cuda().eval()
+    with torch.device("meta"):
+        sdpa = MASt3R(loaded.config, attn_impl="sdpa")
+    sdpa.load_state_dict(explicit.state_dict(), assign=True)
+    sdpa.eval()
     rows = []
     img1, img2 = images[0:1], images[1:2]
-    for mode in ("fp32", "tf32", "fp16-autocast-sdpa"):
-        impl = "sdpa" if "sdpa" in mode else "explicit"
-        model = MASt3R(loaded.config, attn_impl=impl)
-        model.load_state_dict(loaded.module.state_dict())
-        model = model.cuda().eval()
+    for mode, model in (("fp32", explicit), ("tf32", explicit), ("fp16-autocast-sdpa", sdpa)):
         set_tf32(mode != "fp32")
         with DeviceMemory() as mem, torch.inference_mode():
             with torch.autocast("cuda", dtype=torch.float16, enabled="fp16" in mode):
                 timing = time_calls(lambda m=model: m(img1, img2), warmup, repeats)
             mem.sample()
         rows.append({"case": f"MASt3R pair, PyTorch eager {mode}", **timing, "gpu_mem_gib": mem.peak / GiB})
-        del model
     set_tf32(False)
-    del loaded
     return rows
 
 
@@ -223,6 +225,15 @@ def ort_fastsam3d(artifact: Path, config: CudaSessionConfig, warmup: int, repeat
     ]  # fmt: skip
 
 
+def profile_fastsam3d(artifact: Path) -> dict[str, Any]:
+    """Kernel profile of the FastSAM3D encoder (hybrid, fused attention, no CUDA graph)."""
+    meta = graph_meta(artifact)["encoder"]
+    runner = CudaGraphRunner(artifact / meta["file"], meta, CudaSessionConfig("fused", cuda_graph=False))
+    size = meta["inputs"][0]["shape"][-1]
+    image = torch.randn(1, 1, size, size, size).cuda()
+    return profile(lambda: runner.run({"image": image}, copy=False), runs=10)
+
+
 # --- profile -----------------------------------------------------------------------------------------------------
 
 _CATEGORIES = (
@@ -267,26 +278,57 @@ def profile(fn: Callable[[], Any], runs: int = 5, top: int = 12) -> dict[str, An
 # --- FastNN-Lite ---------------------------------------------------------------------------------------------------
 
 
-def fastnn(warmup: int, repeats: int, ref_repeats: int) -> list[dict[str, Any]]:
-    """Upstream algorithm (plain implementation) vs FastNN-Lite kernels on 512x384 smooth 24-dim maps, subsample 8."""
+def fastnn(
+    warmup: int, repeats: int, ref_repeats: int, height: int = 384, width: int = 512
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Upstream algorithm (plain implementation) vs FastNN-Lite on 512x384 smooth 24-dim maps, subsample 8.
+
+    Also sweeps the fused kernel's launch shapes on the first round's shape (3072 x 196608) and splits a pair's
+    time into kernel time (the rows each round asks for) and the rest (host loop, syncs, bookkeeping)."""
     from fastnn_bench import smooth_maps
 
-    from export_engine.runtime.fastnn import fast_reciprocal_nn
+    from export_engine.runtime import fastnn_kernel as fk
+    from export_engine.runtime.fastnn import MatchConfig, ReciprocalMatcher, matcher_reciprocal_nn, nearest_by_dot
     from export_engine.runtime.matching_reference import reciprocal_nn_reference
 
-    d1, d2 = (m.cuda() for m in smooth_maps(384, 512, 2))
+    d1, d2 = (m.cuda() for m in smooth_maps(height, width, 2))
+    flat1, flat2 = d1.reshape(-1, 24), d2.reshape(-1, 24)
+    keys_t = fk.transposed(flat2)
+    queries = flat1[::64][:3072].contiguous()  # as many rows as the first round asks for at 512x384
+    exact = nearest_by_dot(queries, flat2)
+    sweep = []
+    for tiles in (fk.Tiles(64, 64, 4), fk.Tiles(128, 64, 4), fk.Tiles(64, 128, 4), fk.Tiles(128, 128, 8),
+                  fk.Tiles(128, 64, 8), fk.Tiles(64, 64, 2), fk.Tiles(32, 128, 4), fk.Tiles(64, 64, 4, 1056),
+                  fk.Tiles(128, 128, 4), fk.Tiles(128, 32, 4)):  # fmt: skip
+        try:
+            timing = time_calls(lambda t=tiles: fk.nearest_by_dot_fused(queries, keys_t, t), 3, 20)
+            same = bool(torch.equal(fk.nearest_by_dot_fused(queries, keys_t, tiles), exact))
+            fmas = queries.shape[0] * keys_t.shape[1] * 32  # features padded to 32
+            sweep.append({"tiles": asdict(tiles), **timing, "identical": same,
+                          "tflops_fp32": 2 * fmas / timing["median_ms"] / 1e9})  # fmt: skip
+        except Exception as err:  # a launch shape the compiler rejects is reported, not fatal
+            sweep.append({"tiles": asdict(tiles), "error": f"{type(err).__name__}: {err}"[:300]})
+    ranked = [r for r in sweep if "median_ms" in r and r["identical"]]
+    best = fk.Tiles(**min(ranked, key=lambda r: r["median_ms"])["tiles"]) if ranked else fk.DEFAULT_TILES
 
     def as_numpy(result: tuple) -> tuple[np.ndarray, ...]:
         return tuple(np.asarray(r.cpu().numpy() if isinstance(r, torch.Tensor) else r) for r in result)
 
     def reference() -> tuple:
-        return reciprocal_nn_reference(d1, d2, 8, device="cuda")
+        return reciprocal_nn_reference(d1, d2, 8, device=d1.device)
+
+    def run(config: MatchConfig) -> tuple:
+        return matcher_reciprocal_nn(ReciprocalMatcher(d1, d2, config), 8)
 
     expected = as_numpy(reference())
+    cases: list[tuple[str, Callable[[], tuple], int]] = [
+        ("reference (upstream algorithm)", reference, ref_repeats),
+        ("FastNN-Lite tiles", lambda: run(MatchConfig(kernel="tiles")), repeats),
+        ("FastNN-Lite fused", lambda: run(MatchConfig(kernel="fused")), repeats),
+        (f"FastNN-Lite fused, tiles {best.block_m}x{best.block_n}/{best.warps}w/{best.target_programs}",
+         lambda: run(MatchConfig(tiles=best)), repeats),
+    ]  # fmt: skip
     rows = []
-    cases: list[tuple[str, Callable[[], tuple], int]] = [("reference (upstream algorithm)", reference, ref_repeats)]
-    for kernel in ("tiles", "fused", "fused-dot"):
-        cases.append((f"FastNN-Lite {kernel}", lambda k=kernel: fast_reciprocal_nn(d1, d2, 8, kernel=k), repeats))
     for name, fn, runs in cases:
         try:
             torch.cuda.reset_peak_memory_stats()
@@ -299,4 +341,20 @@ def fastnn(warmup: int, repeats: int, ref_repeats: int) -> list[dict[str, Any]]:
                          "matches": len(got[0]), "peak_extra_mib": peak})  # fmt: skip
         except Exception as err:  # a failing variant is reported, the others still run
             rows.append({"case": f"FastNN {name}", "error": f"{type(err).__name__}: {err}"[:400]})
-    return rows
+    # Where a pair's time goes: the kernel on the rows each round computes (counted on this pair), the rest.
+    matcher = ReciprocalMatcher(d1, d2, MatchConfig(tiles=best))
+    counts = []
+    original = fk.nearest_by_dot_fused
+
+    def counting(q: torch.Tensor, k: torch.Tensor, t: fk.Tiles = best) -> torch.Tensor:
+        counts.append(int(q.shape[0]))
+        return original(q, k, t)
+
+    fk.nearest_by_dot_fused = counting  # type: ignore[assignment]
+    try:
+        matcher_reciprocal_nn(matcher, 8)
+    finally:
+        fk.nearest_by_dot_fused = original  # type: ignore[assignment]
+    kernel_ms = sum(time_calls(lambda c=c: original(flat1[:c], keys_t, best), 2, 10)["median_ms"] for c in counts)
+    breakdown = {"rows_per_call": counts, "kernel_ms_sum": kernel_ms, "best_tiles": asdict(best), "sweep": sweep}
+    return rows, breakdown
