@@ -10,10 +10,13 @@
   and replays it afterwards (one ``gpu_graph_id`` per signature, so a few different shapes can each have one).
   Captured graphs read fixed addresses: inputs are copied into per-signature buffers first. Every node must
   run on CUDA for a capture; session creation fails otherwise, and the error says so.
-* Attention lowering (``attention=...``): the artifact's graphs keep the standard ``Attention`` op, which is
-  what TensorRT wants. ``"fused"`` runs it as is (ONNX Runtime >= 1.31 dispatches it to flash or
-  memory-efficient attention kernels); ``"decomposed"`` rewrites it in memory into MatMul/Softmax/MatMul first
-  (:mod:`export_engine.graph_passes.decompose_attention`). The artifact's files are never changed.
+* Lowering for ONNX Runtime, in memory: ``patch_conv`` (default on) rewrites kernel == stride convolutions
+  as MatMuls (:mod:`export_engine.graph_passes.lower_patch_conv`; cuDNN ran them with slow direct kernels);
+  ``nhwc`` asks ONNX Runtime for channels-last convolutions. The artifact's graphs keep the standard
+  ``Attention`` op, which is what TensorRT wants: ``attention="fused"`` runs it as is (ONNX Runtime >= 1.31
+  dispatches it to flash or memory-efficient attention kernels); ``"decomposed"`` rewrites it into
+  MatMul/Softmax/MatMul first (:mod:`export_engine.graph_passes.decompose_attention`). The artifact's files
+  are never changed.
   ``DEFAULT_ATTENTION`` is the lowering measured fastest on an H100 (bench/RESULTS.md).
 * TF32: off by default (``tf32=False``) so that an FP32 artifact computes in FP32 as its parity report says;
   ONNX Runtime's own default is on.
@@ -49,6 +52,8 @@ class CudaSessionConfig:
     cuda_graph: bool = False
     tf32: bool = False
     device_id: int = 0
+    patch_conv: bool = True  # kernel == stride (transposed) convolutions as MatMuls (lower_patch_conv)
+    nhwc: bool = False  # ONNX Runtime's prefer_nhwc: channels-last convolution kernels
 
     def __post_init__(self) -> None:
         if self.attention not in ("fused", "decomposed"):
@@ -99,7 +104,8 @@ class CudaGraphRunner:
         source = self._lowered_source()
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if self.config.tf32 else "0"}
+        provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if self.config.tf32 else "0",
+                    "prefer_nhwc": "1" if self.config.nhwc else "0"}  # fmt: skip
         if self.config.cuda_graph:
             provider["enable_cuda_graph"] = "1"
         try:
@@ -117,14 +123,21 @@ class CudaGraphRunner:
         self._signatures: dict[tuple, _Signature] = {}
 
     def _lowered_source(self) -> Path:
-        if self.config.attention == "fused":
+        """The artifact's graph, or a rewritten copy in a scratch folder (see the module docstring)."""
+        if self.config.attention == "fused" and not self.config.patch_conv:
             return self.path
         from export_engine.graph_passes.base import load_graph, save_graph
         from export_engine.graph_passes.decompose_attention import DecomposeAttentionConfig, decompose_attention
+        from export_engine.graph_passes.lower_patch_conv import LowerPatchConvConfig, lower_patch_conv
 
         graph = load_graph(self.path)
-        report = decompose_attention(graph, DecomposeAttentionConfig())
-        log.info("%s: %s (for ONNX Runtime only; the artifact is unchanged)", self.path.name, report.summary())
+        reports = []
+        if self.config.patch_conv:
+            reports.append(lower_patch_conv(graph, LowerPatchConvConfig()))
+        if self.config.attention == "decomposed":
+            reports.append(decompose_attention(graph, DecomposeAttentionConfig()))
+        for report in reports:
+            log.info("%s: %s (for ONNX Runtime only; the artifact is unchanged)", self.path.name, report.summary())
         scratch = tempfile.TemporaryDirectory(prefix="export-engine-ort-")
         weakref.finalize(self, scratch.cleanup)
         target = Path(scratch.name) / self.path.name
