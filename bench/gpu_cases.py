@@ -225,21 +225,27 @@ def ort_fastsam3d(artifact: Path, config: CudaSessionConfig, warmup: int, repeat
     ]  # fmt: skip
 
 
-def profile_fastsam3d(artifact: Path) -> dict[str, Any]:
-    """Kernel profile of the FastSAM3D encoder (hybrid, fused attention, no CUDA graph)."""
+def profile_fastsam3d(artifact: Path, config: CudaSessionConfig) -> dict[str, Any]:
+    """Kernel profile of the FastSAM3D encoder (no CUDA graph: CUPTI sees each launch)."""
     meta = graph_meta(artifact)["encoder"]
-    runner = CudaGraphRunner(artifact / meta["file"], meta, CudaSessionConfig("fused", cuda_graph=False))
+    runner = CudaGraphRunner(artifact / meta["file"], meta, config)
     size = meta["inputs"][0]["shape"][-1]
     image = torch.randn(1, 1, size, size, size).cuda()
     return profile(lambda: runner.run({"image": image}, copy=False), runs=10)
 
 
+def profile_mast3r(artifact: Path, config: CudaSessionConfig, images: torch.Tensor) -> dict[str, Any]:
+    """Kernel profile of the MASt3R network per pair (no CUDA graph: CUPTI sees each launch)."""
+    runners = {name: CudaGraphRunner(artifact / m["file"], m, config) for name, m in graph_meta(artifact).items()}
+    return profile(network(runners, images))
+
+
 # --- profile -----------------------------------------------------------------------------------------------------
 
-_CATEGORIES = (
+_CATEGORIES = (  # first match wins: cuDNN's convolution kernels have "sgemm" in their names
     ("attention", r"flash|fmha|attention|attn|mha"),
-    ("gemm", r"gemm|cutlass|xmma|cublas|wgmma|matmul|sm90_|ampere_|s16816|h16816"),
     ("conv", r"conv|cudnn|implicit|winograd|fft"),
+    ("gemm", r"gemm|cutlass|xmma|cublas|wgmma|matmul|nvjet|sm90_|ampere_|s16816|h16816"),
     ("norm", r"layernorm|layer_norm|norm"),
     ("softmax", r"softmax"),
     ("copy/cast", r"cast|copy|transpose|memcpy|concat|slice|gather|pad"),

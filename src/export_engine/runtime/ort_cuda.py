@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,23 +125,11 @@ class CudaGraphRunner:
         """The artifact's graph, or a rewritten copy in a scratch folder (see the module docstring)."""
         if self.config.attention == "fused" and not self.config.patch_conv:
             return self.path
-        from export_engine.graph_passes.base import load_graph, save_graph
-        from export_engine.graph_passes.decompose_attention import DecomposeAttentionConfig, decompose_attention
-        from export_engine.graph_passes.lower_patch_conv import LowerPatchConvConfig, lower_patch_conv
-
-        graph = load_graph(self.path)
-        reports = []
-        if self.config.patch_conv:
-            reports.append(lower_patch_conv(graph, LowerPatchConvConfig()))
-        if self.config.attention == "decomposed":
-            reports.append(decompose_attention(graph, DecomposeAttentionConfig()))
-        for report in reports:
-            log.info("%s: %s (for ONNX Runtime only; the artifact is unchanged)", self.path.name, report.summary())
-        scratch = tempfile.TemporaryDirectory(prefix="export-engine-ort-")
-        weakref.finalize(self, scratch.cleanup)
-        target = Path(scratch.name) / self.path.name
-        save_graph(graph, target)
-        return target
+        stat = self.path.stat()
+        key = (str(self.path.resolve()), stat.st_mtime_ns, stat.st_size, self.config.attention, self.config.patch_conv)
+        if key not in _LOWERED:  # one rewrite per graph and lowering per process (sessions of other options share it)
+            _LOWERED[key] = _lower(self.path, self.config)
+        return Path(_LOWERED[key].name) / self.path.name
 
     # --- running -------------------------------------------------------------------------------------------
 
@@ -239,6 +226,27 @@ class CudaGraphRunner:
     def _bind(self, bind: Any, name: str, tensor: Any) -> None:
         element = _DTYPES[str(tensor.dtype).removeprefix("torch.")]
         bind(name, "cuda", self.config.device_id, element, list(tensor.shape), tensor.data_ptr())
+
+
+_LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
+
+
+def _lower(path: Path, config: CudaSessionConfig) -> tempfile.TemporaryDirectory:
+    from export_engine.graph_passes.base import load_graph, save_graph
+    from export_engine.graph_passes.decompose_attention import DecomposeAttentionConfig, decompose_attention
+    from export_engine.graph_passes.lower_patch_conv import LowerPatchConvConfig, lower_patch_conv
+
+    graph = load_graph(path)
+    reports = []
+    if config.patch_conv:
+        reports.append(lower_patch_conv(graph, LowerPatchConvConfig()))
+    if config.attention == "decomposed":
+        reports.append(decompose_attention(graph, DecomposeAttentionConfig()))
+    for report in reports:
+        log.info("%s: %s (for ONNX Runtime only; the artifact is unchanged)", path.name, report.summary())
+    scratch = tempfile.TemporaryDirectory(prefix="export-engine-ort-")  # removed at exit
+    save_graph(graph, Path(scratch.name) / path.name)
+    return scratch
 
 
 def _device(device_id: int) -> Any:
