@@ -29,53 +29,25 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 TILES = [fastnn_kernel.DEFAULT_TILES, fastnn_kernel.Tiles(32, 128, 4, 64)]
 
 
-def fused(queries: torch.Tensor, keys: torch.Tensor, tiles: fastnn_kernel.Tiles, screen: bool) -> torch.Tensor:
-    prepared = fastnn_kernel.FusedKeys.from_flat(keys.to(DEVICE))
-    return fastnn_kernel.nearest_by_dot_fused(queries.to(DEVICE), prepared, tiles, screen)
-
-
-@pytest.mark.parametrize("screen", [True, False])
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize(("m", "n", "d"), [(1, 5, 3), (7, 300, 24), (70, 1000, 24), (130, 4097, 8)])
-def test_fused_equals_tiles(m: int, n: int, d: int, tiles: fastnn_kernel.Tiles, screen: bool) -> None:
+def test_fused_equals_tiles(m: int, n: int, d: int, tiles: fastnn_kernel.Tiles) -> None:
     gen = torch.Generator().manual_seed(m * 31 + n)
     queries, keys = torch.randn(m, d, generator=gen).to(DEVICE), torch.randn(n, d, generator=gen).to(DEVICE)
-    got = fused(queries, keys, tiles, screen)
+    got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys), tiles)
     assert got.dtype == torch.int64 and got.shape == (m,)
     np.testing.assert_array_equal(got.cpu().numpy(), nearest_by_dot(queries, keys).cpu().numpy())
 
 
-@pytest.mark.parametrize("screen", [True, False])
 @pytest.mark.parametrize("tiles", TILES)
-def test_fused_ties_resolve_to_first_index_across_splits(tiles: fastnn_kernel.Tiles, screen: bool) -> None:
+def test_fused_ties_resolve_to_first_index_across_splits(tiles: fastnn_kernel.Tiles) -> None:
     keys = torch.randn(5000, 24, generator=torch.Generator().manual_seed(1))
     keys[4999] = keys[17]  # same maximum in the first and in the last split
     keys[2500] = keys[17]
     queries = torch.stack([keys[17], keys[4999] * 2.0, keys[123]])
     assert fastnn_kernel.plan_splits(3, 5000, tiles)[0] > 1  # the tie really crosses splits
-    assert fused(queries, keys, tiles, screen).tolist() == [17, 17, 123]
-
-
-@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e4])
-def test_screening_keeps_near_ties_exact(scale: float) -> None:
-    """Keys that differ from each other far below FP16's resolution: screening must hand them all to the exact
-    pass (and their fp32 order decides), at any scale of the descriptors."""
-    gen = torch.Generator().manual_seed(3)
-    base = torch.nn.functional.normalize(torch.randn(1, 24, generator=gen), dim=1)
-    keys = torch.cat([base + 1e-6 * torch.randn(600, 24, generator=gen), torch.randn(400, 24, generator=gen)]) * scale
-    queries = torch.cat([base, base + 1e-3 * torch.randn(5, 24, generator=gen), torch.zeros(1, 24)]) * scale
-    got = fused(queries, keys, TILES[0], True)
-    np.testing.assert_array_equal(got.cpu().numpy(), nearest_by_dot(queries, keys).numpy())
-    assert got[-1] == 0  # a zero query ties every key: the first index
-
-
-def test_screen_eps_bounds_the_fp16_error() -> None:
-    """The documented bound holds on random unit vectors with a 25 % margin (measured error well below it)."""
-    gen = torch.Generator().manual_seed(4)
-    q = torch.nn.functional.normalize(torch.randn(256, 24, generator=gen, dtype=torch.float64), dim=1)
-    k = torch.nn.functional.normalize(torch.randn(512, 24, generator=gen, dtype=torch.float64), dim=1)
-    approx = q.half().double() @ k.half().double().T  # exact products of the FP16 roundings
-    assert float((approx - q @ k.T).abs().max()) < fastnn_kernel.screen_eps(24) / 1.25
+    got = fastnn_kernel.nearest_by_dot_fused(queries.to(DEVICE), fastnn_kernel.transposed(keys.to(DEVICE)), tiles)
+    assert got.tolist() == [17, 17, 123]
 
 
 @pytest.mark.parametrize("tiles", TILES)
@@ -89,7 +61,7 @@ def test_fused_matches_reference_data(mast3r_ref: Path) -> None:
     with np.load(mast3r_ref / "matching.npz") as data:
         desc1, desc2 = torch.from_numpy(data["desc1"]), torch.from_numpy(data["desc2"])
         expected = data["dot_xy1"], data["dot_xy2"]
-    got = fast_reciprocal_nn(desc1.to(DEVICE), desc2.to(DEVICE), 8, kernel="fused")  # screened
+    got = fast_reciprocal_nn(desc1.to(DEVICE), desc2.to(DEVICE), 8, kernel="fused")
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g.cpu().numpy(), e)
 

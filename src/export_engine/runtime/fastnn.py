@@ -72,7 +72,6 @@ class MatchConfig:
     # "tiles": torch matmul tiles; "auto": "fused" where it can run (CUDA with triton, fp32), else "tiles".
     kernel: Literal["auto", "fused", "tiles"] = "auto"
     tiles: fastnn_kernel.Tiles = fastnn_kernel.DEFAULT_TILES  # the fused kernel's launch shape
-    screen: bool = True  # fused kernel: FP16 tensor-core screening, exact fp32 only where a key can win
 
     def __post_init__(self) -> None:
         if self.max_iter < 1 or self.block_size < 1:
@@ -202,7 +201,7 @@ class _MemoNN:
 
     def __init__(self, source: Tensor, keys: Tensor, config: MatchConfig, fused: bool) -> None:
         self.source, self.keys, self.config = source, keys, config
-        self.fused_keys = fastnn_kernel.FusedKeys.from_flat(keys) if fused else None  # made once per map
+        self.keys_t = fastnn_kernel.transposed(keys) if fused else None  # the fused kernel's layout, made once
         self.table = torch.full((source.shape[0],), -1, dtype=torch.int64, device=source.device)
         self.rows_computed = 0
 
@@ -210,10 +209,8 @@ class _MemoNN:
         missing = torch.unique(rows[self.table[rows] < 0])
         if missing.numel() > 0:
             queries = self.source[missing]
-            if self.fused_keys is not None:
-                self.table[missing] = fastnn_kernel.nearest_by_dot_fused(
-                    queries, self.fused_keys, self.config.tiles, self.config.screen
-                )
+            if self.keys_t is not None:
+                self.table[missing] = fastnn_kernel.nearest_by_dot_fused(queries, self.keys_t, self.config.tiles)
             else:
                 self.table[missing] = nearest_by_dot(queries, self.keys, self.config.block_size)
             self.rows_computed += int(missing.numel())
