@@ -20,6 +20,7 @@ Sections past --budget-s are skipped and say so; the JSON is rewritten after eve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -51,10 +52,11 @@ def launch(cmd: list[str], log: Path, cores: set[int]) -> subprocess.Popen:
                                 preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
 
 
-def start_exports(work: Path, plans: Path | None, cores: set[int]) -> dict[str, tuple[subprocess.Popen, list[str]]]:
+def start_exports(work: Path, plans: Path | None, cores: set[int],
+                  wanted: set[str]) -> dict[str, tuple[subprocess.Popen, list[str]]]:  # fmt: skip
     procs = {}
     for model, precision in EXPORTS:
-        if (work / f"{model}-{precision}" / "manifest.json").exists():
+        if f"{model}-{precision}" not in wanted or (work / f"{model}-{precision}" / "manifest.json").exists():
             continue
         plan = plans / f"{model}-hybrid.json" if plans and precision == "hybrid" else None
         cmd = export_command(work, model, precision, plan if plan and plan.exists() else None)
@@ -139,63 +141,57 @@ class Report:
 
 
 def fastsam3d_section(report: Report, work: Path, warm: int, reps: int) -> None:
-    """The ONNX Runtime lowerings on the hybrid artifact (CUDA graphs), then FP32 with the best one, a profile."""
+    """The ONNX Runtime lowerings on the hybrid artifact (CUDA graphs), FP32, and a profile."""
     hybrid, fp32 = work / "fastsam3d-hybrid", work / "fastsam3d-fp32"
-    times: dict[str, float] = {}
 
     def measure(label: str, artifact: Path, config: CudaSessionConfig) -> None:
         rows = report.section(f"ORT FastSAM3D {label}", 10, cases.ort_fastsam3d, artifact, config, warm, reps, label)
-        if rows:
-            report.add(rows)
-            times[label] = rows[0]["median_ms"] + rows[1]["median_ms"]
+        report.add(rows)
 
     measure("hybrid, as exported, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, patch_conv=False))
     measure("hybrid, patch convs as MatMul, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
-    measure("hybrid, patch convs + NHWC, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, nhwc=True))
-    nhwc = times.get("hybrid, patch convs + NHWC, CUDA graph", 1e9) < times.get(
-        "hybrid, patch convs as MatMul, CUDA graph", 1e9
-    )
-    tag = "patch convs" + (" + NHWC" if nhwc else "")
-    measure(f"hybrid, {tag}, decomposed attention, CUDA graph", hybrid,
-            CudaSessionConfig("decomposed", cuda_graph=True, nhwc=nhwc))  # fmt: skip
-    measure(f"fp32, {tag}, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True, nhwc=nhwc))
+    measure("hybrid, patch convs, decomposed attention, CUDA graph", hybrid,
+            CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
+    measure("fp32, patch convs, decomposed attention, CUDA graph", fp32,
+            CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
     report.data["profile FastSAM3D hybrid encoder"] = report.section(
-        "profile FastSAM3D hybrid encoder", 10, cases.profile_fastsam3d, hybrid, CudaSessionConfig(nhwc=nhwc)
+        "profile FastSAM3D hybrid encoder", 10, cases.profile_fastsam3d, hybrid, CudaSessionConfig("decomposed")
     )
 
 
-def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, reps: int) -> None:
-    """Lowerings on the hybrid artifact, then FP32 (TF32 off and on), a profile, and end to end with the best."""
+def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, reps: int, full: bool) -> None:
+    """Lowerings on the hybrid artifact, end to end and a profile with the best; with `full` also FP32 (TF32 off
+    and on), the artifact as exported and decomposed attention. Most important first: what does not fit the
+    budget is skipped."""
     hybrid, fp32 = work / "mast3r-hybrid", work / "mast3r-fp32"
     best: dict[str, Any] = {}
 
-    def measure(label: str, artifact: Path, config: CudaSessionConfig) -> float:
+    def measure(label: str, artifact: Path, config: CudaSessionConfig) -> None:
         result = report.section(f"ORT MASt3R {label}", 25, cases.ort_mast3r, artifact, config, images, warm, reps,
                                 label)  # fmt: skip
         if result is None:
-            return 1e9
+            return
         row, runners = result
         report.add(row)
-        if artifact == hybrid and config.cuda_graph and row["median_ms"] < best.get("ms", 1e9):
-            best.update(ms=row["median_ms"], runners=runners, label=label)  # kept for end to end
-        return float(row["median_ms"])
+        if artifact == hybrid and row["median_ms"] < best.get("ms", 1e9):
+            best.update(ms=row["median_ms"], runners=runners, label=label, config=config)  # kept for end to end
 
-    # Most important first: a section that would not fit the budget is skipped.
-    plain = measure("hybrid, patch convs as MatMul, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
-    nhwc = measure("hybrid, patch convs + NHWC, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, nhwc=True))
-    nhwc_wins = nhwc < plain
-    tag = "patch convs" + (" + NHWC" if nhwc_wins else "")
-    measure(f"fp32, {tag}, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True, nhwc=nhwc_wins))
+    measure("hybrid, patch convs + im2col convs, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
+    measure("hybrid, patch convs only, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, im2col=False))
     if best:
         report.add(report.section("MASt3R end to end", 10, cases.end_to_end, best["runners"], images, warm, reps,
                                   best["label"]))  # fmt: skip
-    result = report.section("profile MASt3R hybrid", 25, cases.profile_mast3r, hybrid,
-                            CudaSessionConfig(nhwc=nhwc_wins), images)  # fmt: skip
-    report.data["profile MASt3R hybrid"] = result
-    measure("hybrid, as exported, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, patch_conv=False))
-    measure(f"hybrid, {tag}, decomposed attention, CUDA graph", hybrid,
-            CudaSessionConfig("decomposed", cuda_graph=True, nhwc=nhwc_wins))  # fmt: skip
-    measure(f"fp32 (TF32 on), {tag}, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True, tf32=True, nhwc=nhwc_wins))
+        config = dataclasses.replace(best["config"], cuda_graph=False)
+        best.pop("runners")
+        result = report.section("profile MASt3R hybrid", 25, cases.profile_mast3r, hybrid, config, images)
+        report.data["profile MASt3R hybrid"] = result
+    if full:
+        measure("fp32, patch convs + im2col convs, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True))
+        measure("hybrid, as exported, CUDA graph", hybrid,
+                CudaSessionConfig(cuda_graph=True, patch_conv=False, im2col=False))  # fmt: skip
+        measure("hybrid, lowered convs, decomposed attention, CUDA graph", hybrid,
+                CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
+        measure("fp32 (TF32 on), lowered convs, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True, tf32=True))
     best.clear()
 
 
@@ -225,7 +221,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip sections that would not fit")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument(
+        "--exports",
+        default=",".join(f"{m}-{p}" for m, p in EXPORTS),
+        help="artifacts to export (model-precision, comma-separated)",
+    )
+    parser.add_argument(
+        "--sections",
+        default="eager,fastnn,fastsam3d,mast3r-full",
+        help="eager, fastnn, fastsam3d, mast3r (hybrid lowerings only) or mast3r-full",
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA GPU visible; run it on the device machine", file=sys.stderr)
         return 8
@@ -233,7 +240,7 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0))
     mine, theirs = set(cores[:2]), set(cores[2:]) or set(cores)
     args.work.mkdir(parents=True, exist_ok=True)
-    procs = start_exports(args.work, args.plans, theirs)
+    procs = start_exports(args.work, args.plans, theirs, set(args.exports.split(",")))
     os.sched_setaffinity(0, mine)
     import onnxruntime as ort
 
@@ -243,20 +250,24 @@ def main() -> int:
     reps, warm = args.repeats, 10
     images = (torch.rand(2, 3, 384, 512, generator=torch.Generator().manual_seed(0)) * 2 - 1).cuda()
 
-    report.add(report.section("torch MASt3R", 60, cases.torch_mast3r, images, warm, reps))
-    report.add(report.section("torch FastSAM3D", 30, cases.torch_fastsam3d, warm, 4 * reps))
-    fastnn = report.section("FastNN-Lite", 40, cases.fastnn, warm, 4 * reps, 10)
-    if fastnn:
-        report.add(fastnn[0])
-        report.data["fastnn breakdown"] = fastnn[1]
+    if "eager" in sections:
+        report.add(report.section("torch MASt3R", 60, cases.torch_mast3r, images, warm, reps))
+        report.add(report.section("torch FastSAM3D", 30, cases.torch_fastsam3d, warm, 4 * reps))
+    if "fastnn" in sections:
+        fastnn = report.section("FastNN-Lite", 40, cases.fastnn, warm, 4 * reps, 10)
+        if fastnn:
+            report.add(fastnn[0])
+            report.data["fastnn breakdown"] = fastnn[1]
     small = {k: v for k, v in procs.items() if k.startswith("fastsam3d")}
     report.data["exports"] = wait_exports(small, args.work, time.monotonic() + max(report.left() - 300, 30), theirs)
-    fastsam3d_section(report, args.work, warm, 4 * reps)
+    if "fastsam3d" in sections:
+        fastsam3d_section(report, args.work, warm, 4 * reps)
     large = {k: v for k, v in procs.items() if k not in small}
-    report.data["exports"].update(wait_exports(large, args.work, time.monotonic() + max(report.left() - 130, 30),
+    report.data["exports"].update(wait_exports(large, args.work, time.monotonic() + max(report.left() - 100, 30),
                                                theirs))  # fmt: skip
     report.save()
-    mast3r_section(report, args.work, images, warm, reps)
+    if sections & {"mast3r", "mast3r-full"}:
+        mast3r_section(report, args.work, images, warm, reps, full="mast3r-full" in sections)
     report.save()
     print("\n" + report.data["device"] + "  " + json.dumps(report.data["versions"]))
     print(report.table())

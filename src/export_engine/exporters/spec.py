@@ -126,6 +126,9 @@ class FamilySpec:
     # A small configuration (config JSON) for tests and the tiny end-to-end run.
     tiny_config: Callable[[], Mapping[str, Any]]
     tiny_shape: str
+    # How ONNX Runtime CUDA runs this family's Attention nodes ("fused" | "decomposed"), measured per family
+    # (runtime.ort_cuda; TensorRT always receives the fused op).
+    ort_attention: str = "fused"
 
 
 class GraphModule(nn.Module):

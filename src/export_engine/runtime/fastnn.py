@@ -203,10 +203,16 @@ class _MemoNN:
         self.source, self.keys, self.config = source, keys, config
         self.keys_t = fastnn_kernel.transposed(keys) if fused else None  # the fused kernel's layout, made once
         self.table = torch.full((source.shape[0],), -1, dtype=torch.int64, device=source.device)
+        self._wanted = torch.zeros(source.shape[0], dtype=torch.bool, device=source.device)
         self.rows_computed = 0
 
     def __call__(self, rows: Tensor) -> Tensor:
-        missing = torch.unique(rows[self.table[rows] < 0])
+        # Rows asked for and not known yet, sorted and unique: a mask over all rows and one nonzero (one host
+        # sync), instead of boolean indexing plus torch.unique's sort (two syncs and a sort per round).
+        self._wanted.zero_()
+        self._wanted[rows] = True
+        self._wanted &= self.table < 0
+        missing = self._wanted.nonzero().squeeze(1)
         if missing.numel() > 0:
             queries = self.source[missing]
             if self.keys_t is not None:

@@ -11,13 +11,16 @@
   Captured graphs read fixed addresses: inputs are copied into per-signature buffers first. Every node must
   run on CUDA for a capture; session creation fails otherwise, and the error says so.
 * Lowering for ONNX Runtime, in memory: ``patch_conv`` (default on) rewrites kernel == stride convolutions
-  as MatMuls (:mod:`export_engine.graph_passes.lower_patch_conv`; cuDNN ran them with slow direct kernels);
-  ``nhwc`` asks ONNX Runtime for channels-last convolutions. The artifact's graphs keep the standard
+  as MatMuls (:mod:`export_engine.graph_passes.lower_patch_conv`; cuDNN ran them with slow direct kernels),
+  ``im2col`` (default on) stride-1 2-D convolutions as im2col + MatMul (:mod:`...lower_conv_im2col`). (ONNX
+  Runtime's ``prefer_nhwc`` was tried: it leaves nodes on the CPU, so no CUDA graph can be captured.) The
+  artifact's graphs keep the standard
   ``Attention`` op, which is what TensorRT wants: ``attention="fused"`` runs it as is (ONNX Runtime >= 1.31
   dispatches it to flash or memory-efficient attention kernels); ``"decomposed"`` rewrites it into
   MatMul/Softmax/MatMul first (:mod:`export_engine.graph_passes.decompose_attention`). The artifact's files
   are never changed.
-  ``DEFAULT_ATTENTION`` is the lowering measured fastest on an H100 (bench/RESULTS.md).
+  Which is faster depends on the model (measured on an H100, bench/RESULTS.md): each family says which it
+  wants (``FamilySpec.ort_attention``); ``DEFAULT_ATTENTION`` is for graphs outside a family.
 * TF32: off by default (``tf32=False``) so that an FP32 artifact computes in FP32 as its parity report says;
   ONNX Runtime's own default is on.
 
@@ -52,7 +55,7 @@ class CudaSessionConfig:
     tf32: bool = False
     device_id: int = 0
     patch_conv: bool = True  # kernel == stride (transposed) convolutions as MatMuls (lower_patch_conv)
-    nhwc: bool = False  # ONNX Runtime's prefer_nhwc: channels-last convolution kernels
+    im2col: bool = True  # stride-1 2-D convolutions as im2col + MatMul (lower_conv_im2col)
 
     def __post_init__(self) -> None:
         if self.attention not in ("fused", "decomposed"):
@@ -103,8 +106,7 @@ class CudaGraphRunner:
         source = self._lowered_source()
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if self.config.tf32 else "0",
-                    "prefer_nhwc": "1" if self.config.nhwc else "0"}  # fmt: skip
+        provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if self.config.tf32 else "0"}
         if self.config.cuda_graph:
             provider["enable_cuda_graph"] = "1"
         try:
@@ -123,10 +125,11 @@ class CudaGraphRunner:
 
     def _lowered_source(self) -> Path:
         """The artifact's graph, or a rewritten copy in a scratch folder (see the module docstring)."""
-        if self.config.attention == "fused" and not self.config.patch_conv:
+        c = self.config
+        if c.attention == "fused" and not c.patch_conv and not c.im2col:
             return self.path
         stat = self.path.stat()
-        key = (str(self.path.resolve()), stat.st_mtime_ns, stat.st_size, self.config.attention, self.config.patch_conv)
+        key = (str(self.path.resolve()), stat.st_mtime_ns, stat.st_size, c.attention, c.patch_conv, c.im2col)
         if key not in _LOWERED:  # one rewrite per graph and lowering per process (sessions of other options share it)
             _LOWERED[key] = _lower(self.path, self.config)
         return Path(_LOWERED[key].name) / self.path.name
@@ -234,12 +237,15 @@ _LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
 def _lower(path: Path, config: CudaSessionConfig) -> tempfile.TemporaryDirectory:
     from export_engine.graph_passes.base import load_graph, save_graph
     from export_engine.graph_passes.decompose_attention import DecomposeAttentionConfig, decompose_attention
+    from export_engine.graph_passes.lower_conv_im2col import LowerConvIm2colConfig, lower_conv_im2col
     from export_engine.graph_passes.lower_patch_conv import LowerPatchConvConfig, lower_patch_conv
 
     graph = load_graph(path)
     reports = []
     if config.patch_conv:
         reports.append(lower_patch_conv(graph, LowerPatchConvConfig()))
+    if config.im2col:
+        reports.append(lower_conv_im2col(graph, LowerConvIm2colConfig()))
     if config.attention == "decomposed":
         reports.append(decompose_attention(graph, DecomposeAttentionConfig()))
     for report in reports:

@@ -118,7 +118,8 @@ def load(
         if providers[0] == "CUDAExecutionProvider":
             from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig
 
-            runners[name] = CudaGraphRunner(path / graph["file"], graph, CudaSessionConfig(cuda_graph=cuda_graph))
+            config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph)  # type: ignore[arg-type]
+            runners[name] = CudaGraphRunner(path / graph["file"], graph, config)
         else:
             runners[name] = _ort_runner(path / graph["file"], providers)
         used.add(f"onnxruntime {providers[0]}")
