@@ -45,7 +45,7 @@ def conv_graph(folder: Path, c: int, o: int, h: int, w: int) -> tuple[Path, dict
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
     )  # fmt: skip
     path = folder / f"conv_{c}_{o}_{h}x{w}.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
     meta = {"inputs": [{"name": "x", "shape": [1, c, h, w], "dtype": "float16"}],
             "outputs": [{"name": "y", "shape": [1, o, h, w], "dtype": "float16"}]}  # fmt: skip
     return path, meta
