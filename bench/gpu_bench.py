@@ -176,8 +176,8 @@ def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, 
         if artifact == hybrid and row["median_ms"] < best.get("ms", 1e9):
             best.update(ms=row["median_ms"], runners=runners, label=label, config=config)  # kept for end to end
 
-    measure("hybrid, patch convs + im2col convs, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
-    measure("hybrid, patch convs only, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, im2col=False))
+    measure("hybrid, patch convs as MatMul, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
+    measure("hybrid, patch convs + im2col convs, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, im2col=True))
     if best:
         report.add(report.section("MASt3R end to end", 10, cases.end_to_end, best["runners"], images, warm, reps,
                                   best["label"]))  # fmt: skip
@@ -186,12 +186,12 @@ def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, 
         result = report.section("profile MASt3R hybrid", 25, cases.profile_mast3r, hybrid, config, images)
         report.data["profile MASt3R hybrid"] = result
     if full:
-        measure("fp32, patch convs + im2col convs, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True))
+        measure("fp32, patch convs as MatMul, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True))
         measure("hybrid, as exported, CUDA graph", hybrid,
                 CudaSessionConfig(cuda_graph=True, patch_conv=False, im2col=False))  # fmt: skip
-        measure("hybrid, lowered convs, decomposed attention, CUDA graph", hybrid,
+        measure("hybrid, patch convs, decomposed attention, CUDA graph", hybrid,
                 CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
-        measure("fp32 (TF32 on), lowered convs, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True, tf32=True))
+        measure("fp32 (TF32 on), patch convs, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True, tf32=True))
     best.clear()
 
 

@@ -12,8 +12,9 @@
   run on CUDA for a capture; session creation fails otherwise, and the error says so.
 * Lowering for ONNX Runtime, in memory: ``patch_conv`` (default on) rewrites kernel == stride convolutions
   as MatMuls (:mod:`export_engine.graph_passes.lower_patch_conv`; cuDNN ran them with slow direct kernels),
-  ``im2col`` (default on) stride-1 2-D convolutions as im2col + MatMul (:mod:`...lower_conv_im2col`). (ONNX
-  Runtime's ``prefer_nhwc`` was tried: it leaves nodes on the CPU, so no CUDA graph can be captured.) The
+  ``im2col`` (off by default) stride-1 2-D convolutions as im2col + MatMul (:mod:`...lower_conv_im2col`:
+  0.5x to 0.9x the speed of cuDNN on DPT-shaped FP16 convolutions, bench/RESULTS.md). ONNX Runtime's
+  ``prefer_nhwc`` was tried too: it leaves nodes on the CPU, so no CUDA graph can be captured. The
   artifact's graphs keep the standard
   ``Attention`` op, which is what TensorRT wants: ``attention="fused"`` runs it as is (ONNX Runtime >= 1.31
   dispatches it to flash or memory-efficient attention kernels); ``"decomposed"`` rewrites it into
@@ -55,7 +56,7 @@ class CudaSessionConfig:
     tf32: bool = False
     device_id: int = 0
     patch_conv: bool = True  # kernel == stride (transposed) convolutions as MatMuls (lower_patch_conv)
-    im2col: bool = True  # stride-1 2-D convolutions as im2col + MatMul (lower_conv_im2col)
+    im2col: bool = False  # stride-1 2-D convolutions as im2col + MatMul (lower_conv_im2col; measured slower)
 
     def __post_init__(self) -> None:
         if self.attention not in ("fused", "decomposed"):
