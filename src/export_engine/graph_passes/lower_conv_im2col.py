@@ -11,7 +11,9 @@ product the same arithmetic runs on tensor cores:
 It moves kh*kw copies of the input through memory, so it pays off only where the convolution kernel is very
 slow. Measured there (bench/conv_microbench.py, batch 1): it is not: cuDNN 2.22 / 0.62 / 1.16 / 2.27 ms against
 im2col 2.36 / 0.70 / 2.37 / 4.63 ms for the 256->256 (1/2 and 1/4 resolution), 256->128 and full-resolution
-128->128 layers, so the runner leaves it off by default; the pass stays for other GPUs and libraries. Exact up to summation order; only group-1, dilation-1, stride-1 convolutions with constant
+128->128 layers, so the runner leaves it off by default; the pass stays for other GPUs and libraries.
+
+Exact up to summation order; only group-1, dilation-1, stride-1 convolutions with constant
 weights and static spatial sizes are rewritten, 1x1 included only when ``include_1x1``. Applied in memory by
 :mod:`export_engine.runtime.ort_cuda`, never to the artifact's files.
 """
