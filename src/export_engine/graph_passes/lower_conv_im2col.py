@@ -2,8 +2,8 @@
 
 Measured on an H100 (ONNX Runtime 1.31.1 CUDA, FP16, bench/RESULTS.md): the 3x3 convolutions of MASt3R's DPT
 heads ran on cuDNN's generic ``implicit_convolve_sgemm`` kernels (cuDNN's frontend found no execution plan),
-15.5 of the 30 ms of GPU time per pair, 10.5 ms of it for the full-resolution 128 -> 128 layers. As a matrix
-product the same arithmetic runs on tensor cores:
+15.5 of the 30 ms of GPU time per pair (10.5 ms in one kernel variant). As a matrix product the same
+arithmetic could run on tensor cores:
 
     X (B, C, H, W) -> NHWC -> Pad -> kh*kw shifted Slices -> Concat (B, H', W', kh*kw*C) @ W' (kh*kw*C, O) + b
       -> (B, H', W', O) -> NCHW
