@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
+from graph_passes.graph_testing import op_counts, run_graph
 
 from export_engine.graph_passes.base import load_graph
 from export_engine.graph_passes.cleanup import FoldConstantsConfig, fold_constants
@@ -19,16 +18,6 @@ from export_engine.graph_passes.fuse_attention import FuseAttentionConfig, fuse_
 TINY = ["mast3r.encoder", "mast3r.decoder", "fastsam3d.encoder", "fastsam3d.prompt_decoder"]
 
 
-def run(graph: gs.Graph, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    model = gs.export_onnx(graph, do_type_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})]
-
-
-def ops(graph: gs.Graph) -> Counter[str]:
-    return Counter(n.op for n in graph.nodes)
-
-
 @pytest.mark.parametrize("key", TINY)
 def test_decomposes_every_fused_attention_of_the_tiny_models(tiny_graphs: dict[str, Any], key: str) -> None:
     tiny = tiny_graphs[key]
@@ -36,16 +25,16 @@ def test_decomposes_every_fused_attention_of_the_tiny_models(tiny_graphs: dict[s
     graph = load_graph(tiny.path)
     fold_constants(graph, FoldConstantsConfig())
     fuse_attention(graph, FuseAttentionConfig(expected=expected, strict=True))
-    fused = run(graph, tiny.feeds[0])
+    fused = run_graph(graph, tiny.feeds[0])
 
     report = decompose_attention(graph, DecomposeAttentionConfig())
 
     assert (report.matched, report.rewritten, report.skipped) == (expected, expected, [])
-    counts = ops(graph)
+    counts = op_counts(graph)
     assert counts["Attention"] == 0 and counts["Softmax"] == expected
     assert all(n.name.startswith("decompose_attention/") for n in graph.nodes if n.op == "Softmax")
     onnx.checker.check_model(gs.export_onnx(graph))
-    for got, want in zip(run(graph, tiny.feeds[0]), fused, strict=True):
+    for got, want in zip(run_graph(graph, tiny.feeds[0]), fused, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(float(np.abs(want).max()), 1.0))
     again = decompose_attention(graph, DecomposeAttentionConfig())
     assert (again.matched, again.rewritten) == (0, 0)
@@ -79,14 +68,16 @@ def test_matches_onnx_attention_with_masks_and_fp16(dtype: type, mask: str | Non
         feed["m"][..., 0] = True  # every row attends somewhere
     elif mask == "float":
         feed["m"] = rng.standard_normal((1, 3, 5, 7)).astype(dtype)
-    fused = run(graph, feed)[0]
+    fused = run_graph(graph, feed)[0]
 
     report = decompose_attention(graph, DecomposeAttentionConfig())
 
     assert report.rewritten == 1
     casts = [n for n in graph.nodes if n.op == "Cast"]
     assert len(casts) == (2 if dtype == np.float16 else 0)  # FP16 logits are softmaxed in FP32
-    np.testing.assert_allclose(run(graph, feed)[0].astype(np.float32), fused.astype(np.float32), atol=tol, rtol=tol)
+    np.testing.assert_allclose(
+        run_graph(graph, feed)[0].astype(np.float32), fused.astype(np.float32), atol=tol, rtol=tol
+    )
 
 
 def test_skips_3d_attention_with_a_reason() -> None:

@@ -2,41 +2,34 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
+from graph_passes.graph_testing import op_counts, run_graph
 
 from export_engine.graph_passes.base import load_graph
 from export_engine.graph_passes.cleanup import FoldConstantsConfig, fold_constants
 from export_engine.graph_passes.lower_conv_im2col import LowerConvIm2colConfig, lower_conv_im2col
 
 
-def run(graph: gs.Graph, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    model = gs.export_onnx(graph, do_type_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})]
-
-
 def test_rewrites_the_dpt_convolutions_of_tiny_mast3r(tiny_graphs: dict[str, Any]) -> None:
     tiny = tiny_graphs["mast3r.decoder"]
     graph = load_graph(tiny.path)
     fold_constants(graph, FoldConstantsConfig())
-    before = run(graph, tiny.feeds[0])
-    convs = Counter(n.op for n in graph.nodes)["Conv"]
+    before = run_graph(graph, tiny.feeds[0])
+    convs = op_counts(graph)["Conv"]
 
     report = lower_conv_im2col(graph, LowerConvIm2colConfig())
 
     assert report.rewritten > 0 and report.skipped == []
-    assert Counter(n.op for n in graph.nodes)["Conv"] == convs - report.rewritten
+    assert op_counts(graph)["Conv"] == convs - report.rewritten
     for conv in (n for n in graph.nodes if n.op == "Conv"):  # what stays: 1x1 and strided convolutions
         assert conv.inputs[1].shape[2:] == [1, 1] or conv.attrs.get("strides") != [1, 1]
     onnx.checker.check_model(gs.export_onnx(graph))
-    for got, want in zip(run(graph, tiny.feeds[0]), before, strict=True):
+    for got, want in zip(run_graph(graph, tiny.feeds[0]), before, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(float(np.abs(want).max()), 1.0))
     assert lower_conv_im2col(graph, LowerConvIm2colConfig()).rewritten == 0
 
@@ -58,10 +51,12 @@ def _graph(dtype: type, kernel: tuple[int, int], pads: list[int], bias: bool) ->
 def test_matches_conv(kernel: tuple[int, int], pads: list[int], bias: bool, dtype: type, tol: float) -> None:
     graph = _graph(dtype, kernel, pads, bias)
     feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 7, 9)).astype(dtype)}
-    expected = run(graph, feed)[0]
+    expected = run_graph(graph, feed)[0]
     report = lower_conv_im2col(graph, LowerConvIm2colConfig(include_1x1=True))
     assert report.rewritten == 1 and not [n for n in graph.nodes if n.op == "Conv"]
-    np.testing.assert_allclose(run(graph, feed)[0].astype(np.float32), expected.astype(np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        run_graph(graph, feed)[0].astype(np.float32), expected.astype(np.float32), rtol=tol, atol=tol
+    )
 
 
 def test_scope_small_outputs_1x1_and_strides_are_left_alone() -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 import pytest
+from graph_passes.graph_testing import op_counts, run_graph
 
 from export_engine.graph_passes.base import load_graph
 from export_engine.graph_passes.cleanup import FoldConstantsConfig, fold_constants
@@ -22,29 +21,23 @@ EXPECTED = {"mast3r.encoder": (1, 0), "mast3r.decoder": (0, 4), "fastsam3d.encod
             "fastsam3d.prompt_decoder": (2, 2)}  # fmt: skip
 
 
-def run(graph: gs.Graph, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    model = gs.export_onnx(graph, do_type_check=True)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [np.asarray(o) for o in session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})]
-
-
 @pytest.mark.parametrize("key", sorted(EXPECTED))
 def test_rewrites_patch_convolutions_of_the_tiny_models(tiny_graphs: dict[str, Any], key: str) -> None:
     tiny = tiny_graphs[key]
     graph = load_graph(tiny.path)
     fold_constants(graph, FoldConstantsConfig())  # infers the static shapes the rewrite needs, as in artifacts
-    before_ops = Counter(n.op for n in graph.nodes)
-    before = run(graph, tiny.feeds[0])
+    before_ops = op_counts(graph)
+    before = run_graph(graph, tiny.feeds[0])
 
     report = lower_patch_conv(graph, LowerPatchConvConfig())
 
     convs, transposed = EXPECTED[key]
     assert (report.matched, report.rewritten, report.skipped) == (convs + transposed,) * 2 + ([],)
-    after_ops = Counter(n.op for n in graph.nodes)
+    after_ops = op_counts(graph)
     assert before_ops["Conv"] - after_ops["Conv"] == convs
     assert before_ops["ConvTranspose"] - after_ops["ConvTranspose"] == transposed
     onnx.checker.check_model(gs.export_onnx(graph))
-    for got, want in zip(run(graph, tiny.feeds[0]), before, strict=True):
+    for got, want in zip(run_graph(graph, tiny.feeds[0]), before, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(float(np.abs(want).max()), 1.0))
     again = lower_patch_conv(graph, LowerPatchConvConfig())
     assert again.rewritten == 0
@@ -71,10 +64,10 @@ def _conv_graph(op: str, dtype: type, spatial: tuple[int, ...], kernel: tuple[in
 def test_matches_conv_in_2d_and_3d(op: str, spatial: tuple[int, ...], kernel: tuple[int, ...], bias: bool) -> None:
     graph = _conv_graph(op, np.float32, spatial, kernel, bias)
     feed = {"x": np.random.default_rng(1).standard_normal((2, 3, *spatial)).astype(np.float32)}
-    expected = run(graph, feed)[0]
+    expected = run_graph(graph, feed)[0]
     report = lower_patch_conv(graph, LowerPatchConvConfig())
     assert report.rewritten == 1 and not [n for n in graph.nodes if n.op.startswith("Conv")]
-    np.testing.assert_allclose(run(graph, feed)[0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_graph(graph, feed)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

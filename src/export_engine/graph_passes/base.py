@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -82,6 +83,43 @@ def next_index(graph: gs.Graph, pass_name: str) -> int:
     used = [int(n.name[len(prefix) :].split("/")[0]) for n in graph.nodes if n.name.startswith(prefix)
             and n.name[len(prefix) :].split("/")[0].isdigit()]  # fmt: skip
     return max(used, default=-1) + 1
+
+
+class NodeBuilder:
+    """Appends nodes named ``<pass>/<i>`` (and their constants) to a graph, for passes that write small subgraphs."""
+
+    def __init__(self, graph: gs.Graph, pass_name: str, index: int, dtype: Any) -> None:
+        self.graph, self.pass_name, self.index, self.dtype = graph, pass_name, index, dtype
+
+    def name(self) -> str:
+        return node_name(self.pass_name, self.index)
+
+    def const(self, suffix: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(f"{self.name()}/{suffix}", np.ascontiguousarray(values))
+
+    def add(
+        self, op: str, inputs: list[gs.Tensor], attrs: dict | None = None, out: gs.Tensor | None = None
+    ) -> gs.Tensor:
+        """One node; its output is `out`, or a new tensor of the builder's dtype."""
+        result = out if out is not None else gs.Variable(f"{self.name()}/output", dtype=self.dtype)
+        self.graph.nodes.append(gs.Node(op, name=self.name(), attrs=attrs or {}, inputs=inputs, outputs=[result]))
+        self.index += 1
+        return result
+
+    def reshape(self, x: gs.Tensor, shape: list[int]) -> gs.Tensor:
+        return self.add("Reshape", [x, self.const("shape", np.asarray(shape, dtype=np.int64))])
+
+
+def conv_operand_problem(node: gs.Node) -> str | None:
+    """Why a convolution's weight and bias cannot be folded into MatMul constants, or None when they can."""
+    x, weight = node.inputs[0], node.inputs[1]
+    if not isinstance(weight, gs.Constant):
+        return "weight is not a constant"
+    if x.dtype is not None and np.dtype(x.dtype) != weight.values.dtype:
+        return f"input {x.dtype} and weight {weight.values.dtype} differ"
+    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
+        return "bias is not a constant"
+    return None
 
 
 def load_graph(path: Path) -> gs.Graph:

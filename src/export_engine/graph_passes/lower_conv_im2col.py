@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
+from export_engine.graph_passes.base import NodeBuilder, PassReport, conv_operand_problem, next_index, timed
 
 PASS = "lower_conv_im2col"
 
@@ -70,11 +70,7 @@ def _unsupported(node: gs.Node, config: LowerConvIm2colConfig) -> str | None:
     height, width = x.shape[2] + pads[0] + pads[2] - kh + 1, x.shape[3] + pads[1] + pads[3] - kw + 1
     if height * width < config.min_output_pixels:
         return "out of scope"
-    if x.dtype is not None and np.dtype(x.dtype) != weight.values.dtype:
-        return f"input {x.dtype} and weight {weight.values.dtype} differ"
-    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-        return "bias is not a constant"
-    return None
+    return conv_operand_problem(node)
 
 
 def _rewrite(graph: gs.Graph, node: gs.Node, index: int) -> int:
@@ -83,39 +79,26 @@ def _rewrite(graph: gs.Graph, node: gs.Node, index: int) -> int:
     out_ch, channels, kh, kw = w.shape
     pads = [int(p) for p in node.attrs.get("pads", [0, 0, 0, 0])]  # top, left, bottom, right
     height, width = x.shape[2] + pads[0] + pads[2] - kh + 1, x.shape[3] + pads[1] + pads[3] - kw + 1
-    dtype = x.dtype
-
-    def name() -> str:
-        return node_name(PASS, index)
-
-    def add(op: str, inputs: list[gs.Tensor], attrs: dict | None = None, out: gs.Tensor | None = None) -> gs.Tensor:
-        nonlocal index
-        result = out if out is not None else gs.Variable(f"{name()}/output", dtype=dtype)
-        graph.nodes.append(gs.Node(op, name=name(), attrs=attrs or {}, inputs=inputs, outputs=[result]))
-        index += 1
-        return result
-
-    def const(suffix: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(f"{name()}/{suffix}", np.ascontiguousarray(values))
-
-    nhwc = add("Transpose", [x], {"perm": [0, 2, 3, 1]})
+    b = NodeBuilder(graph, PASS, index, x.dtype)
+    nhwc = b.add("Transpose", [x], {"perm": [0, 2, 3, 1]})
     if any(pads):
-        nhwc = add("Pad", [nhwc, const("pads", np.asarray([0, pads[0], pads[1], 0, 0, pads[2], pads[3], 0], np.int64))])
+        spatial_pads = np.asarray([0, pads[0], pads[1], 0, 0, pads[2], pads[3], 0], dtype=np.int64)  # NHWC order
+        nhwc = b.add("Pad", [nhwc, b.const("pads", spatial_pads)])
     if (kh, kw) == (1, 1):
         columns = nhwc
     else:
         shifted = []
         for dy in range(kh):
             for dx in range(kw):
-                starts = const("starts", np.asarray([dy, dx], np.int64))
-                ends = const("ends", np.asarray([dy + height, dx + width], np.int64))
-                shifted.append(add("Slice", [nhwc, starts, ends, const("axes", np.asarray([1, 2], np.int64))]))
-        columns = add("Concat", shifted, {"axis": 3})  # (B, H', W', kh*kw*C), (dy, dx) outer, channel inner
+                starts = b.const("starts", np.asarray([dy, dx], np.int64))
+                ends = b.const("ends", np.asarray([dy + height, dx + width], np.int64))
+                shifted.append(b.add("Slice", [nhwc, starts, ends, b.const("axes", np.asarray([1, 2], np.int64))]))
+        columns = b.add("Concat", shifted, {"axis": 3})  # (B, H', W', kh*kw*C), (dy, dx) outer, channel inner
     matrix = w.transpose(2, 3, 1, 0).reshape(kh * kw * channels, out_ch)
-    product = add("MatMul", [columns, const("weight", matrix)])
+    product = b.add("MatMul", [columns, b.const("weight", matrix)])
     if len(node.inputs) > 2 and node.inputs[2].name:
-        product = add("Add", [product, const("bias", node.inputs[2].values)])
+        product = b.add("Add", [product, b.const("bias", node.inputs[2].values)])
     result = node.outputs[0]
     node.outputs.clear()
-    add("Transpose", [product], {"perm": [0, 3, 1, 2]}, out=result)
-    return index
+    b.add("Transpose", [product], {"perm": [0, 3, 1, 2]}, out=result)
+    return b.index

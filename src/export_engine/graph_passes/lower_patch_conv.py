@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
+from export_engine.graph_passes.base import NodeBuilder, PassReport, conv_operand_problem, next_index, timed
 
 PASS = "lower_patch_conv"
 
@@ -70,32 +70,7 @@ def _unsupported(node: gs.Node) -> str | None:
         return "input spatial shape is not static"
     if node.op == "Conv" and any(s % k for s, k in zip(x.shape[2:], kernel, strict=True)):
         return "input size is not a multiple of the kernel"
-    if x.dtype is not None and np.dtype(x.dtype) != weight.values.dtype:
-        return f"input {x.dtype} and weight {weight.values.dtype} differ"
-    if len(node.inputs) > 2 and node.inputs[2].name and not isinstance(node.inputs[2], gs.Constant):
-        return "bias is not a constant"
-    return None
-
-
-class _Builder:
-    def __init__(self, graph: gs.Graph, index: int, dtype: object) -> None:
-        self.graph, self.index, self.dtype = graph, index, dtype
-
-    def name(self) -> str:
-        return node_name(PASS, self.index)
-
-    def const(self, suffix: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(f"{self.name()}/{suffix}", np.ascontiguousarray(values))
-
-    def add(self, op: str, inputs: list[gs.Tensor], attrs: dict | None = None, out: gs.Tensor | None = None,
-            dtype: object = None) -> gs.Tensor:  # fmt: skip
-        result = out if out is not None else gs.Variable(f"{self.name()}/output", dtype=dtype or self.dtype)
-        self.graph.nodes.append(gs.Node(op, name=self.name(), attrs=attrs or {}, inputs=inputs, outputs=[result]))
-        self.index += 1
-        return result
-
-    def reshape(self, x: gs.Tensor, shape: list[int]) -> gs.Tensor:
-        return self.add("Reshape", [x, self.const("shape", np.asarray(shape, dtype=np.int64))])
+    return conv_operand_problem(node)
 
 
 def _rewrite_conv(graph: gs.Graph, node: gs.Node, index: int) -> int:
@@ -104,7 +79,7 @@ def _rewrite_conv(graph: gs.Graph, node: gs.Node, index: int) -> int:
     out_ch, channels, kernel = w.shape[0], w.shape[1], list(w.shape[2:])
     n = len(kernel)
     grid = [s // k for s, k in zip(x.shape[2:], kernel, strict=True)]
-    b = _Builder(graph, index, x.dtype)
+    b = NodeBuilder(graph, PASS, index, x.dtype)
     # (B, C, g1, k1, ..., gn, kn) -> (B, g1..gn, C, k1..kn) -> (B, G, C*K)
     split = b.reshape(x, [0, channels] + [v for g, k in zip(grid, kernel, strict=True) for v in (g, k)])
     perm = [0] + [2 + 2 * i for i in range(n)] + [1] + [3 + 2 * i for i in range(n)]
@@ -126,7 +101,7 @@ def _rewrite_transpose(graph: gs.Graph, node: gs.Node, index: int) -> int:
     channels, out_ch, kernel = w.shape[0], w.shape[1], list(w.shape[2:])
     n = len(kernel)
     grid = list(x.shape[2:])
-    b = _Builder(graph, index, x.dtype)
+    b = NodeBuilder(graph, PASS, index, x.dtype)
     # (B, C, s1..sn) -> (B, s1..sn, C) -> (B, S, C) @ (C, O*K) -> (B, s1..sn, O, k1..kn)
     pixels = b.reshape(b.add("Transpose", [x], {"perm": [0, *range(2, n + 2), 1]}), [0, int(np.prod(grid)), channels])
     product = b.add("MatMul", [pixels, b.const("weight", w.reshape(channels, -1))])

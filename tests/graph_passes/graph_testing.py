@@ -1,0 +1,20 @@
+"""Helpers of the graph-pass tests: run a graph on ONNX Runtime CPU, count its ops."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+
+def run_graph(graph: gs.Graph, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ONNX Runtime CPU outputs of `graph` for one feed (inputs the graph does not take are ignored)."""
+    model = gs.export_onnx(graph, do_type_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(o) for o in session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})]
+
+
+def op_counts(graph: gs.Graph) -> Counter[str]:
+    return Counter(n.op for n in graph.nodes)
