@@ -291,7 +291,7 @@ def fastnn(
 
     Also sweeps the fused kernel's launch shapes on the first round's shape (3072 x 196608) and splits a pair's
     time into kernel time (the rows each round asks for) and the rest (host loop, syncs, bookkeeping)."""
-    from fastnn_bench import smooth_maps
+    from fastnn_bench import same, smooth_maps, to_numpy
 
     from export_engine.runtime import fastnn_kernel as fk
     from export_engine.runtime.fastnn import MatchConfig, ReciprocalMatcher, matcher_reciprocal_nn, nearest_by_dot
@@ -308,17 +308,14 @@ def fastnn(
                   fk.Tiles(128, 128, 4), fk.Tiles(128, 32, 4)):  # fmt: skip
         try:
             timing = time_calls(lambda t=tiles: fk.nearest_by_dot_fused(queries, keys_t, t), 3, 20)
-            same = bool(torch.equal(fk.nearest_by_dot_fused(queries, keys_t, tiles), exact))
+            equal = bool(torch.equal(fk.nearest_by_dot_fused(queries, keys_t, tiles), exact))
             fmas = queries.shape[0] * keys_t.shape[1] * 32  # features padded to 32
-            sweep.append({"tiles": asdict(tiles), **timing, "identical": same,
+            sweep.append({"tiles": asdict(tiles), **timing, "identical": equal,
                           "tflops_fp32": 2 * fmas / timing["median_ms"] / 1e9})  # fmt: skip
         except Exception as err:  # a launch shape the compiler rejects is reported, not fatal
             sweep.append({"tiles": asdict(tiles), "error": f"{type(err).__name__}: {err}"[:300]})
     ranked = [r for r in sweep if "median_ms" in r and r["identical"]]
     best = fk.Tiles(**min(ranked, key=lambda r: r["median_ms"])["tiles"]) if ranked else fk.DEFAULT_TILES
-
-    def as_numpy(result: tuple) -> tuple[np.ndarray, ...]:
-        return tuple(np.asarray(r.cpu().numpy() if isinstance(r, torch.Tensor) else r) for r in result)
 
     def reference() -> tuple:
         return reciprocal_nn_reference(d1, d2, 8, device=d1.device)
@@ -326,7 +323,7 @@ def fastnn(
     def run(config: MatchConfig) -> tuple:
         return matcher_reciprocal_nn(ReciprocalMatcher(d1, d2, config), 8)
 
-    expected = as_numpy(reference())
+    expected = to_numpy(reference())
     cases: list[tuple[str, Callable[[], tuple], int]] = [
         ("reference (upstream algorithm)", reference, ref_repeats),
         ("FastNN-Lite tiles", lambda: run(MatchConfig(kernel="tiles")), repeats),
@@ -340,8 +337,8 @@ def fastnn(
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             timing = time_calls(fn, warmup, runs)
-            got = as_numpy(fn())
-            identical = all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+            got = to_numpy(fn())
+            identical = same(got, expected)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             rows.append({"case": f"FastNN {name}, pair 512x384 s8", **timing, "identical_to_reference": identical,
                          "matches": len(got[0]), "peak_extra_mib": peak})  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch import nn
@@ -128,7 +128,7 @@ class FamilySpec:
     tiny_shape: str
     # How ONNX Runtime CUDA runs this family's Attention nodes ("fused" | "decomposed"), measured per family
     # (runtime.ort_cuda; TensorRT always receives the fused op).
-    ort_attention: str = "fused"
+    ort_attention: Literal["fused", "decomposed"] = "fused"
 
 
 class GraphModule(nn.Module):

@@ -98,10 +98,15 @@ class NodeBuilder:
         return gs.Constant(f"{self.name()}/{suffix}", np.ascontiguousarray(values))
 
     def add(
-        self, op: str, inputs: list[gs.Tensor], attrs: dict | None = None, out: gs.Tensor | None = None
+        self,
+        op: str,
+        inputs: list[gs.Tensor],
+        attrs: dict | None = None,
+        out: gs.Tensor | None = None,
+        dtype: Any = None,
     ) -> gs.Tensor:
-        """One node; its output is `out`, or a new tensor of the builder's dtype."""
-        result = out if out is not None else gs.Variable(f"{self.name()}/output", dtype=self.dtype)
+        """One node; its output is `out`, or a new tensor of `dtype` (default: the builder's)."""
+        result = out if out is not None else gs.Variable(f"{self.name()}/output", dtype=dtype or self.dtype)
         self.graph.nodes.append(gs.Node(op, name=self.name(), attrs=attrs or {}, inputs=inputs, outputs=[result]))
         self.index += 1
         return result

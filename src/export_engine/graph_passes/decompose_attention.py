@@ -21,7 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
+from export_engine.graph_passes.base import NodeBuilder, PassReport, next_index, timed
 
 PASS = "decompose_attention"
 
@@ -65,31 +65,22 @@ def _rewrite(graph: gs.Graph, node: gs.Node, index: int, config: DecomposeAttent
     mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
     dtype = q.dtype if q.dtype is not None else np.float32
 
-    def add(op: str, inputs: list[gs.Tensor], attrs: dict | None = None, out_dtype: object = None) -> gs.Tensor:
-        nonlocal index
-        name = node_name(PASS, index)
-        index += 1
-        out = gs.Variable(f"{name}/output", dtype=out_dtype if out_dtype is not None else dtype)
-        graph.nodes.append(gs.Node(op, name=name, attrs=attrs or {}, inputs=inputs, outputs=[out]))
-        return out
-
-    scale = gs.Constant(f"{node_name(PASS, index)}/scale", np.asarray(node.attrs["scale"], dtype=np.dtype(dtype)))
-    q_scaled = add("Mul", [q, scale])
-    k_t = add("Transpose", [k], {"perm": [0, 1, 3, 2]})
-    logits = add("MatMul", [q_scaled, k_t])
+    b = NodeBuilder(graph, PASS, index, dtype)
+    q_scaled = b.add("Mul", [q, b.const("scale", np.asarray(node.attrs["scale"], dtype=np.dtype(dtype)))])
+    k_t = b.add("Transpose", [k], {"perm": [0, 1, 3, 2]})
+    logits = b.add("MatMul", [q_scaled, k_t])
     if mask is not None:
         if mask.dtype == np.bool_:
-            low = gs.Constant(f"{node_name(PASS, index)}/masked", np.asarray(np.finfo(np.dtype(dtype)).min, dtype))
-            zero = gs.Constant(f"{node_name(PASS, index)}/zero", np.asarray(0, dtype))
-            mask = add("Where", [mask, zero, low])
-        logits = add("Add", [logits, mask])
+            low = b.const("masked", np.asarray(np.finfo(np.dtype(dtype)).min, dtype))
+            mask = b.add("Where", [mask, b.const("zero", np.asarray(0, dtype)), low])
+        logits = b.add("Add", [logits, mask])
     half = np.dtype(dtype) == np.float16 and config.fp32_softmax
     if half:
-        logits = add("Cast", [logits], {"to": TensorProto.FLOAT}, out_dtype=np.float32)
-    probs = add("Softmax", [logits], {"axis": -1}, out_dtype=np.float32 if half else None)
+        logits = b.add("Cast", [logits], {"to": TensorProto.FLOAT}, dtype=np.float32)
+    probs = b.add("Softmax", [logits], {"axis": -1}, dtype=np.float32 if half else None)
     if half:
-        probs = add("Cast", [probs], {"to": TensorProto.FLOAT16})
+        probs = b.add("Cast", [probs], {"to": TensorProto.FLOAT16})
     result = node.outputs[0]
     node.outputs.clear()
-    graph.nodes.append(gs.Node("MatMul", name=node_name(PASS, index), inputs=[probs, v], outputs=[result]))
-    return index + 1
+    b.add("MatMul", [probs, v], out=result)
+    return b.index

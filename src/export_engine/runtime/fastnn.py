@@ -440,10 +440,10 @@ def extract_correspondences(
     first = torch.full((keys.numel(),), all1.numel(), device=all1.device, dtype=torch.int64)
     first.scatter_reduce_(0, inverse, position, reduce="amin")  # first occurrence, like np.unique's index
     xy1, xy2 = _unpack(keys, (int(d11.shape[0]), int(d11.shape[1])), (int(d22.shape[0]), int(d22.shape[1])), True)
-    return xy1, xy2, _sqrt_rounded(torch.cat(conf1)[first] * torch.cat(conf2)[first])
+    return xy1, xy2, sqrt_rounded(torch.cat(conf1)[first] * torch.cat(conf2)[first])
 
 
-def _sqrt_rounded(values: Tensor) -> Tensor:
+def sqrt_rounded(values: Tensor) -> Tensor:
     """Correctly rounded sqrt, like numpy's (upstream takes np.sqrt of the float32 products).
 
     torch's CPU float32 sqrt is off by one ulp for ~20 % of inputs (measured against np.sqrt, torch 2.13);

@@ -54,7 +54,7 @@ class MatchResult:
 
 class Matcher:
     """Matches image pairs with an artifact. Where the artifact's graphs run on ONNX Runtime CUDA, tokens,
-    decoder outputs and FastNN-Lite stay in GPU memory (:func:`match_tensors`); otherwise on the CPU."""
+    decoder outputs and FastNN-Lite stay in GPU memory (:func:`pair_matches`); otherwise on the CPU."""
 
     def __init__(self, artifact: ArtifactSession, config: MatchConfig | None = None):
         if artifact.manifest["model"] != "mast3r":
@@ -121,9 +121,8 @@ def pair_matches(outputs: Mapping[str, Any], config: MatchConfig) -> dict[str, A
     `outputs` are the decoder's tensors (torch, CPU or CUDA). Returns xy1, xy2 (M, 2) int64 (x, y) network
     pixels, conf (M,) = sqrt(desc_conf1 * desc_conf2), and the matched pts3d1 / pts3d2 (M, 3).
     """
-    import torch
 
-    from export_engine.runtime.fastnn import fast_reciprocal_nn
+    from export_engine.runtime.fastnn import fast_reciprocal_nn, sqrt_rounded
 
     desc1, desc2 = outputs["view1_desc"][0], outputs["view2_desc"][0]
     height, width = int(desc1.shape[0]), int(desc1.shape[1])
@@ -136,7 +135,7 @@ def pair_matches(outputs: Mapping[str, Any], config: MatchConfig) -> dict[str, A
     return {
         "xy1": xy1,
         "xy2": xy2,
-        "conf": torch.sqrt(c1 * c2).float(),
+        "conf": sqrt_rounded(c1 * c2),  # correctly rounded, as numpy's (and upstream's) sqrt
         "pts3d1": outputs["view1_pts3d"][0][xy1[:, 1], xy1[:, 0]],
         "pts3d2": outputs["view2_pts3d_in_other_view"][0][xy2[:, 1], xy2[:, 0]],
     }

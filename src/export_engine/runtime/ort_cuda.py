@@ -14,14 +14,13 @@
   as MatMuls (:mod:`export_engine.graph_passes.lower_patch_conv`; cuDNN ran them with slow direct kernels),
   ``im2col`` (off by default) stride-1 2-D convolutions as im2col + MatMul (:mod:`...lower_conv_im2col`:
   0.5x to 0.9x the speed of cuDNN on DPT-shaped FP16 convolutions, bench/RESULTS.md). ONNX Runtime's
-  ``prefer_nhwc`` was tried too: it leaves nodes on the CPU, so no CUDA graph can be captured. The
-  artifact's graphs keep the standard
-  ``Attention`` op, which is what TensorRT wants: ``attention="fused"`` runs it as is (ONNX Runtime >= 1.31
-  dispatches it to flash or memory-efficient attention kernels); ``"decomposed"`` rewrites it into
-  MatMul/Softmax/MatMul first (:mod:`export_engine.graph_passes.decompose_attention`). The artifact's files
-  are never changed.
-  Which is faster depends on the model (measured on an H100, bench/RESULTS.md): each family says which it
-  wants (``FamilySpec.ort_attention``); ``DEFAULT_ATTENTION`` is for graphs outside a family.
+  ``prefer_nhwc`` was tried too: it leaves nodes on the CPU, so no CUDA graph can be captured.
+* Attention: the artifact's graphs keep the standard ``Attention`` op, which is what TensorRT wants.
+  ``attention="fused"`` runs it as is (ONNX Runtime >= 1.31 dispatches it to flash or memory-efficient
+  attention kernels); ``"decomposed"`` rewrites it into MatMul/Softmax/MatMul first
+  (:mod:`export_engine.graph_passes.decompose_attention`). Which is faster depends on the model (measured on
+  an H100, bench/RESULTS.md): each family says which it wants (``FamilySpec.ort_attention``);
+  ``DEFAULT_ATTENTION`` is for graphs outside a family. The artifact's files are never changed.
 * TF32: off by default (``tf32=False``) so that an FP32 artifact computes in FP32 as its parity report says;
   ONNX Runtime's own default is on.
 
@@ -85,7 +84,6 @@ class _Signature:
     outputs: dict[str, Any]
     binding: Any
     graph_id: int | None = None
-    runs: int = 0
 
 
 @dataclass
@@ -160,7 +158,6 @@ class CudaGraphRunner:
             self.session.run_with_iobinding(sig.binding, options)
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             raise BackendError(f"ONNX Runtime CUDA failed running {self.path.name}: {_short(err)}") from err
-        sig.runs += 1
         return {name: (t.clone() if copy else t) for name, t in sig.outputs.items()}
 
     def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -37,13 +37,14 @@ class ArtifactSession:
         return self.family.run_input_names
 
 
-def _ort_runner(path: Path, providers: list[str]) -> GraphRunner:
+def _ort_runner(path: Path) -> GraphRunner:
+    """ONNX Runtime on the CPU, numpy in and out (the CUDA path is ort_cuda.CudaGraphRunner)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own untyped exceptions
         raise BackendError(f"ONNX Runtime cannot load {path.name}: {' '.join(str(err).split())[:300]}") from err
     declared = {i.name: i for i in session.get_inputs()}
@@ -73,14 +74,13 @@ def _engine_runner(path: Path, backend: str) -> GraphRunner:
     return run
 
 
-def _ort_providers() -> list[str]:
+def _ort_on_cuda() -> bool:
     from export_engine.runtime.ort_cuda import cuda_available
 
     runnable, why = cuda_available()
-    if runnable:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    log.debug("ONNX Runtime runs on the CPU: %s", why)
-    return ["CPUExecutionProvider"]
+    if not runnable:
+        log.debug("ONNX Runtime runs on the CPU: %s", why)
+    return runnable
 
 
 def load(
@@ -102,7 +102,7 @@ def load(
     family = get_family(manifest["model"])
     graphs = {g["name"]: g for g in manifest["graphs"]}
     engines = {e["graph"]: e for e in manifest.get("engines", [])}
-    providers = _ort_providers()
+    on_cuda = _ort_on_cuda()
     runners: dict[str, GraphRunner] = {}
     used = set()
     for name, graph in graphs.items():
@@ -115,13 +115,14 @@ def load(
                 log.info("%s: running the %s engine (%s)", name, engine["backend"], why)
                 continue
             log.info("%s: the %s engine cannot run here (%s); using ONNX Runtime", name, engine["backend"], why)
-        if providers[0] == "CUDAExecutionProvider":
+        if on_cuda:
             from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig
 
-            config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph)  # type: ignore[arg-type]
+            config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph)
             runners[name] = CudaGraphRunner(path / graph["file"], graph, config)
+            used.add("onnxruntime CUDAExecutionProvider")
         else:
-            runners[name] = _ort_runner(path / graph["file"], providers)
-        used.add(f"onnxruntime {providers[0]}")
+            runners[name] = _ort_runner(path / graph["file"])
+            used.add("onnxruntime CPUExecutionProvider")
     log.info("running %s with %s", path.name, ", ".join(sorted(used)))
     return ArtifactSession(path, manifest, family, runners, ", ".join(sorted(used)), graphs)
