@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Everything issue #6 measures on the GPU, in one run (one device call): a table printed last, JSON written.
+"""Everything we measure on the GPU, in one run: a table printed last, JSON written.
 
     python3 bench/gpu_bench.py --work DIR [--plans DIR] [--out DIR] [--budget-s 540]
 
@@ -46,21 +46,38 @@ def export_command(work: Path, model: str, precision: str, plan: Path | None) ->
     return cmd + (["--precision-plan", str(plan)] if plan else [])
 
 
-def launch(cmd: list[str], log: Path, cores: set[int]) -> subprocess.Popen:
+def launch(cmd: list[str], log: Path, cores: set[int], detach: bool = False) -> subprocess.Popen:
+    """Start an export pinned to ``cores``; ``detach`` gives it its own process session, so that it outlives this
+    process (a later run of this script finds it through ``exports.pids`` and waits for it)."""
     with open(log, "a") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=detach,
                                 preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
 
 
-def start_exports(work: Path, plans: Path | None, cores: set[int],
-                  wanted: set[str]) -> dict[str, tuple[subprocess.Popen, list[str]]]:  # fmt: skip
+def wait_detached(work: Path, deadline: float) -> None:
+    """Wait for exports an earlier run of this script left running (``--detach-exports``)."""
+    pids_file = work / "exports.pids"
+    if not pids_file.exists():
+        return
+    pids = json.loads(pids_file.read_text())
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids.values()):
+        time.sleep(2)
+    pids_file.unlink()
+
+
+def start_exports(work: Path, plans: Path | None, cores: set[int], wanted: set[str],
+                  detach: bool = False) -> dict[str, tuple[subprocess.Popen, list[str]]]:  # fmt: skip
     procs = {}
     for model, precision in EXPORTS:
         if f"{model}-{precision}" not in wanted or (work / f"{model}-{precision}" / "manifest.json").exists():
             continue
         plan = plans / f"{model}-hybrid.json" if plans and precision == "hybrid" else None
         cmd = export_command(work, model, precision, plan if plan and plan.exists() else None)
-        procs[f"{model}-{precision}"] = (launch(cmd, work / f"export-{model}-{precision}.log", cores), cmd)
+        alone = detach and model == "mast3r"  # the large ones; FastSAM3D's take a minute and are waited for
+        procs[f"{model}-{precision}"] = (launch(cmd, work / f"export-{model}-{precision}.log", cores, alone), cmd)
+    if detach:
+        pids = {name: proc.pid for name, (proc, _) in procs.items() if name.startswith("mast3r")}
+        (work / "exports.pids").write_text(json.dumps(pids))
     return procs
 
 
@@ -129,6 +146,10 @@ class Report:
             if "gpu_parity" in row:
                 worst = max(row["gpu_parity"]["max_abs"].values())
                 notes.append(f"parity {'ok' if row['gpu_parity']['passed'] else 'FAIL'} (max {worst:.1e})")
+            if "worst_error_vs_fp32" in row:
+                notes.append(f"worst error vs FP32 {row['worst_error_vs_fp32']:.1e}")
+            if "compile_s" in row:
+                notes.append(f"compiled in {row['compile_s']:.0f} s")
             for key in ("identical_to_reference", "matches", "encoder_one_image_ms"):
                 if key in row:
                     value = row[key]
@@ -140,19 +161,32 @@ class Report:
         return "\n".join(lines)
 
 
+STUDY = (  # (label, lowerings, tf32): the default first, then the steps that build it (each adds one rewrite)
+    ("all rewrites, TF32 mode on (default)", ("patch_conv", "rotary", "norm_casts", "skip_layernorm", "bias_gelu"),
+     True),
+    ("patch convs as MatMul, TF32 mode off (previous default)", ("patch_conv",), False),
+    ("patch convs, TF32 mode on", ("patch_conv",), True),
+    ("patch convs + rotary, TF32 on", ("patch_conv", "rotary"), True),
+    ("patch convs + rotary + norm casts folded, TF32 on", ("patch_conv", "rotary", "norm_casts"), True),
+    ("patch convs + rotary + norm casts + skip layernorm, TF32 on",
+     ("patch_conv", "rotary", "norm_casts", "skip_layernorm"), True),
+    ("as exported (no rewrite), TF32 mode off", (), False),
+)  # fmt: skip
+
+
 def fastsam3d_section(report: Report, work: Path, warm: int, reps: int) -> None:
-    """The ONNX Runtime lowerings on the hybrid artifact (CUDA graphs), FP32, and a profile."""
+    """The ONNX Runtime rewrites on the hybrid artifact (CUDA graphs), FP32, and a profile."""
     hybrid, fp32 = work / "fastsam3d-hybrid", work / "fastsam3d-fp32"
 
     def measure(label: str, artifact: Path, config: CudaSessionConfig) -> None:
         rows = report.section(f"ORT FastSAM3D {label}", 10, cases.ort_fastsam3d, artifact, config, warm, reps, label)
         report.add(rows)
 
-    measure("hybrid, as exported, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, patch_conv=False))
-    measure("hybrid, patch convs as MatMul, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
-    measure("hybrid, patch convs, decomposed attention, CUDA graph", hybrid,
-            CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
-    measure("fp32, patch convs, decomposed attention, CUDA graph", fp32,
+    for label, lowerings, tf32 in (STUDY[0], STUDY[1], STUDY[2]):
+        measure(f"hybrid, {label}, decomposed attention, CUDA graph", hybrid,
+                CudaSessionConfig("decomposed", cuda_graph=True, lowerings=lowerings, tf32=tf32))  # fmt: skip
+    measure("hybrid, default rewrites, fused attention, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
+    measure("fp32, default rewrites (TF32 stays off), decomposed attention, CUDA graph", fp32,
             CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
     report.data["profile FastSAM3D hybrid encoder"] = report.section(
         "profile FastSAM3D hybrid encoder", 10, cases.profile_fastsam3d, hybrid, CudaSessionConfig("decomposed")
@@ -160,39 +194,39 @@ def fastsam3d_section(report: Report, work: Path, warm: int, reps: int) -> None:
 
 
 def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, reps: int, full: bool) -> None:
-    """Lowerings on the hybrid artifact, end to end and a profile with the best; with `full` also FP32 (TF32 off
-    and on), the artifact as exported and decomposed attention. Most important first: what does not fit the
-    budget is skipped."""
+    """The rewrite study on the hybrid artifact (each step adds one rewrite), end to end and a profile with the
+    default; with `full` also the FP32 artifact (TF32 stays off there) and decomposed attention."""
     hybrid, fp32 = work / "mast3r-hybrid", work / "mast3r-fp32"
-    best: dict[str, Any] = {}
+    default: dict[str, Any] = {}
 
-    def measure(label: str, artifact: Path, config: CudaSessionConfig) -> None:
+    def measure(label: str, artifact: Path, config: CudaSessionConfig, keep: bool = False) -> None:
         result = report.section(f"ORT MASt3R {label}", 25, cases.ort_mast3r, artifact, config, images, warm, reps,
                                 label)  # fmt: skip
         if result is None:
             return
         row, runners = result
         report.add(row)
-        if artifact == hybrid and row["median_ms"] < best.get("ms", 1e9):
-            best.update(ms=row["median_ms"], runners=runners, label=label, config=config)  # kept for end to end
+        if keep:
+            default.update(runners=runners, label=label, config=config)  # kept for end to end
 
-    measure("hybrid, patch convs as MatMul, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True))
-    measure("hybrid, patch convs + im2col convs, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, im2col=True))
-    if best:
-        report.add(report.section("MASt3R end to end", 10, cases.end_to_end, best["runners"], images, warm, reps,
-                                  best["label"]))  # fmt: skip
-        config = dataclasses.replace(best["config"], cuda_graph=False)
-        best.pop("runners")
+    label, lowerings, tf32 = STUDY[0]
+    measure(f"hybrid, {label}, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True), keep=True)
+    if default:
+        report.add(report.section("MASt3R end to end", 10, cases.end_to_end, default["runners"], images, warm, reps,
+                                  default["label"]))  # fmt: skip
+        config = dataclasses.replace(default["config"], cuda_graph=False)
+        default.pop("runners")
         result = report.section("profile MASt3R hybrid", 25, cases.profile_mast3r, hybrid, config, images)
         report.data["profile MASt3R hybrid"] = result
     if full:
-        measure("fp32, patch convs as MatMul, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True))
-        measure("hybrid, as exported, CUDA graph", hybrid,
-                CudaSessionConfig(cuda_graph=True, patch_conv=False, im2col=False))  # fmt: skip
-        measure("hybrid, patch convs, decomposed attention, CUDA graph", hybrid,
+        measure("fp32, default rewrites (TF32 stays off), CUDA graph", fp32, CudaSessionConfig(cuda_graph=True))
+    for label, lowerings, tf32 in STUDY[1:]:
+        measure(f"hybrid, {label}, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, lowerings=lowerings,
+                tf32=tf32))  # fmt: skip
+    if full:
+        measure("hybrid, default rewrites, decomposed attention, CUDA graph", hybrid,
                 CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
-        measure("fp32 (TF32 on), patch convs, CUDA graph", fp32, CudaSessionConfig(cuda_graph=True, tf32=True))
-    best.clear()
+    default.clear()
 
 
 def print_details(data: dict[str, Any]) -> None:
@@ -229,8 +263,12 @@ def main() -> int:
     parser.add_argument(
         "--sections",
         default="eager,fastnn,fastsam3d,mast3r-full",
-        help="eager, fastnn, fastsam3d, mast3r (hybrid lowerings only) or mast3r-full",
+        help="eager, compile, fastnn, fastsam3d, mast3r (hybrid rewrite study only) or mast3r-full",
     )
+    parser.add_argument("--compile-modes", default="reduce-overhead,max-autotune",
+                        help="torch.compile modes (max-autotune: FastSAM3D only, MASt3R takes too long)")  # fmt: skip
+    parser.add_argument("--detach-exports", action="store_true",
+                        help="start the exports in their own process session and return without waiting")  # fmt: skip
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     if not torch.cuda.is_available():
@@ -240,7 +278,8 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0))
     mine, theirs = set(cores[:2]), set(cores[2:]) or set(cores)
     args.work.mkdir(parents=True, exist_ok=True)
-    procs = start_exports(args.work, args.plans, theirs, set(args.exports.split(",")))
+    wait_detached(args.work, time.monotonic() + args.budget_s / 2)
+    procs = start_exports(args.work, args.plans, theirs, set(args.exports.split(",")), args.detach_exports)
     os.sched_setaffinity(0, mine)
     import onnxruntime as ort
 
@@ -253,11 +292,18 @@ def main() -> int:
     if "eager" in sections:
         report.add(report.section("torch MASt3R", 60, cases.torch_mast3r, images, warm, reps))
         report.add(report.section("torch FastSAM3D", 30, cases.torch_fastsam3d, warm, 4 * reps))
+    if "compile" in sections:
+        modes = tuple(args.compile_modes.split(","))
+        report.add(report.section("torch.compile FastSAM3D", 60, cases.compiled_fastsam3d, warm, 4 * reps, modes))
+        report.add(report.section("torch.compile MASt3R", 120, cases.compiled_mast3r, images, warm, reps,
+                                  tuple(m for m in modes if m != "max-autotune") or modes))  # fmt: skip
     if "fastnn" in sections:
         fastnn = report.section("FastNN-Lite", 40, cases.fastnn, warm, 4 * reps, 10)
         if fastnn:
             report.add(fastnn[0])
             report.data["fastnn breakdown"] = fastnn[1]
+    if args.detach_exports:  # the MASt3R exports run on after this process; the next run waits for them
+        procs = {k: v for k, v in procs.items() if not k.startswith("mast3r")}
     small = {k: v for k, v in procs.items() if k.startswith("fastsam3d")}
     report.data["exports"] = wait_exports(small, args.work, time.monotonic() + max(report.left() - 300, 30), theirs)
     if "fastsam3d" in sections:

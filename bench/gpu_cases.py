@@ -361,3 +361,98 @@ def fastnn(
     kernel_ms = sum(time_calls(lambda c=c: original(flat1[:c], keys_t, best), 2, 10)["median_ms"] for c in counts)
     breakdown = {"rows_per_call": counts, "kernel_ms_sum": kernel_ms, "best_tiles": asdict(best), "sweep": sweep}
     return rows, breakdown
+
+
+# --- torch.compile: the competitor -----------------------------------------------------------------------------
+
+
+def worst_error(got: Any, ref: Any) -> float:
+    """Largest absolute difference over all outputs (dicts, tuples or tensors), as float32."""
+    if isinstance(ref, dict):
+        return max(worst_error(got[k], ref[k]) for k in ref)
+    if isinstance(ref, (tuple, list)):
+        return max(worst_error(g, r) for g, r in zip(got, ref, strict=True))
+    return float((got.float() - ref.float()).abs().max())
+
+
+def _compiled_rows(label: str, target: Callable[..., Any], args: tuple, reference: Any, modes: tuple[str, ...],
+                   warmup: int, repeats: int, autocast: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    rows = []
+    for mode in modes:
+        try:
+            start = time.perf_counter()
+            compiled = torch.compile(target, mode=mode)
+
+            def fn(c: Callable[..., Any] = compiled) -> Any:
+                with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+                    return c(*args)
+
+            with torch.inference_mode():
+                out = fn()  # compiles
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - start
+                timing = time_calls(fn, warmup, repeats)
+                err = worst_error(fn(), reference)
+            rows.append({"case": f"{label}, torch.compile FP16 {mode}", **timing, "compile_s": round(compile_s, 1),
+                         "worst_error_vs_fp32": err})  # fmt: skip
+            del out
+        except Exception as err:  # a mode that does not compile is reported, the others still run
+            rows.append({"case": f"{label}, torch.compile FP16 {mode}", "error": f"{type(err).__name__}: {err}"[:300]})
+        torch._dynamo.reset()
+    return rows
+
+
+def compiled_mast3r(images: torch.Tensor, warmup: int, repeats: int, modes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Our PyTorch MASt3R in FP16 (SDPA attention) under torch.compile: the pair, and one image through the
+    encoder; worst error against the same weights in FP32 eager (explicit attention, TF32 off)."""
+    from export_engine.models.mast3r.model import MASt3R
+
+    loaded = get_family("mast3r").load(None, None, 0)
+    fp32 = loaded.module.cuda().eval()
+    set_tf32(False)
+    img1, img2 = images[0:1], images[1:2]
+    with torch.inference_mode():
+        ref_pair = fp32(img1, img2)
+        ref_enc = fp32.encode(img1)
+    with torch.device("meta"):
+        half = MASt3R(loaded.config, attn_impl="sdpa")
+    half.load_state_dict(fp32.state_dict(), assign=True)
+    half = half.half().eval()
+    del fp32
+    h1, h2 = img1.half(), img2.half()
+    rows = []
+    with torch.inference_mode():
+        eager = time_calls(lambda: half(h1, h2), warmup, repeats)
+        rows.append({"case": "MASt3R pair, PyTorch eager FP16 + SDPA", **eager,
+                     "worst_error_vs_fp32": worst_error(half(h1, h2), ref_pair)})  # fmt: skip
+    rows += _compiled_rows("MASt3R pair", half, (h1, h2), ref_pair, modes, warmup, repeats)
+    rows += _compiled_rows("MASt3R one image through the encoder", half.encode, (h1,), ref_enc, modes, warmup, repeats)
+    return rows
+
+
+def compiled_fastsam3d(warmup: int, repeats: int, modes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Our PyTorch FastSAM3D under torch.compile: the encoder in FP16, one click under FP16 autocast; worst
+    error against FP32 eager."""
+    from export_engine.exporters.fastsam3d import PromptDecoderGraph
+
+    loaded = get_family("fastsam3d").load(None, None, 0)
+    model = loaded.module.cuda().eval()
+    size, m = model.config.img_size, model.config.mask_input_size
+    image = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(0)).cuda()
+    prompt = PromptDecoderGraph(model).cuda().eval()
+    feed = click_feed(size, m)
+    set_tf32(False)
+    with torch.inference_mode():
+        ref_emb = model.encode(image)
+        ref_click = prompt(ref_emb, *feed.values())
+    half = model.half()
+    image16 = image.half()
+    rows = []
+    with torch.inference_mode():
+        rows.append({"case": "FastSAM3D encoder 128^3, PyTorch eager FP16", **time_calls(lambda: half.encode(image16),
+                     warmup, repeats), "worst_error_vs_fp32": worst_error(half.encode(image16), ref_emb)})  # fmt: skip
+    rows += _compiled_rows("FastSAM3D encoder 128^3", half.encode, (image16,), ref_emb, modes, warmup, repeats)
+    prompt32 = prompt.float()  # the click runs under FP16 autocast on FP32 weights
+    rows += _compiled_rows("FastSAM3D click", prompt32, (ref_emb, *feed.values()), ref_click, modes, warmup, repeats,
+                           autocast=True)  # fmt: skip
+    return rows

@@ -104,10 +104,12 @@ class NodeBuilder:
         attrs: dict | None = None,
         out: gs.Tensor | None = None,
         dtype: Any = None,
+        domain: str | None = None,
     ) -> gs.Tensor:
         """One node; its output is `out`, or a new tensor of `dtype` (default: the builder's)."""
         result = out if out is not None else gs.Variable(f"{self.name()}/output", dtype=dtype or self.dtype)
-        self.graph.nodes.append(gs.Node(op, name=self.name(), attrs=attrs or {}, inputs=inputs, outputs=[result]))
+        node = gs.Node(op, name=self.name(), attrs=attrs or {}, inputs=inputs, outputs=[result], domain=domain)
+        self.graph.nodes.append(node)
         self.index += 1
         return result
 

@@ -10,19 +10,23 @@
   and replays it afterwards (one ``gpu_graph_id`` per signature, so a few different shapes can each have one).
   Captured graphs read fixed addresses: inputs are copied into per-signature buffers first. Every node must
   run on CUDA for a capture; session creation fails otherwise, and the error says so.
-* Lowering for ONNX Runtime, in memory: ``patch_conv`` (default on) rewrites kernel == stride convolutions
-  as MatMuls (:mod:`export_engine.graph_passes.lower_patch_conv`; cuDNN ran them with slow direct kernels),
-  ``im2col`` (off by default) stride-1 2-D convolutions as im2col + MatMul (:mod:`...lower_conv_im2col`:
-  0.5x to 0.9x the speed of cuDNN on DPT-shaped FP16 convolutions, bench/RESULTS.md). ONNX Runtime's
-  ``prefer_nhwc`` was tried too: it leaves nodes on the CPU, so no CUDA graph can be captured.
+* Lowering for ONNX Runtime, in memory (:mod:`export_engine.runtime.ort_lowering`): ``lowerings`` names the
+  graph passes applied to a copy of the graph before the session opens (RoPE, LayerNorm, residual and GELU
+  fusions into ONNX Runtime's contrib kernels, patch convolutions as MatMuls; defaults from measurements on
+  Hopper, bench/RESULTS.md). The artifact's files, which TensorRT consumes, are never changed.
 * Attention: the artifact's graphs keep the standard ``Attention`` op, which is what TensorRT wants.
   ``attention="fused"`` runs it as is (ONNX Runtime >= 1.31 dispatches it to flash or memory-efficient
-  attention kernels); ``"decomposed"`` rewrites it into MatMul/Softmax/MatMul first
-  (:mod:`export_engine.graph_passes.decompose_attention`). Which is faster depends on the model (measured on
-  an H100, bench/RESULTS.md): each family says which it wants (``FamilySpec.ort_attention``);
-  ``DEFAULT_ATTENTION`` is for graphs outside a family. The artifact's files are never changed.
-* TF32: off by default (``tf32=False``) so that an FP32 artifact computes in FP32 as its parity report says;
-  ONNX Runtime's own default is on.
+  attention kernels); ``"decomposed"`` adds the ``decompose_attention`` lowering (MatMul/Softmax/MatMul).
+  Which is faster depends on the model: each family says which it wants (``FamilySpec.ort_attention``).
+* TF32 (``tf32``): ``None`` (default) turns ONNX Runtime's TF32 mode on only for graphs none of whose matrix
+  products (MatMul, Gemm, Conv, Attention) computes in FP32, i.e. where it changes no FP32 result; in that
+  mode cuDNN also gives FP16 convolutions their tensor-core engines (measured on an H200: MASt3R hybrid
+  33.5 ms per pair with TF32 mode off, 16.7 ms with it on, same outputs). FP32 graphs keep it off, so an FP32
+  artifact computes in FP32 as its parity report says.
+* Every rewrite is checked where it runs (``check``, default on): the first session of a graph runs the
+  artifact's stored reference input and compares with the stored FP32 outputs at the artifact's tolerances
+  (:mod:`export_engine.runtime.self_check`); on failure it logs which rewrite failed by how much and runs the
+  graph as stored, or with ``strict`` refuses (exit 7 from the CLI). The check costs one inference.
 
 ONNX Runtime runs on its own CUDA stream: the runner synchronises torch's current stream before a run, and
 ONNX Runtime synchronises its stream before returning, so results are ready for torch afterwards.
@@ -31,7 +35,6 @@ ONNX Runtime synchronises its stream before returning, so results are ready for 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,8 @@ from typing import Any, Literal
 import numpy as np
 
 from export_engine.errors import BackendError, ModelInputError
+from export_engine.runtime.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products, lowered_graph
+from export_engine.runtime.self_check import open_checked
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +57,20 @@ _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int
 class CudaSessionConfig:
     attention: Literal["fused", "decomposed"] = DEFAULT_ATTENTION
     cuda_graph: bool = False
-    tf32: bool = False
+    tf32: bool | None = None  # None: on where no matrix product computes in FP32 (see the module docstring)
     device_id: int = 0
-    patch_conv: bool = True  # kernel == stride (transposed) convolutions as MatMuls (lower_patch_conv)
-    im2col: bool = False  # stride-1 2-D convolutions as im2col + MatMul (lower_conv_im2col; measured slower)
+    lowerings: tuple[str, ...] = DEFAULT_LOWERINGS
+    check: bool = True  # run the stored reference through a rewritten graph before using it
+    strict: bool = False  # a rewrite that fails its check is an error instead of a fallback
 
     def __post_init__(self) -> None:
         if self.attention not in ("fused", "decomposed"):
             raise ModelInputError(f"attention must be 'fused' or 'decomposed', got {self.attention!r}")
+        check_lowerings(self.lowerings)
+
+    def lowering_names(self) -> tuple[str, ...]:
+        extra = ("decompose_attention",) if self.attention == "decomposed" else ()
+        return check_lowerings((*self.lowerings, *extra))
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -102,14 +113,34 @@ class CudaGraphRunner:
             raise BackendError(f"cannot run {self.path.name} on CUDA: {why}")
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # onnxruntime-gpu finds the CUDA libraries that torch ships
-        source = self._lowered_source()
-        options = ort.SessionOptions()
+        self._ort = ort
+        self._inputs = {i["name"]: i for i in self.graph_meta["inputs"]}
+        self._outputs = {o["name"]: o for o in self.graph_meta["outputs"]}
+        self._signatures: dict[tuple, _Signature] = {}
+        c = self.config
+        _, self.outcome = open_checked(self._open, self.path, self.graph_meta, c.lowering_names(),
+                                       self._tf32_choice(), c.check, c.strict)  # fmt: skip
+
+    def _tf32_choice(self) -> bool:
+        if self.config.tf32 is not None:
+            return self.config.tf32
+        total, fp32 = fp32_matrix_products(self.path)
+        if fp32:
+            log.debug("%s: TF32 off: %d matrix products compute in FP32 (%s, ...)", self.path.name, len(fp32), fp32[0])
+        return total > 0 and not fp32
+
+    def _open(self, lowerings: tuple[str, ...], tf32: bool) -> CudaGraphRunner:
+        """(Re)open the session on the graph rewritten by ``lowerings``; captured shapes start afresh."""
+        source, _ = lowered_graph(self.path, lowerings)
+        options = self._ort.SessionOptions()
         options.log_severity_level = 3
-        provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if self.config.tf32 else "0"}
+        provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if tf32 else "0"}
         if self.config.cuda_graph:
             provider["enable_cuda_graph"] = "1"
         try:
-            self.session = ort.InferenceSession(str(source), options, providers=[("CUDAExecutionProvider", provider)])
+            self.session = self._ort.InferenceSession(
+                str(source), options, providers=[("CUDAExecutionProvider", provider)]
+            )
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             hint = (
                 " (a CUDA graph needs every node on CUDA: retry with cuda_graph=False)"
@@ -117,21 +148,8 @@ class CudaGraphRunner:
                 else ""
             )
             raise BackendError(f"ONNX Runtime CUDA cannot load {self.path.name}: {_short(err)}{hint}") from err
-        self._ort = ort
-        self._inputs = {i["name"]: i for i in self.graph_meta["inputs"]}
-        self._outputs = {o["name"]: o for o in self.graph_meta["outputs"]}
-        self._signatures: dict[tuple, _Signature] = {}
-
-    def _lowered_source(self) -> Path:
-        """The artifact's graph, or a rewritten copy in a scratch folder (see the module docstring)."""
-        c = self.config
-        if c.attention == "fused" and not c.patch_conv and not c.im2col:
-            return self.path
-        stat = self.path.stat()
-        key = (str(self.path.resolve()), stat.st_mtime_ns, stat.st_size, c.attention, c.patch_conv, c.im2col)
-        if key not in _LOWERED:  # one rewrite per graph and lowering per process (sessions of other options share it)
-            _LOWERED[key] = _lower(self.path, self.config)
-        return Path(_LOWERED[key].name) / self.path.name
+        self._signatures = {}
+        return self
 
     # --- running -------------------------------------------------------------------------------------------
 
@@ -227,30 +245,6 @@ class CudaGraphRunner:
     def _bind(self, bind: Any, name: str, tensor: Any) -> None:
         element = _DTYPES[str(tensor.dtype).removeprefix("torch.")]
         bind(name, "cuda", self.config.device_id, element, list(tensor.shape), tensor.data_ptr())
-
-
-_LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
-
-
-def _lower(path: Path, config: CudaSessionConfig) -> tempfile.TemporaryDirectory:
-    from export_engine.graph_passes.base import load_graph, save_graph
-    from export_engine.graph_passes.decompose_attention import DecomposeAttentionConfig, decompose_attention
-    from export_engine.graph_passes.lower_conv_im2col import LowerConvIm2colConfig, lower_conv_im2col
-    from export_engine.graph_passes.lower_patch_conv import LowerPatchConvConfig, lower_patch_conv
-
-    graph = load_graph(path)
-    reports = []
-    if config.patch_conv:
-        reports.append(lower_patch_conv(graph, LowerPatchConvConfig()))
-    if config.im2col:
-        reports.append(lower_conv_im2col(graph, LowerConvIm2colConfig()))
-    if config.attention == "decomposed":
-        reports.append(decompose_attention(graph, DecomposeAttentionConfig()))
-    for report in reports:
-        log.info("%s: %s (for ONNX Runtime only; the artifact is unchanged)", path.name, report.summary())
-    scratch = tempfile.TemporaryDirectory(prefix="export-engine-ort-")  # removed at exit
-    save_graph(graph, Path(scratch.name) / path.name)
-    return scratch
 
 
 def _device(device_id: int) -> Any:

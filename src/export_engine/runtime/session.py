@@ -14,6 +14,7 @@ from export_engine.artifacts.store import read_manifest, verify_files
 from export_engine.errors import BackendError, ModelInputError
 from export_engine.exporters.registry import get_family
 from export_engine.exporters.spec import FamilySpec, GraphRunner
+from export_engine.runtime.ort_lowering import check_lowerings, lowered_graph
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,26 @@ class ArtifactSession:
         return self.family.run_input_names
 
 
-def _ort_runner(path: Path) -> GraphRunner:
-    """ONNX Runtime on the CPU, numpy in and out (the CUDA path is ort_cuda.CudaGraphRunner)."""
+def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[str, ...] = (), check: bool = True,
+                   strict: bool = False) -> GraphRunner:  # fmt: skip
+    """ONNX Runtime on the CPU, numpy in and out (the CUDA path is ort_cuda.CudaGraphRunner). ``lowerings``
+    rewrite the graph in memory first, checked against the artifact's reference as on CUDA."""
+    from export_engine.runtime.self_check import open_checked
+
+    def open_fn(names: tuple[str, ...], tf32: bool) -> GraphRunner:
+        return _cpu_session(path, lowered_graph(path, names)[0])
+
+    runner, _ = open_checked(open_fn, path, graph_meta, check_lowerings(lowerings), False, check, strict)
+    return runner
+
+
+def _cpu_session(path: Path, source: Path) -> GraphRunner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own untyped exceptions
         raise BackendError(f"ONNX Runtime cannot load {path.name}: {' '.join(str(err).split())[:300]}") from err
     declared = {i.name: i for i in session.get_inputs()}
@@ -84,14 +97,21 @@ def _ort_on_cuda() -> bool:
 
 
 def load(
-    artifact: str | Path, verify: bool = True, use_engines: bool = True, cuda_graph: bool = False
+    artifact: str | Path,
+    verify: bool = True,
+    use_engines: bool = True,
+    cuda_graph: bool = False,
+    self_check: bool = True,
+    strict: bool = False,
 ) -> ArtifactSession:
     """Open ``artifact`` (verifying every file's sha256 unless ``verify=False``) and prepare its graphs.
 
     Each graph runs its engine when this machine can run it, else ONNX Runtime on the artifact's ONNX: on CUDA
     when onnxruntime-gpu and a GPU are there (:class:`~export_engine.runtime.ort_cuda.CudaGraphRunner`, I/O in
     device memory; ``cuda_graph`` captures CUDA graphs, for callers whose shapes repeat), else on the CPU. The
-    log says which and why.
+    log says which and why. On CUDA the graphs are rewritten in memory for ONNX Runtime's fused kernels, and
+    each rewritten graph first runs the artifact's stored reference input (``self_check``, one inference per
+    graph): a rewrite that fails falls back to the graph as stored, or with ``strict`` raises ParityError.
     """
     from export_engine.runtime.engine_runner import can_run_engine
 
@@ -118,11 +138,11 @@ def load(
         if on_cuda:
             from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig
 
-            config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph)
+            config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph, check=self_check, strict=strict)
             runners[name] = CudaGraphRunner(path / graph["file"], graph, config)
             used.add("onnxruntime CUDAExecutionProvider")
         else:
-            runners[name] = _ort_runner(path / graph["file"])
+            runners[name] = ort_cpu_runner(path / graph["file"], graph)
             used.add("onnxruntime CPUExecutionProvider")
     log.info("running %s with %s", path.name, ", ".join(sorted(used)))
     return ArtifactSession(path, manifest, family, runners, ", ".join(sorted(used)), graphs)
