@@ -294,9 +294,9 @@ def main() -> int:
         report.add(report.section("torch FastSAM3D", 30, cases.torch_fastsam3d, warm, 4 * reps))
     if "compile" in sections:
         modes = tuple(args.compile_modes.split(","))
-        report.add(report.section("torch.compile FastSAM3D", 60, cases.compiled_fastsam3d, warm, 4 * reps, modes))
         report.add(report.section("torch.compile MASt3R", 120, cases.compiled_mast3r, images, warm, reps,
                                   tuple(m for m in modes if m != "max-autotune") or modes))  # fmt: skip
+        report.add(report.section("torch.compile FastSAM3D", 60, cases.compiled_fastsam3d, warm, 4 * reps, modes))
     if "fastnn" in sections:
         fastnn = report.section("FastNN-Lite", 40, cases.fastnn, warm, 4 * reps, 10)
         if fastnn:
