@@ -1,0 +1,161 @@
+"""The ONNX Runtime fusions (lower_rotary, fold_norm_casts, fuse_skip_layernorm, fuse_bias_gelu): same outputs on
+ONNX Runtime's CPU provider (which has every contrib op they write), structure, skips with reasons, idempotence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from graph_passes.graph_testing import op_counts, run_graph
+
+from export_engine.cli import main
+from export_engine.exporters.mast3r import TINY_CONFIG
+from export_engine.graph_passes.base import load_graph
+from export_engine.graph_passes.cleanup import FoldConstantsConfig, fold_constants
+from export_engine.graph_passes.fold_norm_casts import FoldNormCastsConfig, fold_norm_casts
+from export_engine.graph_passes.fuse_bias_gelu import FuseBiasGeluConfig, fuse_bias_gelu
+from export_engine.graph_passes.fuse_skip_layernorm import FuseSkipLayerNormConfig, fuse_skip_layernorm
+from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, lower_rotary
+
+
+def _close(got: list[np.ndarray], want: list[np.ndarray], rel: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        scale = max(float(np.abs(w.astype(np.float32)).max()), 1.0)
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=rel, atol=rel * scale)
+
+
+@pytest.mark.parametrize("key", ["mast3r.encoder", "mast3r.decoder"])
+def test_fp32_fusions_keep_the_outputs_of_the_tiny_mast3r(tiny_graphs: dict[str, Any], key: str) -> None:
+    tiny = tiny_graphs[key]
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    before_ops = op_counts(graph)
+    before = run_graph(graph, tiny.feeds[0])
+
+    rotary = lower_rotary(graph, LowerRotaryConfig())
+    skip = fuse_skip_layernorm(graph, FuseSkipLayerNormConfig())
+    gelu = fuse_bias_gelu(graph, FuseBiasGeluConfig())
+
+    after = op_counts(graph)
+    assert rotary.rewritten == rotary.matched > 0 and not rotary.skipped
+    assert after["RotaryEmbedding"] == rotary.rewritten and after["Neg"] == 0  # every rotate_half is gone
+    assert gelu.rewritten == before_ops["Gelu"] and after["Gelu"] == 0
+    assert skip.rewritten > 0 and after["SkipLayerNormalization"] == skip.rewritten
+    assert after["LayerNormalization"] == before_ops["LayerNormalization"] - skip.rewritten
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)  # FP32: the same function up to summation order
+    again = [f(graph, c) for f, c in ((lower_rotary, LowerRotaryConfig()), (fuse_skip_layernorm,
+             FuseSkipLayerNormConfig()), (fuse_bias_gelu, FuseBiasGeluConfig()))]  # fmt: skip
+    assert [r.rewritten for r in again] == [0, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def hybrid_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fusions")
+    (root / "config.json").write_text(json.dumps(TINY_CONFIG))
+    out = root / "mast3r-hybrid"
+    args = ["--model", "mast3r", "--precision", "hybrid", "--random-weights", "--backend", "onnx", "--quiet",
+            "--config", str(root / "config.json"), "--resolution", "80x48", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+def _feed(artifact: Path, graph: str) -> dict[str, np.ndarray]:
+    with np.load(artifact / "reference" / f"{graph}.inputs.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("name", ["encoder", "decoder"])
+def test_fold_norm_casts_runs_hybrid_layernorms_on_fp16(hybrid_artifact: Path, name: str) -> None:
+    graph = load_graph(hybrid_artifact / f"{name}.onnx")
+    before_ops = op_counts(graph)
+    feed = _feed(hybrid_artifact, name)
+    before = run_graph(graph, feed)
+
+    report = fold_norm_casts(graph, FoldNormCastsConfig())
+
+    assert report.rewritten == report.matched >= before_ops["LayerNormalization"] - 1 > 0, report.skipped
+    # the Cast back to FP16 goes with every island, the Cast to FP32 wherever nothing else reads it
+    assert op_counts(graph)["Cast"] <= before_ops["Cast"] - report.rewritten - 1
+    norms = [n for n in graph.nodes if n.name.startswith("fold_norm_casts/")]
+    assert all(n.inputs[0].dtype == np.float16 and n.outputs[0].dtype == np.float16 for n in norms)
+    assert all(n.attrs["stash_type"] == 1 and n.inputs[1].values.dtype == np.float16 for n in norms)
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, feed), before, 2e-2)  # only scale/shift rounding to FP16 differs
+    assert fold_norm_casts(graph, FoldNormCastsConfig()).matched == 0
+    skip = fuse_skip_layernorm(graph, FuseSkipLayerNormConfig())  # now sees the FP16 residual sums
+    assert skip.rewritten > 0
+    _close(run_graph(graph, feed), before, 2e-2)
+
+
+# --- skips, with reasons -------------------------------------------------------------------------------------------
+
+
+def _rope_graph(table: np.ndarray, dim: int = 8) -> gs.Graph:
+    """x * COS + rotate_half_2d(x) * SIN for x (B, 2, 4, dim), as the exporter writes it."""
+    x = gs.Variable("x", dtype=np.float32, shape=("batch", 2, 4, dim))
+    q = dim // 4
+    nodes, parts = [], []
+    for i, (start, end, neg) in enumerate(((q, 2 * q, True), (0, q, False), (3 * q, dim, True), (2 * q, 3 * q, False))):
+        piece = gs.Variable(f"s{i}", dtype=np.float32)
+        consts = [gs.Constant(f"c{i}{k}", np.array([v], np.int64)) for k, v in enumerate((start, end, -1))]
+        nodes.append(gs.Node("Slice", inputs=[x, *consts], outputs=[piece]))
+        if neg:
+            negated = gs.Variable(f"n{i}", dtype=np.float32)
+            nodes.append(gs.Node("Neg", inputs=[piece], outputs=[negated]))
+            piece = negated
+        parts.append(piece)
+    rot, a, b, y = (gs.Variable(n, dtype=np.float32) for n in ("rot", "a", "b", "y"))
+    nodes += [gs.Node("Concat", attrs={"axis": -1}, inputs=parts, outputs=[rot]),
+              gs.Node("Mul", inputs=[x, gs.Constant("cos", np.cos(table))], outputs=[a]),
+              gs.Node("Mul", inputs=[rot, gs.Constant("sin", np.sin(table))], outputs=[b]),
+              gs.Node("Add", inputs=[a, b], outputs=[y])]  # fmt: skip
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17)
+
+
+def _angles(dim: int = 8, repeat: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    quarter = rng.standard_normal((4, dim // 4)).astype(np.float32)
+    other = quarter if repeat else rng.standard_normal((4, dim // 4)).astype(np.float32)
+    return np.concatenate([quarter, other, quarter * 0.5, other * 0.5], axis=1)
+
+
+def test_lower_rotary_matches_a_hand_written_2d_rope_and_skips_non_rope_tables() -> None:
+    graph = _rope_graph(_angles())
+    feed = {"x": np.random.default_rng(1).standard_normal((3, 2, 4, 8)).astype(np.float32)}
+    before = run_graph(graph, feed)
+    report = lower_rotary(graph, LowerRotaryConfig())
+    assert (report.matched, report.rewritten) == (1, 1)
+    _close(run_graph(graph, feed), before, 1e-6)
+
+    odd = _rope_graph(_angles(repeat=False))
+    report = lower_rotary(odd, LowerRotaryConfig())
+    assert report.rewritten == 0 and "do not repeat" in report.skipped[0]
+
+
+def test_fuse_bias_gelu_skips_the_tanh_approximation() -> None:
+    x, h, y = gs.Variable("x", np.float32, ("b", 4)), gs.Variable("h", np.float32), gs.Variable("y", np.float32)
+    add = gs.Node("Add", inputs=[x, gs.Constant("bias", np.ones(4, np.float32))], outputs=[h])
+    gelu = gs.Node("Gelu", attrs={"approximate": "tanh"}, inputs=[h], outputs=[y])
+    graph = gs.Graph(nodes=[add, gelu], inputs=[x], outputs=[y], opset=20)
+    report = fuse_bias_gelu(graph, FuseBiasGeluConfig())
+    assert report.rewritten == 0 and "tanh" in report.skipped[0]
+
+
+def test_fold_norm_casts_skips_an_island_whose_fp32_output_is_used_in_fp32() -> None:
+    x = gs.Variable("x", np.float16, ("b", 3, 4))
+    x32, n, y16, z = (gs.Variable(k, d) for k, d in (("x32", np.float32), ("n", np.float32), ("y16", np.float16),
+                                                    ("z", np.float32)))  # fmt: skip
+    nodes = [gs.Node("Cast", attrs={"to": onnx.TensorProto.FLOAT}, inputs=[x], outputs=[x32]),
+             gs.Node("LayerNormalization", attrs={"axis": -1}, inputs=[x32, gs.Constant("g", np.ones(4, np.float32)),
+                     gs.Constant("b", np.zeros(4, np.float32))], outputs=[n]),
+             gs.Node("Cast", attrs={"to": onnx.TensorProto.FLOAT16}, inputs=[n], outputs=[y16]),
+             gs.Node("Exp", inputs=[n], outputs=[z])]  # fmt: skip
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[y16, z], opset=17)
+    report = fold_norm_casts(graph, FoldNormCastsConfig())
+    assert report.rewritten == 0 and "also feeds ['Exp']" in report.skipped[0]
