@@ -141,6 +141,6 @@ def test_tf32_is_only_chosen_where_no_matrix_product_is_fp32(hybrid: Path, tmp_p
 
 
 def test_unknown_lowerings_are_refused_with_the_valid_names() -> None:
-    with pytest.raises(ModelInputError, match="unknown ONNX Runtime lowering.*valid"):
+    with pytest.raises(ModelInputError, match=r"unknown ONNX Runtime lowering.*valid"):
         check_lowerings(("rotary", "warp_speed"))
     assert check_lowerings(("bias_gelu", "rotary")) == ("rotary", "bias_gelu")  # one canonical order
