@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,49 @@ def test_newer_schema_and_garbage_are_refused(tmp_path: Path) -> None:
         read_manifest(tmp_path / "a")
     with pytest.raises(ArtifactError, match="not an artifact directory"):
         read_manifest(tmp_path / "nothing")
+
+
+def _commit_after_barrier(target: str, payload: bytes, barrier: Any, results: Any) -> None:
+    writer = ArtifactWriter(Path(target))
+    try:
+        with writer as staging:
+            (staging / "g.onnx").write_bytes(payload)
+            barrier.wait(timeout=30)  # both exports passed their start check; now both commit
+            writer.commit(_manifest())
+        results.put(("ok", payload))
+    except ArtifactError as err:
+        results.put(("refused", str(err)))
+
+
+def test_two_concurrent_exports_never_clobber_each_other(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    target = tmp_path / "a"
+    procs = [ctx.Process(target=_commit_after_barrier, args=(str(target), p, barrier, results)) for p in (b"1", b"2")]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    outcomes = sorted(results.get(timeout=5) for _ in procs)
+    assert [o[0] for o in outcomes] == ["ok", "refused"]
+    winner = outcomes[0][1]
+    assert (target / "g.onnx").read_bytes() == winner
+    assert "received an artifact from another run" in outcomes[1][1] and "kept at" in outcomes[1][1]
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("a.new-")]
+    assert len(kept) == 1 and verify_files(kept[0], read_manifest(kept[0])) == ["g.onnx"]
+    assert (kept[0] / "g.onnx").read_bytes() != winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a", kept[0].name])  # no lock or staging left
+
+
+def test_user_files_that_appear_during_an_export_are_never_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "a"
+    writer = ArtifactWriter(target, force=True)
+    with pytest.raises(ArtifactError, match="received other files"), writer as staging:
+        (staging / "g.onnx").write_bytes(b"x")
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+        writer.commit(_manifest())
+    assert (target / "notes.txt").read_text() == "mine" and not (target / MANIFEST).exists()
+    assert any(p.name.startswith("a.new-") for p in tmp_path.iterdir())

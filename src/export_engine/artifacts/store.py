@@ -84,6 +84,50 @@ class ArtifactWriter:
         self.committed = True
 
     def _swap_into_place(self) -> None:
+        """Move the staging folder to the target under an exclusive lock, checking the target again first: what
+        appeared there while this export ran (another export, the user's own files) is never replaced, except
+        an artifact under ``--force``. A refused commit keeps the finished artifact next to the target."""
+        import fcntl
+
+        lock_path = self.target.parent / f".{self.target.name}.lock"
+        while True:  # two exports to one --out commit one after the other
+            lock = open(lock_path, "a")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break  # still the live lock file (not one a finished commit unlinked meanwhile)
+            lock.close()
+        with lock:
+            try:
+                problem = self._target_problem()
+                if problem:
+                    kept = self._keep_staging()
+                    raise ArtifactError(f"{problem}; this export's finished artifact was kept at {kept}")
+                self._replace_target()
+            finally:
+                lock_path.unlink(missing_ok=True)
+
+    def _target_problem(self) -> str | None:
+        target = self.target
+        if not target.exists():
+            return None
+        if not target.is_dir():
+            return f"{target} appeared as a file while this export ran; nothing was replaced"
+        if (target / MANIFEST).exists():
+            if self.force:
+                return None
+            return f"{target} received an artifact from another run while this one ran; pass --force to replace it"
+        if any(target.iterdir()):
+            return f"{target} received other files while this export ran; they were left untouched"
+        return None
+
+    def _keep_staging(self) -> Path:
+        kept = self.target.parent / f"{self.target.name}.new-{os.getpid()}"
+        os.rename(self.staging, kept)
+        self.staging = kept
+        self.committed = True  # the finished artifact stays where the message says
+        return kept
+
+    def _replace_target(self) -> None:
         old = None
         if self.target.exists():
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
