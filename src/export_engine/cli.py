@@ -21,7 +21,7 @@ from typing import Any
 from export_engine import __version__
 from export_engine.atomic import replacing
 from export_engine.config import Backend, ExportConfig, Precision
-from export_engine.errors import ExportError, ModelInputError, UsageError
+from export_engine.errors import ExportError, ModelInputError, ParityError, UsageError
 
 log = logging.getLogger("export_engine")
 
@@ -263,10 +263,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
     from export_engine.artifacts.inspect import describe
+    from export_engine.artifacts.status import read_verification
     from export_engine.artifacts.store import read_manifest
 
     manifest = read_manifest(args.artifact)
-    print(json.dumps(manifest, indent=2) if args.json else describe(manifest))
+    print(json.dumps(manifest, indent=2) if args.json else describe(manifest, read_verification(args.artifact)))
     return 0
 
 
@@ -274,8 +275,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from export_engine.artifacts.verify import verify
 
     report = verify(args.artifact, run=args.run)
-    for check in report.checks:
-        print(f"{'note' if ': needs ' in check else 'ok  '}  {check}")
+    for status, what in report.checks:
+        print(f"{status:7s}  {what}")
+    if report.failed:
+        print(f"{report.artifact}: FAILED ({len(report.failed)} check(s))")
+        return ParityError.exit_code
+    if report.pending:
+        print(
+            f"{report.artifact}: verified, {len(report.pending)} check(s) pending (they need a machine that runs "
+            "the engine: export-engine verify --run there)"
+        )
+        return 0
     print(f"{report.artifact}: verified")
     return 0
 

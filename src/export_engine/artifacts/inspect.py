@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from export_engine.artifacts.status import artifact_status
+
 
 def _shape(shape: list[Any]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
@@ -17,7 +19,7 @@ def _size(num_bytes: int) -> str:
     return str(num_bytes)
 
 
-def describe(manifest: dict[str, Any]) -> str:
+def describe(manifest: dict[str, Any], verification: dict[str, Any] | None = None) -> str:
     lines = [
         f"model       {manifest['model']}",
         f"precision   {manifest['precision']}",
@@ -38,11 +40,11 @@ def describe(manifest: dict[str, Any]) -> str:
         for io in ("inputs", "outputs"):
             for t in graph[io]:
                 lines.append(f"  {io[:-1]:7s} {t['name']:28s} {t['dtype']:8s} {_shape(t['shape'])}")
+    status = artifact_status(manifest, verification)
+    lines.append(f"status      {status.status}")
+    for line_status, what in status.lines:
+        lines.append(f"  {line_status:8s} {what}")
     parity = manifest.get("parity", {})
-    lines.append(
-        f"parity      {'passed' if parity.get('passed') else 'FAILED'}: {parity.get('candidate')} vs "
-        f"{parity.get('reference')}, {parity.get('samples')} sample(s)"
-    )
     for name, worst in parity.get("worst", {}).items():
         lines.append(f"  {name:36s} max abs {worst['max_abs']:.3g}  max rel {worst['max_rel']:.3g}")
     for engine in manifest.get("engines", []):

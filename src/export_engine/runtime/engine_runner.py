@@ -82,11 +82,24 @@ class EngineRunner(BaseRunner):
     def infer_impl(self, feed_dict: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         import torch
 
+        start = time.perf_counter()
+        outputs = self.run({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed_dict.items()})
+        torch.cuda.current_stream().synchronize()
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict((name, value.cpu().numpy()) for name, value in outputs.items())
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Torch tensors in (moved to the GPU if needed), torch CUDA tensors out, ordered with torch's current
+        stream: the engine's stream waits for the work that produced the inputs, and the current stream waits
+        for the engine before anything reads the outputs (no host synchronisation)."""
+        import torch
+
         trt, engine, context = self._state["trt"], self._state["engine"], self._state["context"]
-        keep = []
+        stream, current = self._state["stream"], torch.cuda.current_stream()
+        tensors = []
         for name in self._state["inputs"]:
-            tensor = torch.from_numpy(np.ascontiguousarray(feed_dict[name])).cuda()
-            keep.append(tensor)
+            tensor = feeds[name].to("cuda", non_blocking=True).contiguous()  # copied on the current stream
+            tensors.append(tensor)
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
@@ -95,13 +108,13 @@ class EngineRunner(BaseRunner):
             dtype = _numpy_dtype(trt, engine.get_tensor_dtype(name))
             outputs[name] = torch.empty(shape, dtype=getattr(torch, dtype.name), device="cuda")
             context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = self._state["stream"]
-        start = time.perf_counter()
+        stream.wait_stream(current)  # inputs (and output buffers) are ready before the engine starts
+        for tensor in (*tensors, *outputs.values()):
+            tensor.record_stream(stream)  # the caching allocator must not reuse them before the engine is done
         if not context.execute_async_v3(stream.cuda_stream):
             raise BackendError(f"{self.engine_path.name}: execution failed")
-        stream.synchronize()
-        self.inference_time = time.perf_counter() - start
-        return OrderedDict((name, value.cpu().numpy()) for name, value in outputs.items())
+        current.wait_stream(stream)  # readers on the current stream see finished outputs
+        return outputs
 
     def deactivate_impl(self) -> None:
         self._state = {}

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from export_engine.artifacts.store import read_manifest, verify_files
-from export_engine.errors import BackendError, ModelInputError
+from export_engine.errors import BackendError, ModelInputError, ParityError
 from export_engine.exporters.registry import get_family
 from export_engine.exporters.spec import FamilySpec, GraphRunner
 from export_engine.runtime.ort_lowering import check_lowerings, lowered_graph
@@ -29,6 +29,7 @@ class ArtifactSession:
     runners: dict[str, GraphRunner]
     provider: str
     graphs: dict[str, Any] = field(default_factory=dict)
+    engine_graphs: frozenset[str] = frozenset()  # graphs that run their engine (the others: ONNX Runtime)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.family.run(self.runners, inputs, self.graphs)
@@ -87,6 +88,44 @@ def _engine_runner(path: Path, backend: str) -> GraphRunner:
     return run
 
 
+def _checked_engine(artifact: Path, graph: Mapping[str, Any], engine: Mapping[str, Any],
+                    self_check: bool) -> GraphRunner:  # fmt: skip
+    """The engine's runner once its parity is known to hold here: passed at export, passed in a verification
+    record for this GPU, driver and runtime, or passed now on the stored reference (one inference). A failed
+    engine is refused with the parity table (ParityError, exit 7 from the CLI)."""
+    from export_engine.artifacts import status as st
+    from export_engine.runtime.self_check import check_runner
+    from export_engine.validation.parity import format_table
+
+    name, backend = graph["name"], engine["backend"]
+    recorded = engine.get("parity", {}).get("status", st.PENDING)
+    if recorded == st.FAILED:
+        raise ParityError(
+            f"{artifact}: the {backend} engine of {name} failed its parity check at export; it is never run: "
+            "export the artifact again, or load with use_engines=False for ONNX Runtime"
+        )
+    runner = _engine_runner(artifact / engine["file"], backend)
+    if recorded == st.PASSED:
+        return runner
+    settled = st.verification_for(st.read_verification(artifact), name,
+                                  st.machine_fingerprint(engine.get("backend_version")))  # fmt: skip
+    if settled == st.PASSED:
+        log.info("%s: engine parity passed on this GPU earlier (%s)", name, st.VERIFICATION)
+        return runner
+    if settled == st.FAILED:
+        raise ParityError(f"{artifact}: the {backend} engine of {name} failed its parity check on this GPU "
+                          f"({st.VERIFICATION}); load with use_engines=False to run ONNX Runtime instead")  # fmt: skip
+    if not self_check:
+        log.warning("%s: engine parity is pending and the load-time check is off: running it unchecked", name)
+        return runner
+    report = check_runner(runner, artifact, graph, f"{backend} engine")
+    if not report.passed:
+        raise ParityError(f"{artifact}: the {backend} engine of {name} fails parity on this machine against the "
+                          f"artifact's FP32 reference; it is not run\n" + format_table([report]))  # fmt: skip
+    log.info("%s: engine parity passed here on the stored reference input (one inference)", name)
+    return runner
+
+
 def _ort_on_cuda() -> bool:
     from export_engine.runtime.ort_cuda import cuda_available
 
@@ -109,7 +148,9 @@ def load(
     Each graph runs its engine when this machine can run it, else ONNX Runtime on the artifact's ONNX: on CUDA
     when onnxruntime-gpu and a GPU are there (:class:`~export_engine.runtime.ort_cuda.CudaGraphRunner`, I/O in
     device memory; ``cuda_graph`` captures CUDA graphs, for callers whose shapes repeat), else on the CPU. The
-    log says which and why. On CUDA the graphs are rewritten in memory for ONNX Runtime's fused kernels, and
+    log says which and why. An engine runs only when its parity is known to hold here: passed at export, in a
+    verification record for this GPU, or on the stored reference input now (``self_check``, one inference);
+    a failed engine raises ParityError. On CUDA the graphs are rewritten in memory for ONNX Runtime's fused kernels, and
     each rewritten graph first runs the artifact's stored reference input (``self_check``, one inference per
     graph): a rewrite that fails falls back to the graph as stored, or with ``strict`` raises ParityError.
     """
@@ -125,12 +166,14 @@ def load(
     on_cuda = _ort_on_cuda()
     runners: dict[str, GraphRunner] = {}
     used = set()
+    engine_graphs: set[str] = set()
     for name, graph in graphs.items():
         engine = engines.get(name)
         if engine and use_engines:
             runnable, why = can_run_engine(path / engine["file"], engine["backend"])
             if runnable:
-                runners[name] = _engine_runner(path / engine["file"], engine["backend"])
+                runners[name] = _checked_engine(path, graph, engine, self_check)
+                engine_graphs.add(name)
                 used.add(f"{engine['backend']} engine")
                 log.info("%s: running the %s engine (%s)", name, engine["backend"], why)
                 continue
@@ -145,4 +188,4 @@ def load(
             runners[name] = ort_cpu_runner(path / graph["file"], graph)
             used.add("onnxruntime CPUExecutionProvider")
     log.info("running %s with %s", path.name, ", ".join(sorted(used)))
-    return ArtifactSession(path, manifest, family, runners, ", ".join(sorted(used)), graphs)
+    return ArtifactSession(path, manifest, family, runners, ", ".join(sorted(used)), graphs, frozenset(engine_graphs))
