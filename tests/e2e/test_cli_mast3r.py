@@ -101,7 +101,12 @@ def test_run_refuses_tampered_artifact(artifact: Path, tmp_path: Path, capsys: p
 def test_inspect(artifact: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["inspect", str(artifact)]) == 0
     text = capsys.readouterr().out
-    assert "mast3r" in text and "view2_pts3d_in_other_view" in text and "parity      passed" in text
+    assert (
+        "mast3r" in text
+        and "view2_pts3d_in_other_view" in text
+        and "status      passed" in text
+        and "passed   ONNX parity gates" in text
+    )
 
 
 def test_refuses_existing_artifact_then_force(artifact: Path, mast3r_ref: Path, capsys: pytest.CaptureFixture) -> None:

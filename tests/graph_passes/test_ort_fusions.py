@@ -18,8 +18,14 @@ from export_engine.exporters.mast3r import TINY_CONFIG
 from export_engine.graph_passes.base import load_graph
 from export_engine.graph_passes.cleanup import FoldConstantsConfig, fold_constants
 from export_engine.graph_passes.fold_norm_casts import FoldNormCastsConfig, fold_norm_casts
+from export_engine.graph_passes.fuse_attention import FuseAttentionConfig, fuse_attention
 from export_engine.graph_passes.fuse_bias_gelu import FuseBiasGeluConfig, fuse_bias_gelu
 from export_engine.graph_passes.fuse_skip_layernorm import FuseSkipLayerNormConfig, fuse_skip_layernorm
+from export_engine.graph_passes.lower_attention_bsh import (
+    LowerAttentionBshConfig,
+    _pair_permutation,
+    lower_attention_bsh,
+)
 from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, lower_rotary
 
 
@@ -159,3 +165,42 @@ def test_fold_norm_casts_skips_an_island_whose_fp32_output_is_used_in_fp32() -> 
     graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[y16, z], opset=17)
     report = fold_norm_casts(graph, FoldNormCastsConfig())
     assert report.rewritten == 0 and "also feeds ['Exp']" in report.skipped[0]
+
+
+@pytest.mark.parametrize("key", ["mast3r.encoder", "mast3r.decoder"])
+def test_attention_blocks_in_token_major_layout_keep_the_outputs(tiny_graphs: dict[str, Any], key: str) -> None:
+    tiny = tiny_graphs[key]
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    fuse_attention(graph, FuseAttentionConfig())  # as in every artifact: one Attention node per block
+    before_ops = op_counts(graph)
+    before = run_graph(graph, tiny.feeds[0])
+
+    report = lower_attention_bsh(graph, LowerAttentionBshConfig())
+
+    after = op_counts(graph)
+    assert report.rewritten == report.matched == before_ops["Attention"] > 0, report.skipped
+    assert after["MultiHeadAttention"] == report.rewritten and after["Attention"] == 0
+    assert after["RotaryEmbedding"] == 2 * report.rewritten and after["Neg"] == 0  # RoPE on q and k of each
+    assert after["Transpose"] <= before_ops["Transpose"] - 2 * report.rewritten  # no head-major round trip
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)  # FP32: permuted heads, the same scores
+    assert lower_attention_bsh(graph, LowerAttentionBshConfig()).matched == 0
+
+
+def test_pair_permutation_puts_every_rope_pair_half_a_head_apart() -> None:
+    for dim, sections in ((64, 2), (64, 1), (48, 3)):
+        perm = _pair_permutation(dim, sections)
+        assert sorted(perm) == list(range(dim))
+        m = dim // sections
+        for i in range(dim // 2):  # old indices of the pair now at (i, i + dim/2): (s*m + j, s*m + m/2 + j)
+            assert perm[i + dim // 2] - perm[i] == m // 2 and perm[i] % m < m // 2
+
+
+def test_attention_with_a_bias_input_is_skipped(tiny_graphs: dict[str, Any]) -> None:
+    graph = load_graph(tiny_graphs["fastsam3d.encoder"].path)  # relative-position bias on every attention
+    fold_constants(graph, FoldConstantsConfig())
+    assert fuse_attention(graph, FuseAttentionConfig()).rewritten > 0
+    report = lower_attention_bsh(graph, LowerAttentionBshConfig())
+    assert report.rewritten == 0
+    assert all("mask, bias" in s or "not" in s for s in report.skipped)

@@ -7,6 +7,8 @@ measured on Hopper (bench/RESULTS.md):
 
 ==================  =====================================================================================
 ``patch_conv``      kernel == stride (transposed) convolutions as MatMuls (cuDNN's direct kernels were slow)
+``attention_bsh``   attention blocks kept in (B, N, C): Split, RotaryEmbedding and ``MultiHeadAttention``
+                    instead of head-major transposes and gathers (q/k projection columns permuted for RoPE)
 ``rotary``          RoPE (Slice/Neg/Concat/Mul/Add per tensor) as ``com.microsoft.RotaryEmbedding``
 ``norm_casts``      FP32 LayerNorm islands (Cast, LN, Cast) as one LN on FP16 storage with FP32 statistics
 ``skip_layernorm``  residual add (+ bias) + LayerNorm as ``com.microsoft.SkipLayerNormalization``
@@ -32,7 +34,7 @@ from export_engine.errors import ModelInputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOWERINGS = ("patch_conv", "rotary", "norm_casts", "skip_layernorm", "bias_gelu")
+DEFAULT_LOWERINGS = ("patch_conv", "attention_bsh", "rotary", "norm_casts", "skip_layernorm", "bias_gelu")
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
 
 
@@ -42,6 +44,7 @@ def _passes() -> dict[str, Callable[[gs.Graph], object]]:
         fold_norm_casts,
         fuse_bias_gelu,
         fuse_skip_layernorm,
+        lower_attention_bsh,
         lower_conv_im2col,
         lower_patch_conv,
         lower_rotary,
@@ -49,6 +52,9 @@ def _passes() -> dict[str, Callable[[gs.Graph], object]]:
 
     return {
         "patch_conv": lambda g: lower_patch_conv.lower_patch_conv(g, lower_patch_conv.LowerPatchConvConfig()),
+        "attention_bsh": lambda g: lower_attention_bsh.lower_attention_bsh(
+            g, lower_attention_bsh.LowerAttentionBshConfig()
+        ),
         "rotary": lambda g: lower_rotary.lower_rotary(g, lower_rotary.LowerRotaryConfig()),
         "norm_casts": lambda g: fold_norm_casts.fold_norm_casts(g, fold_norm_casts.FoldNormCastsConfig()),
         "skip_layernorm": lambda g: fuse_skip_layernorm.fuse_skip_layernorm(
@@ -62,8 +68,8 @@ def _passes() -> dict[str, Callable[[gs.Graph], object]]:
     }
 
 
-LOWERING_NAMES = ("patch_conv", "rotary", "norm_casts", "skip_layernorm", "bias_gelu", "decompose_attention",
-                  "im2col")  # fmt: skip
+LOWERING_NAMES = ("patch_conv", "attention_bsh", "rotary", "norm_casts", "skip_layernorm", "bias_gelu",
+                  "decompose_attention", "im2col")  # fmt: skip
 
 
 def check_lowerings(names: Sequence[str]) -> tuple[str, ...]:

@@ -1,0 +1,235 @@
+"""Attention blocks in token-major layout with ONNX Runtime's ``MultiHeadAttention`` (ONNX Runtime copies only).
+
+The exported attention block moves every projection into head-major layout and back:
+
+    P = x @ W + b (B, N, 3C) -> Reshape (B, N, 3, h, d) -> Transpose -> Gather q / k / v (B, h, N, d)
+    q, k -> RoPE -> Attention(q, k, v) (B, h, N, d) -> Transpose -> Reshape (B, N, C) -> proj
+
+(cross-attention: three projections, each Reshape + Transpose). On ONNX Runtime's CUDA provider those are
+separate copy kernels, and RoPE on head-major rows runs one 32-thread block per row. This pass keeps the
+tokens in (B, N, C) throughout:
+
+    P -> Split q / k / v (B, N, C) -> RotaryEmbedding(q), RotaryEmbedding(k) -> MultiHeadAttention -> proj
+
+``MultiHeadAttention`` takes and returns (B, N, C) and runs flash attention on FP16. RotaryEmbedding on (B, N, C)
+rotates pairs (i, i + d/2) of each head; RoPE here (rotate-half inside each of k sections of a head, MASt3R: the
+y and x halves) pairs (s*m + j, s*m + m/2 + j) instead, m = d/k. Attention scores are unchanged when q and k
+have their head dimensions permuted alike, so the pass permutes the q and k columns of the projection weights
+(and biases) so that each rotation pair lands at (i, i + d/2); v keeps its layout, so the output needs none.
+The rotation tables become per-token caches of the permuted angles (position ids 0, 1, ... as the offset form).
+
+Only blocks that match exactly are rewritten (constant projection weights used by nothing else, static head
+sizes, RoPE on both q and k or on neither, no mask or bias); others are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from export_engine.graph_passes.base import NodeBuilder, PassReport, next_index, timed
+from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, _Match
+from export_engine.graph_passes.lower_rotary import _match as rope_match
+
+PASS = "lower_attention_bsh"
+DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class LowerAttentionBshConfig:
+    max_sections: int = 4  # RoPE sections per head (as lower_rotary)
+
+
+@dataclass
+class _Projection:
+    """Where a head-major operand comes from: columns [offset, offset + C) of ``packed`` = MatMul + bias."""
+
+    packed: gs.Tensor  # (B, N, width)
+    matmul: gs.Node
+    bias: gs.Constant
+    offset: int
+    heads: int
+    head_dim: int
+    parts: int  # 3 for packed q/k/v, 1 for a single projection
+
+
+@dataclass
+class _Block:
+    attention: gs.Node
+    output: gs.Tensor  # the (B, N, C) tensor the block's output Reshape wrote
+    operands: list[_Projection]  # q, k, v
+    ropes: list[_Match | None] = field(default_factory=list)  # q, k
+
+
+def lower_attention_bsh(graph: gs.Graph, config: LowerAttentionBshConfig) -> PassReport:
+    report = PassReport(PASS)
+    with timed(report):
+        index = next_index(graph, PASS)
+        splits: dict[str, list[gs.Tensor]] = {}
+        for node in [n for n in graph.nodes if n.op == "Attention" and n.domain in (None, "", "ai.onnx")]:
+            report.matched += 1
+            block = _match(node, config)
+            if isinstance(block, str):
+                report.skipped.append(f"{node.name}: {block}")
+                continue
+            index = _rewrite(graph, block, index, splits)
+            report.rewritten += 1
+        graph.cleanup().toposort()
+    return report
+
+
+def _only(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
+        return tensor.inputs[0]
+    return None
+
+
+def _match(att: gs.Node, config: LowerAttentionBshConfig) -> _Block | str:
+    if len(att.inputs) != 3 or len(att.outputs) != 1:
+        return "has a mask, bias or extra outputs"
+    extra = {k for k, v in att.attrs.items() if k != "scale" and v not in (0, 0.0, None)}
+    if extra or att.attrs.get("scale") is None:
+        return f"attributes {sorted(extra) or ['no scale']}"
+    output = _output(att)
+    if isinstance(output, str):
+        return output
+    ropes: list[_Match | None] = []
+    sources = []
+    for tensor in att.inputs[:2]:
+        add = _only(tensor, "Add")
+        rope = rope_match(add, LowerRotaryConfig(config.max_sections)) if add is not None else None
+        if isinstance(rope, str):
+            return f"RoPE: {rope}"
+        ropes.append(rope)
+        sources.append(rope.x if rope else tensor)
+    if (ropes[0] is None) != (ropes[1] is None):
+        return "RoPE on only one of q and k"
+    if ropes[0] and ropes[1] and ropes[0].sections != ropes[1].sections:
+        return "q and k rotate different sections"
+    operands = []
+    for tensor in (*sources, att.inputs[2]):
+        projection = _projection(tensor)
+        if isinstance(projection, str):
+            return projection
+        operands.append(projection)
+    if len({(p.heads, p.head_dim) for p in operands}) != 1:
+        return "q, k and v differ in heads or head size"
+    if operands[0].head_dim % 2:
+        return "odd head size"
+    return _Block(att, output, operands, ropes)
+
+
+def _output(att: gs.Node) -> gs.Tensor | str:
+    """The (B, N, C) tensor the attention output becomes: Transpose(0, 2, 1, 3) then Reshape."""
+    users = [c for c in att.outputs[0].outputs if c.op != "Shape"]
+    if len(users) != 1 or users[0].op != "Transpose" or list(users[0].attrs.get("perm", [])) != [0, 2, 1, 3]:
+        return "output is not transposed back to (B, N, heads, d)"
+    reshapes = users[0].outputs[0].outputs
+    if len(reshapes) != 1 or reshapes[0].op != "Reshape":
+        return "output is not reshaped to (B, N, C)"
+    result = reshapes[0].outputs[0]
+    if result.shape is None or len(result.shape) != 3:
+        return "output reshape is not rank 3"
+    return result
+
+
+def _projection(tensor: gs.Tensor) -> _Projection | str:
+    gather = _only(tensor, "Gather")
+    if gather is not None:  # packed: Gather(Transpose(Reshape(P, (B, N, 3, h, d)), (2, 0, 3, 1, 4)), i)
+        index = gather.inputs[1]
+        transpose = _only(gather.inputs[0], "Transpose")
+        if not isinstance(index, gs.Constant) or index.values.size != 1 or int(gather.attrs.get("axis", 0)) != 0:
+            return "q/k/v gathered with a non-constant index"
+        if transpose is None or list(transpose.attrs.get("perm", [])) != [2, 0, 3, 1, 4]:
+            return "packed q/k/v not in (3, B, heads, N, d) layout"
+        source, parts, part = transpose.inputs[0], 3, int(index.values.reshape(-1)[0])
+    else:  # single: Transpose(Reshape(P, (B, N, h, d)), (0, 2, 1, 3))
+        transpose = _only(tensor, "Transpose")
+        if transpose is None or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3]:
+            return "an operand is not a projection in (B, heads, N, d) layout"
+        source, parts, part = transpose.inputs[0], 1, 0
+    reshape = _only(source, "Reshape")
+    if reshape is None or source.shape is None or len(source.shape) != 2 + parts + (1 if parts == 1 else 0):
+        return "projection reshape of unexpected rank"
+    heads, head_dim = source.shape[-2], source.shape[-1]
+    if not (isinstance(heads, int) and isinstance(head_dim, int)) or (parts == 3 and source.shape[2] != 3):
+        return "head count or size not static"
+    packed = reshape.inputs[0]
+    add = _only(packed, "Add")
+    if add is None or [c for c in packed.outputs if c.op != "Shape"] != [reshape]:
+        return "projection without a bias add, or used elsewhere"
+    bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+    product = next((t for t in add.inputs if not isinstance(t, gs.Constant)), None)
+    matmul = _only(product, "MatMul") if product is not None else None
+    if bias is None or matmul is None or not isinstance(matmul.inputs[1], gs.Constant):
+        return "projection is not MatMul(constant) + constant bias"
+    weight = matmul.inputs[1]
+    width = heads * head_dim * parts
+    if weight.values.ndim != 2 or weight.values.shape[1] != width or bias.values.shape != (width,):
+        return "projection weight or bias shape does not match the heads"
+    if len(weight.outputs) != 1 or len(bias.outputs) != 1:
+        return "projection weights are shared with other nodes"
+    return _Projection(packed, matmul, bias, part * heads * head_dim, heads, head_dim, parts)
+
+
+def _pair_permutation(head_dim: int, sections: int) -> np.ndarray:
+    """new -> old head-dimension index so that each RoPE pair (s*m + j, s*m + m/2 + j) lands at (i, i + d/2)."""
+    m, half = head_dim // sections, head_dim // 2
+    perm = np.empty(head_dim, dtype=np.int64)
+    for s in range(sections):
+        for p in range(2):
+            for j in range(m // 2):
+                perm[p * half + s * (m // 2) + j] = s * m + p * (m // 2) + j
+    return perm
+
+
+def _permute_columns(projection: _Projection, perm: np.ndarray) -> None:
+    d, h = projection.head_dim, projection.heads
+    columns = np.arange(projection.matmul.inputs[1].values.shape[1])
+    block = projection.offset + (np.arange(h)[:, None] * d + perm[None, :]).reshape(-1)
+    columns[projection.offset : projection.offset + h * d] = block
+    weight = projection.matmul.inputs[1]
+    weight.values = np.ascontiguousarray(weight.values[:, columns])
+    projection.bias.values = np.ascontiguousarray(projection.bias.values[columns])
+
+
+def _caches(rope: _Match, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    half = len(perm) // 2
+    return rope.cos[:, perm[:half]], rope.sin[:, perm[:half]]
+
+
+def _rewrite(graph: gs.Graph, block: _Block, index: int, splits: dict[str, list[gs.Tensor]]) -> int:
+    b = NodeBuilder(graph, PASS, index, block.output.dtype)
+    q, k, v = block.operands
+    width = q.heads * q.head_dim
+    perm = _pair_permutation(q.head_dim, block.ropes[0].sections) if block.ropes[0] else None
+    if perm is not None:
+        for projection in (q, k):
+            _permute_columns(projection, perm)
+    tokens = []
+    for projection in (q, k, v):
+        if projection.parts == 1:
+            tokens.append(projection.packed)
+            continue
+        if projection.packed.name not in splits:  # one Split per packed projection
+            outs = [gs.Variable(f"{b.name()}/split{i}", dtype=b.dtype) for i in range(3)]
+            node = gs.Node("Split", name=b.name(), attrs={"axis": -1}, outputs=outs,
+                           inputs=[projection.packed, b.const("sizes", np.full(3, width, dtype=np.int64))])  # fmt: skip
+            graph.nodes.append(node)
+            b.index += 1
+            splits[projection.packed.name] = outs
+        tokens.append(splits[projection.packed.name][projection.offset // width])
+    if perm is not None:
+        offset = b.const("position_offset", np.zeros(1, dtype=np.int64))
+        for i, rope in enumerate(block.ropes):
+            assert rope is not None
+            cos, sin = _caches(rope, perm)
+            inputs = [tokens[i], offset, b.const("cos_cache", cos), b.const("sin_cache", sin)]
+            tokens[i] = b.add("RotaryEmbedding", inputs, {"interleaved": 0, "num_heads": q.heads}, domain=DOMAIN)
+    producer = block.output.inputs[0]
+    producer.outputs.clear()
+    attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}
+    b.add("MultiHeadAttention", tokens, attrs, out=block.output, domain=DOMAIN)
+    return b.index
