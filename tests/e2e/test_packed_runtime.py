@@ -1,5 +1,5 @@
 """A deployment's view: pack an artifact, unpack it elsewhere, then `match` / `segment` from the unpacked copy
-give the same results as from the original (issue #6: both work from a packed artifact)."""
+give the same results as from the original."""
 
 from __future__ import annotations
 

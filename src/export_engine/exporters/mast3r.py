@@ -33,8 +33,8 @@ from export_engine.models.mast3r.model import OUTPUT_NAMES
 
 RUN_INPUTS = ("view1_img", "view2_img")
 
-# FP32 ONNX Runtime vs PyTorch on the CPU: the full-size model measured <= 2.3e-5 absolute on every output
-# (shared/specs/export_feasibility.md); these bounds leave ~10x margin and still catch any layout bug.
+# FP32 ONNX Runtime vs PyTorch on the CPU: the full-size model measured <= 2.3e-5 absolute on every output;
+# these bounds leave ~10x margin and still catch any layout bug.
 _FP32_TOKENS = Tolerance(atol=2e-4, rtol=1e-3)
 _FP32_OUTPUT = Tolerance(atol=2e-4, rtol=1e-3)
 # FP16 / hybrid vs the FP32 ONNX with FP16 storage emulated. Measured: naive FP16 of the full model (random

@@ -4,8 +4,9 @@ Kept to show why ``--precision hybrid`` exists: LayerNorm, exp heads, norms and 
 FP16 here. Only what FP16 cannot express at all stays as it was: graph inputs and outputs (FP32, with Casts at
 the boundaries), tensors computed from shapes and constants (RoPE tables, masks from ConstantOfShape: TensorRT
 folds them), Resize scales, Range, control flow and integer arithmetic. Existing ``Cast(to=FLOAT)`` nodes on
-data become ``Cast(to=FLOAT16)`` (leaving them was the onnxconverter-common failure recorded in
-shared/specs/export_feasibility.md). Initializers are converted without clamping: values beyond FP16's range
+data become ``Cast(to=FLOAT16)`` (onnxconverter-common 1.16 leaves them while typing their outputs FP16, and
+ONNX Runtime then refuses the graph: "Type (tensor(float16)) of output arg ... does not match expected type
+(tensor(float))"). Initializers are converted without clamping: values beyond FP16's range
 become inf, and the report counts them.
 """
 

@@ -2,7 +2,7 @@
 
 ONNX Runtime (CPU, >= 1.23) runs it and TensorRT (>= 10.14) parses it into ``IAttention`` with fused
 kernels; the importer splits the ``scale`` attribute as sqrt(scale) into Q and K, which is where its fused
-kernels want it (shared/specs/toolchain_facts.md A3). Two sources of attention are handled:
+kernels want it (TensorRT's ONNX parser applies sqrt(scale) to both Q and K). Two sources of attention are handled:
 
 * written out (TorchScript exporter, ``attn_impl="explicit"``): an anchor ``Softmax`` over the last axis whose
   output feeds only ``MatMul(P, V)``, and whose input is ``MatMul(Q, Kᵀ)`` followed by any chain of scalar

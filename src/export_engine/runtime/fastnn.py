@@ -1,7 +1,7 @@
 """FastNN-Lite: MASt3R reciprocal nearest-neighbour matching on the device, with the reference's exact results.
 
 Same algorithm as :mod:`export_engine.runtime.matching_reference` (upstream ``fast_reciprocal_NNs`` with
-``dist='dot'``, spec ``shared/specs/mast3r.md`` section 6); what changes is where and how often work is done:
+``dist='dot'``); what changes is where and how often work is done:
 
 * Nearest neighbours are tiles of ``queries x keys`` similarities (one fp32 matmul each) folded into a running
   (max, first argmax) per query, so memory is O(tile + pixels): no N1 x N2 matrix ever exists. On CUDA the

@@ -1,7 +1,7 @@
 """MASt3R reciprocal nearest-neighbour matching, written plainly: the baseline FastNN-Lite is checked against.
 
 This follows the upstream algorithm (``mast3r/fast_nn.py`` ``fast_reciprocal_NNs`` with ``dist='dot'`` and
-``sparse_ga.extract_correspondences``, spec ``shared/specs/mast3r.md`` section 6) step by step, with the same
+``sparse_ga.extract_correspondences``) step by step, with the same
 work per round, so that it reproduces ``matching.npz`` / ``symmetric.npz`` and serves as the timing baseline:
 
 1. Seeds: pixels (x, y) with x, y in S/2, S/2 + S, ... on image 1, as sorted unique flat indices y * W1 + x.
