@@ -21,7 +21,7 @@ from typing import Any
 from export_engine.artifacts import status as st
 from export_engine.artifacts.store import read_manifest, verify_files, write_json
 from export_engine.errors import ParityError
-from export_engine.validation.parity import GraphParityReport, format_table
+from export_engine.validation.compare import GraphParityReport, format_table
 
 log = logging.getLogger(__name__)
 

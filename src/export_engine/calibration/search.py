@@ -37,7 +37,7 @@ from export_engine.calibration.graph_facts import GraphFacts, fill_missing_dtype
 from export_engine.calibration.plan import DATA_RULES, PrecisionPlan, describe_structure
 from export_engine.exporters.spec import Feed, Tolerance
 from export_engine.graph_passes.base import load_graph
-from export_engine.validation.parity import compare_output
+from export_engine.validation.compare import compare_output
 
 log = logging.getLogger(__name__)
 

@@ -21,23 +21,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from export_engine.calibration.synthetic import structured_volume
 from export_engine.config import Precision
-from export_engine.errors import ModelInputError, UsageError
+from export_engine.errors import UsageError
 from export_engine.exporters.spec import (
     FamilySpec,
     Feed,
     GraphModule,
-    GraphRunner,
     LoadedModel,
     ModelSpec,
     TensorSpec,
     Tolerance,
 )
-
-RUN_INPUTS = ("image", "point_coords", "point_labels", "mask_input")
-RUN_OUTPUTS = ("image_embedding", "low_res_masks", "iou_predictions", "masks_upscaled")
-_DECODER_OUTPUTS = ("low_res_masks", "iou_predictions", "masks_upscaled")
+from export_engine.families import FASTSAM3D
+from export_engine.families.fastsam3d.session import (
+    _DECODER_OUTPUTS,
+    _normalized_volume,
+    _prompts,
+)
 
 # FP32 ONNX Runtime vs PyTorch: the reference README measured thread-count noise of ~8e-6 on every dense
 # array; 1e-4 absolute plus 1e-3 relative keeps a wide margin over it and still fails on any layout bug.
@@ -176,23 +176,6 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
     return (encoder, decoder)
 
 
-def _normalized_volume(size: int, seed: int) -> np.ndarray:
-    from export_engine.runtime.fastsam3d_preprocess import z_normalize
-
-    normalized, _, _ = z_normalize(structured_volume(size, seed))
-    return normalized.astype(np.float32)[None, None]
-
-
-def _prompts(size: int, m: int, batch: int, points: int, seed: int) -> Feed:
-    rng = np.random.default_rng(seed)
-    coords = rng.uniform(size * 0.2, size * 0.8, size=(batch, points, 3)).astype(np.float32)
-    labels = rng.choice(np.array([1, 0, -1]), size=(batch, points)).astype(np.int64)
-    labels[:, 0] = 1  # every prompt set has at least one positive click
-    mask = (3 * rng.standard_normal((batch, 1, m, m, m))).astype(np.float32)
-    has_mask = (np.arange(batch) % 2 == 0).astype(np.float32)
-    return {"point_coords": coords, "point_labels": labels, "mask_input": mask, "has_mask_input": has_mask}
-
-
 def parity_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int, seed: int) -> dict[str, list[Feed]]:
     """A CT-like volume per sample; then a first click (B=1, zero mask) and a batch of 2 multi-point prompts."""
 
@@ -233,74 +216,6 @@ def _volume_feeds(
     return {"encoder": encoder_feeds, "prompt_decoder": decoder_feeds}
 
 
-def _check_prompt(inputs: Mapping[str, np.ndarray], size: int, m: int) -> Feed:
-    for name in ("point_coords", "point_labels"):
-        if name not in inputs:
-            raise ModelInputError(f"input {name!r} is missing (got {sorted(inputs)}); FastSAM3D takes {RUN_INPUTS}")
-    coords = np.asarray(inputs["point_coords"], dtype=np.float32)
-    labels = np.asarray(inputs["point_labels"])
-    if coords.ndim != 3 or coords.shape[-1] != 3 or coords.shape[1] < 1:
-        raise ModelInputError(
-            f"point_coords has shape {coords.shape}; expected (B, N>=1, 3) voxel coordinates (d, h, w)"
-        )
-    if labels.shape != coords.shape[:2]:
-        raise ModelInputError(f"point_labels has shape {labels.shape}; expected {coords.shape[:2]} (B, N)")
-    if not np.isfinite(coords).all() or coords.min() < 0 or coords.max() > size - 1:
-        raise ModelInputError(
-            f"point_coords outside the volume: values must lie in [0, {size - 1}] (got {coords.min():.1f} .. "
-            f"{coords.max():.1f}); give voxel indices of the {size}^3 crop"
-        )
-    bad = sorted(set(np.unique(labels).tolist()) - {1, 0, -1})
-    if bad:
-        raise ModelInputError(f"point_labels must be 1 (positive), 0 (negative) or -1 (ignore); got {bad}")
-    batch = coords.shape[0]
-    if inputs.get("mask_input") is None:
-        mask = np.zeros((batch, 1, m, m, m), np.float32)
-        has_mask = np.zeros((batch,), np.float32)
-    else:
-        mask = np.asarray(inputs["mask_input"], dtype=np.float32)
-        if mask.shape != (batch, 1, m, m, m):
-            raise ModelInputError(
-                f"mask_input has shape {mask.shape}; expected ({batch}, 1, {m}, {m}, {m}) (the previous low_res_masks)"
-            )
-        has_mask = np.ones((batch,), np.float32)
-    return {
-        "point_coords": coords,
-        "point_labels": labels.astype(np.int64),
-        "mask_input": mask,
-        "has_mask_input": has_mask,
-    }
-
-
-def run(
-    runners: Mapping[str, GraphRunner], inputs: Mapping[str, np.ndarray], graphs_meta: Mapping[str, Any]
-) -> dict[str, np.ndarray]:
-    """image (1, 1, S, S, S) + clicks -> image_embedding, low_res_masks, iou_predictions, masks_upscaled."""
-    expected = graphs_meta["encoder"]["inputs"][0]["shape"]  # ["batch", 1, S, S, S]
-    size = expected[-1]
-    m = graphs_meta["prompt_decoder"]["inputs"][3]["shape"][-1]
-    if "image" not in inputs:
-        raise ModelInputError(f"input 'image' is missing (got {sorted(inputs)}); FastSAM3D takes {RUN_INPUTS}")
-    image = np.asarray(inputs["image"], dtype=np.float32)
-    if image.shape != (1, *expected[1:]):
-        raise ModelInputError(
-            f"image has shape {image.shape}; expected (1, {', '.join(map(str, expected[1:]))}): crop or pad the "
-            f"z-normalised volume to {size}^3 first"
-        )
-    prompt = _check_prompt(inputs, size, m)
-    embedding = runners["encoder"]({"image": image})["image_embedding"]
-    outputs = runners["prompt_decoder"]({"image_embedding": embedding, **prompt})
-    return {"image_embedding": embedding, **{name: outputs[name] for name in _DECODER_OUTPUTS}}
-
-
-def sample_inputs(graphs_meta: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
-    size = graphs_meta["encoder"]["inputs"][0]["shape"][-1]
-    m = graphs_meta["prompt_decoder"]["inputs"][3]["shape"][-1]
-    prompt = _prompts(size, m, 1, 2, seed)
-    return {"image": _normalized_volume(size, seed), "point_coords": prompt["point_coords"],
-            "point_labels": prompt["point_labels"], "mask_input": prompt["mask_input"]}  # fmt: skip
-
-
 FAMILY = FamilySpec(
     name="fastsam3d",
     summary="FastSAM3D interactive 3D segmentation (encoder graph + prompt/decoder graph)",
@@ -308,17 +223,14 @@ FAMILY = FamilySpec(
     graphs=graphs,
     parity_feeds=parity_feeds,
     user_feeds=user_feeds,
-    run=run,
-    sample_inputs=sample_inputs,
-    run_input_names=RUN_INPUTS,
-    run_output_names=RUN_OUTPUTS,
+    run=FASTSAM3D.run,
+    sample_inputs=FASTSAM3D.sample_inputs,
+    run_input_names=FASTSAM3D.run_input_names,
+    run_output_names=FASTSAM3D.run_output_names,
     shape_option="volume size from the configuration (img_size)",
     default_shape="128",
     validate_shape=validate_shape,
     tiny_config=lambda: TINY_CONFIG,
     tiny_shape="",
-    # H100, ORT 1.31.1, hybrid (bench/RESULTS.md): MatMul/Softmax beat ORT's Attention kernels here (encoder 1.43
-    # vs 1.57 ms, click 0.85 vs 1.11 ms): its attention carries a relative-position bias, which rules out flash
-    # attention, and its sequences are short.
-    ort_attention="decomposed",
+    ort_attention=FASTSAM3D.ort_attention,
 )

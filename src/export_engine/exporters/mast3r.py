@@ -18,20 +18,18 @@ from torch import nn
 
 from export_engine.calibration.synthetic import structured_images
 from export_engine.config import Precision, Resolution
-from export_engine.errors import ModelInputError, UsageError
+from export_engine.errors import UsageError
 from export_engine.exporters.spec import (
     FamilySpec,
     Feed,
     GraphModule,
-    GraphRunner,
     LoadedModel,
     ModelSpec,
     TensorSpec,
     Tolerance,
 )
-from export_engine.models.mast3r.model import OUTPUT_NAMES
-
-RUN_INPUTS = ("view1_img", "view2_img")
+from export_engine.families import MAST3R
+from export_engine.families.mast3r.session import OUTPUT_NAMES
 
 # FP32 ONNX Runtime vs PyTorch on the CPU: the full-size model measured <= 2.3e-5 absolute on every output;
 # these bounds leave ~10x margin and still catch any layout bug.
@@ -185,45 +183,6 @@ def _pair_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], pairs: list[n
     return {"encoder": encoder_feeds, "decoder": decoder_feeds}
 
 
-def run(
-    runners: Mapping[str, GraphRunner], inputs: Mapping[str, np.ndarray], graphs_meta: Mapping[str, Any]
-) -> dict[str, np.ndarray]:
-    """view1_img, view2_img (B, 3, H, W) in [-1, 1] -> the 8 outputs (encoder batched over both views)."""
-    expected = graphs_meta["encoder"]["inputs"][0]["shape"]  # ["batch", 3, H, W]
-    images = [_check_image(inputs, name, expected) for name in RUN_INPUTS]
-    if images[0].shape[0] != images[1].shape[0]:
-        raise ModelInputError(
-            f"view1_img and view2_img have different batch sizes ({images[0].shape[0]} vs {images[1].shape[0]})"
-        )
-    batch = images[0].shape[0]
-    tokens = runners["encoder"]({"images": np.concatenate(images)})["tokens"]
-    outputs = runners["decoder"]({"feat1": tokens[:batch], "feat2": tokens[batch:]})
-    return {name: outputs[name] for name in OUTPUT_NAMES}
-
-
-def sample_inputs(graphs_meta: Mapping[str, Any], seed: int) -> dict[str, np.ndarray]:
-    _, _, h, w = graphs_meta["encoder"]["inputs"][0]["shape"]
-    images = structured_images(2, h, w, seed)
-    return {"view1_img": images[0:1], "view2_img": images[1:2]}
-
-
-def _check_image(inputs: Mapping[str, np.ndarray], name: str, expected: list[Any]) -> np.ndarray:
-    if name not in inputs:
-        raise ModelInputError(
-            f"input {name!r} is missing (got {sorted(inputs)}); MASt3R artifacts take {', '.join(RUN_INPUTS)}"
-        )
-    image = np.asarray(inputs[name])
-    _, c, h, w = expected
-    if image.ndim != 4 or tuple(image.shape[1:]) != (c, h, w):
-        raise ModelInputError(
-            f"input {name!r} has shape {tuple(image.shape)}, this artifact was exported for {w}x{h}: expected "
-            f"(B, {c}, {h}, {w}); resize the image or export another --resolution"
-        )
-    if not np.issubdtype(image.dtype, np.floating):
-        raise ModelInputError(f"input {name!r} has dtype {image.dtype}; expected float32 in [-1, 1]")
-    return image.astype(np.float32)
-
-
 FAMILY = FamilySpec(
     name="mast3r",
     summary="MASt3R ViT-L/ViT-B image matcher (encoder graph + decoder/heads graph)",
@@ -231,10 +190,11 @@ FAMILY = FamilySpec(
     graphs=graphs,
     parity_feeds=parity_feeds,
     user_feeds=user_feeds,
-    run=run,
-    sample_inputs=sample_inputs,
-    run_input_names=RUN_INPUTS,
-    run_output_names=OUTPUT_NAMES,
+    run=MAST3R.run,
+    sample_inputs=MAST3R.sample_inputs,
+    run_input_names=MAST3R.run_input_names,
+    run_output_names=MAST3R.run_output_names,
+    ort_attention=MAST3R.ort_attention,
     shape_option="--resolution WxH (multiples of 16; landscape or portrait)",
     default_shape="512x384",
     validate_shape=lambda text: Resolution.parse(text or "512x384"),

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from export_engine.core.types import Tolerance
 from export_engine.errors import ArtifactError, ParityError
-from export_engine.exporters.spec import Tolerance
-from export_engine.validation.parity import GraphParityReport, compare_output, format_table
+from export_engine.validation.compare import GraphParityReport, compare_output, format_table
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from export_engine.artifacts.store import read_manifest, verify_files
+from export_engine.core.types import GraphRunner
 from export_engine.errors import BackendError, ModelInputError, ParityError
-from export_engine.exporters.registry import get_family
-from export_engine.exporters.spec import FamilySpec, GraphRunner
+from export_engine.families import RuntimeFamily, runtime_family
 from export_engine.runtime.ort_lowering import check_lowerings, lowered_graph
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class ArtifactSession:
 
     path: Path
     manifest: dict[str, Any]
-    family: FamilySpec
+    family: RuntimeFamily
     runners: dict[str, GraphRunner]
     provider: str
     graphs: dict[str, Any] = field(default_factory=dict)
@@ -95,7 +95,7 @@ def _checked_engine(artifact: Path, graph: Mapping[str, Any], engine: Mapping[st
     engine is refused with the parity table (ParityError, exit 7 from the CLI)."""
     from export_engine.artifacts import status as st
     from export_engine.runtime.self_check import check_runner
-    from export_engine.validation.parity import format_table
+    from export_engine.validation.compare import format_table
 
     name, backend = graph["name"], engine["backend"]
     recorded = engine.get("parity", {}).get("status", st.PENDING)
@@ -160,7 +160,7 @@ def load(
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    family = get_family(manifest["model"])
+    family = runtime_family(manifest["model"])
     graphs = {g["name"]: g for g in manifest["graphs"]}
     engines = {e["graph"]: e for e in manifest.get("engines", [])}
     on_cuda = _ort_on_cuda()

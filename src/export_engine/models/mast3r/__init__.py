@@ -1,5 +1,6 @@
 """MASt3R (naver/mast3r ViT-L/ViT-B "catmlpdpt" metric model) reimplemented for export."""
 
+from export_engine.families.mast3r.session import OUTPUT_NAMES
 from export_engine.models.mast3r.checkpoint import (
     ALIASES,
     build_mast3r,
@@ -8,7 +9,6 @@ from export_engine.models.mast3r.checkpoint import (
 )
 from export_engine.models.mast3r.config import OFFICIAL_CONSTRUCTOR, MASt3RConfig, parse_constructor_string
 from export_engine.models.mast3r.model import (
-    OUTPUT_NAMES,
     MASt3R,
     count_parameters,
     expected_state_dict_shapes,

@@ -29,17 +29,6 @@ from export_engine.models.mast3r.config import MASt3RConfig
 from export_engine.models.mast3r.heads import DPT, MASt3RHead
 from export_engine.models.mast3r.rope import grid_positions, rope_tables
 
-OUTPUT_NAMES = (
-    "view1_pts3d",
-    "view1_conf",
-    "view1_desc",
-    "view1_desc_conf",
-    "view2_pts3d_in_other_view",
-    "view2_conf",
-    "view2_desc",
-    "view2_desc_conf",
-)
-
 
 class MASt3R(nn.Module):
     def __init__(self, config: MASt3RConfig, attn_impl: str = "explicit") -> None:

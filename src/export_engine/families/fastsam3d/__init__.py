@@ -1,0 +1,1 @@
+"""FastSAM3D: what is specific to this model family."""

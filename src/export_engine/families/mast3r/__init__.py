@@ -1,0 +1,1 @@
+"""MASt3R: what is specific to this model family."""
