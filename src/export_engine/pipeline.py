@@ -228,6 +228,7 @@ def export(config: ExportConfig) -> ExportResult:
                 records, reports = build_engines(staging, run.specs, config, backend, references, feeds)
                 raise_on_failure(reports, f"{family.name} {backend} engines")
             run.extra["engines"] = records
+        _write_parity(staging, run)
         shutil.rmtree(work)
         manifest = build_manifest(staging, run, weights, resolved_config)
         writer.commit(manifest)
@@ -306,17 +307,25 @@ def _final_gate(spec: ModelSpec, fp32_path: Path, final_path: Path, feeds: list[
     return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision=precision)
 
 
-def _write_reports(staging: Path, run: _Run, feeds: dict[str, list[Feed]]) -> None:
-    """parity.json, passes.json, and per graph one input sample with its FP32 reference outputs."""
+def _write_parity(staging: Path, run: _Run) -> None:
+    """parity.json: the ONNX gates and every engine's parity status, from the same records as the manifest."""
+    engines = [{"graph": e["graph"], "backend": e["backend"], **e["parity"]} for e in run.extra.get("engines", [])]
+    statuses = {e["status"] for e in engines} | {"passed" if all(r.passed for r in run.final_parity) else "failed"}
     write_json(
         staging / "parity.json",
         {
-            "passed": all(r.passed for r in run.final_parity),
+            "status": "failed" if "failed" in statuses else "pending" if "pending" in statuses else "passed",
+            "passed": all(r.passed for r in run.final_parity),  # the ONNX gates
             "exporter": [r.to_dict() for r in run.exporter_parity],
             "final": [r.to_dict() for r in run.final_parity],
+            "engines": engines,
             "table": format_table(run.exporter_parity + run.final_parity).splitlines(),
         },
     )
+
+
+def _write_reports(staging: Path, run: _Run, feeds: dict[str, list[Feed]]) -> None:
+    """passes.json, precision plans, and per graph one input sample with its FP32 reference outputs."""
     write_json(staging / "passes.json", {g: [r.to_dict() for r in reports] for g, reports in run.passes.items()})
     plans = {name: scratch["plan"] for name, scratch in run.scratch.items() if "plan" in scratch}
     if plans:

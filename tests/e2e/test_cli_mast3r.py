@@ -62,6 +62,7 @@ def test_artifact_layout_and_manifest(artifact: Path, mast3r_ref: Path) -> None:
     assert {"torch", "onnx", "onnxruntime", "polygraphy"} <= set(manifest["versions"])
     parity = json.loads((artifact / "parity.json").read_text())
     assert parity["passed"] and len(parity["exporter"]) == 2 and len(parity["final"]) == 2
+    assert parity["status"] == "passed" and parity["engines"] == []  # ONNX only: nothing pending
 
 
 def test_run_reproduces_upstream_outputs(artifact: Path, mast3r_ref: Path, tmp_path: Path) -> None:

@@ -49,9 +49,12 @@ def test_rtx_engines_in_artifact(family: str, tmp_path: Path, capsys: pytest.Cap
         assert engine["onnx_sha256"] == manifest["files"][engine["onnx"]]["sha256"]
         assert not any(str(tmp_path) in json.dumps(v) for v in engine["build"].values())  # relative paths only
         assert {a["q_dtype"] for a in engine["build"]["attention"]} == {"HALF"}
+    parity = json.loads((art / "parity.json").read_text())
+    assert parity["status"] == "pending" and {e["status"] for e in parity["engines"]} == {"pending"}
     capsys.readouterr()
     assert main(["verify", str(art)]) == 0
-    assert "needs tensorrt-rtx" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "needs tensorrt-rtx" in out and "check(s) pending" in out  # pending is never reported as verified
     assert main(["inspect", str(art)]) == 0
     assert "fused attention layers" in capsys.readouterr().out
     session = load(art)  # falls back to ONNX Runtime here, and says why
