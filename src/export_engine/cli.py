@@ -20,12 +20,11 @@ from typing import Any
 
 from export_engine import __version__
 from export_engine.atomic import replacing
-from export_engine.config import Backend, ExportConfig, Precision
-from export_engine.errors import ExportError, ModelInputError, ParityError, UsageError
+from export_engine.errors import BackendError, ExportError, ModelInputError, ParityError, UsageError
 
 log = logging.getLogger("export_engine")
 
-SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "segment", "models")
+SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "segment", "models", "doctor")
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
@@ -44,7 +43,15 @@ def _export_parser() -> argparse.ArgumentParser:
     weights.add_argument("--checkpoint", help="official checkpoint: .pth, .safetensors, model folder or HF repo id")
     weights.add_argument("--random-weights", action="store_true", help="random weights (for testing the chain)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-weights and the parity inputs")
-    p.add_argument("--config", type=Path, help="JSON configuration (layout of the reference config.json)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help=(
+            'JSON model configuration: {"constructor_kwargs": {...}, "dpt": {...}} or a flat object of the '
+            "model's constructor keywords (unknown keys are ignored); default: from the checkpoint, else the "
+            "official configuration"
+        ),
+    )
     p.add_argument("--resolution", help="input size, e.g. 512x384 (MASt3R: WxH, multiples of 16)")
     p.add_argument(
         "--backend",
@@ -122,6 +129,13 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True, help="mask.nii.gz (or .nii / .npy)")
         p.add_argument("--plot", type=Path, help="slices.png: three orthogonal slices with the mask")
         p.add_argument("--accumulate", action="store_true", help="send every click so far (default: newest only)")
+    elif name == "doctor":
+        p.description = (
+            "Report versions, ONNX Runtime providers, GPUs and compute capability, engine builders, "
+            "what --backend auto would choose here and, given an artifact, how each graph runs here."
+        )
+        p.add_argument("artifact", type=Path, nargs="?", help="an artifact folder to check against this machine")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
     else:
         p.description = "List the models export-engine can export."
     _common(p)
@@ -172,10 +186,26 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+NEEDS_ONNXRUNTIME = ("run", "verify", "match", "segment")
+
+
+def _require_onnxruntime() -> None:
+    """A missing ONNX Runtime is a clear error (exit 8); both the CPU and GPU builds installed is a warning."""
+    from export_engine.core import onnxruntime_install
+
+    problem = onnxruntime_install.problem()
+    if problem and not onnxruntime_install.installed():
+        raise BackendError(problem)
+    if problem:
+        logging.getLogger("export_engine").warning("%s", problem)
+
+
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         args = _sub_parser(argv[0]).parse_args(argv[1:])
         _setup_logging(args)
+        if argv[0] in NEEDS_ONNXRUNTIME:
+            _require_onnxruntime()
         commands = {
             "run": _cmd_run,
             "inspect": _cmd_inspect,
@@ -185,34 +215,30 @@ def _dispatch(argv: list[str]) -> int:
             "segment": _cmd_segment,
             "match": _cmd_match,
             "models": _cmd_models,
+            "doctor": _cmd_doctor,
         }
         return commands[argv[0]](args)
     args = _export_parser().parse_args(argv)
     _setup_logging(args)
+    _require_onnxruntime()
     return _cmd_export(args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from export_engine.pipeline import export
+    from export_engine.pipeline import export, export_config
 
-    precision = Precision.parse(args.precision)
-    from export_engine.exporters.registry import get_family
-
-    family = get_family(args.model)
     if args.parity_samples < 1:
         raise UsageError("--parity-samples must be at least 1")
-    shape = args.resolution or family.default_shape
-    out = args.out or Path(f"{family.name}-{precision.value}-{shape}")
-    config = ExportConfig(
-        model=family.name,
-        precision=precision,
+    config = export_config(
+        args.model,
+        args.precision,
         checkpoint=args.checkpoint,
         random_weights=args.random_weights,
         seed=args.seed,
         config_file=args.config,
         resolution=args.resolution,
-        backend=Backend.parse(args.backend),
-        out=out,
+        backend=args.backend,
+        out=args.out,
         force=args.force,
         strict=args.strict,
         parity_samples=args.parity_samples,
@@ -362,6 +388,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     print(save_mask(result.mask, args.out, volume.affine))
     if args.plot:
         print(plot_slices(volume.data, result.mask, clicks, args.plot))
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from export_engine.runtime.doctor import diagnose
+
+    report = diagnose(args.artifact)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0
 
 

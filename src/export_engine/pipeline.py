@@ -14,6 +14,7 @@ directory disappears.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -31,7 +32,7 @@ from export_engine.artifacts.store import ArtifactWriter, write_json
 from export_engine.builders.backends import choose_backend
 from export_engine.builders.for_artifact import build_engines
 from export_engine.calibration.step import CalibratePrecisionConfig, calibrate_precision
-from export_engine.config import ExportConfig, Precision
+from export_engine.config import Backend, ExportConfig, Precision
 from export_engine.errors import UsageError
 from export_engine.exporters.onnx_from_torch import OnnxExportResult, onnx_from_torch
 from export_engine.exporters.registry import get_family
@@ -234,6 +235,27 @@ def export(config: ExportConfig) -> ExportResult:
         writer.commit(manifest)
     log.info("artifact written to %s", writer.target)
     return ExportResult(writer.target, manifest, run.final_parity, run.timings, run.passes)
+
+
+def export_config(model: str, precision: str | Precision = "fp32", **fields: Any) -> ExportConfig:
+    """An :class:`ExportConfig` from user-level values: names are checked (unknown model, precision or backend
+    -> UsageError listing the choices), ``out`` defaults to ``./<model>-<precision>-<shape>``, other fields are
+    ExportConfig's (unknown ones -> UsageError)."""
+    family = get_family(model)
+    precision = precision if isinstance(precision, Precision) else Precision.parse(precision)
+    known = {f.name for f in dataclasses.fields(ExportConfig)} - {"model", "precision"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UsageError(f"unknown export option(s) {unknown}; valid: {sorted(known)}")
+    values = {k: v for k, v in fields.items() if v is not None}
+    if isinstance(values.get("backend"), str):
+        values["backend"] = Backend.parse(values["backend"])
+    for key in ("out", "config_file", "calibration_data", "precision_plan"):
+        if key in values:
+            values[key] = Path(values[key])
+    shape = values.get("resolution") or family.default_shape
+    values.setdefault("out", Path(f"{family.name}-{precision.value}-{shape}"))
+    return ExportConfig(model=family.name, precision=precision, **values)
 
 
 def _check_choices(family: FamilySpec, config: ExportConfig) -> None:

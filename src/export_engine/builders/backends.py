@@ -33,7 +33,7 @@ INSTALL_HINTS: dict[str, str] = {
         "NVIDIA GPU and driver; it cannot be installed on CPU-only machines"
     ),
     "tensorrt-rtx": "pip install 'export-engine[rtx]' (or: pip install tensorrt-rtx-cu13)",
-    "onnx": "pip install onnxruntime",
+    "onnx": "pip install 'export-engine[cpu]' (or 'export-engine[gpu]' on an NVIDIA GPU machine)",
 }
 
 
