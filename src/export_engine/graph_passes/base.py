@@ -117,6 +117,13 @@ class NodeBuilder:
         return self.add("Reshape", [x, self.const("shape", np.asarray(shape, dtype=np.int64))])
 
 
+def producer(tensor: gs.Tensor | None, op: str) -> gs.Node | None:
+    """The node of type ``op`` that alone produces ``tensor``, or None (a constant, a graph input, another op)."""
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
+        return tensor.inputs[0]
+    return None
+
+
 def conv_operand_problem(node: gs.Node) -> str | None:
     """Why a convolution's weight and bias cannot be folded into MatMul constants, or None when they can."""
     x, weight = node.inputs[0], node.inputs[1]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
+from export_engine.graph_passes.base import PassReport, next_index, node_name, producer, timed
 
 PASS = "fuse_bias_gelu"
 DOMAIN = "com.microsoft"
@@ -29,8 +29,8 @@ def fuse_bias_gelu(graph: gs.Graph, config: FuseBiasGeluConfig) -> PassReport:
         index = next_index(graph, PASS)
         for gelu in [n for n in graph.nodes if n.op == "Gelu" and n.domain in (None, "", "ai.onnx")]:
             x = gelu.inputs[0]
-            add = x.inputs[0] if isinstance(x, gs.Variable) and len(x.inputs) == 1 else None
-            if add is None or add.op != "Add":
+            add = producer(x, "Add")
+            if add is None:
                 continue
             report.matched += 1
             operands = _operands(add, gelu)

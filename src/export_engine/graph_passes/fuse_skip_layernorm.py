@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
+from export_engine.graph_passes.base import PassReport, next_index, node_name, producer, timed
 
 PASS = "fuse_skip_layernorm"
 DOMAIN = "com.microsoft"
@@ -36,8 +36,8 @@ def fuse_skip_layernorm(graph: gs.Graph, config: FuseSkipLayerNormConfig) -> Pas
         index = next_index(graph, PASS)
         for ln in [n for n in graph.nodes if n.op == "LayerNormalization"]:
             x = ln.inputs[0]
-            add = x.inputs[0] if isinstance(x, gs.Variable) and len(x.inputs) == 1 else None
-            if add is None or add.op != "Add":
+            add = producer(x, "Add")
+            if add is None:
                 continue
             report.matched += 1
             reason = _problem(ln, add)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import NodeBuilder, PassReport, next_index, timed
+from export_engine.graph_passes.base import NodeBuilder, PassReport, next_index, producer, timed
 from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, _Match
 from export_engine.graph_passes.lower_rotary import _match as rope_match
 
@@ -80,12 +80,6 @@ def lower_attention_bsh(graph: gs.Graph, config: LowerAttentionBshConfig) -> Pas
     return report
 
 
-def _only(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
-        return tensor.inputs[0]
-    return None
-
-
 def _match(att: gs.Node, config: LowerAttentionBshConfig) -> _Block | str:
     if len(att.inputs) != 3 or len(att.outputs) != 1:
         return "has a mask, bias or extra outputs"
@@ -98,7 +92,7 @@ def _match(att: gs.Node, config: LowerAttentionBshConfig) -> _Block | str:
     ropes: list[_Match | None] = []
     sources = []
     for tensor in att.inputs[:2]:
-        add = _only(tensor, "Add")
+        add = producer(tensor, "Add")
         rope = rope_match(add, LowerRotaryConfig(config.max_sections)) if add is not None else None
         if isinstance(rope, str):
             return f"RoPE: {rope}"
@@ -136,33 +130,33 @@ def _output(att: gs.Node) -> gs.Tensor | str:
 
 
 def _projection(tensor: gs.Tensor) -> _Projection | str:
-    gather = _only(tensor, "Gather")
+    gather = producer(tensor, "Gather")
     if gather is not None:  # packed: Gather(Transpose(Reshape(P, (B, N, 3, h, d)), (2, 0, 3, 1, 4)), i)
         index = gather.inputs[1]
-        transpose = _only(gather.inputs[0], "Transpose")
+        transpose = producer(gather.inputs[0], "Transpose")
         if not isinstance(index, gs.Constant) or index.values.size != 1 or int(gather.attrs.get("axis", 0)) != 0:
             return "q/k/v gathered with a non-constant index"
         if transpose is None or list(transpose.attrs.get("perm", [])) != [2, 0, 3, 1, 4]:
             return "packed q/k/v not in (3, B, heads, N, d) layout"
         source, parts, part = transpose.inputs[0], 3, int(index.values.reshape(-1)[0])
     else:  # single: Transpose(Reshape(P, (B, N, h, d)), (0, 2, 1, 3))
-        transpose = _only(tensor, "Transpose")
+        transpose = producer(tensor, "Transpose")
         if transpose is None or list(transpose.attrs.get("perm", [])) != [0, 2, 1, 3]:
             return "an operand is not a projection in (B, heads, N, d) layout"
         source, parts, part = transpose.inputs[0], 1, 0
-    reshape = _only(source, "Reshape")
+    reshape = producer(source, "Reshape")
     if reshape is None or source.shape is None or len(source.shape) != 2 + parts + (1 if parts == 1 else 0):
         return "projection reshape of unexpected rank"
     heads, head_dim = source.shape[-2], source.shape[-1]
     if not (isinstance(heads, int) and isinstance(head_dim, int)) or (parts == 3 and source.shape[2] != 3):
         return "head count or size not static"
     packed = reshape.inputs[0]
-    add = _only(packed, "Add")
+    add = producer(packed, "Add")
     if add is None or [c for c in packed.outputs if c.op != "Shape"] != [reshape]:
         return "projection without a bias add, or used elsewhere"
     bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
     product = next((t for t in add.inputs if not isinstance(t, gs.Constant)), None)
-    matmul = _only(product, "MatMul") if product is not None else None
+    matmul = producer(product, "MatMul")
     if bias is None or matmul is None or not isinstance(matmul.inputs[1], gs.Constant):
         return "projection is not MatMul(constant) + constant bias"
     weight = matmul.inputs[1]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import NodeBuilder, PassReport, next_index, timed
+from export_engine.graph_passes.base import NodeBuilder, PassReport, next_index, producer, timed
 
 PASS = "lower_rotary"
 DOMAIN = "com.microsoft"
@@ -64,12 +64,6 @@ def lower_rotary(graph: gs.Graph, config: LowerRotaryConfig) -> PassReport:
     return report
 
 
-def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
-        return tensor.inputs[0]
-    return None
-
-
 def _split_mul(node: gs.Node | None) -> tuple[gs.Tensor, gs.Constant] | None:
     """(variable operand, constant operand) of a two-input Mul."""
     if node is None or len(node.inputs) != 2:
@@ -86,12 +80,12 @@ def _match(add: gs.Node, config: LowerRotaryConfig) -> _Match | str | None:
     """None when ``add`` is not a RoPE sum at all; a reason string when it is one this pass cannot lower."""
     if len(add.inputs) != 2:
         return None
-    muls = [_split_mul(_producer(t, "Mul")) for t in add.inputs]
+    muls = [_split_mul(producer(t, "Mul")) for t in add.inputs]
     if any(m is None for m in muls):
         return None
     for plain, rotated in ((muls[0], muls[1]), (muls[1], muls[0])):
         assert plain is not None and rotated is not None
-        concat = _producer(rotated[0], "Concat")
+        concat = producer(rotated[0], "Concat")
         if concat is None:
             continue
         x, cos, sin = plain[0], plain[1].values, rotated[1].values
@@ -122,9 +116,9 @@ def _rotate_half_parts(concat: gs.Node, x: gs.Tensor) -> list[tuple[int, int, bo
         return None
     parts = []
     for tensor in concat.inputs:
-        neg = _producer(tensor, "Neg")
+        neg = producer(tensor, "Neg")
         source = neg.inputs[0] if neg is not None else tensor
-        sliced = _slice_range(_producer(source, "Slice"), x)
+        sliced = _slice_range(producer(source, "Slice"), x)
         if sliced is None:
             return None
         parts.append((*sliced, neg is not None))
