@@ -54,6 +54,12 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resolution", help="input size, e.g. 512x384 (MASt3R: WxH, multiples of 16)")
     p.add_argument(
+        "--attention",
+        default="dense",
+        help="FastSAM3D encoder attention: dense (the released encoder, default) or sparse (the paper's 3D sparse "
+        "flash attention: attention inside strided groups of 64 tokens; the same weights load)",
+    )
+    p.add_argument(
         "--backend",
         default="auto",
         help="auto (default: full TensorRT with a GPU, else TensorRT-RTX if installed, else onnx) | tensorrt | "
@@ -237,6 +243,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         seed=args.seed,
         config_file=args.config,
         resolution=args.resolution,
+        attention=args.attention,
         backend=args.backend,
         out=args.out,
         force=args.force,

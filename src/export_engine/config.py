@@ -86,4 +86,5 @@ class ExportConfig:
     skip_passes: tuple[str, ...] = ()
     precision_plan: Path | None = None  # reuse a precision_plan.json instead of calibrating
     calibration_data: Path | None = None  # folder of the user's images / volumes for calibration
+    attention: str = "dense"  # FastSAM3D encoder: "dense" (released) or "sparse" (3D sparse flash attention)
     extra: dict[str, str] = field(default_factory=dict)

@@ -173,7 +173,8 @@ def export(config: ExportConfig) -> ExportResult:
     log.info("backend: %s (%s)", backend, why)
 
     with run.stage("load"):
-        loaded = family.load(config_json, config.checkpoint, config.seed if config.random_weights else None)
+        loaded = family.load(config_json, config.checkpoint, config.seed if config.random_weights else None,
+                             config.attention)  # fmt: skip
     run.specs = family.graphs(loaded.config, config.resolution)
     _check_precision(run)
     with run.stage("feeds"):
@@ -259,6 +260,11 @@ def export_config(model: str, precision: str | Precision = "fp32", **fields: Any
 
 
 def _check_choices(family: FamilySpec, config: ExportConfig) -> None:
+    if config.attention not in family.attention_choices:
+        raise UsageError(
+            f"--attention {config.attention} is not available for {family.name}; choose one of: "
+            f"{', '.join(family.attention_choices)}"
+        )
     unknown = sorted(set(config.skip_passes) - set(pass_names()))
     if unknown:
         raise UsageError(f"unknown pass {unknown[0]!r} for --skip-pass; passes: {', '.join(pass_names()) or 'none'}")

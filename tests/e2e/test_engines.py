@@ -68,6 +68,17 @@ def test_rtx_engines_in_artifact(family: str, tmp_path: Path, capsys: pytest.Cap
     assert main(["verify", str(tampered)]) == 9
 
 
+@needs_rtx
+def test_rtx_engines_for_the_sparse_fastsam3d_encoder(tmp_path: Path) -> None:
+    art = _export("fastsam3d", tmp_path, "--attention", "sparse", "--backend", "tensorrt-rtx", "--compute-capability",
+                  "8.9", "--precision", "hybrid", "--strict")  # fmt: skip
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["attention"] == "sparse"
+    engine = next(e for e in manifest["engines"] if e["graph"] == "encoder")
+    assert (art / engine["file"]).stat().st_size > 0 and engine["parity"]["status"] == "pending"
+    assert {a["q_dtype"] for a in engine["build"]["attention"]} == {"HALF"}  # the group attention is fused
+
+
 @pytest.mark.skipif(not no_full_trt, reason="full TensorRT is installed here; the missing-backend error cannot show")
 def test_missing_full_tensorrt_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "c.json").write_text(json.dumps(get_family("fastsam3d").tiny_config()))

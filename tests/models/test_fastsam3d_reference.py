@@ -39,7 +39,7 @@ ENCODER_KEYS = (
     "image_embedding",
     "image_pe",
 )
-# Sparse-flash encoder outputs are not part of the dense port.
+# The sparse-attention encoder outputs are checked by test_fastsam3d_sparse.py.
 NOT_REPRODUCED = {"image_embedding_sparse_fp16emu", "image_embedding_sparse_fp32ref"}
 CASE_INPUTS = {"point_coords", "point_labels", "mask_input"}
 

@@ -23,6 +23,7 @@ def describe(manifest: dict[str, Any], verification: dict[str, Any] | None = Non
     lines = [
         f"model       {manifest['model']}",
         f"precision   {manifest['precision']}",
+        f"attention   {manifest.get('attention', 'dense')}",
         f"resolution  {manifest.get('resolution', '?')}",
         f"backend     {manifest.get('backend', '?')}",
         f"created     {manifest.get('created', '?')} (schema {manifest.get('schema_version')})",

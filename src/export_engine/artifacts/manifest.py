@@ -83,6 +83,7 @@ def build_manifest(staging: Path, run: _Run, weights: dict[str, Any], config: di
         "weights": weights,
         "resolution": specs[0].shape_notes.get("resolution", run.config.resolution or run.family.default_shape),
         "precision": run.config.precision.value,
+        "attention": run.config.attention,
         "backend": run.extra["backend"]["name"],
         "backend_reason": run.extra["backend"]["reason"],
         "engines": run.extra.get("engines", []),

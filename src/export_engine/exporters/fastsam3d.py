@@ -114,11 +114,17 @@ class PromptDecoderGraph(GraphModule):
         return low_res, iou, self.model.upscale_masks(low_res, self.size)
 
 
-def load(config_json: Mapping[str, Any] | None, checkpoint: str | None, seed: int | None) -> LoadedModel:
+def load(config_json: Mapping[str, Any] | None, checkpoint: str | None, seed: int | None,
+         attention: str = "dense") -> LoadedModel:  # fmt: skip
+    """``attention="sparse"``: the encoder's "3D sparse flash attention" variant; the same weights load."""
+    import dataclasses
+
     from export_engine.models.fastsam3d.checkpoint import build_fastsam3d
     from export_engine.models.fastsam3d.config import FastSAM3DConfig
 
     config = FastSAM3DConfig.from_json(config_json) if config_json is not None else None
+    if attention != "dense":
+        config = dataclasses.replace(config or FastSAM3DConfig.released(), encoder_attention=attention)
     model, ckpt, resolved = build_fastsam3d(config, checkpoint, seed)
     return LoadedModel(model, resolved, ckpt.source if ckpt else None, ckpt.sha256 if ckpt else None, seed)
 
@@ -129,6 +135,14 @@ def validate_shape(text: str | None) -> None:
             "fastsam3d takes its volume size from the configuration (img_size, 128 for the released model); "
             "--resolution does not apply"
         )
+
+
+def _attentions_per_layer(config: Any) -> int:
+    """Dense: one. Sparse: one per block of equal-size token groups (two when the groups are ragged)."""
+    if config.encoder_attention != "sparse":
+        return 1
+    length, extra = divmod(config.num_tokens, config.sparse_segment_size)
+    return int(bool(length)) + int(bool(extra))
 
 
 def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
@@ -144,7 +158,7 @@ def graphs(config: Any, shape_text: str | None) -> tuple[ModelSpec, ...]:
             Precision.FP16: {"image_embedding": _HALF["image_embedding"]},
             Precision.HYBRID: {"image_embedding": _HALF["image_embedding"]},
         },
-        expected_counts={"attention": config.encoder_depth - config.skip_layer},
+        expected_counts={"attention": (config.encoder_depth - config.skip_layer) * _attentions_per_layer(config)},
         shape_notes={"resolution": f"{s}x{s}x{s}", "batch": "dynamic"},
         profile_dims={"batch": (1, 1, 2)},
     )
@@ -233,4 +247,5 @@ FAMILY = FamilySpec(
     tiny_config=lambda: TINY_CONFIG,
     tiny_shape="",
     ort_attention=FASTSAM3D.ort_attention,
+    attention_choices=("dense", "sparse"),
 )

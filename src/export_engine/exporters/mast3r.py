@@ -95,7 +95,8 @@ class DecoderGraph(GraphModule):
         return tuple(out[name] for name in OUTPUT_NAMES)
 
 
-def load(config_json: Mapping[str, Any] | None, checkpoint: str | None, seed: int | None) -> LoadedModel:
+def load(config_json: Mapping[str, Any] | None, checkpoint: str | None, seed: int | None,
+         attention: str = "dense") -> LoadedModel:  # fmt: skip
     from export_engine.models.mast3r.checkpoint import build_mast3r
     from export_engine.models.mast3r.config import MASt3RConfig
 

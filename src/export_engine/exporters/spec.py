@@ -79,7 +79,8 @@ class FamilySpec:
     name: str
     summary: str
     # (config JSON or None, checkpoint or None, seed or None) -> LoadedModel
-    load: Callable[[Mapping[str, Any] | None, str | None, int | None], LoadedModel]
+    # (config JSON or None, checkpoint or None, seed or None, attention variant) -> LoadedModel
+    load: Callable[[Mapping[str, Any] | None, str | None, int | None, str], LoadedModel]
     # (config, shape option text or None) -> graph specs, in export order
     graphs: Callable[[Any, str | None], tuple[ModelSpec, ...]]
     # (loaded model, graph specs, n samples, seed) -> representative feeds per graph name (structured data)
@@ -102,6 +103,8 @@ class FamilySpec:
     # How ONNX Runtime CUDA runs this family's Attention nodes ("fused" | "decomposed"), measured per family
     # (runtime.ort_cuda; TensorRT always receives the fused op).
     ort_attention: Literal["fused", "decomposed"] = "fused"
+    # Attention variants ``--attention`` may pick; the first is the default.
+    attention_choices: tuple[str, ...] = ("dense",)
 
 
 class GraphModule(nn.Module):

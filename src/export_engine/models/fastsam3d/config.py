@@ -50,7 +50,11 @@ class FastSAM3DConfig:
     decoder_mlp_dim: int = 2048
     decoder_num_heads: int = 8
     attention_downsample_rate: int = 2
-    sparse_segment_size: int = 64  # only read by the (unsupported) sparse-flash encoder variant
+    # Encoder attention: "dense" (the released encoder: global attention with relative-position bias) or
+    # "sparse" (the paper's "3D sparse flash attention": plain attention inside strided token groups of
+    # sparse_segment_size, no bias, output left in group order; see image_encoder.RelPosAttention3D).
+    encoder_attention: str = "dense"
+    sparse_segment_size: int = 64
     # Constants upstream hard-codes.
     encoder_layernorm_eps: float = 1e-6
     layernorm3d_eps: float = 1e-6
@@ -66,6 +70,12 @@ class FastSAM3DConfig:
         ):
             raise UsageError(f"FastSAM3D config: global_attn_indexes must be a list of ints, got {indexes!r}")
         object.__setattr__(self, "global_attn_indexes", tuple(indexes))
+        if self.encoder_attention not in ("dense", "sparse"):
+            raise UsageError(
+                f"FastSAM3D config: encoder_attention must be 'dense' or 'sparse', got {self.encoder_attention!r}"
+            )
+        if self.sparse_segment_size < 1:
+            raise UsageError(f"FastSAM3D config: sparse_segment_size must be >= 1, got {self.sparse_segment_size}")
         _validate(self)
 
     # ---------------------------------------------------------------- derived sizes

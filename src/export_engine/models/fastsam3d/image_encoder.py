@@ -38,8 +38,10 @@ class RelPosAttention3D(nn.Module):
     changes block outputs by O(1). Written with broadcast MatMuls (no einsum) for TensorRT.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: int, qkv_bias: bool, use_rel_pos: bool, attn_impl: str) -> None:
+    def __init__(self, dim: int, num_heads: int, grid: int, qkv_bias: bool, use_rel_pos: bool, attn_impl: str,
+                 sparse_segment: int = 0) -> None:  # fmt: skip
         super().__init__()
+        self.sparse_segment = sparse_segment  # > 0: the sparse variant (see _sparse); 0: dense
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -59,7 +61,9 @@ class RelPosAttention3D(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, nh, N, c)
 
-        if self.attn_impl == "sdpa":
+        if self.sparse_segment:
+            out = self._sparse(q, k, v)  # (B, nh, N, c) in group order: no scatter back, as upstream
+        elif self.attn_impl == "sdpa":
             bias = None
             if self.use_rel_pos:
                 t_d, t_h, t_w = self._rel_pos_terms(q, (d, h, w))
@@ -76,6 +80,42 @@ class RelPosAttention3D(nn.Module):
         # Merge heads head-major: (B, nh, D, H, W, c) -> (B, D, H, W, nh*c).
         out = out.reshape(b, self.num_heads, d, h, w, self.head_dim).permute(0, 2, 3, 4, 1, 5)
         return self.proj(out.reshape(b, d, h, w, dim))
+
+    def _sparse(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The "3D sparse flash attention" variant: tokens grouped by residue, G_r = {r, r + S, r + 2S, ...}
+        for r < min(S, N), plain softmax attention inside each group (scale c^-1/2, no bias or mask; the
+        relative-position tables are not read), group outputs concatenated in group order (all of G_0, then
+        G_1, ...) and returned in that order: upstream reshapes them straight to (B, D, H, W, C), so the
+        output at a position holds another token's result (for N = 8^3, S = 64: axes (D,H,W) -> (H,W,D)).
+
+        With N = L*S + e the first e groups hold L + 1 tokens, the others L (none when N < S, where every
+        group is one token and the result is v). Every index is static: uniform groups are a reshape and a
+        transpose, ragged ones two constant gathers; each block is 4-D attention with heads x groups as heads.
+        """
+        b, nh, c = q.shape[0], q.shape[1], q.shape[3]
+        n, s = int(q.shape[2]), self.sparse_segment  # static per artifact: the volume size is fixed
+        length, extra = divmod(n, s)
+        blocks = []
+        if extra:  # groups 0..extra-1: tokens r + j*S, j = 0..length
+            index = torch.arange(extra, device=q.device)[:, None] + s * torch.arange(length + 1, device=q.device)
+            blocks.append(tuple(t[:, :, index] for t in (q, k, v)))  # (B, nh, extra, length+1, c)
+        if length:  # groups extra..min(S,N)-1: tokens r + j*S, j < length
+            if extra:
+                start = torch.arange(extra, s, device=q.device)[:, None]
+                index = start + s * torch.arange(length, device=q.device)
+                blocks.append(tuple(t[:, :, index] for t in (q, k, v)))  # (B, nh, S-extra, length, c)
+            else:  # uniform: (B, nh, L, S, c) -> (B, nh, S, L, c), no gather
+                blocks.append(tuple(t.reshape(b, nh, length, s, c).transpose(2, 3) for t in (q, k, v)))
+        outs = []
+        for bq, bk, bv in blocks:
+            groups, size = bq.shape[2], bq.shape[3]
+            bq, bk, bv = (t.reshape(b, nh * groups, size, c) for t in (bq, bk, bv))
+            if self.attn_impl == "sdpa":
+                out = F.scaled_dot_product_attention(bq, bk, bv)
+            else:
+                out = ((bq * self.scale) @ bk.transpose(-2, -1)).softmax(dim=-1) @ bv
+            outs.append(out.reshape(b, nh, groups * size, c))
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def _rel_pos_terms(self, q: Tensor, size: tuple[int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
         """The three bias terms, each broadcastable to (B*nh, qd, qh, qw, kd, kh, kw)."""
@@ -126,7 +166,9 @@ class AttentionBlock(nn.Module):
         super().__init__()
         dim = cfg.encoder_embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.encoder_layernorm_eps)
-        self.attn = RelPosAttention3D(dim, cfg.encoder_num_heads, cfg.grid, cfg.qkv_bias, cfg.use_rel_pos, attn_impl)
+        sparse = cfg.sparse_segment_size if cfg.encoder_attention == "sparse" else 0
+        self.attn = RelPosAttention3D(dim, cfg.encoder_num_heads, cfg.grid, cfg.qkv_bias, cfg.use_rel_pos, attn_impl,
+                                      sparse)  # fmt: skip
         self.norm2 = nn.LayerNorm(dim, eps=cfg.encoder_layernorm_eps)
         self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio))
 
