@@ -37,12 +37,15 @@ import torch  # noqa: E402
 
 from export_engine.runtime.ort_cuda import CudaSessionConfig  # noqa: E402
 
-EXPORTS = (("mast3r", "fp32"), ("mast3r", "hybrid"), ("fastsam3d", "fp32"), ("fastsam3d", "hybrid"))
+EXPORTS = (("mast3r", "fp32"), ("mast3r", "hybrid"), ("fastsam3d", "fp32"), ("fastsam3d", "hybrid"),
+           ("fastsam3d-sparse", "hybrid"))  # fmt: skip
 
 
 def export_command(work: Path, model: str, precision: str, plan: Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "export_engine", "--model", model, "--precision", precision, "--random-weights",
+    family, _, variant = model.partition("-")  # "fastsam3d-sparse": FastSAM3D with --attention sparse
+    cmd = [sys.executable, "-m", "export_engine", "--model", family, "--precision", precision, "--random-weights",
            "--backend", "onnx", "--out", str(work / f"{model}-{precision}"), "--force"]  # fmt: skip
+    cmd += ["--attention", variant] if variant else []
     return cmd + (["--precision-plan", str(plan)] if plan else [])
 
 
@@ -71,7 +74,7 @@ def start_exports(work: Path, plans: Path | None, cores: set[int], wanted: set[s
     for model, precision in EXPORTS:
         if f"{model}-{precision}" not in wanted or (work / f"{model}-{precision}" / "manifest.json").exists():
             continue
-        plan = plans / f"{model}-hybrid.json" if plans and precision == "hybrid" else None
+        plan = plans / f"{model}-hybrid.json" if plans and precision == "hybrid" else None  # none for sparse
         cmd = export_command(work, model, precision, plan if plan and plan.exists() else None)
         alone = detach and model == "mast3r"  # the large ones; FastSAM3D's take a minute and are waited for
         procs[f"{model}-{precision}"] = (launch(cmd, work / f"export-{model}-{precision}.log", cores, alone), cmd)
@@ -195,6 +198,19 @@ def fastsam3d_section(report: Report, work: Path, warm: int, reps: int) -> None:
     )
 
 
+def sparse_section(report: Report, work: Path, warm: int, reps: int) -> None:
+    """FastSAM3D's encoder with sparse attention next to the dense one: ORT CUDA (default rewrites, CUDA graph)
+    and torch.compile reduce-overhead, same weights."""
+    for name in ("fastsam3d-hybrid", "fastsam3d-sparse-hybrid"):
+        label = "dense" if name == "fastsam3d-hybrid" else "sparse"
+        rows = report.section(f"ORT FastSAM3D {label}", 10, cases.ort_fastsam3d, work / name,
+                              CudaSessionConfig("decomposed", cuda_graph=True), warm, reps,
+                              f"hybrid {label} attention, default rewrites, CUDA graph")  # fmt: skip
+        report.add(rows)
+    report.add(report.section("torch.compile FastSAM3D sparse", 40, cases.compiled_fastsam3d, warm, reps,
+                              ("reduce-overhead",), "sparse"))  # fmt: skip
+
+
 def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, reps: int, full: bool) -> None:
     """The rewrite study on the hybrid artifact (each step adds one rewrite), end to end and a profile with the
     default; with `full` also the FP32 artifact (TF32 stays off there) and decomposed attention."""
@@ -265,10 +281,11 @@ def main() -> int:
     parser.add_argument(
         "--sections",
         default="eager,fastnn,fastsam3d,mast3r-full",
-        help="eager, compile, fastnn, fastsam3d, mast3r (hybrid rewrite study only) or mast3r-full",
+        help="eager, compile, fastnn, fastsam3d, sparse, mast3r (hybrid rewrite study only) or mast3r-full",
     )
     parser.add_argument("--compile-modes", default="reduce-overhead,max-autotune",
                         help="torch.compile modes (max-autotune: FastSAM3D only, MASt3R takes too long)")  # fmt: skip
+    parser.add_argument("--doctor", action="store_true", help="also write export-engine doctor's report to OUT")
     parser.add_argument("--detach-exports", action="store_true",
                         help="start the exports in their own process session and return without waiting")  # fmt: skip
     args = parser.parse_args()
@@ -277,6 +294,11 @@ def main() -> int:
         print("gpu_bench: no CUDA GPU visible; run it on the device machine", file=sys.stderr)
         return 8
     report = Report(args.out, args.budget_s)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.doctor:
+        from export_engine.runtime.doctor import diagnose
+
+        (args.out / "doctor.txt").write_text(diagnose().text() + "\n")
     cores = sorted(os.sched_getaffinity(0))
     mine, theirs = set(cores[:2]), set(cores[2:]) or set(cores)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -314,6 +336,8 @@ def main() -> int:
     report.data["exports"].update(wait_exports(large, args.work, time.monotonic() + max(report.left() - 100, 30),
                                                theirs))  # fmt: skip
     report.save()
+    if "sparse" in sections:
+        sparse_section(report, args.work, warm, 4 * reps)
     if sections & {"mast3r", "mast3r-full"}:
         mast3r_section(report, args.work, images, warm, reps, full="mast3r-full" in sections)
     report.save()

@@ -430,12 +430,13 @@ def compiled_mast3r(images: torch.Tensor, warmup: int, repeats: int, modes: tupl
     return rows
 
 
-def compiled_fastsam3d(warmup: int, repeats: int, modes: tuple[str, ...]) -> list[dict[str, Any]]:
+def compiled_fastsam3d(warmup: int, repeats: int, modes: tuple[str, ...],
+                       attention: str = "dense") -> list[dict[str, Any]]:  # fmt: skip
     """Our PyTorch FastSAM3D under torch.compile: the encoder in FP16, one click under FP16 autocast; worst
-    error against FP32 eager."""
+    error against FP32 eager. ``attention="sparse"``: the encoder rows only, for the sparse variant."""
     from export_engine.exporters.fastsam3d import PromptDecoderGraph
 
-    loaded = get_family("fastsam3d").load(None, None, 0)
+    loaded = get_family("fastsam3d").load(None, None, 0, attention)
     model = loaded.module.cuda().eval()
     size, m = model.config.img_size, model.config.mask_input_size
     image = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(0)).cuda()
@@ -451,7 +452,10 @@ def compiled_fastsam3d(warmup: int, repeats: int, modes: tuple[str, ...]) -> lis
     with torch.inference_mode():
         rows.append({"case": "FastSAM3D encoder 128^3, PyTorch eager FP16", **time_calls(lambda: half.encode(image16),
                      warmup, repeats), "worst_error_vs_fp32": worst_error(half.encode(image16), ref_emb)})  # fmt: skip
-    rows += _compiled_rows("FastSAM3D encoder 128^3", half.encode, (image16,), ref_emb, modes, warmup, repeats)
+    label = "FastSAM3D encoder 128^3" + (f", {attention} attention" if attention != "dense" else "")
+    rows += _compiled_rows(label, half.encode, (image16,), ref_emb, modes, warmup, repeats)
+    if attention != "dense":
+        return rows
     prompt32 = prompt.float()  # the click runs under FP16 autocast on FP32 weights
     rows += _compiled_rows("FastSAM3D click", prompt32, (ref_emb, *feed.values()), ref_click, modes, warmup, repeats,
                            autocast=True)  # fmt: skip
