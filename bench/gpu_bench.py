@@ -134,6 +134,7 @@ class Report:
     def add(self, rows: list[dict[str, Any]] | dict[str, Any] | None) -> None:
         if rows:
             self.data["rows"].extend(rows if isinstance(rows, list) else [rows])
+            self.save()  # a run cut off at its time limit keeps every row measured so far
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +330,8 @@ def main() -> int:
     if args.detach_exports:  # the MASt3R exports run on after this process; the next run waits for them
         procs = {k: v for k, v in procs.items() if not k.startswith("mast3r")}
     small = {k: v for k, v in procs.items() if k.startswith("fastsam3d")}
-    report.data["exports"] = wait_exports(small, args.work, time.monotonic() + max(report.left() - 300, 30), theirs)
+    reserve = 300 if sections & {"mast3r", "mast3r-full"} else 30  # what the MASt3R sections need afterwards
+    report.data["exports"] = wait_exports(small, args.work, time.monotonic() + max(report.left() - reserve, 30), theirs)
     if "fastsam3d" in sections:
         fastsam3d_section(report, args.work, warm, 4 * reps)
     large = {k: v for k, v in procs.items() if k not in small}
