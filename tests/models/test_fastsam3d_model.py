@@ -137,7 +137,7 @@ def test_prompt_batch_larger_than_image_batch(tiny: FastSAM3D, tiny_embedding: t
 
 
 def test_label_arithmetic_equals_boolean_assignment(tiny: FastSAM3D) -> None:
-    """The export-friendly label handling equals upstream's boolean-mask assignment (spec 4.3)."""
+    """The export-friendly label handling equals upstream's boolean-mask assignment."""
     pe = tiny.prompt_encoder
     coords = torch.tensor([[[3.0, 4.0, 5.0], [10.0, 0.0, 31.0], [7.0, 7.0, 7.0], [1.0, 2.0, 3.0]]])
     labels = torch.tensor([[1, 0, -1, 2]])  # 2: any other value gets the positional encoding only

@@ -1,6 +1,6 @@
 """FastSAM3D pre-processing as the released evaluation does it, in plain numpy.
 
-Upstream (FastSAM3D:validation_student.py + utils/data_loader.py, spec section 7), after resampling to
+Upstream (FastSAM3D:validation_student.py + utils/data_loader.py), after resampling to
 1.5 mm and RAS+ reorientation (not done here: this module receives an array):
 
 1. torchio ``CropOrPad(target_shape=(S, S, S), mask_name='label')``: a window of S voxels per axis centred on

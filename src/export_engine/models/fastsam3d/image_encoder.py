@@ -30,7 +30,7 @@ class PatchEmbed3D(nn.Module):
 class RelPosAttention3D(nn.Module):
     """Global multi-head self-attention over all g^3 tokens with the decomposed relative-position bias.
 
-    The bias reproduces upstream's broadcasting quirk (spec 3.3): for query (qd,qh,qw) and key (kd,kh,kw)
+    The bias reproduces upstream's broadcasting quirk: for query (qd,qh,qw) and key (kd,kh,kw)
 
         bias = q(qd,qh,qw).R_d[qd,kw] + q(qd,qh,kd).R_h[qh,kw] + q(qd,qh,kh).R_w[kh,kw]
 
@@ -159,7 +159,7 @@ class AttentionBlock(nn.Module):
     """x <- x + Attn(LN1(x)); x <- LN2(x); x <- x + MLP(x).
 
     Not the pre-norm ViT block (x + MLP(LN2(x))): FastSAM3D normalises the residual stream itself before
-    the MLP, and the released weights depend on it (spec 3.2 step 4).
+    the MLP, and the released weights depend on it.
     """
 
     def __init__(self, cfg: FastSAM3DConfig, attn_impl: str) -> None:

@@ -1,6 +1,6 @@
 """FastSAM3D: image encoder + 3D prompt encoder + 3D mask decoder, with the official checkpoint's key layout.
 
-Deployment split (SAM convention, spec section 9): `encode` once per 128^3 crop, then `prompt_decode`
+Deployment split (SAM convention): `encode` once per 128^3 crop, then `prompt_decode`
 once per click with the cached embedding. Upstream's `Sam3D.forward` / `postprocess_masks` are not used
 by any inference script and are not reproduced.
 """
