@@ -42,6 +42,11 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_config_and_availability_say_what_is_wrong() -> None:
     with pytest.raises(ModelInputError, match="attention must be"):
         CudaSessionConfig(attention="flash")  # type: ignore[arg-type]
+    with pytest.raises(ModelInputError, match="unknown ONNX Runtime lowering"):
+        CudaSessionConfig(lowerings=("warp",))
+    fused, decomposed = CudaSessionConfig().lowering_names(), CudaSessionConfig("decomposed").lowering_names()
+    assert "attention_bsh" in fused and "decompose_attention" not in fused
+    assert "attention_bsh" not in decomposed and decomposed[-1] == "decompose_attention"
     ok, why = cuda_available()
     assert isinstance(ok, bool) and why
 

@@ -69,8 +69,12 @@ class CudaSessionConfig:
         check_lowerings(self.lowerings)
 
     def lowering_names(self) -> tuple[str, ...]:
-        extra = ("decompose_attention",) if self.attention == "decomposed" else ()
-        return check_lowerings((*self.lowerings, *extra))
+        """The rewrites to apply. Decomposed attention replaces ``attention_bsh`` (which would turn the same
+        Attention nodes into MultiHeadAttention): a family that measured MatMul/Softmax faster gets them."""
+        if self.attention == "decomposed":
+            names = tuple(n for n in self.lowerings if n != "attention_bsh")
+            return check_lowerings((*names, "decompose_attention"))
+        return check_lowerings(self.lowerings)
 
 
 def cuda_available() -> tuple[bool, str]:
