@@ -17,7 +17,7 @@ import pytest
 from export_engine.cli import main
 from export_engine.errors import ModelInputError, ParityError
 from export_engine.exporters.mast3r import TINY_CONFIG
-from export_engine.runtime import ort_lowering
+from export_engine.runtime import ort_lowering, self_check
 from export_engine.runtime.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products
 from export_engine.runtime.self_check import check_runner, open_checked
 from export_engine.runtime.session import ort_cpu_runner
@@ -68,6 +68,7 @@ def broken_bias_gelu(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ort_lowering, "_passes", passes)
     monkeypatch.setattr(ort_lowering, "_LOWERED", {})
+    monkeypatch.setattr(self_check, "_CHECKED", {})  # verdicts on the real passes do not apply to these
 
 
 @pytest.mark.parametrize("name", ["encoder", "decoder"])
@@ -83,6 +84,8 @@ def test_default_rewrites_pass_the_check_and_stay_close_to_the_stored_graph(hybr
     runner, outcome = open_checked(open_fn, path, meta, DEFAULT_LOWERINGS, False)
     assert outcome.check is not None and outcome.check.passed and outcome.fallback is None
     assert opened == [(DEFAULT_LOWERINGS, False)]  # one session, no bisection
+    _, same = open_checked(open_fn, path, meta, DEFAULT_LOWERINGS, False)
+    assert same is outcome and len(opened) == 2  # checked once per process: the second session reuses it
     stored = ort_cpu_runner(path, meta)
     feed = _feed(hybrid, meta)
     for key, want in stored(feed).items():

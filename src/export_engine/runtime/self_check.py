@@ -79,10 +79,25 @@ def open_checked(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, grap
 
     On failure each rewrite is tried alone, so that the message names the one that broke and by how much; that
     costs one session and inference per rewrite, on the failure path only."""
+    if not (lowerings or tf32) or not check:
+        return open_fn(lowerings, tf32), RewriteOutcome(lowerings, tf32)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, lowerings, tf32, getattr(open_fn, "__qualname__", ""))
+    if key in _CHECKED:  # checked once per process: later sessions of the same graph and rewrites reuse the verdict
+        known = _CHECKED[key]
+        return open_fn(known.lowerings, known.tf32), known
+    runner, outcome = _open_and_check(open_fn, path, graph_meta, lowerings, tf32, strict)
+    _CHECKED[key] = outcome
+    return runner, outcome
+
+
+_CHECKED: dict[tuple, RewriteOutcome] = {}
+
+
+def _open_and_check(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, graph_meta: Mapping[str, Any],
+                    lowerings: tuple[str, ...], tf32: bool, strict: bool) -> tuple[R, RewriteOutcome]:  # fmt: skip
     runner = open_fn(lowerings, tf32)
     outcome = RewriteOutcome(lowerings, tf32)
-    if not (lowerings or tf32) or not check:
-        return runner, outcome
     artifact = path.parent
     if not has_reference(artifact, graph_meta):
         log.warning("%s: the artifact stores no reference data; ONNX Runtime rewrites %s run unchecked",
