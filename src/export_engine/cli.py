@@ -203,7 +203,7 @@ def _require_onnxruntime() -> None:
     if problem and not onnxruntime_install.installed():
         raise BackendError(problem)
     if problem:
-        logging.getLogger("export_engine").warning("%s", problem)
+        log.warning("%s", problem)
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 
 from export_engine.config import Precision
 from export_engine.core.types import Feed, GraphRunner, TensorSpec, Tolerance
+from export_engine.families import RuntimeFamily
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,13 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """A model family (``--model NAME``): loading, its graphs, representative inputs and run-time chaining."""
+    """A model family (``--model NAME``): loading, its graphs and representative inputs; how its artifacts run
+    (``runtime``: input checks, graph chaining, ONNX Runtime attention choice) is the torch-free
+    :class:`~export_engine.families.RuntimeFamily` a deployment uses."""
 
     name: str
     summary: str
-    # (config JSON or None, checkpoint or None, seed or None) -> LoadedModel
+    runtime: RuntimeFamily
     # (config JSON or None, checkpoint or None, seed or None, attention variant) -> LoadedModel
     load: Callable[[Mapping[str, Any] | None, str | None, int | None, str], LoadedModel]
     # (config, shape option text or None) -> graph specs, in export order
@@ -87,12 +90,6 @@ class FamilySpec:
     parity_feeds: Callable[[LoadedModel, tuple[ModelSpec, ...], int, int], dict[str, list[Feed]]]
     # (loaded model, graph specs, folder of the user's images or volumes, seed) -> calibration feeds per graph
     user_feeds: Callable[[LoadedModel, tuple[ModelSpec, ...], Path, int], dict[str, list[Feed]]]
-    # (runners by graph name, user inputs, manifest graph records) -> user-facing outputs
-    run: Callable[[Mapping[str, GraphRunner], Mapping[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
-    # (graph records by name, seed) -> plausible user inputs for ``run`` (tests, benchmarks, smoke checks)
-    sample_inputs: Callable[[Mapping[str, Any], int], dict[str, np.ndarray]]
-    run_input_names: tuple[str, ...]
-    run_output_names: tuple[str, ...]
     shape_option: str  # CLI text describing the shape option (e.g. "resolution WxH")
     default_shape: str
     # Raises UsageError for a bad shape option before any long work starts.
@@ -100,11 +97,29 @@ class FamilySpec:
     # A small configuration (config JSON) for tests and the tiny end-to-end run.
     tiny_config: Callable[[], Mapping[str, Any]]
     tiny_shape: str
-    # How ONNX Runtime CUDA runs this family's Attention nodes ("fused" | "decomposed"), measured per family
-    # (runtime.ort_cuda; TensorRT always receives the fused op).
-    ort_attention: Literal["fused", "decomposed"] = "fused"
     # Attention variants ``--attention`` may pick; the first is the default.
     attention_choices: tuple[str, ...] = ("dense",)
+
+    # The run-time side, from ``runtime`` (one definition, used by export and deployment alike).
+    @property
+    def run(self) -> Callable[[Mapping[str, GraphRunner], Mapping[str, np.ndarray], Mapping[str, Any]], dict]:
+        return self.runtime.run
+
+    @property
+    def sample_inputs(self) -> Callable[[Mapping[str, Any], int], dict[str, np.ndarray]]:
+        return self.runtime.sample_inputs
+
+    @property
+    def run_input_names(self) -> tuple[str, ...]:
+        return self.runtime.run_input_names
+
+    @property
+    def run_output_names(self) -> tuple[str, ...]:
+        return self.runtime.run_output_names
+
+    @property
+    def ort_attention(self) -> Literal["fused", "decomposed"]:
+        return self.runtime.ort_attention
 
 
 class GraphModule(nn.Module):

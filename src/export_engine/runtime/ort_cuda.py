@@ -17,7 +17,7 @@
 * Attention: the artifact's graphs keep the standard ``Attention`` op, which is what TensorRT wants.
   ``attention="fused"`` runs it as is (ONNX Runtime >= 1.31 dispatches it to flash or memory-efficient
   attention kernels); ``"decomposed"`` adds the ``decompose_attention`` lowering (MatMul/Softmax/MatMul).
-  Which is faster depends on the model: each family says which it wants (``FamilySpec.ort_attention``).
+  Which is faster depends on the model: each family says which it wants (``RuntimeFamily.ort_attention``).
 * TF32 (``tf32``): ``None`` (default) turns ONNX Runtime's TF32 mode on only for graphs none of whose matrix
   products (MatMul, Gemm, Conv, Attention) computes in FP32, i.e. where it changes no FP32 result; in that
   mode cuDNN also gives FP16 convolutions their tensor-core engines (measured on an H200: MASt3R hybrid
@@ -135,7 +135,7 @@ class CudaGraphRunner:
 
     def _open(self, lowerings: tuple[str, ...], tf32: bool) -> CudaGraphRunner:
         """(Re)open the session on the graph rewritten by ``lowerings``; captured shapes start afresh."""
-        source, _ = lowered_graph(self.path, lowerings)
+        source = lowered_graph(self.path, lowerings)
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
         provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if tf32 else "0"}

@@ -22,6 +22,8 @@ A rewritten graph is checked before it is used (:mod:`export_engine.runtime.self
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from export_engine.errors import ModelInputError
+from export_engine.graph_passes.base import PassReport
 
 log = logging.getLogger(__name__)
 
@@ -38,76 +41,67 @@ DEFAULT_LOWERINGS = ("patch_conv", "attention_bsh", "rotary", "norm_casts", "ski
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
 
 
-def _passes() -> dict[str, Callable[[gs.Graph], object]]:
-    from export_engine.graph_passes import (
-        decompose_attention,
-        fold_norm_casts,
-        fuse_bias_gelu,
-        fuse_skip_layernorm,
-        lower_attention_bsh,
-        lower_conv_im2col,
-        lower_patch_conv,
-        lower_rotary,
-    )
-
-    return {
-        "patch_conv": lambda g: lower_patch_conv.lower_patch_conv(g, lower_patch_conv.LowerPatchConvConfig()),
-        "attention_bsh": lambda g: lower_attention_bsh.lower_attention_bsh(
-            g, lower_attention_bsh.LowerAttentionBshConfig()
-        ),
-        "rotary": lambda g: lower_rotary.lower_rotary(g, lower_rotary.LowerRotaryConfig()),
-        "norm_casts": lambda g: fold_norm_casts.fold_norm_casts(g, fold_norm_casts.FoldNormCastsConfig()),
-        "skip_layernorm": lambda g: fuse_skip_layernorm.fuse_skip_layernorm(
-            g, fuse_skip_layernorm.FuseSkipLayerNormConfig()
-        ),
-        "bias_gelu": lambda g: fuse_bias_gelu.fuse_bias_gelu(g, fuse_bias_gelu.FuseBiasGeluConfig()),
-        "decompose_attention": lambda g: decompose_attention.decompose_attention(
-            g, decompose_attention.DecomposeAttentionConfig()
-        ),
-        "im2col": lambda g: lower_conv_im2col.lower_conv_im2col(g, lower_conv_im2col.LowerConvIm2colConfig()),
-    }
+# lowering name -> the graph pass (module of export_engine.graph_passes, function of the same name) and its
+# config class; in the one order they apply in (norm_casts before skip_layernorm, attention_bsh before rotary).
+_PASSES = {
+    "patch_conv": ("lower_patch_conv", "LowerPatchConvConfig"),
+    "attention_bsh": ("lower_attention_bsh", "LowerAttentionBshConfig"),
+    "rotary": ("lower_rotary", "LowerRotaryConfig"),
+    "norm_casts": ("fold_norm_casts", "FoldNormCastsConfig"),
+    "skip_layernorm": ("fuse_skip_layernorm", "FuseSkipLayerNormConfig"),
+    "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
+    "decompose_attention": ("decompose_attention", "DecomposeAttentionConfig"),
+    "im2col": ("lower_conv_im2col", "LowerConvIm2colConfig"),
+}
+LOWERING_NAMES = tuple(_PASSES)
 
 
-LOWERING_NAMES = ("patch_conv", "attention_bsh", "rotary", "norm_casts", "skip_layernorm", "bias_gelu",
-                  "decompose_attention", "im2col")  # fmt: skip
+def _passes() -> dict[str, Callable[[gs.Graph], PassReport]]:
+    """Each lowering as ``graph -> PassReport`` with its default config (passes are imported here, on use)."""
+    table: dict[str, Callable[[gs.Graph], PassReport]] = {}
+    for name, (module_name, config_name) in _PASSES.items():
+        module = importlib.import_module(f"export_engine.graph_passes.{module_name}")
+        table[name] = functools.partial(getattr(module, module_name), config=getattr(module, config_name)())
+    return table
 
 
 def check_lowerings(names: Sequence[str]) -> tuple[str, ...]:
     unknown = [n for n in names if n not in LOWERING_NAMES]
     if unknown:
         raise ModelInputError(f"unknown ONNX Runtime lowering(s) {unknown}; valid: {list(LOWERING_NAMES)}")
-    return tuple(n for n in LOWERING_NAMES if n in names)  # one canonical order: norm_casts before skip_layernorm
+    return tuple(n for n in LOWERING_NAMES if n in names)
 
 
-_LOWERED: dict[tuple, tuple[tempfile.TemporaryDirectory, dict[str, str]]] = {}
+def graph_key(path: Path) -> tuple[str, int, int]:
+    """Identifies one version of a graph file within a process (path, modification time, size)."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
 
 
-def lowered_graph(path: Path, names: Sequence[str]) -> tuple[Path, dict[str, str]]:
-    """``path`` rewritten by ``names`` (in canonical order) into a scratch folder removed at exit, and a
-    one-line summary per lowering. One rewrite per graph and set per process; no names: the stored graph."""
+_LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
+
+
+def lowered_graph(path: Path, names: Sequence[str]) -> Path:
+    """``path`` rewritten by ``names`` (in canonical order) into a scratch folder removed at exit; no names: the
+    stored graph. One rewrite per graph and set per process, started from the longest set already rewritten
+    that this one extends (a study adds one rewrite a step)."""
     names = check_lowerings(names)
     if not names:
-        return path, {}
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, names)
-    if key not in _LOWERED:
+        return path
+    graph_id = graph_key(path)
+    if (*graph_id, names) not in _LOWERED:
         from export_engine.graph_passes.base import load_graph, save_graph
 
-        # start from the longest set already rewritten that this one extends (a study adds one rewrite a step)
-        done = max((k[3] for k in _LOWERED if k[:3] == key[:3] and k[3] == names[: len(k[3])]), key=len, default=())
-        start, summaries = (Path(_LOWERED[(*key[:3], done)][0].name) / path.name, dict(_LOWERED[(*key[:3], done)][1])) \
-            if done else (path, {})  # fmt: skip
-        graph = load_graph(start)
+        done = max((k[3] for k in _LOWERED if k[:3] == graph_id and k[3] == names[: len(k[3])]), key=len, default=())
+        graph = load_graph(Path(_LOWERED[(*graph_id, done)].name) / path.name if done else path)
         passes = _passes()
         for name in names[len(done) :]:
             report = passes[name](graph)
-            summaries[name] = report.summary()  # type: ignore[attr-defined]
-            log.info("%s: %s (for ONNX Runtime only; the artifact is unchanged)", path.name, summaries[name])
+            log.info("%s: %s (for ONNX Runtime only; the artifact is unchanged)", path.name, report.summary())
         scratch = tempfile.TemporaryDirectory(prefix="export-engine-ort-")
         save_graph(graph, Path(scratch.name) / path.name)
-        _LOWERED[key] = (scratch, summaries)
-    scratch, summaries = _LOWERED[key]
-    return Path(scratch.name) / path.name, summaries
+        _LOWERED[(*graph_id, names)] = scratch
+    return Path(_LOWERED[(*graph_id, names)].name) / path.name
 
 
 def fp32_matrix_products(path: Path) -> tuple[int, list[str]]:

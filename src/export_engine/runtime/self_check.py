@@ -19,6 +19,7 @@ import numpy as np
 
 from export_engine.core.types import Tolerance
 from export_engine.errors import ArtifactError, ParityError
+from export_engine.runtime.ort_lowering import graph_key
 from export_engine.validation.compare import GraphParityReport, compare_output, format_table
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,7 @@ def open_checked(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, grap
     costs one session and inference per rewrite, on the failure path only."""
     if not (lowerings or tf32) or not check:
         return open_fn(lowerings, tf32), RewriteOutcome(lowerings, tf32)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, lowerings, tf32, getattr(open_fn, "__qualname__", ""))
+    key = (*graph_key(path), lowerings, tf32, getattr(open_fn, "__qualname__", ""))
     if key in _CHECKED:  # checked once per process: later sessions of the same graph and rewrites reuse the verdict
         known = _CHECKED[key]
         return open_fn(known.lowerings, known.tf32), known

@@ -46,7 +46,7 @@ def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[s
     from export_engine.runtime.self_check import open_checked
 
     def open_fn(names: tuple[str, ...], tf32: bool) -> GraphRunner:
-        return _cpu_session(path, lowered_graph(path, names)[0])
+        return _cpu_session(path, lowered_graph(path, names))
 
     runner, _ = open_checked(open_fn, path, graph_meta, check_lowerings(lowerings), False, check, strict)
     return runner
