@@ -23,6 +23,7 @@ from export_engine.graph_passes.fuse_bias_gelu import FuseBiasGeluConfig, fuse_b
 from export_engine.graph_passes.fuse_skip_layernorm import FuseSkipLayerNormConfig, fuse_skip_layernorm
 from export_engine.graph_passes.lower_attention_bsh import (
     LowerAttentionBshConfig,
+    _heads_per_row,
     _pair_permutation,
     lower_attention_bsh,
 )
@@ -167,8 +168,11 @@ def test_fold_norm_casts_skips_an_island_whose_fp32_output_is_used_in_fp32() -> 
     assert report.rewritten == 0 and "also feeds ['Exp']" in report.skipped[0]
 
 
+@pytest.mark.parametrize("max_row", [1024, 1])  # whole tokens a rotary row, or one head a row
 @pytest.mark.parametrize("key", ["mast3r.encoder", "mast3r.decoder"])
-def test_attention_blocks_in_token_major_layout_keep_the_outputs(tiny_graphs: dict[str, Any], key: str) -> None:
+def test_attention_blocks_in_token_major_layout_keep_the_outputs(
+    tiny_graphs: dict[str, Any], key: str, max_row: int
+) -> None:
     tiny = tiny_graphs[key]
     graph = load_graph(tiny.path)
     fold_constants(graph, FoldConstantsConfig())
@@ -176,25 +180,40 @@ def test_attention_blocks_in_token_major_layout_keep_the_outputs(tiny_graphs: di
     before_ops = op_counts(graph)
     before = run_graph(graph, tiny.feeds[0])
 
-    report = lower_attention_bsh(graph, LowerAttentionBshConfig())
+    report = lower_attention_bsh(graph, LowerAttentionBshConfig(max_row=max_row))
 
     after = op_counts(graph)
     assert report.rewritten == report.matched == before_ops["Attention"] > 0, report.skipped
     assert after["MultiHeadAttention"] == report.rewritten and after["Attention"] == 0
     assert after["RotaryEmbedding"] == 2 * report.rewritten and after["Neg"] == 0  # RoPE on q and k of each
+    for rope in (n for n in graph.nodes if n.op == "RotaryEmbedding"):
+        attention = next(n for n in graph.nodes if n.op == "MultiHeadAttention")
+        rows = rope.attrs["num_heads"]  # one row per token (1024) or per head (1)
+        assert rope.attrs["interleaved"] == 1
+        assert rows == (1 if max_row == 1024 else attention.attrs["num_heads"])
+        hidden = attention.outputs[0].shape[-1]
+        assert rope.inputs[2].values.shape[1] * rows * 2 == hidden  # cache width = row / 2
     assert after["Transpose"] <= before_ops["Transpose"] - 2 * report.rewritten  # no head-major round trip
     onnx.checker.check_model(gs.export_onnx(graph))
     _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)  # FP32: permuted heads, the same scores
     assert lower_attention_bsh(graph, LowerAttentionBshConfig()).matched == 0
 
 
-def test_pair_permutation_puts_every_rope_pair_half_a_head_apart() -> None:
+def test_pair_permutation_makes_every_rope_pair_adjacent() -> None:
     for dim, sections in ((64, 2), (64, 1), (48, 3)):
         perm = _pair_permutation(dim, sections)
         assert sorted(perm) == list(range(dim))
         m = dim // sections
-        for i in range(dim // 2):  # old indices of the pair now at (i, i + dim/2): (s*m + j, s*m + m/2 + j)
-            assert perm[i + dim // 2] - perm[i] == m // 2 and perm[i] % m < m // 2
+        for i in range(dim // 2):  # old indices of the pair now at (2i, 2i + 1): (s*m + j, s*m + m/2 + j)
+            assert perm[2 * i + 1] - perm[2 * i] == m // 2 and perm[2 * i] % m < m // 2
+
+
+def test_rotary_rows_hold_whole_heads_within_the_thread_limit() -> None:
+    assert _heads_per_row(16, 64, 1024) == 16  # MASt3R encoder: the whole token
+    assert _heads_per_row(12, 64, 1024) == 12  # decoder: 768 values
+    assert _heads_per_row(24, 64, 1024) == 12  # 1536 values: two rows of 12 heads
+    assert _heads_per_row(5, 256, 1024) == 1  # a divisor of the head count or one head
+    assert _heads_per_row(4, 2048, 1024) == 1
 
 
 def test_attention_with_a_bias_input_is_skipped(tiny_graphs: dict[str, Any]) -> None:

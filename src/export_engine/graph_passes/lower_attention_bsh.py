@@ -11,12 +11,16 @@ tokens in (B, N, C) throughout:
 
     P -> Split q / k / v (B, N, C) -> RotaryEmbedding(q), RotaryEmbedding(k) -> MultiHeadAttention -> proj
 
-``MultiHeadAttention`` takes and returns (B, N, C) and runs flash attention on FP16. RotaryEmbedding on (B, N, C)
-rotates pairs (i, i + d/2) of each head; RoPE here (rotate-half inside each of k sections of a head, MASt3R: the
-y and x halves) pairs (s*m + j, s*m + m/2 + j) instead, m = d/k. Attention scores are unchanged when q and k
-have their head dimensions permuted alike, so the pass permutes the q and k columns of the projection weights
-(and biases) so that each rotation pair lands at (i, i + d/2); v keeps its layout, so the output needs none.
-The rotation tables become per-token caches of the permuted angles (position ids 0, 1, ... as the offset form).
+``MultiHeadAttention`` takes and returns (B, N, C) and runs flash attention on FP16. RoPE here rotates pairs
+(s*m + j, s*m + m/2 + j) inside each of k sections of a head (m = d/k; MASt3R: k = 2, the y and x halves).
+Attention scores are unchanged when q and k have their head dimensions permuted alike, so the pass permutes
+the q and k columns of the projection weights (and biases) so that each rotation pair becomes adjacent,
+(2i, 2i + 1), and rotates with ``interleaved=1``; v keeps its layout, so the output needs none. With adjacent
+pairs a rotary "row" may span several whole heads: ONNX Runtime's CUDA kernel runs one thread block per row
+with one thread per value, and rows of 64 values (one head) made 24,576 tiny blocks a call on the MASt3R
+encoder (10 us a call, 1.5 ms a pair); a row of the whole token (1,024 values, the block limit) makes 1,536.
+The caches repeat each head's per-token angles once per head of the row (position ids 0, 1, ... as the
+offset form).
 
 Only blocks that match exactly are rewritten (constant projection weights used by nothing else, static head
 sizes, RoPE on both q and k or on neither, no mask or bias); others are skipped with the reason.
@@ -40,6 +44,7 @@ DOMAIN = "com.microsoft"
 @dataclass(frozen=True)
 class LowerAttentionBshConfig:
     max_sections: int = 4  # RoPE sections per head (as lower_rotary)
+    max_row: int = 1024  # values a rotary row may hold: ONNX Runtime's CUDA kernel runs one thread per value
 
 
 @dataclass
@@ -74,7 +79,7 @@ def lower_attention_bsh(graph: gs.Graph, config: LowerAttentionBshConfig) -> Pas
             if isinstance(block, str):
                 report.skipped.append(f"{node.name}: {block}")
                 continue
-            index = _rewrite(graph, block, index, splits)
+            index = _rewrite(graph, block, index, splits, config)
             report.rewritten += 1
         graph.cleanup().toposort()
     return report
@@ -169,14 +174,20 @@ def _projection(tensor: gs.Tensor) -> _Projection | str:
 
 
 def _pair_permutation(head_dim: int, sections: int) -> np.ndarray:
-    """new -> old head-dimension index so that each RoPE pair (s*m + j, s*m + m/2 + j) lands at (i, i + d/2)."""
-    m, half = head_dim // sections, head_dim // 2
+    """new -> old head-dimension index so that each RoPE pair (s*m + j, s*m + m/2 + j) lands at (2i, 2i + 1)."""
+    m = head_dim // sections
     perm = np.empty(head_dim, dtype=np.int64)
+    i = 0
     for s in range(sections):
-        for p in range(2):
-            for j in range(m // 2):
-                perm[p * half + s * (m // 2) + j] = s * m + p * (m // 2) + j
+        for j in range(m // 2):
+            perm[2 * i], perm[2 * i + 1] = s * m + j, s * m + m // 2 + j
+            i += 1
     return perm
+
+
+def _heads_per_row(heads: int, head_dim: int, max_row: int) -> int:
+    """The most whole heads a rotary row can hold: a divisor of ``heads`` with at most ``max_row`` values."""
+    return max((g for g in range(1, heads + 1) if heads % g == 0 and g * head_dim <= max_row), default=1)
 
 
 def _permute_columns(projection: _Projection, perm: np.ndarray) -> None:
@@ -189,12 +200,15 @@ def _permute_columns(projection: _Projection, perm: np.ndarray) -> None:
     projection.bias.values = np.ascontiguousarray(projection.bias.values[columns])
 
 
-def _caches(rope: _Match, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    half = len(perm) // 2
-    return rope.cos[:, perm[:half]], rope.sin[:, perm[:half]]
+def _caches(rope: _Match, perm: np.ndarray, heads_per_row: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, heads_per_row * d/2) caches: pair i of a head reads the angle of its first member, once per head."""
+    first = perm[0::2]
+    return np.tile(rope.cos[:, first], (1, heads_per_row)), np.tile(rope.sin[:, first], (1, heads_per_row))
 
 
-def _rewrite(graph: gs.Graph, block: _Block, index: int, splits: dict[str, list[gs.Tensor]]) -> int:
+def _rewrite(
+    graph: gs.Graph, block: _Block, index: int, splits: dict[str, list[gs.Tensor]], config: LowerAttentionBshConfig
+) -> int:
     b = NodeBuilder(graph, PASS, index, block.output.dtype)
     q, k, v = block.operands
     width = q.heads * q.head_dim
@@ -217,11 +231,13 @@ def _rewrite(graph: gs.Graph, block: _Block, index: int, splits: dict[str, list[
         tokens.append(splits[projection.packed.name][projection.offset // width])
     if perm is not None:
         offset = b.const("position_offset", np.zeros(1, dtype=np.int64))
+        per_row = _heads_per_row(q.heads, q.head_dim, config.max_row)
+        attrs = {"interleaved": 1, "num_heads": q.heads // per_row}
         for i, rope in enumerate(block.ropes):
             assert rope is not None
-            cos, sin = _caches(rope, perm)
+            cos, sin = _caches(rope, perm, per_row)
             inputs = [tokens[i], offset, b.const("cos_cache", cos), b.const("sin_cache", sin)]
-            tokens[i] = b.add("RotaryEmbedding", inputs, {"interleaved": 0, "num_heads": q.heads}, domain=DOMAIN)
+            tokens[i] = b.add("RotaryEmbedding", inputs, attrs, domain=DOMAIN)
     producer = block.output.inputs[0]
     producer.outputs.clear()
     attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}
