@@ -3,8 +3,8 @@
 TensorRT cannot run on the GPU machines we have (Hopper; TensorRT-RTX targets other GPUs), so a stand-in
 backend takes the engine's place: its ``execute_async_v3`` enqueues real GPU work on the stream handle the
 runner passes, reading and writing the tensor addresses the runner set, exactly as an engine does. A long
-device-side sleep at the start of that work and at the end of the producer's work makes a missing wait show
-up as a wrong value rather than a rare race. A control run with the runner's waits disabled proves the test
+device-side sleep at the start of that work, or a longer one before the producer's write, makes a missing wait
+show up as a wrong value rather than a rare race. A control run with the runner's waits disabled proves the test
 can see the race.
 """
 
@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (stream ordering is device-side)"),
 ]
-SLEEP_CYCLES = 200_000_000  # ~0.1 s of device time at ~2 GHz: far longer than any host-side step here
+SLEEP_CYCLES = 100_000_000  # ~50 ms of device time at ~2 GHz: far longer than any host-side step here
 
 
 def _view(address: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -57,6 +57,13 @@ class _Context:
         return True
 
 
+class _Logger:
+    WARNING = 2
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+
 def _backend() -> Any:
     modes = SimpleNamespace(INPUT="in", OUTPUT="out")
     engine = SimpleNamespace(
@@ -68,7 +75,7 @@ def _backend() -> Any:
         create_execution_context=_Context,
     )
     runtime = SimpleNamespace(deserialize_cuda_engine=lambda blob: engine)
-    return SimpleNamespace(Logger=lambda level: None, Runtime=lambda logger: runtime, TensorIOMode=modes,
+    return SimpleNamespace(Logger=_Logger, Runtime=lambda logger: runtime, TensorIOMode=modes,
                            float32="f32", float16="f16", int32="i32", int64="i64", bool="b", int8="i8")  # fmt: skip
 
 
@@ -81,10 +88,12 @@ def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> EngineRunner:
     return EngineRunner(tmp_path / "stand-in.engine", "tensorrt")
 
 
-def _round_trip(runner: EngineRunner, value: float) -> float:
-    """Produce x on the current stream (slowly), run the engine, read its output on the current stream."""
+def _round_trip(runner: EngineRunner, value: float, producer_cycles: int) -> float:
+    """Produce x on the current stream (busy for ``producer_cycles`` first), run the engine, read its output on
+    the current stream; the mean of the output as the host finally sees it."""
     x = torch.zeros(1 << 20, device="cuda")
-    torch.cuda._sleep(SLEEP_CYCLES)  # the producer is still busy when run() enqueues the engine
+    if producer_cycles:
+        torch.cuda._sleep(producer_cycles)  # the producer is still busy when run() enqueues the engine
     x.fill_(value)
     out = runner.run({"x": x})["out"]
     result = out.sum()  # a reader on the current stream, enqueued while the engine may still be running
@@ -92,19 +101,24 @@ def _round_trip(runner: EngineRunner, value: float) -> float:
     return float(result) / x.numel()
 
 
+# (value, producer's device time): a slow producer exposes an engine that does not wait for its inputs; a quick
+# one (the engine is then the slow side) exposes readers that do not wait for the engine
+CASES = ((3.0, 2 * SLEEP_CYCLES), (5.0, 0), (7.0, 2 * SLEEP_CYCLES), (9.0, 0))
+
+
 def test_engine_waits_for_its_inputs_and_readers_wait_for_the_engine(runner: EngineRunner) -> None:
     with runner:
-        for value in (3.0, 5.0, 7.0):  # fresh values each time: a stale buffer cannot pass by accident
-            assert _round_trip(runner, value) == pytest.approx(2 * value)
-        torch.cuda.synchronize()
+        for value, cycles in CASES:  # fresh values each time: a stale buffer cannot pass by accident
+            assert _round_trip(runner, value, cycles) == pytest.approx(2 * value), (value, cycles)
         host = runner.infer({"x": np.full(16, 1.5, dtype=np.float32)})  # the Polygraphy edge: numpy in and out
         assert np.allclose(host["out"], 3.0)
 
 
-def test_the_check_sees_a_race_when_the_waits_are_missing(
+def test_the_check_sees_both_races_when_the_waits_are_missing(
     runner: EngineRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.cuda.Stream, "wait_stream", lambda self, other: None)
     with runner:
-        results = [_round_trip(runner, value) for value in (3.0, 5.0)]
-    assert any(r != pytest.approx(2 * v) for r, v in zip(results, (3.0, 5.0), strict=True)), results
+        wrong = [_round_trip(runner, value, cycles) != pytest.approx(2 * value) for value, cycles in CASES]
+        torch.cuda.synchronize()
+    assert wrong == [True] * len(CASES)
