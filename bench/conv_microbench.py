@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import gpu_cases as cases  # noqa: E402
 
-from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig  # noqa: E402
+from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig  # noqa: E402
 
 # (in channels, out channels, height, width): DPT fusion-block residual units at 1/2 and 1/4 resolution, the
 # head's first convolution (1/2) and its full-resolution convolution (MASt3R at 512x384).

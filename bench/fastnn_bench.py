@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from export_engine.runtime.fastnn import MatchConfig, extract_correspondences, fast_reciprocal_nn
-from export_engine.runtime.matching_reference import extract_correspondences_reference, reciprocal_nn_reference
+from export_engine.families.mast3r.fastnn import MatchConfig, extract_correspondences, fast_reciprocal_nn
+from export_engine.families.mast3r.matching_reference import extract_correspondences_reference, reciprocal_nn_reference
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("fastnn_bench")

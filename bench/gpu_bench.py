@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 import gpu_cases as cases  # noqa: E402
 import torch  # noqa: E402
 
-from export_engine.runtime.ort_cuda import CudaSessionConfig  # noqa: E402
+from export_engine.runners.ort_cuda import CudaSessionConfig  # noqa: E402
 
 EXPORTS = (("mast3r", "fp32"), ("mast3r", "hybrid"), ("fastsam3d", "fp32"), ("fastsam3d", "hybrid"),
            ("fastsam3d-sparse", "hybrid"))  # fmt: skip

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from export_engine.exporters.registry import get_family
-from export_engine.runtime.match import MatchConfig as PairConfig
-from export_engine.runtime.match import pair_matches
-from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig
+from export_engine.families.mast3r.match import MatchConfig as PairConfig
+from export_engine.families.mast3r.match import pair_matches
+from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig
 
 GiB = 2**30
 
@@ -293,9 +293,14 @@ def fastnn(
     time into kernel time (the rows each round asks for) and the rest (host loop, syncs, bookkeeping)."""
     from fastnn_bench import same, smooth_maps, to_numpy
 
-    from export_engine.runtime import fastnn_kernel as fk
-    from export_engine.runtime.fastnn import MatchConfig, ReciprocalMatcher, matcher_reciprocal_nn, nearest_by_dot
-    from export_engine.runtime.matching_reference import reciprocal_nn_reference
+    from export_engine.families.mast3r import fastnn_kernel as fk
+    from export_engine.families.mast3r.fastnn import (
+        MatchConfig,
+        ReciprocalMatcher,
+        matcher_reciprocal_nn,
+        nearest_by_dot,
+    )
+    from export_engine.families.mast3r.matching_reference import reciprocal_nn_reference
 
     d1, d2 = (m.cuda() for m in smooth_maps(height, width, 2))
     flat1, flat2 = d1.reshape(-1, 24), d2.reshape(-1, 24)

@@ -1,5 +1,6 @@
-"""Import rules read from the source: what a deployment loads must not pull in model code, torch-free modules
-stay torch-free, and lower layers never import the export pipeline."""
+"""Import rules read from the source: every module imports only from layers below its own (so no two
+subpackages import each other), what a deployment loads does not pull in model code, and torch-free modules
+stay torch-free. Imports inside functions count as much as those at the top."""
 
 from __future__ import annotations
 
@@ -14,15 +15,35 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "export_engine"
 RULES = {
     "core": ("torch", "export_engine.models", "export_engine.exporters", "export_engine.runtime",
              "export_engine.pipeline", "export_engine.validation"),
-    "families": ("torch", "export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
+    # what generic code and a deployment learn about a model: torch-free (matching and preprocessing may use torch)
+    "families/__init__.py": ("torch", "export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
+    "families/mast3r/session.py": ("torch", "export_engine.models", "export_engine.exporters"),
+    "families/fastsam3d/session.py": ("torch", "export_engine.models", "export_engine.exporters"),
+    "families": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
     "validation/compare.py": ("torch", "polygraphy", "export_engine.exporters", "export_engine.models"),
     "artifacts/status.py": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
-    "artifacts/verify.py": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
+    "runtime/verify.py": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
     "runtime": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline",
                 "export_engine.calibration.statistics", "export_engine.builders.build"),
     "graph_passes": ("export_engine.runtime", "export_engine.pipeline", "export_engine.models"),
     "models": ("export_engine.exporters", "export_engine.runtime", "export_engine.pipeline"),
 }  # fmt: skip
+
+
+# Layers, lowest first (STYLE.md's order): a module may import only from units of a lower rank. Units of one
+# layer are ordered too where one builds on another (runners < builders; families < models < exporters).
+RANKS = {
+    "errors": 0, "atomic": 1, "hashing": 1, "progress": 1, "config": 1, "core": 2, "artifacts": 3,
+    "graph_passes": 4, "validation": 4,
+    "calibration": 5, "runners": 5, "builders": 6,
+    "families": 7, "models": 8, "exporters": 9,
+    "runtime": 10, "record": 10, "pipeline": 11, "cli": 12, "__init__": 13, "__main__": 14,
+}  # fmt: skip
+
+
+def unit_of(path: Path) -> str:
+    """The layer unit of a source file: its subpackage, or the module name for top-level modules."""
+    return path.relative_to(SRC).with_suffix("").parts[0]
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -51,6 +72,22 @@ def test_layer_rules(target: str) -> None:
         if any(name == p or name.startswith(p + ".") for p in RULES[target])
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_every_import_goes_down_the_layers() -> None:
+    units = {unit_of(f) for f in SRC.rglob("*.py")}
+    assert units <= set(RANKS), f"units without a layer: {sorted(units - set(RANKS))}: add them to RANKS"
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        unit = unit_of(path)
+        for line, name in imports_of(path):
+            parts = name.split(".")
+            if parts[0] != "export_engine" or len(parts) < 2 or parts[1] == unit:
+                continue
+            if RANKS[parts[1]] >= RANKS[unit]:
+                bad.append(f"{path.relative_to(SRC)}:{line} ({unit}, layer {RANKS[unit]}) imports {name} "
+                           f"(layer {RANKS[parts[1]]})")  # fmt: skip
+    assert not bad, "imports that go up or sideways:\n" + "\n".join(bad)
 
 
 def test_the_rules_would_catch_a_violation(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from export_engine.families.fastsam3d.segment import SegmentSession
+    from export_engine.families.mast3r.match import MatchConfig, Matcher
     from export_engine.pipeline import ExportResult
-    from export_engine.runtime.match import MatchConfig, Matcher
-    from export_engine.runtime.segment import SegmentSession
     from export_engine.runtime.session import ArtifactSession
 
 __all__ = ["ArtifactSession", "MatchConfig", "Matcher", "SegmentSession", "__version__", "export", "list_models",
@@ -65,11 +65,11 @@ def list_models() -> list[str]:
 def __getattr__(name: str) -> Any:
     """The session classes, imported on first use."""
     if name in ("Matcher", "MatchConfig"):
-        from export_engine.runtime import match
+        from export_engine.families.mast3r import match
 
         return getattr(match, name)
     if name == "SegmentSession":
-        from export_engine.runtime.segment import SegmentSession
+        from export_engine.families.fastsam3d.segment import SegmentSession
 
         return SegmentSession
     if name == "ArtifactSession":

@@ -305,7 +305,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from export_engine.artifacts.verify import verify
+    from export_engine.runtime.verify import verify
 
     report = verify(args.artifact, run=args.run)
     for status, what in report.checks:
@@ -340,7 +340,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
 def _cmd_match(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from export_engine.runtime.match import MatchConfig, Matcher
+    from export_engine.families.mast3r.match import MatchConfig, Matcher
     from export_engine.runtime.plots import plot_matches
     from export_engine.runtime.session import load
 
@@ -379,10 +379,10 @@ def _parse_click(text: str) -> tuple[tuple[float, float, float], bool]:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from export_engine.families.fastsam3d.segment import SegmentSession
+    from export_engine.families.fastsam3d.volumes import load_volume, save_mask
     from export_engine.runtime.plots import plot_slices
-    from export_engine.runtime.segment import SegmentSession
     from export_engine.runtime.session import load
-    from export_engine.runtime.volumes import load_volume, save_mask
 
     clicks = [_parse_click(c) for c in args.click]
     volume = load_volume(args.volume)

@@ -88,3 +88,10 @@ class ExportConfig:
     calibration_data: Path | None = None  # folder of the user's images / volumes for calibration
     attention: str = "dense"  # FastSAM3D encoder: "dense" (released) or "sparse" (3D sparse flash attention)
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# Graphs with more weights than this keep them in one external ``<graph>.onnx.data`` file (mandatory above
+# 2 GB). Below 2 GB it is still worth it: the .onnx itself stays small, so graph passes and shape stamping
+# rewrite megabytes instead of re-serialising gigabytes (full MASt3R peaked at 7.9 GiB when the 1.5 GB decoder
+# was re-saved inline), and ONNX Runtime / TensorRT read the weights straight from the data file.
+EXTERNAL_DATA_BYTES = 256_000_000

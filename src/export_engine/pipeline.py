@@ -19,24 +19,24 @@ import gc
 import json
 import logging
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import torch
 
-from export_engine.artifacts.manifest import build_manifest
 from export_engine.artifacts.store import ArtifactWriter, write_json
-from export_engine.builders.backends import choose_backend
 from export_engine.builders.for_artifact import build_engines
+from export_engine.calibration.inputs import CALIBRATION_SEED_OFFSET, PARITY_SEED_OFFSET
 from export_engine.calibration.step import CalibratePrecisionConfig, calibrate_precision
 from export_engine.config import Backend, ExportConfig, Precision
+from export_engine.core.types import Feed, ModelSpec
 from export_engine.errors import UsageError
-from export_engine.exporters.onnx_from_torch import OnnxExportResult, onnx_from_torch
+from export_engine.exporters.onnx_from_torch import onnx_from_torch
 from export_engine.exporters.registry import get_family
-from export_engine.exporters.spec import FamilySpec, Feed, LoadedModel, ModelSpec
+from export_engine.exporters.spec import FamilySpec, LoadedModel
 from export_engine.graph_passes.apply_precision_plan import ApplyPrecisionPlanConfig, apply_precision_plan
 from export_engine.graph_passes.base import PassReport
 from export_engine.graph_passes.cleanup import (
@@ -49,16 +49,12 @@ from export_engine.graph_passes.cleanup import (
 )
 from export_engine.graph_passes.convert_fp16 import ConvertFp16Config, convert_fp16
 from export_engine.graph_passes.fuse_attention import FuseAttentionConfig, fuse_attention
-from export_engine.graph_passes.schedule import ScheduledPass, run_passes
-from export_engine.progress import stage
-from export_engine.validation.parity import (
-    GraphParityReport,
-    TorchRunner,
-    check_parity,
-    format_table,
-    onnxrt_runner,
-    raise_on_failure,
-)
+from export_engine.graph_passes.schedule import PassContext, ScheduledPass, run_passes
+from export_engine.record import ExportRun, build_manifest, parity_record
+from export_engine.runners.backends import choose_backend
+from export_engine.runners.ort_cpu import onnxrt_runner
+from export_engine.runners.torch_cpu import TorchRunner
+from export_engine.validation.parity import GraphParityReport, check_parity, raise_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +62,32 @@ log = logging.getLogger(__name__)
 # Folding comes first (the TorchScript exporter computes attention scales from Shape ops at run time), fusion
 # before any precision change (precision passes must see Attention as one op and never cast around a softmax).
 _CLEANUP: tuple[ScheduledPass, ...] = (
-    ("fold_constants", lambda c: FoldConstantsConfig(input_shapes={t.name: t.shape for t in c["spec"].inputs}),
-     fold_constants),
-    ("replace_einsum", lambda c: ReplaceEinsumConfig(strict=c["config"].strict), replace_einsum),
-    ("fuse_attention", lambda c: FuseAttentionConfig(c["spec"].expected_counts.get("attention"), c["config"].strict),
-     fuse_attention),
-    ("check_fused_norms", lambda c: CheckFusedNormsConfig(strict=c["config"].strict), check_fused_norms),
+    ("fold_constants", lambda g, c: fold_constants(
+        g, FoldConstantsConfig(input_shapes={t.name: t.shape for t in c.spec.inputs}))),
+    ("replace_einsum", lambda g, c: replace_einsum(g, ReplaceEinsumConfig(strict=c.config.strict))),
+    ("fuse_attention", lambda g, c: fuse_attention(
+        g, FuseAttentionConfig(c.spec.expected_counts.get("attention"), c.config.strict))),
+    ("check_fused_norms", lambda g, c: check_fused_norms(g, CheckFusedNormsConfig(strict=c.config.strict))),
 )  # fmt: skip
-_FP16: tuple[ScheduledPass, ...] = (("convert_fp16", lambda c: ConvertFp16Config(), convert_fp16),)
-_HYBRID: tuple[ScheduledPass, ...] = (
-    ("calibrate_precision", lambda c: _calibration_config(c), calibrate_precision),
-    ("apply_precision_plan", lambda c: _apply_config(c), apply_precision_plan),
-)  # fmt: skip
+_FP16: tuple[ScheduledPass, ...] = (("convert_fp16", lambda g, c: convert_fp16(g, ConvertFp16Config())),)
+
+
+def _calibrate(graph: gs.Graph, context: PassContext) -> PassReport:
+    """The calibration stage as a scheduled step: its plan goes into the context for the apply pass."""
+    result = calibrate_precision(graph, _calibration_config(context))
+    context.plan = result.plan
+    return result.report
+
+
+def _apply_plan(graph: gs.Graph, context: PassContext) -> PassReport:
+    if context.plan is None:
+        raise UsageError("apply_precision_plan needs calibrate_precision: do not skip calibrate_precision alone")
+    # A reused plan must fit this graph exactly (strict); a measured one was made for it.
+    strict = context.config.strict or context.config.precision_plan is not None
+    return apply_precision_plan(graph, ApplyPrecisionPlanConfig(context.plan, strict=strict))
+
+
+_HYBRID: tuple[ScheduledPass, ...] = (("calibrate_precision", _calibrate), ("apply_precision_plan", _apply_plan))
 PASSES: dict[Precision, tuple[ScheduledPass, ...]] = {
     Precision.FP32: _CLEANUP,
     Precision.FP16: _CLEANUP + _FP16,
@@ -85,27 +95,18 @@ PASSES: dict[Precision, tuple[ScheduledPass, ...]] = {
 }
 
 
-def _apply_config(context: Mapping[str, Any]) -> ApplyPrecisionPlanConfig:
-    config = context["config"]
-    # A reused plan must fit this graph exactly (strict); a measured one was made for it.
-    return ApplyPrecisionPlanConfig(
-        context["scratch"]["plan"], strict=config.strict or config.precision_plan is not None
-    )
-
-
-def _calibration_config(context: Mapping[str, Any]) -> CalibratePrecisionConfig:
-    spec, config = context["spec"], context["config"]
+def _calibration_config(context: PassContext) -> CalibratePrecisionConfig:
+    spec, config = context.spec, context.config
     plan_file = None
     if config.precision_plan is not None:
-        plan_file = context["work_dir"] / f"{spec.name}.plan.json"
+        plan_file = context.work_dir / f"{spec.name}.plan.json"
         plan_file.write_text(json.dumps(read_plan_section(config.precision_plan, spec.name)))
     return CalibratePrecisionConfig(
         graph_name=spec.name,
-        feeds=context["calibration"],
+        feeds=context.calibration,
         tolerances=spec.tolerances[Precision.HYBRID],
-        work_dir=context["work_dir"],
+        work_dir=context.work_dir,
         plan_file=plan_file,
-        sink=context["scratch"],
     )
 
 
@@ -128,7 +129,7 @@ def read_plan_section(path: Path, graph: str) -> Any:
 
 
 def pass_names() -> list[str]:
-    return sorted({name for passes in PASSES.values() for name, _, _ in passes})
+    return sorted({name for passes in PASSES.values() for name, _ in passes})
 
 
 @dataclass
@@ -140,26 +141,6 @@ class ExportResult:
     passes: dict[str, list[PassReport]] = field(default_factory=dict)
 
 
-@dataclass
-class _Run:
-    """State shared by the stages of one export."""
-
-    family: FamilySpec
-    config: ExportConfig
-    specs: tuple[ModelSpec, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)
-    peaks: dict[str, float] = field(default_factory=dict)
-    exports: dict[str, OnnxExportResult] = field(default_factory=dict)
-    exporter_parity: list[GraphParityReport] = field(default_factory=list)
-    final_parity: list[GraphParityReport] = field(default_factory=list)
-    passes: dict[str, list[PassReport]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # JSON facts for the manifest (backend, graphs, engines)
-    scratch: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: objects between passes
-
-    def stage(self, name: str) -> Any:
-        return stage(name, self.timings, self.peaks)
-
-
 def export(config: ExportConfig) -> ExportResult:
     """Run the whole export described by ``config`` and return where the artifact is."""
     family = get_family(config.model)
@@ -167,9 +148,9 @@ def export(config: ExportConfig) -> ExportResult:
     config_json = read_config_file(config.config_file)
     writer = ArtifactWriter(config.out, force=config.force)
     writer.check_target()  # fail before minutes of work, not after
-    run = _Run(family, config)
+    run = ExportRun(family, config)
     backend, why = choose_backend(config.backend.value)
-    run.extra["backend"] = {"name": backend, "reason": why}
+    run.backend, run.backend_reason = backend, why
     log.info("backend: %s (%s)", backend, why)
 
     with run.stage("load"):
@@ -179,13 +160,14 @@ def export(config: ExportConfig) -> ExportResult:
     _check_precision(run)
     with run.stage("feeds"):
         # Different seeds: the final gate must not reuse the inputs calibration saw.
-        feeds = family.parity_feeds(loaded, run.specs, config.parity_samples, config.seed + 7919)
+        feeds = family.parity_feeds(loaded, run.specs, config.parity_samples, config.seed + PARITY_SEED_OFFSET)
         calib: dict[str, list[Feed]] = {spec.name: [] for spec in run.specs}
         if config.precision is Precision.HYBRID and config.precision_plan is None:
             if config.calibration_data is not None:
                 calib = family.user_feeds(loaded, run.specs, config.calibration_data, config.seed)
             else:
-                calib = family.parity_feeds(loaded, run.specs, config.calibration_samples, config.seed + 104729)
+                calib = family.parity_feeds(loaded, run.specs, config.calibration_samples,
+                                            config.seed + CALIBRATION_SEED_OFFSET)  # fmt: skip
 
     with writer as staging:
         work = staging / ".work"
@@ -208,16 +190,10 @@ def export(config: ExportConfig) -> ExportResult:
             fp32_path = run.exports[spec.name].path
             final_path = staging / f"{spec.name}.onnx"
             with run.stage(f"passes:{spec.name}"):
-                run.passes[spec.name] = run_passes(
-                    fp32_path,
-                    final_path,
-                    spec,
-                    config,
-                    calib[spec.name],
-                    run.extra,
-                    PASSES[config.precision],
-                    run.scratch.setdefault(spec.name, {}),
-                )
+                context = PassContext(spec, config, calib[spec.name], fp32_path)
+                run.passes[spec.name] = run_passes(final_path, context, PASSES[config.precision])
+                if context.plan is not None:
+                    run.plans[spec.name] = context.plan
             with run.stage(f"parity:{spec.name}"):
                 run.final_parity.append(_final_gate(spec, fp32_path, final_path, feeds[spec.name], run))
             gc.collect()
@@ -229,7 +205,7 @@ def export(config: ExportConfig) -> ExportResult:
                 references = {name: result.path for name, result in run.exports.items()}
                 records, reports = build_engines(staging, run.specs, config, backend, references, feeds)
                 raise_on_failure(reports, f"{family.name} {backend} engines")
-            run.extra["engines"] = records
+            run.engines = records
         _write_parity(staging, run)
         shutil.rmtree(work)
         manifest = build_manifest(staging, run, weights, resolved_config)
@@ -282,7 +258,7 @@ def _check_choices(family: FamilySpec, config: ExportConfig) -> None:
             raise UsageError(f"calibration folder {config.calibration_data} does not exist or is not a folder")
 
 
-def _check_precision(run: _Run) -> None:
+def _check_precision(run: ExportRun) -> None:
     for spec in run.specs:
         if run.config.precision not in spec.tolerances:
             available = ", ".join(p.value for p in spec.tolerances)
@@ -307,7 +283,7 @@ def read_config_file(path: Path | None) -> dict[str, Any] | None:
     return data
 
 
-def _exporter_gate(loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], run: _Run) -> GraphParityReport:
+def _exporter_gate(loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], run: ExportRun) -> GraphParityReport:
     from export_engine.config import Precision
 
     reference = TorchRunner(spec.build_module(loaded.module), spec, name="pytorch-fp32")
@@ -316,7 +292,9 @@ def _exporter_gate(loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], run:
     return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision="fp32")
 
 
-def _final_gate(spec: ModelSpec, fp32_path: Path, final_path: Path, feeds: list[Feed], run: _Run) -> GraphParityReport:
+def _final_gate(
+    spec: ModelSpec, fp32_path: Path, final_path: Path, feeds: list[Feed], run: ExportRun
+) -> GraphParityReport:
     precision = run.config.precision.value
     reference = onnxrt_runner(fp32_path, name="onnxruntime-fp32")
     if run.config.precision is Precision.FP32:
@@ -335,27 +313,15 @@ def _final_gate(spec: ModelSpec, fp32_path: Path, final_path: Path, feeds: list[
     return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision=precision)
 
 
-def _write_parity(staging: Path, run: _Run) -> None:
-    """parity.json: the ONNX gates and every engine's parity status, from the same records as the manifest."""
-    engines = [{"graph": e["graph"], "backend": e["backend"], **e["parity"]} for e in run.extra.get("engines", [])]
-    statuses = {e["status"] for e in engines} | {"passed" if all(r.passed for r in run.final_parity) else "failed"}
-    write_json(
-        staging / "parity.json",
-        {
-            "status": "failed" if "failed" in statuses else "pending" if "pending" in statuses else "passed",
-            "passed": all(r.passed for r in run.final_parity),  # the ONNX gates
-            "exporter": [r.to_dict() for r in run.exporter_parity],
-            "final": [r.to_dict() for r in run.final_parity],
-            "engines": engines,
-            "table": format_table(run.exporter_parity + run.final_parity).splitlines(),
-        },
-    )
+def _write_parity(staging: Path, run: ExportRun) -> None:
+    """parity.json: the ONNX gates and every engine's parity status, from the same record as the manifest."""
+    write_json(staging / "parity.json", parity_record(run))
 
 
-def _write_reports(staging: Path, run: _Run, feeds: dict[str, list[Feed]]) -> None:
+def _write_reports(staging: Path, run: ExportRun, feeds: dict[str, list[Feed]]) -> None:
     """passes.json, precision plans, and per graph one input sample with its FP32 reference outputs."""
     write_json(staging / "passes.json", {g: [r.to_dict() for r in reports] for g, reports in run.passes.items()})
-    plans = {name: scratch["plan"] for name, scratch in run.scratch.items() if "plan" in scratch}
+    plans = run.plans
     if plans:
         write_json(
             staging / "precision_plan.json",
@@ -365,7 +331,7 @@ def _write_reports(staging: Path, run: _Run, feeds: dict[str, list[Feed]]) -> No
             },
         )
         for name, plan in plans.items():
-            run.extra.setdefault("graphs", {}).setdefault(name, {})["precision_plan"] = plan.summary()
+            run.graph_facts.setdefault(name, {})["precision_plan"] = plan.summary()
     reference = staging / "reference"
     reference.mkdir()
     for report in run.final_parity:

@@ -37,7 +37,7 @@ def require_backend(backend: str) -> BuilderBackend:
     if backend == "tensorrt":
         if not trt_installed():
             pytest.skip(TRT_MISSING)
-        from export_engine.builders.backends import cuda_devices
+        from export_engine.runners.backends import cuda_devices
 
         count, how = cuda_devices()
         if not count:

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from export_engine.builders import BuildConfig, InputShapes, choose_backend, profiles_from_spec
-from export_engine.builders import backends as backends_module
 from export_engine.builders.config import default_timing_cache_path
+from export_engine.core.types import ModelSpec, TensorSpec
 from export_engine.errors import BackendError, UsageError
-from export_engine.exporters.spec import ModelSpec, TensorSpec
+from export_engine.runners import backends as backends_module
 
 
 def _spec() -> ModelSpec:

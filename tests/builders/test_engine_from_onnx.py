@@ -154,7 +154,7 @@ def test_rtx_compute_capabilities(rtx: BuilderBackend, attention_onnx: Callable[
 def test_rtx_refuses_current_without_gpu(
     rtx: BuilderBackend, attention_onnx: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from export_engine.builders.backends import cuda_devices
+    from export_engine.runners.backends import cuda_devices
 
     if cuda_devices()[0]:
         pytest.skip("this machine has a GPU")

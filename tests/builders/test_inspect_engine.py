@@ -16,8 +16,8 @@ from export_engine.builders import (
     engine_validity,
     inspect_engine,
 )
-from export_engine.builders.backends import cuda_devices
 from export_engine.errors import EngineBuildError, UsageError
+from export_engine.runners.backends import cuda_devices
 
 PROFILE = (InputShapes("x", (1, SEQ, WIDTH), (1, SEQ, WIDTH), (2, SEQ, WIDTH)),)
 

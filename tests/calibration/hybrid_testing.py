@@ -15,9 +15,9 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from export_engine.calibration.graph_facts import FP16, FP32, np_dtype
 from export_engine.calibration.statistics import TensorStats, collect_activation_stats
-from export_engine.exporters.spec import Tolerance
+from export_engine.core.types import Tolerance
+from export_engine.graph_passes.graph_facts import FP16, FP32, np_dtype
 from export_engine.validation.parity import OutputParity, compare_output
 
 # FP16 storage rounds to 2^-11 relative; the tiny random graphs measured <= 1.3e-2 absolute (fp16) and

@@ -9,9 +9,9 @@ import onnx
 from calibration.hybrid_testing import run_emulated, run_ort, save_model
 
 from export_engine.calibration.fp16_emulation import emulate_fp16_storage
-from export_engine.calibration.graph_facts import FP16, np_dtype
 from export_engine.graph_passes.base import load_graph, save_graph
 from export_engine.graph_passes.convert_fp16 import ConvertFp16Config, convert_fp16
+from export_engine.graph_passes.graph_facts import FP16, np_dtype
 
 
 def test_overflow_between_nodes_is_visible(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from calibration.hybrid_testing import compare_all, massive_mast3r_encoder, run_
 
 from export_engine.calibration.plan import plan_precision
 from export_engine.calibration.statistics import collect_activation_stats
-from export_engine.exporters.spec import Tolerance
+from export_engine.core.types import Tolerance
 from export_engine.graph_passes.apply_precision_plan import ApplyPrecisionPlanConfig, apply_precision_plan
 from export_engine.graph_passes.base import load_graph, save_graph
 from export_engine.graph_passes.convert_fp16 import ConvertFp16Config, convert_fp16

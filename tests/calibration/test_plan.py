@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from calibration.hybrid_testing import attention_block, block_feeds, save_model
 
-from export_engine.calibration.plan import HybridCastConfig, PrecisionPlan, plan_precision
+from export_engine.calibration.plan import HybridCastConfig, plan_precision
 from export_engine.calibration.statistics import collect_activation_stats
 from export_engine.errors import UsageError
 from export_engine.graph_passes.apply_precision_plan import ApplyPrecisionPlanConfig, apply_precision_plan
 from export_engine.graph_passes.base import load_graph
+from export_engine.graph_passes.precision_plan import PrecisionPlan
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from calibration.hybrid_testing import massive_mast3r_encoder
 
-from export_engine.calibration.plan import HybridCastConfig, PrecisionPlan, plan_precision
+from export_engine.calibration.plan import HybridCastConfig, plan_precision
 from export_engine.calibration.search import Evaluation, SearchConfig, search_precision
 from export_engine.calibration.statistics import collect_activation_stats
-from export_engine.exporters.spec import Tolerance
+from export_engine.core.types import Tolerance
 from export_engine.graph_passes.base import load_graph
+from export_engine.graph_passes.precision_plan import PrecisionPlan
 
 TOKENS = {"tokens": Tolerance(atol=1e-2, rtol=1e-2)}
 FC2 = "/enc_blocks.1/mlp/fc2/MatMul"

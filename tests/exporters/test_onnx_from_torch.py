@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from export_engine.config import Precision
+from export_engine.core.types import ModelSpec, TensorSpec, Tolerance
 from export_engine.errors import OnnxExportError
 from export_engine.exporters import onnx_from_torch as exporter_module
 from export_engine.exporters.onnx_from_torch import onnx_from_torch
-from export_engine.exporters.spec import ModelSpec, TensorSpec, Tolerance
 
 
 class Toy(nn.Module):

@@ -22,12 +22,13 @@ from calibration.hybrid_testing import (
     save_model,
 )
 
-from export_engine.calibration.graph_facts import FP16, FP32, is_boundary_cast, np_dtype
-from export_engine.calibration.plan import PrecisionPlan, current_precisions, plan_precision
+from export_engine.calibration.plan import plan_precision
 from export_engine.calibration.statistics import collect_activation_stats
 from export_engine.errors import GraphPassError
 from export_engine.graph_passes.apply_precision_plan import ApplyPrecisionPlanConfig, apply_precision_plan
 from export_engine.graph_passes.base import load_graph, save_graph
+from export_engine.graph_passes.graph_facts import FP16, FP32, is_boundary_cast, np_dtype
+from export_engine.graph_passes.precision_plan import PrecisionPlan, current_precisions
 
 log = logging.getLogger(__name__)
 TINY = ("mast3r.encoder", "mast3r.decoder", "fastsam3d.encoder", "fastsam3d.prompt_decoder")

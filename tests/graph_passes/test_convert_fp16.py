@@ -21,7 +21,9 @@ from calibration.hybrid_testing import (
     save_model,
 )
 
-from export_engine.calibration.graph_facts import (
+from export_engine.graph_passes.base import load_graph, save_graph
+from export_engine.graph_passes.convert_fp16 import ConvertFp16Config, convert_fp16
+from export_engine.graph_passes.graph_facts import (
     FP16,
     FP32,
     GraphFacts,
@@ -29,8 +31,6 @@ from export_engine.calibration.graph_facts import (
     is_boundary_cast,
     np_dtype,
 )
-from export_engine.graph_passes.base import load_graph, save_graph
-from export_engine.graph_passes.convert_fp16 import ConvertFp16Config, convert_fp16
 
 log = logging.getLogger(__name__)
 TINY = ("mast3r.encoder", "mast3r.decoder", "fastsam3d.encoder", "fastsam3d.prompt_decoder")

@@ -19,7 +19,8 @@ from export_engine.artifacts.status import VERIFICATION, artifact_status
 from export_engine.cli import main
 from export_engine.errors import ParityError
 from export_engine.exporters.fastsam3d import TINY_CONFIG
-from export_engine.runtime import engine_runner, session
+from export_engine.runners import engine as engine_runner
+from export_engine.runtime import session
 from export_engine.runtime.session import load, ort_cpu_runner
 
 
@@ -63,7 +64,7 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], list[str]]:
     def install(scale: float) -> list[str]:
         opened.clear()
 
-        def fake_runner(path: Path, backend: str) -> Any:
+        def fake_runner(path: Path, backend: str, cuda_graph: bool = False) -> Any:
             artifact = path.parent.parent
             name = path.stem
             meta = next(g for g in json.loads((artifact / "manifest.json").read_text())["graphs"] if g["name"] == name)

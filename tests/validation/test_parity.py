@@ -10,16 +10,12 @@ from onnx import numpy_helper
 from torch import nn
 
 from export_engine.config import Precision
+from export_engine.core.types import ModelSpec, TensorSpec, Tolerance
 from export_engine.errors import ParityError
 from export_engine.exporters.onnx_from_torch import onnx_from_torch
-from export_engine.exporters.spec import ModelSpec, TensorSpec, Tolerance
-from export_engine.validation.parity import (
-    TorchRunner,
-    check_parity,
-    compare_output,
-    onnxrt_runner,
-    raise_on_failure,
-)
+from export_engine.runners.ort_cpu import onnxrt_runner
+from export_engine.runners.torch_cpu import TorchRunner
+from export_engine.validation.parity import check_parity, compare_output, raise_on_failure
 
 
 def test_compare_output_metrics() -> None:

@@ -4,7 +4,6 @@ Nothing here imports TensorRT at import time; the modules load at call time (and
 builds), so this package imports on any machine.
 """
 
-from export_engine.builders.backends import available_backends, choose_backend
 from export_engine.builders.build import AttentionLayer, BuildResult, engine_from_onnx
 from export_engine.builders.config import (
     BuildConfig,
@@ -14,7 +13,8 @@ from export_engine.builders.config import (
     default_timing_cache_path,
     profiles_from_spec,
 )
-from export_engine.builders.inspect import EngineInfo, EngineValidity, engine_validity, inspect_engine
+from export_engine.runners.backends import available_backends, choose_backend
+from export_engine.runners.engine_info import EngineInfo, EngineValidity, engine_validity, inspect_engine
 
 __all__ = [
     "AttentionLayer",

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import export_engine
-from export_engine.builders.backends import BACKEND_MODULES, INSTALL_HINTS, cuda_devices
 from export_engine.builders.config import BuildConfig
 from export_engine.errors import BackendError, EngineBuildError, UsageError
 from export_engine.progress import heartbeat
+from export_engine.runners.backends import BACKEND_MODULES, INSTALL_HINTS, cuda_devices
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export_engine.builders.backends import import_backend
 from export_engine.builders.config import BuildConfig, default_timing_cache_path
 from export_engine.builders.network import (
     BuildStepError,
@@ -34,6 +33,7 @@ from export_engine.builders.network import (
     network_summary,
     parse_onnx,
 )
+from export_engine.runners.backends import import_backend
 
 
 class EventWriter:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from export_engine.errors import UsageError
 
 if TYPE_CHECKING:  # spec.py imports torch; the build child must stay light
-    from export_engine.exporters.spec import ModelSpec
+    from export_engine.core.types import ModelSpec
 
 BuilderBackend = Literal["tensorrt", "tensorrt-rtx"]
 BUILDER_BACKENDS: tuple[str, ...] = ("tensorrt", "tensorrt-rtx")

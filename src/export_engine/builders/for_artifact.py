@@ -15,11 +15,12 @@ from typing import Any
 
 from export_engine.builders.build import engine_from_onnx
 from export_engine.builders.config import BuildConfig, profiles_from_spec
-from export_engine.builders.inspect import read_header
 from export_engine.config import ExportConfig
-from export_engine.exporters.spec import Feed, ModelSpec
+from export_engine.core.types import Feed, ModelSpec
 from export_engine.hashing import sha256_file
-from export_engine.validation.parity import GraphParityReport, check_parity, onnxrt_runner
+from export_engine.runners.engine_info import read_header
+from export_engine.runners.ort_cpu import onnxrt_runner
+from export_engine.validation.parity import GraphParityReport, check_parity
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def build_engines(
     feeds: Mapping[str, Sequence[Feed]],
 ) -> tuple[list[dict[str, Any]], list[GraphParityReport]]:
     """Build ``engines/<graph>.engine`` for every graph; returns manifest records and the engine parity reports."""
-    from export_engine.runtime.engine_runner import EngineRunner, can_run_engine
+    from export_engine.runners.engine import EngineRunner, can_run_engine
 
     engines_dir = staging / "engines"
     engines_dir.mkdir(exist_ok=True)

@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from export_engine.calibration import lean_session_options
-from export_engine.calibration.graph_facts import FP16, FP32, ONNX_TYPE, constant_values, is_constant_source, np_dtype
 from export_engine.graph_passes.base import next_index, node_name
+from export_engine.graph_passes.graph_facts import FP16, FP32, ONNX_TYPE, constant_values, is_constant_source, np_dtype
 
 PASS_NAME = "emulate_fp16"
 

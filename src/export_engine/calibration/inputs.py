@@ -1,8 +1,9 @@
 """Representative inputs for calibration (activation statistics and the precision search).
 
 * Built-in sets: each model family's structured synthetic feeds (``calibration/synthetic.py`` through
-  ``FamilySpec.parity_feeds``), drawn with a seed offset so that calibration never sees the parity inputs
-  (a plan tuned on the very inputs the parity gate checks would pass by construction).
+  ``FamilySpec.parity_feeds``), drawn by the pipeline with ``CALIBRATION_SEED_OFFSET`` added to the seed so
+  that calibration never sees the parity inputs (a plan tuned on the very inputs the parity gate checks would
+  pass by construction).
 * A user folder: images (png/jpg, read with Pillow when it is installed; .npy arrays always) or volumes
   (.npy, .nii, .nii.gz, read by the small NIfTI-1 reader below: nibabel is not a dependency). Model-specific
   preprocessing (resizing, normalisation, layout) is a callable given by the caller.
@@ -18,26 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
+from export_engine.core.types import Feed
 from export_engine.errors import ModelInputError, UsageError
-from export_engine.exporters.spec import FamilySpec, Feed, LoadedModel, ModelSpec
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_SEED_OFFSET = 104_729  # a prime far from the parity gate's offset (7919)
+PARITY_SEED_OFFSET = 7919  # the parity gate's feeds
+CALIBRATION_SEED_OFFSET = 104_729  # a prime far from the parity gate's offset
 KINDS: dict[str, tuple[str, ...]] = {
     "images": (".png", ".jpg", ".jpeg", ".npy"),
     "volumes": (".nii.gz", ".nii", ".npy"),
 }
 Preprocess = Callable[[np.ndarray], np.ndarray]
-
-
-def builtin_calibration_feeds(
-    family: FamilySpec, loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int, seed: int
-) -> dict[str, list[Feed]]:
-    """Structured synthetic feeds per graph name, disjoint from the parity gate's."""
-    if samples < 1:
-        raise UsageError(f"calibration needs at least 1 sample, got {samples}")
-    return family.parity_feeds(loaded, specs, samples, seed + CALIBRATION_SEED_OFFSET)
 
 
 def load_calibration_dir(

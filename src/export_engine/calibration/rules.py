@@ -12,7 +12,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.calibration.graph_facts import (
+from export_engine.calibration.plan import HybridCastConfig
+from export_engine.calibration.statistics import TensorStats
+from export_engine.graph_passes.graph_facts import (
     MATRIX_OPS,
     GraphFacts,
     constant_values,
@@ -23,8 +25,7 @@ from export_engine.calibration.graph_facts import (
     reduction_depth,
     static_shape,
 )
-from export_engine.calibration.plan import DATA_RULES, HybridCastConfig, NodePlan, PrecisionPlan, describe_structure
-from export_engine.calibration.statistics import TensorStats
+from export_engine.graph_passes.precision_plan import DATA_RULES, NodePlan, PrecisionPlan, describe_structure
 
 _REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceProd", "ReduceLogSumExp", "ReduceSumSquare", "ReduceL1"})
 _NORMS = frozenset({"ReduceL2", "ReduceSumSquare", "LpNormalization"})

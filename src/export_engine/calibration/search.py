@@ -33,10 +33,10 @@ import onnxruntime as ort
 
 from export_engine.calibration import lean_session_options
 from export_engine.calibration.fp16_emulation import emulate_fp16_storage
-from export_engine.calibration.graph_facts import GraphFacts, fill_missing_dtypes
-from export_engine.calibration.plan import DATA_RULES, PrecisionPlan, describe_structure
-from export_engine.exporters.spec import Feed, Tolerance
+from export_engine.core.types import Feed, Tolerance
 from export_engine.graph_passes.base import load_graph
+from export_engine.graph_passes.graph_facts import GraphFacts, fill_missing_dtypes
+from export_engine.graph_passes.precision_plan import DATA_RULES, PrecisionPlan, describe_structure
 from export_engine.validation.compare import compare_output
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ import onnx
 import onnxruntime as ort
 
 from export_engine.calibration import lean_session_options
-from export_engine.calibration.graph_facts import VALUE_PRESERVING_OPS
 from export_engine.errors import ModelInputError
+from export_engine.graph_passes.graph_facts import VALUE_PRESERVING_OPS
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,11 @@
-"""The calibration step of ``--precision hybrid``: measure, plan, search; the plan is then applied by a pass.
+"""The calibration stage of ``--precision hybrid``: measure, plan, search; it returns a :class:`PrecisionPlan`
+that the ``apply_precision_plan`` pass then applies.
 
 It runs inside the pass schedule, after the FP32 cleanups and attention fusion, because the plan must describe
-that exact graph: the graph is saved (FP32), activation statistics are collected on it with ONNX Runtime on
-calibration inputs (never the parity inputs), rules give a precision plan (or ``--precision-plan FILE`` is
-reused), and a bounded sensitivity search keeps as much FP16 as the tolerances allow.
+that exact graph (it changes nothing in the graph itself): the graph is saved (FP32), activation statistics are
+collected on it with ONNX Runtime on calibration inputs (never the parity inputs), rules give a precision plan
+(or ``--precision-plan FILE`` is reused), and a bounded sensitivity search keeps as much FP16 as the
+tolerances allow.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from typing import Any
 
 import onnx_graphsurgeon as gs
 
-from export_engine.calibration.plan import HybridCastConfig, PrecisionPlan, plan_precision
+from export_engine.calibration.plan import HybridCastConfig, plan_precision
 from export_engine.calibration.search import SearchConfig, search_precision
 from export_engine.calibration.statistics import collect_activation_stats
-from export_engine.exporters.spec import Feed, Tolerance
+from export_engine.core.types import Feed, Tolerance
 from export_engine.graph_passes.base import PassReport, save_graph, timed
+from export_engine.graph_passes.precision_plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,21 @@ class CalibratePrecisionConfig:
     plan_file: Path | None = None  # reuse this plan instead of measuring
     hybrid: HybridCastConfig = field(default_factory=HybridCastConfig)
     search: SearchConfig | None = field(default_factory=lambda: SearchConfig(max_evaluations=6))
-    sink: dict[str, Any] = field(default_factory=dict)  # receives "plan" and "search" for the apply pass
 
 
-def calibrate_precision(graph: gs.Graph, config: CalibratePrecisionConfig) -> PassReport:
+@dataclass
+class CalibrationResult:
+    """The plan calibration decided, the search's record (None when it did not search) and the step's report."""
+
+    plan: PrecisionPlan
+    report: PassReport
+    search: Any = None
+
+
+def calibrate_precision(graph: gs.Graph, config: CalibratePrecisionConfig) -> CalibrationResult:
     """Decide the precision plan for ``graph`` (changes nothing in the graph itself)."""
     report = PassReport("calibrate_precision")
+    search = None
     with timed(report):
         if config.plan_file is not None:
             plan = PrecisionPlan.from_json(config.plan_file)
@@ -52,13 +64,11 @@ def calibrate_precision(graph: gs.Graph, config: CalibratePrecisionConfig) -> Pa
             report.details["source"] = f"measured on {len(config.feeds)} calibration input(s)"
             if config.search is not None:
                 plan, search = search_precision(path, list(config.feeds), config.tolerances, plan, config=config.search)
-                config.sink["search"] = search
                 report.details["search"] = _search_summary(search)
-        config.sink["plan"] = plan
         summary = plan.summary()
         report.matched = summary.get("nodes", 0)
         report.details["plan"] = summary
-    return report
+    return CalibrationResult(plan, report, search)
 
 
 def _search_summary(search: Any) -> Any:

@@ -22,16 +22,9 @@ import torch
 from torch import nn
 
 from export_engine.config import Precision
+from export_engine.core.types import Feed, ModelSpec, TensorSpec, Tolerance
 from export_engine.errors import UsageError
-from export_engine.exporters.spec import (
-    FamilySpec,
-    Feed,
-    GraphModule,
-    LoadedModel,
-    ModelSpec,
-    TensorSpec,
-    Tolerance,
-)
+from export_engine.exporters.spec import FamilySpec, GraphModule, LoadedModel
 from export_engine.families import FASTSAM3D
 from export_engine.families.fastsam3d.session import (
     _DECODER_OUTPUTS,
@@ -199,8 +192,8 @@ def parity_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int
 
 def user_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], folder: Path, seed: int) -> dict[str, list[Feed]]:
     """The user's volumes (.npy/.nii/.nii.gz), centre-cropped/padded and z-normalised as the released inference."""
-    from export_engine.runtime.fastsam3d_preprocess import preprocess_volume
-    from export_engine.runtime.volumes import load_volume
+    from export_engine.families.fastsam3d.preprocess import preprocess_volume
+    from export_engine.families.fastsam3d.volumes import load_volume
 
     files = sorted(p for p in Path(folder).iterdir() if p.name.lower().endswith((".npy", ".nii", ".nii.gz")))
     if not files:
@@ -213,7 +206,7 @@ def user_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], folder: Path, 
 def _volume_feeds(
     loaded: LoadedModel, specs: tuple[ModelSpec, ...], images: list[np.ndarray], seed: int
 ) -> dict[str, list[Feed]]:
-    from export_engine.validation.parity import reference_outputs
+    from export_engine.runners.torch_cpu import reference_outputs
 
     encoder, _ = specs
     cfg = loaded.config

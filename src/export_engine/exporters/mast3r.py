@@ -18,16 +18,9 @@ from torch import nn
 
 from export_engine.calibration.synthetic import structured_images
 from export_engine.config import Precision, Resolution
+from export_engine.core.types import Feed, ModelSpec, TensorSpec, Tolerance
 from export_engine.errors import UsageError
-from export_engine.exporters.spec import (
-    FamilySpec,
-    Feed,
-    GraphModule,
-    LoadedModel,
-    ModelSpec,
-    TensorSpec,
-    Tolerance,
-)
+from export_engine.exporters.spec import FamilySpec, GraphModule, LoadedModel
 from export_engine.families import MAST3R
 from export_engine.families.mast3r.session import OUTPUT_NAMES
 
@@ -162,7 +155,7 @@ def parity_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], samples: int
 
 def user_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], folder: Path, seed: int) -> dict[str, list[Feed]]:
     """The user's photos (png/jpg, loaded the MASt3R way at the graph's resolution), paired in name order."""
-    from export_engine.runtime.images import load_image
+    from export_engine.families.mast3r.images import load_image
 
     _, _, h, w = specs[0].inputs[0].shape
     assert isinstance(h, int) and isinstance(w, int)
@@ -175,7 +168,7 @@ def user_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], folder: Path, 
 
 
 def _pair_feeds(loaded: LoadedModel, specs: tuple[ModelSpec, ...], pairs: list[np.ndarray]) -> dict[str, list[Feed]]:
-    from export_engine.validation.parity import reference_outputs
+    from export_engine.runners.torch_cpu import reference_outputs
 
     encoder, _ = specs
     encoder_feeds = [{"images": pair.astype(np.float32)} for pair in pairs]

@@ -14,19 +14,15 @@ import onnx
 import torch
 from torch import nn
 
+from export_engine.config import EXTERNAL_DATA_BYTES
+from export_engine.core.types import ModelSpec
 from export_engine.errors import OnnxExportError
-from export_engine.exporters.spec import ModelSpec
 from export_engine.progress import heartbeat
 
 log = logging.getLogger(__name__)
 
 # protobuf refuses messages over 2 GiB; keep a margin for the graph itself.
 _INLINE_LIMIT_BYTES = 1_900_000_000
-# Graphs with more weights than this keep them in one external ``<graph>.onnx.data`` file (mandatory above
-# 2 GB). Below 2 GB it is still worth it: the .onnx itself stays small, so graph passes and shape stamping
-# rewrite megabytes instead of re-serialising gigabytes (full MASt3R peaked at 7.9 GiB when the 1.5 GB decoder
-# was re-saved inline), and ONNX Runtime / TensorRT read the weights straight from the data file.
-EXTERNAL_DATA_BYTES = 256_000_000
 EXPORTERS = ("torchscript", "dynamo")
 
 

@@ -1,60 +1,22 @@
-"""What generic code knows about a model: one ModelSpec per exported graph, one FamilySpec per model.
+"""What the export pipeline knows about a model family: one FamilySpec per model, its loaded torch model.
 
-Generic code (pipeline, validation, artifacts, runtime) only talks to these objects; everything that is
-model-specific (how to build the torch module, how graphs chain at run time) lives in callables provided by
-``exporters/<model>.py``. Generic code never branches on a model name.
+The graphs are :class:`~export_engine.core.types.ModelSpec` objects (torch-free, so validation, builders and
+calibration can use them). Everything model-specific (how to build the torch module, how graphs chain at run
+time) lives in callables provided by ``exporters/<model>.py``. Generic code never branches on a model name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from torch import nn
 
-from export_engine.config import Precision
-from export_engine.core.types import Feed, GraphRunner, TensorSpec, Tolerance
+from export_engine.core.types import Feed, GraphRunner, ModelSpec
 from export_engine.families import RuntimeFamily
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One exported graph: how to build its torch module and what the graph must look like."""
-
-    name: str  # short graph name, e.g. "encoder"; the artifact file is <name>.onnx
-    build_module: Callable[[nn.Module], nn.Module]  # loaded model -> wrapper with forward(*inputs) -> tuple
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    tolerances: Mapping[Precision, Mapping[str, Tolerance]]
-    opset: int = 20  # the TorchScript exporter's newest; passes that add opset-23 ops (Attention) raise it
-    # Structural expectations checked by graph passes (e.g. {"attention": 24}); a miss warns, or fails --strict.
-    expected_counts: Mapping[str, int] = field(default_factory=dict)
-    # Facts a deployment needs about shape choices (recorded in the manifest).
-    shape_notes: Mapping[str, Any] = field(default_factory=dict)
-    # TensorRT optimisation profile per dynamic dim: (min, opt, max); kernels are tuned for opt.
-    profile_dims: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        axes: dict[str, dict[int, str]] = {}
-        for tensor in (*self.inputs, *self.outputs):
-            named = {i: d for i, d in enumerate(tensor.shape) if isinstance(d, str)}
-            if named:
-                axes[tensor.name] = named
-        return axes
-
-    def tolerance(self, precision: Precision, output: str) -> Tolerance:
-        return self.tolerances[precision][output]
 
 
 @dataclass(frozen=True)

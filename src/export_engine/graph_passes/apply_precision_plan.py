@@ -20,7 +20,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from export_engine.calibration.graph_facts import (
+from export_engine.errors import GraphPassError
+from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
+from export_engine.graph_passes.graph_facts import (
     FLOATS,
     FP16,
     FP16_MAX,
@@ -36,9 +38,7 @@ from export_engine.calibration.graph_facts import (
     np_dtype,
     wanted_dtype,
 )
-from export_engine.calibration.plan import PrecisionPlan
-from export_engine.errors import GraphPassError
-from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
+from export_engine.graph_passes.precision_plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from export_engine import config as defaults
 from export_engine.errors import GraphPassError
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,8 @@ def save_graph(graph: gs.Graph, path: Path, *, opset: int | None = None, externa
     Weights go to ``<name>.data`` when ``external_data`` is true; when it is None, under the exporter's rule
     (more than ``EXTERNAL_DATA_BYTES`` of weights), so graphs keep one layout from export to artifact.
     """
-    from export_engine.exporters.onnx_from_torch import EXTERNAL_DATA_BYTES
-
     if external_data is None:
-        external_data = weight_bytes(graph) > EXTERNAL_DATA_BYTES
+        external_data = weight_bytes(graph) > defaults.EXTERNAL_DATA_BYTES
     model = gs.export_onnx(graph, do_type_check=True)
     if opset is not None:
         for entry in model.opset_import:

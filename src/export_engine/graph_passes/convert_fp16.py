@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from export_engine.calibration.graph_facts import FP16, GraphFacts, fill_missing_dtypes
 from export_engine.graph_passes.apply_precision_plan import retype_graph
 from export_engine.graph_passes.base import PassReport, timed
+from export_engine.graph_passes.graph_facts import FP16, GraphFacts, fill_missing_dtypes
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The artifact keeps fused ``Attention`` nodes: that is what TensorRT's importer turns into ``IAttention``. A
 deployment that runs the ONNX on ONNX Runtime instead can pick the lowering that is fastest there
-(:mod:`export_engine.runtime.ort_cuda` applies it in memory when a session is created; the artifact's files
+(:mod:`export_engine.runners.ort_cuda` applies it in memory when a session is created; the artifact's files
 and hashes are untouched). This pass is the alternative to ONNX Runtime's own ``Attention`` kernels:
 
     Attention(Q, K, V[, mask], scale)  ->  Softmax(scale * Q @ Kᵀ [+ mask]) @ V

@@ -232,12 +232,12 @@ def _rewrite(
     if perm is not None:
         offset = b.const("position_offset", np.zeros(1, dtype=np.int64))
         per_row = _heads_per_row(q.heads, q.head_dim, config.max_row)
-        attrs = {"interleaved": 1, "num_heads": q.heads // per_row}
+        rope_attrs = {"interleaved": 1, "num_heads": q.heads // per_row}
         for i, rope in enumerate(block.ropes):
             assert rope is not None
             cos, sin = _caches(rope, perm, per_row)
             inputs = [tokens[i], offset, b.const("cos_cache", cos), b.const("sin_cache", sin)]
-            tokens[i] = b.add("RotaryEmbedding", inputs, attrs, domain=DOMAIN)
+            tokens[i] = b.add("RotaryEmbedding", inputs, rope_attrs, domain=DOMAIN)
     producer = block.output.inputs[0]
     producer.outputs.clear()
     attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}

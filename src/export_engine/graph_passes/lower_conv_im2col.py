@@ -15,7 +15,7 @@ im2col 2.36 / 0.70 / 2.37 / 4.63 ms for the 256->256 (1/2 and 1/4 resolution), 2
 
 Exact up to summation order; only group-1, dilation-1, stride-1 convolutions with constant
 weights and static spatial sizes are rewritten, 1x1 included only when ``include_1x1``. Applied in memory by
-:mod:`export_engine.runtime.ort_cuda`, never to the artifact's files.
+:mod:`export_engine.runners.ort_cuda`, never to the artifact's files.
 """
 
 from __future__ import annotations

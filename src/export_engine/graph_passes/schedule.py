@@ -1,54 +1,55 @@
-"""Running a precision's pass tuple over one graph: load, run each pass (logging one line each), save."""
+"""Running a precision's steps over one graph: load, run each step (logging one line each), save."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+import onnx_graphsurgeon as gs
 
 from export_engine.config import ExportConfig
-from export_engine.exporters.spec import Feed, ModelSpec
+from export_engine.core.types import Feed, ModelSpec
 from export_engine.graph_passes.base import PassReport, load_graph, save_graph
+from export_engine.graph_passes.precision_plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
 
-# A scheduled pass: (name, function building its config from the run's context, the pass itself).
-# The context gives a pass what it may need: the spec, the export config, calibration feeds, the FP32 path.
-PassContext = Mapping[str, Any]
-ScheduledPass = tuple[str, Callable[[PassContext], Any], Callable[[Any, Any], PassReport]]
+
+@dataclass
+class PassContext:
+    """What a scheduled step may read about the graph it runs on; the calibration stage sets ``plan``."""
+
+    spec: ModelSpec
+    config: ExportConfig
+    calibration: Sequence[Feed]  # calibration inputs (never the parity gate's)
+    fp32_path: Path  # the exported FP32 graph; scratch files go beside it
+    plan: PrecisionPlan | None = None  # hybrid: made by calibration, applied by apply_precision_plan
+
+    @property
+    def work_dir(self) -> Path:
+        return self.fp32_path.parent
 
 
-def run_passes(
-    fp32_path: Path,
-    final_path: Path,
-    spec: ModelSpec,
-    config: ExportConfig,
-    calibration: Sequence[Feed],
-    extra: dict[str, Any],
-    passes: Sequence[ScheduledPass] = (),
-    scratch: dict[str, Any] | None = None,
-) -> list[PassReport]:
-    """Apply ``passes`` (minus ``config.skip_passes``) to the graph at ``fp32_path``; write ``final_path``."""
-    active = [p for p in passes if p[0] not in config.skip_passes]
+# A scheduled step: (name, step). A step builds its pass's config from the context and runs the pass on the
+# graph; the calibration step also records its plan in the context. Names are what --skip-pass takes.
+Step = Callable[[gs.Graph, PassContext], PassReport]
+ScheduledPass = tuple[str, Step]
+
+
+def run_passes(final_path: Path, context: PassContext, passes: Sequence[ScheduledPass] = ()) -> list[PassReport]:
+    """Apply ``passes`` (minus ``--skip-pass``) to the graph at ``context.fp32_path``; write ``final_path``."""
+    active = [p for p in passes if p[0] not in context.config.skip_passes]
     if not active:
-        _copy_onnx(fp32_path, final_path)
+        _copy_onnx(context.fp32_path, final_path)
         return []
-    graph = load_graph(fp32_path)
-    context: dict[str, Any] = {
-        "spec": spec,
-        "config": config,
-        "calibration": calibration,
-        "fp32_path": fp32_path,
-        "work_dir": fp32_path.parent,
-        "extra": extra.setdefault("graphs", {}).setdefault(spec.name, {}),  # JSON facts for the manifest
-        "scratch": scratch if scratch is not None else {},  # objects passed between passes (e.g. the plan)
-    }
+    graph = load_graph(context.fp32_path)
     reports = []
-    for name, make_config, run_pass in active:
-        report = run_pass(graph, make_config(context))
-        log.info("pass %-24s %s: %s (%.1f s)", name, spec.name, report.summary(), report.seconds)
+    for name, step in active:
+        report = step(graph, context)
+        log.info("pass %-24s %s: %s (%.1f s)", name, context.spec.name, report.summary(), report.seconds)
         reports.append(report)
     save_graph(graph, final_path)
     return reports

@@ -59,8 +59,8 @@ def _version(name: str) -> str | None:
 
 
 def diagnose(artifact: Path | None = None) -> DoctorReport:
-    from export_engine.builders.backends import INSTALL_HINTS, backend_version, choose_backend, cuda_devices
     from export_engine.core import onnxruntime_install
+    from export_engine.runners.backends import INSTALL_HINTS, backend_version, choose_backend, cuda_devices
 
     report = DoctorReport()
     report.add("export-engine", "version", __version__)
@@ -89,7 +89,7 @@ def diagnose(artifact: Path | None = None) -> DoctorReport:
         report.add("engine builders", "--backend auto", f"{chosen}: {why}")
     except Exception as err:
         report.problems.append(f"--backend auto cannot decide: {err}")
-    from export_engine.runtime.ort_cuda import cuda_available
+    from export_engine.runners.ort_cuda import cuda_available
 
     runnable, why = cuda_available()
     report.add("runtime", "ONNX Runtime on CUDA", "yes" if runnable else f"no: {why}")
@@ -114,7 +114,7 @@ def _gpus(count: int) -> list[tuple[str, str]]:
 def _artifact_rows(report: DoctorReport, artifact: Path, ort_cuda: bool) -> None:
     from export_engine.artifacts.status import artifact_status, read_verification
     from export_engine.artifacts.store import read_manifest
-    from export_engine.artifacts.verify import engine_compatibility
+    from export_engine.runtime.verify import engine_compatibility
 
     section = f"artifact {artifact}"
     try:

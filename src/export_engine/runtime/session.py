@@ -14,7 +14,7 @@ from export_engine.artifacts.store import read_manifest, verify_files
 from export_engine.core.types import GraphRunner
 from export_engine.errors import BackendError, ModelInputError, ParityError
 from export_engine.families import RuntimeFamily, runtime_family
-from export_engine.runtime.ort_lowering import check_lowerings, lowered_graph
+from export_engine.runners.ort_lowering import check_lowerings, lowered_graph
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[s
                    strict: bool = False) -> GraphRunner:  # fmt: skip
     """ONNX Runtime on the CPU, numpy in and out (the CUDA path is ort_cuda.CudaGraphRunner). ``lowerings``
     rewrite the graph in memory first, checked against the artifact's reference as on CUDA."""
-    from export_engine.runtime.self_check import open_checked
+    from export_engine.runners.self_check import open_checked
 
     def open_fn(names: tuple[str, ...], tf32: bool) -> GraphRunner:
         return _cpu_session(path, lowered_graph(path, names))
@@ -76,25 +76,23 @@ def _cpu_session(path: Path, source: Path) -> GraphRunner:
     return run
 
 
-def _engine_runner(path: Path, backend: str) -> GraphRunner:
-    from export_engine.runtime.engine_runner import EngineRunner
+def _engine_runner(path: Path, backend: str, cuda_graph: bool = False) -> GraphRunner:
+    """The active engine runner: numpy in and out when called, torch CUDA tensors through ``run`` (so matching
+    and segmentation keep their data on the GPU, as with ONNX Runtime CUDA)."""
+    from export_engine.runners.engine import EngineRunner
 
-    runner = EngineRunner(path, backend)
+    runner = EngineRunner(path, backend, cuda_graph=cuda_graph)
     runner.activate()
-
-    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(runner.infer(feed, check_inputs=False))
-
-    return run
+    return runner
 
 
-def _checked_engine(artifact: Path, graph: Mapping[str, Any], engine: Mapping[str, Any],
-                    self_check: bool) -> GraphRunner:  # fmt: skip
+def _checked_engine(artifact: Path, graph: Mapping[str, Any], engine: Mapping[str, Any], self_check: bool,
+                    cuda_graph: bool) -> GraphRunner:  # fmt: skip
     """The engine's runner once its parity is known to hold here: passed at export, passed in a verification
     record for this GPU, driver and runtime, or passed now on the stored reference (one inference). A failed
     engine is refused with the parity table (ParityError, exit 7 from the CLI)."""
     from export_engine.artifacts import status as st
-    from export_engine.runtime.self_check import check_runner
+    from export_engine.runners.self_check import check_runner
     from export_engine.validation.compare import format_table
 
     name, backend = graph["name"], engine["backend"]
@@ -104,7 +102,7 @@ def _checked_engine(artifact: Path, graph: Mapping[str, Any], engine: Mapping[st
             f"{artifact}: the {backend} engine of {name} failed its parity check at export; it is never run: "
             "export the artifact again, or load with use_engines=False for ONNX Runtime"
         )
-    runner = _engine_runner(artifact / engine["file"], backend)
+    runner = _engine_runner(artifact / engine["file"], backend, cuda_graph)
     if recorded == st.PASSED:
         return runner
     settled = st.verification_for(st.read_verification(artifact), name,
@@ -127,7 +125,7 @@ def _checked_engine(artifact: Path, graph: Mapping[str, Any], engine: Mapping[st
 
 
 def _ort_on_cuda() -> bool:
-    from export_engine.runtime.ort_cuda import cuda_available
+    from export_engine.runners.ort_cuda import cuda_available
 
     runnable, why = cuda_available()
     if not runnable:
@@ -146,15 +144,16 @@ def load(
     """Open ``artifact`` (verifying every file's sha256 unless ``verify=False``) and prepare its graphs.
 
     Each graph runs its engine when this machine can run it, else ONNX Runtime on the artifact's ONNX: on CUDA
-    when onnxruntime-gpu and a GPU are there (:class:`~export_engine.runtime.ort_cuda.CudaGraphRunner`, I/O in
-    device memory; ``cuda_graph`` captures CUDA graphs, for callers whose shapes repeat), else on the CPU. The
-    log says which and why. An engine runs only when its parity is known to hold here: passed at export, in a
-    verification record for this GPU, or on the stored reference input now (``self_check``, one inference);
-    a failed engine raises ParityError. On CUDA the graphs are rewritten in memory for ONNX Runtime's fused kernels, and
-    each rewritten graph first runs the artifact's stored reference input (``self_check``, one inference per
-    graph): a rewrite that fails falls back to the graph as stored, or with ``strict`` raises ParityError.
+    when onnxruntime-gpu and a GPU are there (:class:`~export_engine.runners.ort_cuda.CudaGraphRunner`, I/O in
+    device memory), else on the CPU; ``cuda_graph`` captures CUDA graphs (engines' and ONNX Runtime's), for
+    callers whose shapes repeat. The log says which and why. An engine runs only when its parity is known to
+    hold here: passed at export, in a verification record for this GPU, or on the stored reference input now
+    (``self_check``, one inference); a failed engine raises ParityError. On CUDA the graphs are rewritten in
+    memory for ONNX Runtime's fused kernels, and each rewritten graph first runs the artifact's stored reference
+    input (``self_check``, one inference per graph): a rewrite that fails falls back to the graph as stored, or
+    with ``strict`` raises ParityError.
     """
-    from export_engine.runtime.engine_runner import can_run_engine
+    from export_engine.runners.engine import can_run_engine
 
     path = Path(artifact)
     manifest = read_manifest(path)
@@ -172,14 +171,14 @@ def load(
         if engine and use_engines:
             runnable, why = can_run_engine(path / engine["file"], engine["backend"])
             if runnable:
-                runners[name] = _checked_engine(path, graph, engine, self_check)
+                runners[name] = _checked_engine(path, graph, engine, self_check, cuda_graph)
                 engine_graphs.add(name)
                 used.add(f"{engine['backend']} engine")
                 log.info("%s: running the %s engine (%s)", name, engine["backend"], why)
                 continue
             log.info("%s: the %s engine cannot run here (%s); using ONNX Runtime", name, engine["backend"], why)
         if on_cuda:
-            from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig
+            from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig
 
             config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph, check=self_check, strict=strict)
             runners[name] = CudaGraphRunner(path / graph["file"], graph, config)

@@ -20,7 +20,7 @@ _DECODER_OUTPUTS = ("low_res_masks", "iou_predictions", "masks_upscaled")
 
 
 def _normalized_volume(size: int, seed: int) -> np.ndarray:
-    from export_engine.runtime.fastsam3d_preprocess import z_normalize
+    from export_engine.families.fastsam3d.preprocess import z_normalize
 
     normalized, _, _ = z_normalize(structured_volume(size, seed))
     return normalized.astype(np.float32)[None, None]

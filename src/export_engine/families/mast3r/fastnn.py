@@ -1,11 +1,11 @@
 """FastNN-Lite: MASt3R reciprocal nearest-neighbour matching on the device, with the reference's exact results.
 
-Same algorithm as :mod:`export_engine.runtime.matching_reference` (upstream ``fast_reciprocal_NNs`` with
+Same algorithm as :mod:`export_engine.families.mast3r.matching_reference` (upstream ``fast_reciprocal_NNs`` with
 ``dist='dot'``); what changes is where and how often work is done:
 
 * Nearest neighbours are tiles of ``queries x keys`` similarities (one fp32 matmul each) folded into a running
   (max, first argmax) per query, so memory is O(tile + pixels): no N1 x N2 matrix ever exists. On CUDA the
-  fused Triton kernel of :mod:`export_engine.runtime.fastnn_kernel` does the same without writing any tile
+  fused Triton kernel of :mod:`export_engine.families.mast3r.fastnn_kernel` does the same without writing any tile
   (``MatchConfig.kernel``).
 * A pixel's nearest neighbour never changes, so each one is computed once and remembered in a per-pixel table
   (one per direction). Seeds whose chains meet, and the reverse run of :func:`extract_correspondences`
@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 
 from export_engine.errors import BackendError, ModelInputError
-from export_engine.runtime import fastnn_kernel
+from export_engine.families.mast3r import fastnn_kernel
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export_engine.builders.backends import BACKEND_MODULES, cuda_devices, import_backend
 from export_engine.errors import BackendError, EngineBuildError, UsageError
+from export_engine.runners.backends import BACKEND_MODULES, cuda_devices, import_backend
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ measured on Hopper (bench/RESULTS.md):
 ``im2col``          stride-1 2-D convolutions as im2col + MatMul (measured slower than cuDNN: opt-in)
 ==================  =====================================================================================
 
-A rewritten graph is checked before it is used (:mod:`export_engine.runtime.self_check`).
+A rewritten graph is checked before it is used (:mod:`export_engine.runners.self_check`).
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from export_engine.core.types import LoadedArtifact
 from export_engine.errors import ModelInputError, UsageError
-from export_engine.runtime.fastsam3d_preprocess import CropWindow, preprocess_volume
-from export_engine.runtime.session import ArtifactSession
+from export_engine.families.fastsam3d.preprocess import CropWindow, preprocess_volume
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ClickResult:
 
 @dataclass
 class SegmentSession:
-    artifact: ArtifactSession
+    artifact: LoadedArtifact
     accumulate: bool = False
     window: CropWindow | None = None
     embedding: np.ndarray | None = None

@@ -13,7 +13,7 @@ from export_engine.calibration.synthetic import structured_volume
 from export_engine.cli import main
 from export_engine.errors import ModelInputError
 from export_engine.exporters.fastsam3d import TINY_CONFIG
-from export_engine.runtime.segment import SegmentSession
+from export_engine.families.fastsam3d.segment import SegmentSession
 from export_engine.runtime.session import load
 
 

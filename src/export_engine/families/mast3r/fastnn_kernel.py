@@ -1,6 +1,6 @@
 """Fused nearest-neighbour kernel for FastNN-Lite (Triton): dot products and first-argmax in one pass.
 
-The torch path of :func:`export_engine.runtime.fastnn.nearest_by_dot` writes every ``queries x keys`` similarity
+The torch path of :func:`export_engine.families.mast3r.fastnn.nearest_by_dot` writes every ``queries x keys`` similarity
 tile to device memory and reads it back for the row maximum; at 512x384 that traffic, not the arithmetic, is
 what an H100 spends its time on (bench/RESULTS.md). Here a program holds a block of queries in registers, walks
 its share of the keys, and keeps a running (max, first index) per query and per tile column, so similarities
@@ -133,7 +133,7 @@ def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor, tiles: Tiles = DEFAULT
     """Index (int64) of the largest fp32 dot product in the keys for each row of `queries` (m, D).
 
     `keys_t` is the (D, n) layout from :func:`transposed` (made once per map, not per call). Same contract as
-    :func:`export_engine.runtime.fastnn.nearest_by_dot`: the first index among equal maxima.
+    :func:`export_engine.families.mast3r.fastnn.nearest_by_dot`: the first index among equal maxima.
     """
     m, d = queries.shape
     n = keys_t.shape[1]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from export_engine.errors import ModelInputError
-from export_engine.runtime import fastnn
-from export_engine.runtime.fastnn import (
+from export_engine.families.mast3r import fastnn
+from export_engine.families.mast3r.fastnn import (
     MatchConfig,
     ReciprocalMatcher,
     extract_correspondences,
@@ -21,7 +21,7 @@ from export_engine.runtime.fastnn import (
     matcher_reciprocal_nn,
     nearest_by_dot,
 )
-from export_engine.runtime.matching_reference import (
+from export_engine.families.mast3r.matching_reference import (
     bruteforce_nn,
     extract_correspondences_reference,
     filter_border_matches,

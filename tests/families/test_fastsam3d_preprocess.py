@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export_engine.errors import ModelInputError
-from export_engine.runtime.fastsam3d_preprocess import (
+from export_engine.families.fastsam3d.preprocess import (
     CropWindow,
     preprocess_volume,
     window_around_mask,

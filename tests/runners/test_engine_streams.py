@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_engine.runtime.engine_runner import EngineRunner
+from export_engine.runners.engine import EngineRunner
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,6 +36,8 @@ def _view(address: int, shape: tuple[int, ...]) -> torch.Tensor:
 class _Context:
     """Execution context of the stand-in engine: out = 2 * x, after a device-side sleep on the given stream."""
 
+    launches = 0  # Python-side calls of execute_async_v3 (a replayed CUDA graph makes none)
+
     def __init__(self) -> None:
         self.addresses: dict[str, int] = {}
         self.shape: tuple[int, ...] = ()
@@ -50,6 +52,7 @@ class _Context:
         return self.shape
 
     def execute_async_v3(self, handle: int) -> bool:
+        _Context.launches += 1
         with torch.cuda.stream(torch.cuda.ExternalStream(handle)):
             torch.cuda._sleep(SLEEP_CYCLES)  # the engine takes a while: readers must wait for it
             x, out = _view(self.addresses["x"], self.shape), _view(self.addresses["out"], self.shape)
@@ -81,7 +84,7 @@ def _backend() -> Any:
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> EngineRunner:
-    import export_engine.builders.backends as backends
+    import export_engine.runners.backends as backends
 
     monkeypatch.setattr(backends, "import_backend", lambda name: _backend())
     (tmp_path / "stand-in.engine").write_bytes(b"not an engine")
@@ -110,6 +113,9 @@ def test_engine_waits_for_its_inputs_and_readers_wait_for_the_engine(runner: Eng
     with runner:
         for value, cycles in CASES:  # fresh values each time: a stale buffer cannot pass by accident
             assert _round_trip(runner, value, cycles) == pytest.approx(2 * value), (value, cycles)
+        # one shape: a CUDA graph is captured once (a plain launch, the captured one, the first call's launch)
+        # and replayed for every later call, which makes no Python-side launch
+        assert _Context.launches == (3 if runner.cuda_graph else len(CASES))
         host = runner.infer({"x": np.full(16, 1.5, dtype=np.float32)})  # the Polygraphy edge: numpy in and out
         assert np.allclose(host["out"], 3.0)
 

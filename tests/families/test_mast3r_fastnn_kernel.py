@@ -15,8 +15,13 @@ import pytest
 import torch
 
 from export_engine.errors import BackendError
-from export_engine.runtime import fastnn_kernel
-from export_engine.runtime.fastnn import MatchConfig, extract_correspondences, fast_reciprocal_nn, nearest_by_dot
+from export_engine.families.mast3r import fastnn_kernel
+from export_engine.families.mast3r.fastnn import (
+    MatchConfig,
+    extract_correspondences,
+    fast_reciprocal_nn,
+    nearest_by_dot,
+)
 
 pytest.importorskip("triton", reason="triton (the fused kernel's compiler, interpreted here) is not installed")
 

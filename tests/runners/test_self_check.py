@@ -17,9 +17,9 @@ import pytest
 from export_engine.cli import main
 from export_engine.errors import ModelInputError, ParityError
 from export_engine.exporters.mast3r import TINY_CONFIG
-from export_engine.runtime import ort_lowering, self_check
-from export_engine.runtime.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products
-from export_engine.runtime.self_check import check_runner, open_checked
+from export_engine.runners import ort_lowering, self_check
+from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products
+from export_engine.runners.self_check import check_runner, open_checked
 from export_engine.runtime.session import ort_cpu_runner
 
 

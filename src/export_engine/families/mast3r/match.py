@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from export_engine.core.types import LoadedArtifact
 from export_engine.errors import UsageError
-from export_engine.runtime.images import LoadedImage, load_image
-from export_engine.runtime.session import ArtifactSession
+from export_engine.families.mast3r.images import LoadedImage, load_image
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Matcher:
     """Matches image pairs with an artifact. Where the artifact's graphs run on ONNX Runtime CUDA, tokens,
     decoder outputs and FastNN-Lite stay in GPU memory (:func:`pair_matches`); otherwise on the CPU."""
 
-    def __init__(self, artifact: ArtifactSession, config: MatchConfig | None = None):
+    def __init__(self, artifact: LoadedArtifact, config: MatchConfig | None = None):
         if artifact.manifest["model"] != "mast3r":
             raise UsageError(f"{artifact.path} is a {artifact.manifest['model']} artifact, not mast3r")
         self.artifact = artifact
@@ -122,7 +122,7 @@ def pair_matches(outputs: Mapping[str, Any], config: MatchConfig) -> dict[str, A
     pixels, conf (M,) = sqrt(desc_conf1 * desc_conf2), and the matched pts3d1 / pts3d2 (M, 3).
     """
 
-    from export_engine.runtime.fastnn import fast_reciprocal_nn, sqrt_rounded
+    from export_engine.families.mast3r.fastnn import fast_reciprocal_nn, sqrt_rounded
 
     desc1, desc2 = outputs["view1_desc"][0], outputs["view2_desc"][0]
     height, width = int(desc1.shape[0]), int(desc1.shape[1])

@@ -62,8 +62,8 @@ def verify(artifact: Path, run: bool = False) -> VerifyReport:
 
 def engine_compatibility(artifact: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
     """One line per engine: can it run here, or what it needs that this machine lacks."""
-    from export_engine.builders.backends import backend_version
-    from export_engine.runtime.engine_runner import can_run_engine
+    from export_engine.runners.backends import backend_version
+    from export_engine.runners.engine import can_run_engine
 
     lines = []
     for engine in manifest.get("engines", []):
@@ -90,7 +90,7 @@ def engine_compatibility(artifact: Path, manifest: dict[str, Any]) -> list[tuple
 
 
 def _rerun(artifact: Path, manifest: dict[str, Any]) -> list[GraphParityReport]:
-    from export_engine.runtime.self_check import check_runner
+    from export_engine.runners.self_check import check_runner
     from export_engine.runtime.session import load
 
     session = load(artifact, verify=False, self_check=False)  # the comparison below is the check

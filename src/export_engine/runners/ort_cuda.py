@@ -10,7 +10,7 @@
   and replays it afterwards (one ``gpu_graph_id`` per signature, so a few different shapes can each have one).
   Captured graphs read fixed addresses: inputs are copied into per-signature buffers first. Every node must
   run on CUDA for a capture; session creation fails otherwise, and the error says so.
-* Lowering for ONNX Runtime, in memory (:mod:`export_engine.runtime.ort_lowering`): ``lowerings`` names the
+* Lowering for ONNX Runtime, in memory (:mod:`export_engine.runners.ort_lowering`): ``lowerings`` names the
   graph passes applied to a copy of the graph before the session opens (RoPE, LayerNorm, residual and GELU
   fusions into ONNX Runtime's contrib kernels, patch convolutions as MatMuls; defaults from measurements on
   Hopper, bench/RESULTS.md). The artifact's files, which TensorRT consumes, are never changed.
@@ -25,7 +25,7 @@
   artifact computes in FP32 as its parity report says.
 * Every rewrite is checked where it runs (``check``, default on): the first session of a graph runs the
   artifact's stored reference input and compares with the stored FP32 outputs at the artifact's tolerances
-  (:mod:`export_engine.runtime.self_check`); on failure it logs which rewrite failed by how much and runs the
+  (:mod:`export_engine.runners.self_check`); on failure it logs which rewrite failed by how much and runs the
   graph as stored, or with ``strict`` refuses (exit 7 from the CLI). The check costs one inference.
 
 ONNX Runtime runs on its own CUDA stream: the runner synchronises torch's current stream before a run, and
@@ -43,8 +43,8 @@ from typing import Any, Literal
 import numpy as np
 
 from export_engine.errors import BackendError, ModelInputError
-from export_engine.runtime.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products, lowered_graph
-from export_engine.runtime.self_check import open_checked
+from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products, lowered_graph
+from export_engine.runners.self_check import open_checked
 
 log = logging.getLogger(__name__)
 

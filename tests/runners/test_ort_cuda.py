@@ -16,7 +16,7 @@ from export_engine.cli import main
 from export_engine.errors import BackendError, ModelInputError
 from export_engine.exporters.fastsam3d import TINY_CONFIG as FASTSAM3D_TINY
 from export_engine.exporters.mast3r import TINY_CONFIG as MAST3R_TINY
-from export_engine.runtime.ort_cuda import CudaGraphRunner, CudaSessionConfig, cuda_available
+from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig, cuda_available
 from export_engine.runtime.session import load
 
 CUDA, WHY = cuda_available()

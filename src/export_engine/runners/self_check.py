@@ -19,7 +19,7 @@ import numpy as np
 
 from export_engine.core.types import Tolerance
 from export_engine.errors import ArtifactError, ParityError
-from export_engine.runtime.ort_lowering import graph_key
+from export_engine.runners.ort_lowering import graph_key
 from export_engine.validation.compare import GraphParityReport, compare_output, format_table
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from PIL import Image
 from export_engine.calibration.synthetic import structured_image
 from export_engine.cli import main
 from export_engine.exporters.mast3r import TINY_CONFIG
-from export_engine.runtime.match import MatchConfig, Matcher
+from export_engine.families.mast3r.match import MatchConfig, Matcher
 from export_engine.runtime.session import load
 
 

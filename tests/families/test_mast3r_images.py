@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from export_engine.errors import ModelInputError
-from export_engine.runtime.images import load_image, upstream_size
+from export_engine.families.mast3r.images import load_image, upstream_size
 
 
 @pytest.mark.parametrize(
