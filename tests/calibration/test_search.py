@@ -9,7 +9,7 @@ import pytest
 from calibration.hybrid_testing import massive_mast3r_encoder
 
 from export_engine.calibration.plan import HybridCastConfig, plan_precision
-from export_engine.calibration.search import Evaluation, SearchConfig, search_precision
+from export_engine.calibration.search import Evaluation, Known, SearchConfig, search_precision
 from export_engine.calibration.statistics import collect_activation_stats
 from export_engine.core.types import Tolerance
 from export_engine.graph_passes.base import load_graph
@@ -61,3 +61,23 @@ def test_budget_is_respected_and_failure_reported(hidden: tuple[Path, list, dict
                                     evaluate=never)  # fmt: skip
     assert len(seen) == len(report.steps) == 4 and not report.passed
     assert plan.fp16_flop_share() < plan0.fp16_flop_share()  # islands moved outward on every step
+
+
+def test_known_graph_and_reference_give_the_same_search(hidden: tuple[Path, list, dict]) -> None:
+    path, feeds, stats = hidden
+    graph = load_graph(path)
+    rules = plan_precision(graph, stats)
+    massive = [k for k, e in rules.nodes.items() if e.rule == "magnitude"]
+    blind = rules.with_precision(massive, "fp16", "default", "a plan that missed the massive activations")
+    kept: list = []
+    collect_activation_stats(path, feeds, keep_outputs=kept)
+    before = [(n.op, [t.dtype for t in n.outputs]) for n in graph.nodes]
+    config = SearchConfig(max_evaluations=4)
+    alone, report_alone = search_precision(path, feeds, TOKENS, blind, config=config)
+    given, report_given = search_precision(path, feeds, TOKENS, blind, config=config,
+                                           known=Known(graph=graph, reference=kept))  # fmt: skip
+    assert {k: e.precision for k, e in alone.nodes.items()} == {k: e.precision for k, e in given.nodes.items()}
+    assert [s.passed for s in report_alone.steps] == [s.passed for s in report_given.steps]
+    assert [(n.op, [t.dtype for t in n.outputs]) for n in graph.nodes] == before  # candidates were copies
+    with pytest.raises(ValueError, match="reference outputs"):
+        search_precision(path, feeds, TOKENS, blind, config=config, known=Known(reference=kept[:1]))

@@ -73,3 +73,19 @@ def test_no_feeds_is_an_input_error(tmp_path: Path) -> None:
     path = save_model(attention_block(), tmp_path / "block.onnx")
     with pytest.raises(ModelInputError, match="at least one"):
         collect_activation_stats(path, [])
+
+
+def test_kept_outputs_are_the_graphs_fp32_outputs_from_the_same_run(tmp_path: Path) -> None:
+    model = attention_block()
+    path = save_model(model, tmp_path / "block.onnx")
+    feeds = block_feeds(2)
+    kept: list[dict[str, np.ndarray]] = []
+    stats = collect_activation_stats(path, feeds, keep_outputs=kept)
+    plain = run_ort(model, feeds)
+    assert len(kept) == len(feeds) and stats
+    for got, want in zip(kept, plain, strict=True):
+        assert got.keys() == {o.name for o in model.graph.output}
+        for name, value in got.items():
+            np.testing.assert_allclose(value, want[name], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="in-graph"):
+        collect_activation_stats(path, feeds, percentiles=(50.0,), keep_outputs=[])

@@ -41,7 +41,9 @@ from export_engine.validation.compare import compare_output
 
 log = logging.getLogger(__name__)
 
-_INLINE_LIMIT = 1_800_000_000  # serialize in memory below this, else a temporary external-data file
+# Candidates above this many bytes go through a scratch file (weights as external data) instead of serialized
+# bytes in memory; small graphs (tests, FastSAM3D's prompt decoder) stay in memory.
+_INLINE_LIMIT = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -98,17 +100,37 @@ class SearchReport:
 Evaluator = Callable[[PrecisionPlan], Evaluation]
 
 
+@dataclass(frozen=True)
+class Known:
+    """What the caller already has, so the evaluator need not redo it: the FP32 graph in memory (not modified;
+    candidates are copies sharing its weights) and the FP32 outputs on each calibration feed."""
+
+    graph: gs.Graph | None = None
+    reference: Sequence[Mapping[str, np.ndarray]] | None = None
+
+
 class OrtPlanEvaluator:
-    """Builds a plan's hybrid graph from the FP32 graph and checks its outputs on ONNX Runtime (CPU)."""
+    """Builds a plan's hybrid graph from the FP32 graph and checks its outputs on ONNX Runtime (CPU).
+
+    A candidate is written to a scratch folder (weights as external data) and the Python-side copy is dropped
+    before ONNX Runtime loads it: building the session from serialized bytes held the graph three times over
+    (graph, proto, bytes) next to the session's own weights, the peak of a full-size hybrid export."""
 
     def __init__(
-        self, fp32_onnx: Path, feeds: Sequence[Feed], tolerances: Mapping[str, Tolerance], *, emulate: bool = True
+        self,
+        fp32_onnx: Path,
+        feeds: Sequence[Feed],
+        tolerances: Mapping[str, Tolerance],
+        *,
+        emulate: bool = True,
+        known: Known | None = None,
     ):
         from export_engine.graph_passes.apply_precision_plan import ApplyPrecisionPlanConfig, apply_precision_plan
 
+        known = known or Known()
         self._apply = apply_precision_plan
         self._config = ApplyPrecisionPlanConfig
-        self.graph = load_graph(Path(fp32_onnx))
+        self.graph = known.graph if known.graph is not None else load_graph(Path(fp32_onnx))
         fill_missing_dtypes(self.graph)
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Constant):
@@ -116,8 +138,15 @@ class OrtPlanEvaluator:
         self.feeds = list(feeds)
         self.tolerances = dict(tolerances)
         self.emulate = emulate
-        session = ort.InferenceSession(str(fp32_onnx), lean_session_options(), providers=["CPUExecutionProvider"])
-        self.reference = [dict(zip(self.tolerances, session.run(list(self.tolerances), f), strict=True)) for f in feeds]
+        if known.reference is not None:
+            self.reference = [{n: np.asarray(r[n]) for n in self.tolerances} for r in known.reference]
+        else:
+            session = ort.InferenceSession(str(fp32_onnx), lean_session_options(), providers=["CPUExecutionProvider"])
+            self.reference = [dict(zip(self.tolerances, session.run(list(self.tolerances), f), strict=True))
+                              for f in feeds]  # fmt: skip
+            del session
+        if len(self.reference) != len(self.feeds):
+            raise ValueError(f"{len(self.reference)} reference outputs for {len(self.feeds)} calibration feeds")
 
     def __call__(self, plan: PrecisionPlan) -> Evaluation:
         start = time.perf_counter()
@@ -125,7 +154,9 @@ class OrtPlanEvaluator:
         self._apply(graph, self._config(plan))
         if self.emulate:
             emulate_fp16_storage(graph)
-        session = _session(gs.export_onnx(graph), optimize=not self.emulate)
+        model = gs.export_onnx(graph)
+        del graph
+        session = _session(model, optimize=not self.emulate)
         outputs: dict[str, dict[str, Any]] = {}
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             got = dict(zip(self.tolerances, session.run(list(self.tolerances), feed), strict=True))
@@ -136,6 +167,8 @@ class OrtPlanEvaluator:
 
 
 def _session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session of ``model``, which is emptied: its weights go to a scratch file first, so that only ONNX
+    Runtime's copy of them is in memory while the session is built."""
     options = lean_session_options()
     options.log_severity_level = 3
     if not optimize:  # keep the emulation's FP16 round trips
@@ -145,6 +178,7 @@ def _session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceS
     with tempfile.TemporaryDirectory(prefix="hybrid-eval-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        model.Clear()
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -172,14 +206,18 @@ def search_precision(
     *,
     config: SearchConfig | None = None,
     evaluate: Evaluator | None = None,
+    known: Known | None = None,
 ) -> tuple[PrecisionPlan, SearchReport]:
     """The plan with the most FP16 found within ``config.max_evaluations`` that meets ``tolerances``.
 
-    ``evaluate`` replaces the ONNX Runtime evaluator (tests, or another runtime). When nothing passes, the last
-    (most FP32) plan is returned with ``report.passed = False``; the caller decides (the parity gate fails).
+    ``evaluate`` replaces the ONNX Runtime evaluator (tests, or another runtime); ``known`` hands the default
+    evaluator the FP32 graph and outputs the caller already has. When nothing passes, the last (most FP32) plan
+    is returned with ``report.passed = False``; the caller decides (the parity gate fails).
     """
     cfg = config or SearchConfig()
-    evaluator = evaluate or OrtPlanEvaluator(fp32_onnx, feeds_calib, tolerances, emulate=cfg.emulate_fp16_storage)
+    evaluator = evaluate or OrtPlanEvaluator(
+        fp32_onnx, feeds_calib, tolerances, emulate=cfg.emulate_fp16_storage, known=known
+    )
     search = _Search(Path(fp32_onnx), initial_plan, cfg, evaluator)
     return search.run()
 

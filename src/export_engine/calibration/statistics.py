@@ -1,8 +1,9 @@
 """Activation statistics of an FP32 ONNX graph, measured with ONNX Runtime on the CPU.
 
-By default the measurement is part of the graph: every float tensor gets ``Abs -> ReduceMax / ReduceMean``
-and ``Shape`` nodes whose scalar results become extra outputs, so one session and one run per feed measure
-everything, and memory stays that of a normal inference (the full MASt3R decoder has thousands of float
+By default the measurement is part of the graph: every float tensor gets ``ReduceMax``, ``ReduceMin``,
+``ReduceL1`` and ``Shape`` nodes whose small results become extra outputs (max |x| from the max and the min,
+mean |x| from the L1 norm and the element count, with no |x| copy of the tensor), so one session and one run
+per feed measure everything, and memory stays that of a normal inference (the full MASt3R decoder has thousands of float
 tensors, some of 200 MB). Percentiles need the whole tensor: then tensors are exposed as outputs instead, a
 chunk at a time so that the memory they hold stays below ``max_bytes_per_run``. Weights stay where they are:
 the graph is re-serialized without them and ONNX Runtime reads the external data file from the model's folder.
@@ -91,11 +92,13 @@ def collect_activation_stats(
     max_bytes_per_run: int = DEFAULT_MAX_BYTES_PER_RUN,
     tensors: Iterable[str] | None = None,
     percentiles: Sequence[float] = (),
+    keep_outputs: list[dict[str, np.ndarray]] | None = None,
 ) -> dict[str, TensorStats]:
     """Per-tensor statistics of every float tensor of the graph (inputs, intermediates, outputs) over ``feeds``.
 
     ``tensors`` restricts the measurement to those names. Works with external-data models (the data file is
-    read in place, nothing is copied).
+    read in place, nothing is copied). ``keep_outputs`` (in-graph mode) receives each feed's graph outputs from
+    the same run, so a caller that also needs the FP32 outputs on these feeds runs the graph once.
     """
     if not feeds:
         raise ModelInputError("activation statistics need at least one calibration feed; got none")
@@ -115,9 +118,15 @@ def collect_activation_stats(
     options = _session_options(path, model)
     shapes: dict[str, tuple[int, ...]] = {}  # run-time shapes of the rearranged tensors (in-graph mode)
     if percentiles:
+        if keep_outputs is not None:
+            raise ValueError("keep_outputs needs the in-graph mode (no percentiles)")
         _measure_exposed(model, options, _chunks(measured, types, max_bytes_per_run), feeds, percentiles, stats)
     else:
-        shapes = _measure_in_graph(model, options, measured, list(derived), feeds, types, stats)
+        graph_outputs = [o.name for o in model.graph.output] if keep_outputs is not None else []
+        wanted_run = _Wanted(measured, list(derived), graph_outputs)
+        shapes, kept = _measure_in_graph(model, options, wanted_run, feeds, types, stats)
+        if keep_outputs is not None:
+            keep_outputs.extend(kept)
     for name, source in derived.items():
         if source in stats:
             shape = shapes.get(name) or _static(types.get(name, (0, None))[1])
@@ -125,29 +134,37 @@ def collect_activation_stats(
     return stats
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    names: Sequence[str]  # tensors to measure
+    shape_only: Sequence[str]  # rearranged tensors: only their run-time shape
+    graph_outputs: Sequence[str] = ()  # graph outputs whose values the caller keeps, per feed
+
+
 def _measure_in_graph(
     model: onnx.ModelProto,
     options: ort.SessionOptions,
-    names: Sequence[str],
-    shape_only: Sequence[str],
+    wanted: _Wanted,
     feeds: Sequence[Mapping[str, np.ndarray]],
     types: Mapping[str, tuple[int, Any]],
     stats: dict[str, TensorStats],
-) -> dict[str, tuple[int, ...]]:
-    """One session whose extra outputs are max |x|, mean |x| and the shape of every tensor in ``names``, and the
-    shape of those in ``shape_only`` (returned)."""
+) -> tuple[dict[str, tuple[int, ...]], list[dict[str, np.ndarray]]]:
+    """One session whose extra outputs are max x, min x, sum |x| and the shape of every tensor in ``names``, and
+    the shape of those in ``shape_only``; returns those shapes, and each feed's graph ``outputs`` when asked."""
     start = time.perf_counter()
     make = onnx.helper.make_node
+    names, shape_only, graph_outputs = wanted.names, wanted.shape_only, list(wanted.graph_outputs)
+    kept: list[dict[str, np.ndarray]] = []
     added, outputs = [], []
     for k, name in enumerate(names):
         base = f"{_STATS_PASS}/{k}"
         added += [
-            make("Abs", [name], [f"{base}/abs"], name=f"{base}/abs"),
-            make("ReduceMax", [f"{base}/abs"], [f"{base}/absmax"], name=f"{base}/absmax", keepdims=0),
-            make("ReduceMean", [f"{base}/abs"], [f"{base}/mean_abs"], name=f"{base}/mean_abs", keepdims=0),
+            make("ReduceMax", [name], [f"{base}/max"], name=f"{base}/max", keepdims=0),
+            make("ReduceMin", [name], [f"{base}/min"], name=f"{base}/min", keepdims=0),
+            make("ReduceL1", [name], [f"{base}/l1"], name=f"{base}/l1", keepdims=0),
             make("Shape", [name], [f"{base}/shape"], name=f"{base}/shape"),
         ]
-        outputs += [f"{base}/absmax", f"{base}/mean_abs", f"{base}/shape"]
+        outputs += [f"{base}/max", f"{base}/min", f"{base}/l1", f"{base}/shape"]
     for k, name in enumerate(shape_only):
         added.append(make("Shape", [name], [f"{_STATS_PASS}/shape_{k}"], name=f"{_STATS_PASS}/shape_{k}"))
         outputs.append(f"{_STATS_PASS}/shape_{k}")
@@ -161,20 +178,26 @@ def _measure_in_graph(
         del model.graph.node[n_nodes:]
         del model.graph.output[n_outputs:]
     for index, feed in enumerate(feeds, 1):
-        values = session.run(outputs, dict(feed))
+        values = session.run([*outputs, *graph_outputs], dict(feed))
+        if graph_outputs:
+            kept.append(dict(zip(graph_outputs, values[len(outputs) :], strict=True)))
         for k, name in enumerate(names):
-            absmax, mean_abs, shape = (np.asarray(v) for v in values[3 * k : 3 * k + 3])
-            finite = bool(np.isfinite(absmax) and np.isfinite(mean_abs))
+            high, low, l1, shape = (np.asarray(v) for v in values[4 * k : 4 * k + 4])
+            count = int(np.prod(shape, dtype=np.int64))
+            # L1 sums |x| over every element: inf or NaN anywhere makes it non-finite
+            finite = bool(np.isfinite(high) and np.isfinite(low) and np.isfinite(l1))
+            absmax = max(abs(float(high)), abs(float(low)))
+            mean_abs = float(l1) / count if count else 0.0
             dtype = onnx.helper.tensor_dtype_to_np_dtype(types[name][0]) if name in types else np.float32
             one = TensorStats(
-                absmax=float(absmax) if finite else float("inf"),
-                mean_abs=float(mean_abs),
+                absmax=absmax if finite else float("inf"),
+                mean_abs=mean_abs,
                 shape=tuple(int(d) for d in shape),
                 dtype=str(np.dtype(dtype)),
                 finite=finite,
             )
             stats[name] = stats[name].merged(one) if name in stats else one
-        shapes = {name: tuple(int(d) for d in values[3 * len(names) + k]) for k, name in enumerate(shape_only)}
+        shapes = {name: tuple(int(d) for d in values[4 * len(names) + k]) for k, name in enumerate(shape_only)}
         log.info(
             "activation statistics: feed %d/%d, %d tensors, %.1f s",
             index,
@@ -182,7 +205,7 @@ def _measure_in_graph(
             len(names),
             time.perf_counter() - start,
         )
-    return shapes
+    return shapes, kept
 
 
 def _measure_exposed(

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from export_engine.calibration.plan import HybridCastConfig, plan_precision
-from export_engine.calibration.search import SearchConfig, search_precision
+from export_engine.calibration.search import Known, SearchConfig, search_precision
 from export_engine.calibration.statistics import collect_activation_stats
 from export_engine.core.types import Feed, Tolerance
 from export_engine.graph_passes.base import PassReport, save_graph, timed
@@ -59,11 +60,14 @@ def calibrate_precision(graph: gs.Graph, config: CalibratePrecisionConfig) -> Ca
         else:
             path = config.work_dir / f"{config.graph_name}.calibration.onnx"
             save_graph(graph, path)
-            stats = collect_activation_stats(path, list(config.feeds))
+            fp32_outputs: list[dict[str, np.ndarray]] = []  # the same run gives the search its FP32 reference
+            stats = collect_activation_stats(path, list(config.feeds), keep_outputs=fp32_outputs)
             plan = plan_precision(graph, stats, config.hybrid)
             report.details["source"] = f"measured on {len(config.feeds)} calibration input(s)"
             if config.search is not None:
-                plan, search = search_precision(path, list(config.feeds), config.tolerances, plan, config=config.search)
+                known = Known(graph=graph, reference=fp32_outputs)
+                plan, search = search_precision(path, list(config.feeds), config.tolerances, plan,
+                                                config=config.search, known=known)  # fmt: skip
                 report.details["search"] = _search_summary(search)
         summary = plan.summary()
         report.matched = summary.get("nodes", 0)
