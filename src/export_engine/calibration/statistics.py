@@ -169,13 +169,27 @@ def _measure_in_graph(
         added.append(make("Shape", [name], [f"{_STATS_PASS}/shape_{k}"], name=f"{_STATS_PASS}/shape_{k}"))
         outputs.append(f"{_STATS_PASS}/shape_{k}")
     shapes: dict[str, tuple[int, ...]] = {}
-    n_nodes, n_outputs = len(model.graph.node), len(model.graph.output)
-    model.graph.node.extend(added)
+    original, n_outputs = list(model.graph.node), len(model.graph.output)
+    # Each measurement right after the node that produces its tensor: ONNX Runtime runs nodes in this order, so
+    # a tensor dies once its own consumers and its statistics have run. Appended at the end, the statistics
+    # kept every measured tensor alive until the end of the run (full MASt3R encoder: 13.5 GiB instead of ~5).
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for node in added:
+        after.setdefault(node.input[0], []).append(node)
+    del model.graph.node[:]
+    for node in original:
+        model.graph.node.append(node)
+        for name in node.output:
+            model.graph.node.extend(after.pop(name, []))
+    for rest in after.values():
+        model.graph.node.extend(rest)
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outputs)
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # ties in node order: the order built above
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     finally:
-        del model.graph.node[n_nodes:]
+        del model.graph.node[:]
+        model.graph.node.extend(original)
         del model.graph.output[n_outputs:]
     for index, feed in enumerate(feeds, 1):
         values = session.run([*outputs, *graph_outputs], dict(feed))
