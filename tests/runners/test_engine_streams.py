@@ -82,13 +82,14 @@ def _backend() -> Any:
                            float32="f32", float16="f16", int32="i32", int64="i64", bool="b", int8="i8")  # fmt: skip
 
 
-@pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> EngineRunner:
+@pytest.fixture(params=[False, True], ids=["launch", "cuda-graph"])
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, request: pytest.FixtureRequest) -> EngineRunner:
     import export_engine.runners.backends as backends
 
     monkeypatch.setattr(backends, "import_backend", lambda name: _backend())
+    monkeypatch.setattr(_Context, "launches", 0)
     (tmp_path / "stand-in.engine").write_bytes(b"not an engine")
-    return EngineRunner(tmp_path / "stand-in.engine", "tensorrt")
+    return EngineRunner(tmp_path / "stand-in.engine", "tensorrt", cuda_graph=request.param)
 
 
 def _round_trip(runner: EngineRunner, value: float, producer_cycles: int) -> float:
