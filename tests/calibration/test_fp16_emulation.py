@@ -38,3 +38,32 @@ def test_overflow_between_nodes_is_visible(tmp_path: Path) -> None:
     emulated = load_graph(tmp_path / "fp16.onnx")
     count = emulate_fp16_storage(emulated)
     assert count > 0 and not any(np_dtype(t) == FP16 for n in emulated.nodes for t in n.outputs if n.op != "Cast")
+
+
+def test_large_fp16_weights_stay_fp16_behind_a_cast_with_the_same_result(tmp_path: Path) -> None:
+    """A weight above the in-place limit is not widened in memory (a second FP32 copy of every weight): it stays
+    FP16 and a Cast widens it at run time; small constants are widened in place. Both give FP32(FP16(w))."""
+    h, rng = onnx.helper, np.random.default_rng(0)
+    big = rng.normal(size=(320, 256)).astype(np.float32)  # 81,920 elements: above the limit
+    small = rng.normal(size=(256,)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(big, "w"), onnx.numpy_helper.from_array(small, "b")]
+    nodes = [h.make_node("MatMul", ["x", "w"], ["y"], name="mm"), h.make_node("Add", ["y", "b"], ["out"], name="add")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 320])],
+                         [h.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [2, 256])], inits)  # fmt: skip
+    fp16 = load_graph(save_model(h.make_model(graph), tmp_path / "mm.onnx"))
+    convert_fp16(fp16, ConvertFp16Config())
+    save_graph(fp16, tmp_path / "fp16.onnx", external_data=False)
+
+    emulated = load_graph(tmp_path / "fp16.onnx")
+    emulate_fp16_storage(emulated)
+    constants = {t.name: t for t in emulated.tensors().values() if t.__class__.__name__ == "Constant"}
+    assert constants["w"].values.dtype == np.float16  # kept FP16 ...
+    assert any(n.op == "Cast" and n.inputs[0].name == "w" for n in emulated.nodes)  # ... widened at run time
+    assert all(t.values.dtype == np.float32 for name, t in constants.items() if name != "w")
+
+    x = rng.normal(size=(2, 320)).astype(np.float32)
+    got = run_emulated(tmp_path / "fp16.onnx", [{"x": x}])[0]["out"]
+    x16 = x.astype(np.float16).astype(np.float32)
+    y16 = (x16 @ big.astype(np.float16).astype(np.float32)).astype(np.float16).astype(np.float32)
+    want = (y16 + small.astype(np.float16).astype(np.float32)).astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)

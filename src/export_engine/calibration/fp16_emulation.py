@@ -25,6 +25,7 @@ from export_engine.graph_passes.base import next_index, node_name
 from export_engine.graph_passes.graph_facts import FP16, FP32, ONNX_TYPE, constant_values, is_constant_source, np_dtype
 
 PASS_NAME = "emulate_fp16"
+_WIDEN_IN_PLACE_ELEMENTS = 65_536  # smaller FP16 constants are widened in the graph (shape-like, biases)
 
 
 def emulate_fp16_storage(graph: gs.Graph) -> int:
@@ -39,7 +40,7 @@ def emulate_fp16_storage(graph: gs.Graph) -> int:
             continue
         count += 1
         if is_constant_source(tensor):
-            _widen_constant(tensor)
+            index = _widen_constant(graph, tensor, index)
             continue
         if not tensor.inputs:  # an FP16 graph input: widen it for its consumers
             index = _round_trip_after(graph, tensor, tensor, index, widen_only=True)
@@ -53,7 +54,18 @@ def emulate_fp16_storage(graph: gs.Graph) -> int:
     return count
 
 
-def _widen_constant(tensor: gs.Tensor) -> None:
+def _widen_constant(graph: gs.Graph, tensor: gs.Tensor, index: int) -> int:
+    """FP16 constants reach their consumers as FP32 holding the FP16-rounded values. Large ones stay FP16 and
+    get a Cast to FP32 (run each inference; graph optimizations are off): widening them in place would hold a
+    second, FP32 copy of every FP16 weight, a full-size MASt3R graph's largest allocation during calibration."""
+    if isinstance(tensor, gs.Constant) and tensor.values.size > _WIDEN_IN_PLACE_ELEMENTS:
+        wide = gs.Variable(f"{tensor.name}/{PASS_NAME}_fp32", dtype=FP32, shape=list(tensor.shape))
+        for consumer in {id(n): n for n in tensor.outputs}.values():
+            for slot, t in enumerate(consumer.inputs):
+                if t is tensor:
+                    consumer.inputs[slot] = wide
+        graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index), {"to": ONNX_TYPE[FP32]}, [tensor], [wide]))
+        return index + 1
     values = constant_values(tensor)
     assert values is not None
     widened = values.astype(np.float32)  # exact: the FP16 rounding stays in the values
@@ -67,6 +79,7 @@ def _widen_constant(tensor: gs.Tensor) -> None:
         producer = tensor.inputs[0]
         producer.attrs["value"] = gs.Constant(producer.attrs["value"].name, widened)
         tensor.dtype = FP32
+    return index
 
 
 def _widen_node(node: gs.Node) -> None:
