@@ -78,6 +78,7 @@ def main() -> int:
         "wall_seconds": round(wall, 1),
         "peak_rss_gib": round(peak_gib, 2),
         "stage_seconds": timings,
+        "stage_peak_rss_gib": manifest.get("peak_rss_gib_after_stage", {}),  # the process's peak so far
         "export_seconds": round(sum(v for k, v in timings.items() if k.startswith("export:")), 1),
         "parity_seconds": round(sum(v for k, v in timings.items() if k.startswith("parity:")), 1),
         "parity_worst": manifest["parity"]["worst"],
@@ -94,7 +95,10 @@ def main() -> int:
 
     rows = [("what", "value")]
     rows += [("wall time (whole run)", f"{wall:.1f} s"), ("peak RSS", f"{peak_gib:.2f} GiB")]
-    rows += [(f"stage {k}", f"{v:.1f} s") for k, v in timings.items()]
+    peaks = manifest.get("peak_rss_gib_after_stage", {})
+    rows += [
+        (f"stage {k}", f"{v:.1f} s, peak RSS so far {peaks.get(k, float('nan')):.2f} GiB") for k, v in timings.items()
+    ]
     rows += [(f"parity {k} max abs", f"{v['max_abs']:.2e}") for k, v in manifest["parity"]["worst"].items()]
     rows += [(f"file {k}", f"{v / 1e9:.3f} GB") for k, v in sizes.items()]
     for name, g in graphs.items():

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 import torch
+from polygraphy.backend.base import BaseRunner
 
 from export_engine.artifacts.store import ArtifactWriter, write_json
 from export_engine.builders.for_artifact import build_engines
@@ -53,6 +54,7 @@ from export_engine.graph_passes.schedule import PassContext, ScheduledPass, run_
 from export_engine.record import ExportRun, build_manifest, parity_record
 from export_engine.runners.backends import choose_backend
 from export_engine.runners.ort_cpu import onnxrt_runner
+from export_engine.runners.recorded import RecordedRunner
 from export_engine.runners.torch_cpu import TorchRunner
 from export_engine.validation.parity import GraphParityReport, check_parity, raise_on_failure
 
@@ -289,14 +291,22 @@ def _exporter_gate(loaded: LoadedModel, spec: ModelSpec, feeds: list[Feed], run:
     reference = TorchRunner(spec.build_module(loaded.module), spec, name="pytorch-fp32")
     candidate = onnxrt_runner(run.exports[spec.name].path, name="onnxruntime-fp32-export")
     tolerances = spec.tolerances[Precision.FP32]
-    return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision="fp32")
+    report = check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision="fp32")
+    if report.candidate_outputs is not None:  # the final gate's reference: the same graph on the same feeds
+        run.fp32_outputs[spec.name] = report.candidate_outputs
+    return report
 
 
 def _final_gate(
     spec: ModelSpec, fp32_path: Path, final_path: Path, feeds: list[Feed], run: ExportRun
 ) -> GraphParityReport:
     precision = run.config.precision.value
-    reference = onnxrt_runner(fp32_path, name="onnxruntime-fp32")
+    recorded = run.fp32_outputs.get(spec.name)
+    reference: BaseRunner = (
+        RecordedRunner(feeds, recorded, name="onnxruntime-fp32")
+        if recorded is not None
+        else onnxrt_runner(fp32_path, name="onnxruntime-fp32")
+    )
     if run.config.precision is Precision.FP32:
         candidate = onnxrt_runner(final_path, name="onnxruntime-fp32")
     else:
@@ -304,11 +314,9 @@ def _final_gate(
         # FP16 tensor through FP16 storage (rounding, overflow to inf, flush to zero) as a GPU engine would.
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
-        from export_engine.calibration.fp16_emulation import emulation_session
+        from export_engine.calibration.fp16_emulation import emulated_session
 
-        candidate = OnnxrtRunner(
-            lambda: emulation_session(str(final_path)), name=f"onnxruntime-{precision}-fp16-storage"
-        )
+        candidate = OnnxrtRunner(lambda: emulated_session(final_path), name=f"onnxruntime-{precision}-fp16-storage")
     tolerances = spec.tolerances[run.config.precision]
     return check_parity(reference, candidate, feeds, tolerances, graph=spec.name, precision=precision)
 

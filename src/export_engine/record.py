@@ -43,6 +43,8 @@ class ExportRun:
     backend_reason: str = ""
     engines: list[dict[str, Any]] = field(default_factory=list)  # one record per built engine
     plans: dict[str, PrecisionPlan] = field(default_factory=dict)  # hybrid: each graph's precision plan
+    # per graph: the exported FP32 ONNX's outputs on the parity feeds (from the first gate, for the final one)
+    fp32_outputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     graph_facts: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: extra manifest facts
 
     def stage(self, name: str) -> Any:

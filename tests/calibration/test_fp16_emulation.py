@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from calibration.hybrid_testing import run_emulated, run_ort, save_model
 
-from export_engine.calibration.fp16_emulation import emulate_fp16_storage
+from export_engine.calibration.fp16_emulation import emulate_fp16_storage, emulated_session, emulation_session
 from export_engine.graph_passes.base import load_graph, save_graph
 from export_engine.graph_passes.convert_fp16 import ConvertFp16Config, convert_fp16
 from export_engine.graph_passes.graph_facts import FP16, np_dtype
@@ -38,6 +38,14 @@ def test_overflow_between_nodes_is_visible(tmp_path: Path) -> None:
     emulated = load_graph(tmp_path / "fp16.onnx")
     count = emulate_fp16_storage(emulated)
     assert count > 0 and not any(np_dtype(t) == FP16 for n in emulated.nodes for t in n.outputs if n.op != "Cast")
+
+    # The final parity gate's session (emulated_session) sees the overflow; the stored graph run as it is
+    # (optimizations off, no emulation) does not: ONNX Runtime computes the FP16 region in FP32.
+    gate = emulated_session(tmp_path / "fp16.onnx")
+    name = gate.get_inputs()[0].name
+    assert np.isinf(gate.run(None, {name: np.ones(4, np.float32)})[0]).all()
+    plain = emulation_session(str(tmp_path / "fp16.onnx"))
+    assert np.isfinite(plain.run(None, {name: np.ones(4, np.float32)})[0]).all()
 
 
 def test_large_fp16_weights_stay_fp16_behind_a_cast_with_the_same_result(tmp_path: Path) -> None:

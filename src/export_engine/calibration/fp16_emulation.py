@@ -15,6 +15,9 @@ accumulation do. FP16 accumulation inside kernels is still not modelled.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -25,6 +28,8 @@ from export_engine.graph_passes.base import next_index, node_name
 from export_engine.graph_passes.graph_facts import FP16, FP32, ONNX_TYPE, constant_values, is_constant_source, np_dtype
 
 PASS_NAME = "emulate_fp16"
+# Models above this many bytes go through a scratch file instead of serialized bytes in memory.
+_INLINE_LIMIT = 64_000_000
 _WIDEN_IN_PLACE_ELEMENTS = 65_536  # smaller FP16 constants are widened in the graph (shape-like, biases)
 
 
@@ -111,9 +116,38 @@ def _round_trip_after(
 
 
 def emulation_session(model: onnx.ModelProto | str) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with graph optimizations off, so that the round trips stay."""
+    """An ONNX Runtime CPU session with graph optimizations off, so that the round trips of an already emulated
+    graph stay (``model`` is emptied when it goes through a scratch file)."""
+    if isinstance(model, str):
+        model = onnx.load(model)
+    return cpu_session(model, optimize=False)
+
+
+def emulated_session(path: Path) -> ort.InferenceSession:
+    """The FP16 / hybrid graph at ``path`` with FP16 storage emulated, in a CPU session: what the final parity
+    gate runs, so that an FP16 activation that overflows between two nodes fails the gate as it would fail on
+    a GPU (plain ONNX Runtime on the CPU computes that region in FP32 and hides it)."""
+    from export_engine.graph_passes.base import load_graph
+
+    graph = load_graph(path)
+    emulate_fp16_storage(graph)
+    model = gs.export_onnx(graph)
+    del graph
+    return emulation_session(model)
+
+
+def cpu_session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
+    """A CPU session of ``model``. Large models go through a scratch file (weights as external data) and the
+    proto is emptied first, so that only ONNX Runtime's copy of the weights is in memory while the session is
+    built (from serialized bytes the graph was held three times over: graph, proto, bytes)."""
     options = lean_session_options()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    if not optimize:  # keep the emulation's FP16 round trips
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if model.ByteSize() < _INLINE_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="export-engine-eval-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        model.Clear()
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

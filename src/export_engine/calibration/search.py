@@ -19,7 +19,6 @@ islands and fused attention are never changed, and nodes whose measured values c
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from export_engine.calibration import lean_session_options
-from export_engine.calibration.fp16_emulation import emulate_fp16_storage
+from export_engine.calibration.fp16_emulation import cpu_session, emulate_fp16_storage
 from export_engine.core.types import Feed, Tolerance
 from export_engine.graph_passes.base import load_graph
 from export_engine.graph_passes.graph_facts import GraphFacts, fill_missing_dtypes
@@ -40,10 +39,6 @@ from export_engine.graph_passes.precision_plan import DATA_RULES, PrecisionPlan,
 from export_engine.validation.compare import compare_output
 
 log = logging.getLogger(__name__)
-
-# Candidates above this many bytes go through a scratch file (weights as external data) instead of serialized
-# bytes in memory; small graphs (tests, FastSAM3D's prompt decoder) stay in memory.
-_INLINE_LIMIT = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -156,7 +151,7 @@ class OrtPlanEvaluator:
             emulate_fp16_storage(graph)
         model = gs.export_onnx(graph)
         del graph
-        session = _session(model, optimize=not self.emulate)
+        session = cpu_session(model, optimize=not self.emulate)
         outputs: dict[str, dict[str, Any]] = {}
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             got = dict(zip(self.tolerances, session.run(list(self.tolerances), feed), strict=True))
@@ -164,22 +159,6 @@ class OrtPlanEvaluator:
                 outputs[name] = _worse(outputs.get(name), _judge(name, got[name], ref[name], tol))
         passed = all(o["passed"] for o in outputs.values())
         return Evaluation(passed, outputs, round(time.perf_counter() - start, 3))
-
-
-def _session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:
-    """A CPU session of ``model``, which is emptied: its weights go to a scratch file first, so that only ONNX
-    Runtime's copy of them is in memory while the session is built."""
-    options = lean_session_options()
-    options.log_severity_level = 3
-    if not optimize:  # keep the emulation's FP16 round trips
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if model.ByteSize() < _INLINE_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="hybrid-eval-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        model.Clear()
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _judge(name: str, actual: np.ndarray, ref: np.ndarray, tol: Tolerance) -> dict[str, Any]:

@@ -36,6 +36,8 @@ class GraphParityReport:
     outputs: list[OutputParity]
     # The reference runner's outputs for the first sample (kept so an artifact can store a re-checkable pair).
     reference_sample: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    # The candidate's outputs for every sample (a later gate with the same graph as its reference reuses them).
+    candidate_outputs: list[dict[str, np.ndarray]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:

@@ -52,6 +52,7 @@ def check_parity(
         seconds=round(time.perf_counter() - start, 2),
         outputs=[judge.worst[name] for name in tolerances],
         reference_sample=first_reference,
+        candidate_outputs=[{name: np.array(value) for name, value in it.items()} for it in results[1][1]],
     )
     for line in format_table([report]).splitlines():
         log.info("%s", line)
