@@ -253,11 +253,12 @@ def print_details(data: dict[str, Any]) -> None:
     if fastnn:
         done = [r for r in fastnn["sweep"] if "median_ms" in r]
         sweep = ", ".join(f"{r['tiles']['block_m']}x{r['tiles']['block_n']}/{r['tiles']['warps']}w/"
-                          f"{r['tiles']['target_programs']}: {r['median_ms']:.2f} ms"
+                          f"{r['tiles']['target_programs']}{'' if r['tiles']['tail_fma'] else '/pad32'}: "
+                          f"{r['median_ms']:.3f} ms ({r['tflops_fp32_useful']:.1f} TFLOP/s)"
                           f"{'' if r['identical'] else ' NOT EXACT'}" for r in done)  # fmt: skip
         print(f"FastNN-Lite kernel, 3072 x 196608 rows x keys: {sweep}")
-        print(f"FastNN-Lite pair: rows per call {fastnn['rows_per_call']}, kernel time on them "
-              f"{fastnn['kernel_ms_sum']:.2f} ms (best tiles {fastnn['best_tiles']})")  # fmt: skip
+        print(f"FastNN-Lite pair: rows per step {fastnn['rows_per_call']} ({fastnn['useful_gflop']:.1f} GFLOP), "
+              f"kernel time on them {fastnn['kernel_ms_sum']:.2f} ms (best tiles {fastnn['best_tiles']})")  # fmt: skip
     for key in ("profile MASt3R hybrid", "profile FastSAM3D hybrid encoder"):
         prof = data.get(key)
         if prof:

@@ -289,34 +289,52 @@ def fastnn(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Upstream algorithm (plain implementation) vs FastNN-Lite on 512x384 smooth 24-dim maps, subsample 8.
 
-    Also sweeps the fused kernel's launch shapes on the first round's shape (3072 x 196608) and splits a pair's
-    time into kernel time (the rows each round asks for) and the rest (host loop, syncs, bookkeeping)."""
+    Sweeps the fused kernel's launch shapes on the first round's shape (3072 x 196608, achieved FP32 rate),
+    times a pair with the device round loop launched from Python and replayed as one CUDA graph, the symmetric
+    mode (4 maps), and splits a pair's time into kernel time (the rows each step computes) and the rest."""
     from fastnn_bench import same, smooth_maps, to_numpy
 
     from export_engine.families.mast3r import fastnn_kernel as fk
     from export_engine.families.mast3r.fastnn import (
+        CapturedMatcher,
         MatchConfig,
         ReciprocalMatcher,
+        extract_correspondences,
         matcher_reciprocal_nn,
         nearest_by_dot,
     )
-    from export_engine.families.mast3r.matching_reference import reciprocal_nn_reference
+    from export_engine.families.mast3r.matching_reference import (
+        extract_correspondences_reference,
+        reciprocal_nn_reference,
+    )
 
-    d1, d2 = (m.cuda() for m in smooth_maps(height, width, 2))
+    maps = [m.cuda() for m in smooth_maps(height, width, 4)]
+    d1, d2 = maps[:2]
     flat1, flat2 = d1.reshape(-1, 24), d2.reshape(-1, 24)
     keys_t = fk.transposed(flat2)
     queries = flat1[::64][:3072].contiguous()  # as many rows as the first round asks for at 512x384
     exact = nearest_by_dot(queries, flat2)
+
+    def kernel_call(tiles: fk.Tiles, rows: int) -> tuple[Callable[[], None], fk.NearestTable]:
+        table = fk.NearestTable(queries, flat2, 3072, tiles, keys_t=keys_t)
+        ids = torch.arange(rows, dtype=torch.int32, device="cuda")
+        count = torch.tensor(rows, dtype=torch.int32, device="cuda")
+        return (lambda: table.compute(ids, count)), table
+
     sweep = []
-    for tiles in (fk.Tiles(64, 64, 4), fk.Tiles(128, 64, 4), fk.Tiles(64, 128, 4), fk.Tiles(128, 128, 8),
-                  fk.Tiles(128, 64, 8), fk.Tiles(64, 64, 2), fk.Tiles(32, 128, 4), fk.Tiles(64, 64, 4, 1056),
-                  fk.Tiles(128, 128, 4), fk.Tiles(128, 32, 4)):  # fmt: skip
+    for tiles in (fk.Tiles(128, 64, 8), fk.Tiles(64, 64, 4), fk.Tiles(64, 64, 4, tail_fma=False),
+                  fk.Tiles(64, 64, 4, 1056), fk.Tiles(64, 64, 4, 264), fk.Tiles(64, 64, 2), fk.Tiles(64, 64, 2, 1056),
+                  fk.Tiles(128, 64, 4), fk.Tiles(64, 32, 2), fk.Tiles(32, 64, 2), fk.Tiles(64, 128, 4, 264),
+                  fk.Tiles(128, 32, 4)):  # fmt: skip
         try:
-            timing = time_calls(lambda t=tiles: fk.nearest_by_dot_fused(queries, keys_t, t), 3, 20)
-            equal = bool(torch.equal(fk.nearest_by_dot_fused(queries, keys_t, tiles), exact))
-            fmas = queries.shape[0] * keys_t.shape[1] * 32  # features padded to 32
+            call, table = kernel_call(tiles, 3072)
+            timing = time_calls(call, 3, 20)
+            equal = bool(torch.equal(table.table[:3072].long(), exact))
+            issued = 24 if tiles.tail_fma else 32  # features the FMAs run over (padding to 32 without the tail)
+            fmas = queries.shape[0] * keys_t.shape[1]
             sweep.append({"tiles": asdict(tiles), **timing, "identical": equal,
-                          "tflops_fp32": 2 * fmas / timing["median_ms"] / 1e9})  # fmt: skip
+                          "tflops_fp32_useful": 2 * fmas * 24 / timing["median_ms"] / 1e9,
+                          "tflops_fp32_issued": 2 * fmas * issued / timing["median_ms"] / 1e9})  # fmt: skip
         except Exception as err:  # a launch shape the compiler rejects is reported, not fatal
             sweep.append({"tiles": asdict(tiles), "error": f"{type(err).__name__}: {err}"[:300]})
     ranked = [r for r in sweep if "median_ms" in r and r["identical"]]
@@ -328,43 +346,56 @@ def fastnn(
     def run(config: MatchConfig) -> tuple:
         return matcher_reciprocal_nn(ReciprocalMatcher(d1, d2, config), 8)
 
+    captured = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused", tiles=best))
+    gen = torch.Generator().manual_seed(2)
+    confs = [(1 + torch.rand(height, width, generator=gen)).cuda() for _ in range(4)]
+
+    def symmetric(config: MatchConfig | None = None) -> tuple:
+        if config is None:
+            return extract_correspondences_reference(maps, confs, 8, device=d1.device)
+        return extract_correspondences(maps, confs, 8, config)
+
     expected = to_numpy(reference())
-    cases: list[tuple[str, Callable[[], tuple], int]] = [
-        ("reference (upstream algorithm)", reference, ref_repeats),
-        ("FastNN-Lite tiles", lambda: run(MatchConfig(kernel="tiles")), repeats),
-        ("FastNN-Lite fused", lambda: run(MatchConfig(kernel="fused")), repeats),
-        (f"FastNN-Lite fused, tiles {best.block_m}x{best.block_n}/{best.warps}w/{best.target_programs}",
-         lambda: run(MatchConfig(tiles=best)), repeats),
+    expected_sym = to_numpy(symmetric())
+    name = f"tiles {best.block_m}x{best.block_n}/{best.warps}w/{best.target_programs}"
+    cases: list[tuple[str, Callable[[], tuple], int, Any]] = [
+        ("reference (upstream algorithm)", reference, ref_repeats, expected),
+        ("FastNN-Lite tiles", lambda: run(MatchConfig(kernel="tiles")), repeats, expected),
+        ("FastNN-Lite fused, device loop", lambda: run(MatchConfig(kernel="fused")), repeats, expected),
+        (f"FastNN-Lite fused, device loop, {name}", lambda: run(MatchConfig(tiles=best)), repeats, expected),
+        (f"FastNN-Lite fused, CUDA graph, {name}", lambda: captured(d1, d2), repeats, expected),
+        ("symmetric reference (4 maps)", symmetric, max(2, ref_repeats // 4), expected_sym),
+        (f"symmetric FastNN-Lite fused, {name} (4 maps)", lambda: symmetric(MatchConfig(tiles=best)), repeats,
+         expected_sym),
     ]  # fmt: skip
     rows = []
-    for name, fn, runs in cases:
+    for label, fn, runs, want in cases:
         try:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             timing = time_calls(fn, warmup, runs)
             got = to_numpy(fn())
-            identical = same(got, expected)
+            identical = same(got, want)
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            rows.append({"case": f"FastNN {name}, pair 512x384 s8", **timing, "identical_to_reference": identical,
+            pair = "4 maps 512x384 s8" if label.startswith("symmetric") else "pair 512x384 s8"
+            rows.append({"case": f"FastNN {label}, {pair}", **timing, "identical_to_reference": identical,
                          "matches": len(got[0]), "peak_extra_mib": peak})  # fmt: skip
         except Exception as err:  # a failing variant is reported, the others still run
-            rows.append({"case": f"FastNN {name}", "error": f"{type(err).__name__}: {err}"[:400]})
-    # Where a pair's time goes: the kernel on the rows each round computes (counted on this pair), the rest.
+            rows.append({"case": f"FastNN {label}", "error": f"{type(err).__name__}: {err}"[:400]})
+    # Where a pair's time goes: the kernel on the rows each step computes (counted on this pair), the rest.
     matcher = ReciprocalMatcher(d1, d2, MatchConfig(tiles=best))
-    counts = []
-    original = fk.nearest_by_dot_fused
-
-    def counting(q: torch.Tensor, k: torch.Tensor, t: fk.Tiles = best) -> torch.Tensor:
-        counts.append(int(q.shape[0]))
-        return original(q, k, t)
-
-    fk.nearest_by_dot_fused = counting  # type: ignore[assignment]
-    try:
-        matcher_reciprocal_nn(matcher, 8)
-    finally:
-        fk.nearest_by_dot_fused = original  # type: ignore[assignment]
-    kernel_ms = sum(time_calls(lambda c=c: original(flat1[:c], keys_t, best), 2, 10)["median_ms"] for c in counts)
-    breakdown = {"rows_per_call": counts, "kernel_ms_sum": kernel_ms, "best_tiles": asdict(best), "sweep": sweep}
+    matcher_reciprocal_nn(matcher, 8)
+    counts = [int(c) for c in matcher.rows_per_step.tolist() if c > 0] if matcher.rows_per_step is not None else []
+    kernel_ms = sum(time_calls(kernel_call(best, c)[0], 2, 10)["median_ms"] for c in counts)
+    total_rows = sum(counts)
+    breakdown = {
+        "rows_per_call": counts,
+        "steps_with_rows": len(counts),
+        "kernel_ms_sum": kernel_ms,
+        "best_tiles": asdict(best),
+        "sweep": sweep,
+        "useful_gflop": 2 * 24 * total_rows * flat2.shape[0] / 1e9,
+    }
     return rows, breakdown
 
 

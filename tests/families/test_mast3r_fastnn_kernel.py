@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from export_engine.errors import BackendError
+from export_engine.errors import BackendError, ModelInputError
 from export_engine.families.mast3r import fastnn_kernel
 from export_engine.families.mast3r.fastnn import (
+    CapturedMatcher,
     MatchConfig,
+    ReciprocalMatcher,
     extract_correspondences,
     fast_reciprocal_nn,
     nearest_by_dot,
@@ -91,3 +93,110 @@ def test_auto_uses_fused_only_on_cuda_and_fused_refuses_fp16(monkeypatch: pytest
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendError, match="kernel='fused' cannot run"):
         MatchConfig(kernel="fused").use_fused(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("d", [17, 24, 31, 32])
+@pytest.mark.parametrize("tail_fma", [True, False])
+def test_dot_with_fma_tail_equals_padded_dot(d: int, tail_fma: bool) -> None:
+    """Features past 16 by explicit fma (16 < D < 32) or a dot padded to 32: the same neighbours as the BLAS."""
+    gen = torch.Generator().manual_seed(d)
+    queries, keys = torch.randn(70, d, generator=gen).to(DEVICE), torch.randn(640, d, generator=gen).to(DEVICE)
+    tiles = fastnn_kernel.Tiles(32, 64, 4, 8, tail_fma=tail_fma)
+    dot, padded, tail = fastnn_kernel._dot_features(d, tiles)
+    assert dot + tail == d and padded >= dot and (tail > 0) == (tail_fma and d < 32)
+    got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys), tiles)
+    np.testing.assert_array_equal(got.cpu().numpy(), nearest_by_dot(queries, keys).cpu().numpy())
+
+
+def _smooth_pair(height: int, width: int, noise: float, seed: int) -> list[torch.Tensor]:
+    """Two unit (H, W, 24) maps sharing a blocky random field (8 px cells), each with its own noise: many
+    seeds need more than one round, as on real descriptor maps."""
+    gen = torch.Generator().manual_seed(seed)
+    field = torch.randn(height // 8 + 1, width // 8 + 1, 24, generator=gen)
+    field = field.repeat_interleave(8, 0).repeat_interleave(8, 1)[:height, :width]
+    maps = [field + noise * torch.randn(field.shape, generator=gen) for _ in range(2)]
+    return [torch.nn.functional.normalize(m, dim=2) for m in maps]
+
+
+def _tables(desc1: torch.Tensor, desc2: torch.Tensor, tiles: fastnn_kernel.Tiles = TILES[1]) -> tuple:
+    flat1, flat2 = desc1.reshape(-1, desc1.shape[-1]), desc2.reshape(-1, desc2.shape[-1])
+    rows = max(flat1.shape[0], flat2.shape[0])
+    return fastnn_kernel.NearestTable(flat1, flat2, rows, tiles), fastnn_kernel.NearestTable(flat2, flat1, rows, tiles)
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 10])
+def test_device_round_loop_equals_host_loop(max_iter: int) -> None:
+    """The per-seed flags of the device loop reproduce the host loop's chains, converged flags included."""
+    desc1, desc2 = _smooth_pair(48, 64, noise=0.6, seed=3)
+    host = ReciprocalMatcher(desc1, desc2, MatchConfig(kernel="tiles"))
+    seeds = host.grid_seeds(4)
+    want = host.chains(seeds, max_iter)
+    nn12, nn21 = _tables(desc1.to(DEVICE), desc2.to(DEVICE))
+    *got, rows = fastnn_kernel.chains_on_device(nn12, nn21, seeds.to(DEVICE), max_iter)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.cpu().numpy(), w.numpy())
+    assert int(rows.sum()) == int(nn12.computed + nn21.computed) == host.rows_computed
+    assert rows.shape == (2 * max_iter + 1,) and int(rows[0]) == seeds.numel()
+    if max_iter == 1:
+        assert not bool(got[2].all())  # some seeds need more rounds: unconverged ones are reported
+    # A converged table is remembered: a second walk claims and computes nothing.
+    *again, rows_again = fastnn_kernel.chains_on_device(nn12, nn21, seeds.to(DEVICE), max_iter)
+    assert int(rows_again.sum()) == 0
+    for g, w in zip(again, got, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_claims_are_unique_when_seeds_share_a_neighbour() -> None:
+    """Many seeds asking for the same row in one step compute it once (compare-and-swap claim)."""
+    keys = torch.nn.functional.normalize(torch.randn(200, 24, generator=torch.Generator().manual_seed(4)), dim=1)
+    desc2 = keys.reshape(10, 20, 24)
+    desc1 = keys[:1].expand(60, 24).reshape(6, 10, 24).contiguous()  # every pixel of image 1 is the same
+    nn12, nn21 = _tables(desc1.to(DEVICE), desc2.to(DEVICE))
+    seeds = torch.arange(60, device=DEVICE)
+    _, idx2, _, rows = fastnn_kernel.chains_on_device(nn12, nn21, seeds, 3)
+    assert int(rows[0]) == 60 and int(rows[1]) == 1  # one image-2 row for 60 identical image-1 points
+    assert torch.all(idx2 == 0)
+
+
+def test_refresh_forgets_neighbours_and_rereads_keys() -> None:
+    gen = torch.Generator().manual_seed(5)
+    source, keys = torch.randn(40, 24, generator=gen).to(DEVICE), torch.randn(300, 24, generator=gen).to(DEVICE)
+    table = fastnn_kernel.NearestTable(source, keys, 40, TILES[1])
+    rows = torch.arange(40, dtype=torch.int32, device=DEVICE)
+    table.compute(rows, torch.tensor(40, dtype=torch.int32, device=DEVICE))
+    np.testing.assert_array_equal(table.table[:40].cpu().numpy(), nearest_by_dot(source, keys).cpu().numpy())
+    keys.copy_(torch.randn(300, 24, generator=gen))
+    table.refresh()
+    assert bool((table.table[:40] == fastnn_kernel.UNKNOWN).all()) and int(table.table[40]) == 0
+    assert int(table.computed) == 0
+    table.compute(rows, torch.tensor(0, dtype=torch.int32, device=DEVICE))  # no rows: nothing changes
+    assert bool((table.table[:40] == fastnn_kernel.UNKNOWN).all())
+    table.compute(rows, torch.tensor(40, dtype=torch.int32, device=DEVICE))
+    np.testing.assert_array_equal(table.table[:40].cpu().numpy(), nearest_by_dot(source, keys).cpu().numpy())
+    with pytest.raises(ValueError, match="exceeds"):
+        table.compute(torch.arange(41, dtype=torch.int32, device=DEVICE), torch.tensor(1, device=DEVICE))
+
+
+def test_captured_matcher_needs_cuda() -> None:
+    if DEVICE.type == "cuda":
+        pytest.skip("this machine has CUDA: test_captured_matcher_replays_pairs covers it")
+    with pytest.raises(BackendError, match="needs CUDA"):
+        CapturedMatcher((8, 8, 24), (8, 8, 24), device="cpu")
+
+
+@pytest.mark.gpu
+def test_captured_matcher_replays_pairs() -> None:
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU: the matcher records a CUDA graph")
+    captured = CapturedMatcher((96, 128, 24), (96, 128, 24), subsample=8)
+    for seed in (0, 1, 2):
+        desc1, desc2 = (d.cuda() for d in _smooth_pair(96, 128, noise=0.4, seed=seed))
+        got = captured(desc1, desc2)
+        want = fast_reciprocal_nn(desc1, desc2, 8, kernel="tiles")
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+        assert captured.rows_per_step is not None and int(captured.rows_per_step[0]) == 12 * 16
+    with pytest.raises(ModelInputError, match="recorded shape"):
+        captured(torch.zeros(96, 127, 24, device="cuda"), desc2)
+    with pytest.raises(ModelInputError, match="NaN"):
+        captured(torch.full((96, 128, 24), float("nan"), device="cuda"), desc2)

@@ -10,10 +10,11 @@ Same algorithm as :mod:`export_engine.families.mast3r.matching_reference` (upstr
 * A pixel's nearest neighbour never changes, so each one is computed once and remembered in a per-pixel table
   (one per direction). Seeds whose chains meet, and the reverse run of :func:`extract_correspondences`
   (B -> A reads the same two tables as A -> B), ask for rows already known and cost nothing.
-* The round loop stays on the device. Each round compacts the active seeds and the rows still unknown
-  (boolean indexing / ``torch.unique``), which costs a few host syncs per round and none per tile. The
-  alternative, a fixed ``max_iter`` rounds over every seed with masks, would have no syncs but ~3x to 10x the
-  matmul work (most seeds converge in round 1 or 2), and the matmuls are where the time goes.
+* With the fused kernel the whole round loop runs on the device with no host sync
+  (:func:`export_engine.families.mast3r.fastnn_kernel.chains_on_device`): ``max_iter`` rounds of per-seed
+  flags, where only the rows still unknown are claimed and computed, so converged seeds cost nothing and the
+  loop can be recorded in a CUDA graph (:class:`CapturedMatcher`). The torch-tile path (CPU) compacts the
+  active seeds and unknown rows each round instead, a few host syncs per round and none per tile.
 * De-duplication and the (idx1, idx2) order come from ``torch.unique`` on packed int64 keys, as upstream's
   ``np.unique`` on the same packing.
 
@@ -199,9 +200,8 @@ def _fold_tile_sparse(sim: Tensor, offset: int, best: Tensor, arg: Tensor) -> No
 class _MemoNN:
     """Nearest neighbour in `keys` of each row of `source`, computed on first request and then remembered."""
 
-    def __init__(self, source: Tensor, keys: Tensor, config: MatchConfig, fused: bool) -> None:
+    def __init__(self, source: Tensor, keys: Tensor, config: MatchConfig) -> None:
         self.source, self.keys, self.config = source, keys, config
-        self.keys_t = fastnn_kernel.transposed(keys) if fused else None  # the fused kernel's layout, made once
         self.table = torch.full((source.shape[0],), -1, dtype=torch.int64, device=source.device)
         self._wanted = torch.zeros(source.shape[0], dtype=torch.bool, device=source.device)
         self.rows_computed = 0
@@ -214,11 +214,7 @@ class _MemoNN:
         self._wanted &= self.table < 0
         missing = self._wanted.nonzero().squeeze(1)
         if missing.numel() > 0:
-            queries = self.source[missing]
-            if self.keys_t is not None:
-                self.table[missing] = fastnn_kernel.nearest_by_dot_fused(queries, self.keys_t, self.config.tiles)
-            else:
-                self.table[missing] = nearest_by_dot(queries, self.keys, self.config.block_size)
+            self.table[missing] = nearest_by_dot(self.source[missing], self.keys, self.config.block_size)
             self.rows_computed += int(missing.numel())
         return self.table[rows]
 
@@ -251,12 +247,20 @@ class ReciprocalMatcher:
         if not (torch.isfinite(desc1).all() and torch.isfinite(desc2).all()):
             raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
         self.config = config or MatchConfig()
+        self.rows_per_step: Tensor | None = None  # fused path: rows computed at each step of the last chains()
         self.shape1 = (int(desc1.shape[0]), int(desc1.shape[1]))
         self.shape2 = (int(desc2.shape[0]), int(desc2.shape[1]))
         flat1, flat2 = (self._compute_dtype(d.reshape(-1, d.shape[2])) for d in (desc1, desc2))
-        fused = self.config.use_fused(desc1.device)
-        self._nn12 = _MemoNN(flat1, flat2, self.config, fused)
-        self._nn21 = _MemoNN(flat2, flat1, self.config, fused)
+        self._nn12: _MemoNN | fastnn_kernel.NearestTable
+        self._nn21: _MemoNN | fastnn_kernel.NearestTable
+        if self.config.use_fused(desc1.device):
+            # Row lists hold at most one entry per seed: the grid seeds of the smaller subsample we serve (1).
+            rows = max(flat1.shape[0], flat2.shape[0])
+            self._nn12 = fastnn_kernel.NearestTable(flat1, flat2, rows, self.config.tiles)
+            self._nn21 = fastnn_kernel.NearestTable(flat2, flat1, rows, self.config.tiles)
+        else:
+            self._nn12 = _MemoNN(flat1, flat2, self.config)
+            self._nn21 = _MemoNN(flat2, flat1, self.config)
 
     def _compute_dtype(self, flat: Tensor) -> Tensor:
         if self.config.precision == "fp16":
@@ -271,12 +275,15 @@ class ReciprocalMatcher:
 
     @property
     def rows_computed(self) -> int:
-        """Nearest-neighbour rows computed so far, both directions."""
+        """Nearest-neighbour rows computed so far, both directions (a host sync on the fused path)."""
+        if isinstance(self._nn12, fastnn_kernel.NearestTable):
+            return int(self._nn12.computed + self._nn21.computed)
         return self._nn12.rows_computed + self._nn21.rows_computed
 
     def swapped(self) -> ReciprocalMatcher:
         other = object.__new__(ReciprocalMatcher)
         other.config, other.shape1, other.shape2 = self.config, self.shape2, self.shape1
+        other.rows_per_step = None
         other._nn12, other._nn21 = self._nn21, self._nn12
         return other
 
@@ -292,10 +299,16 @@ class ReciprocalMatcher:
 
     def chains(self, seeds: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
         """Walk each seed 1 -> 2 -> 1 until reciprocal; returns (idx1, idx2, converged) per seed, int64/bool."""
+        if isinstance(self._nn12, fastnn_kernel.NearestTable) and isinstance(self._nn21, fastnn_kernel.NearestTable):
+            idx1, idx2, converged, self.rows_per_step = fastnn_kernel.chains_on_device(
+                self._nn12, self._nn21, seeds, max_iter
+            )
+            return idx1, idx2, converged
         with _ieee_fp32_matmul(self.device):
             return self._chains(seeds, max_iter)
 
     def _chains(self, seeds: Tensor, max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+        assert isinstance(self._nn12, _MemoNN) and isinstance(self._nn21, _MemoNN)
         n = seeds.numel()
         idx1, prev1 = seeds.clone(), seeds.clone()
         idx2 = torch.full_like(seeds, -1)
@@ -396,6 +409,72 @@ def matcher_reciprocal_nn(
         idx1 = seeds
     keys = torch.unique(pack_pairs(idx1[converged], idx2[converged]))  # sorted
     return _unpack(keys, matcher.shape1, matcher.shape2, ret_xy)
+
+
+class CapturedMatcher:
+    """FastNN-Lite for one pair of map shapes recorded as a CUDA graph: every round of every seed in one replay.
+
+    The maps are copied into buffers the graph owns; the replay re-reads the keys, forgets the previous pair's
+    neighbours and runs ``max_iter`` rounds of the device loop (rounds after convergence find no rows and cost
+    a few microseconds). The only host sync is the final de-duplication, whose size depends on the matches.
+    Same results as :func:`fast_reciprocal_nn` with the fused kernel.
+    """
+
+    def __init__(
+        self,
+        shape1: tuple[int, int, int],
+        shape2: tuple[int, int, int],
+        subsample: int = 8,
+        config: MatchConfig | None = None,
+        device: torch.device | str = "cuda",
+    ) -> None:
+        device = torch.device(device)
+        config = config or MatchConfig(kernel="fused")
+        if device.type != "cuda" or not config.use_fused(device):
+            raise BackendError(f"CapturedMatcher records a CUDA graph of the fused kernel: needs CUDA, got {device}")
+        self._desc1 = torch.zeros(shape1, dtype=torch.float32, device=device)
+        self._desc2 = torch.zeros(shape2, dtype=torch.float32, device=device)
+        self._matcher = ReciprocalMatcher(self._desc1, self._desc2, config)
+        self._seeds = self._matcher.grid_seeds(subsample)
+        self._graph = torch.cuda.CUDAGraph()
+        self._record()
+
+    def _once(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        nn12, nn21 = self._matcher._nn12, self._matcher._nn21
+        assert isinstance(nn12, fastnn_kernel.NearestTable) and isinstance(nn21, fastnn_kernel.NearestTable)
+        nn12.refresh()
+        nn21.refresh()
+        finite = torch.isfinite(self._desc1).all() & torch.isfinite(self._desc2).all()
+        idx1, idx2, converged = self._matcher.chains(self._seeds, self._matcher.config.max_iter)
+        return idx1, idx2, converged, finite
+
+    @property
+    def rows_per_step(self) -> Tensor | None:
+        """Rows computed at each step of the last replay (device tensor; see ReciprocalMatcher.rows_per_step)."""
+        return self._matcher.rows_per_step
+
+    def _record(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._once()  # compiles the kernels outside the recording
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self._graph):
+            self._outputs = self._once()
+
+    def __call__(self, desc1: Tensor, desc2: Tensor, ret_xy: bool = True) -> tuple[Tensor, Tensor]:
+        """Matches of two maps of the recorded shapes, as :func:`fast_reciprocal_nn` returns them."""
+        for name, desc, buffer in (("desc1", desc1, self._desc1), ("desc2", desc2, self._desc2)):
+            if not isinstance(desc, Tensor) or desc.shape != buffer.shape:
+                got = tuple(desc.shape) if isinstance(desc, Tensor) else type(desc).__name__
+                raise ModelInputError(f"{name} must be a tensor of the recorded shape {tuple(buffer.shape)}, got {got}")
+            buffer.copy_(desc)
+        self._graph.replay()
+        idx1, idx2, converged, finite = self._outputs
+        if not bool(finite):
+            raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
+        keys = torch.unique(pack_pairs(idx1[converged], idx2[converged]))
+        return _unpack(keys, self._matcher.shape1, self._matcher.shape2, ret_xy)
 
 
 def extract_correspondences(

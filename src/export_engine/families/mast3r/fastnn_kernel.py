@@ -1,28 +1,34 @@
-"""Fused nearest-neighbour kernel for FastNN-Lite (Triton): dot products and first-argmax in one pass.
+"""FastNN-Lite on the device (Triton): fused nearest-neighbour kernel and a round loop with no host syncs.
 
-The torch path of :func:`export_engine.families.mast3r.fastnn.nearest_by_dot` writes every ``queries x keys`` similarity
-tile to device memory and reads it back for the row maximum; at 512x384 that traffic, not the arithmetic, is
-what an H100 spends its time on (bench/RESULTS.md). Here a program holds a block of queries in registers, walks
-its share of the keys, and keeps a running (max, first index) per query and per tile column, so similarities
-never leave registers. Memory: O(m * splits) for the partial results.
+Nearest neighbours. The torch path of :func:`export_engine.families.mast3r.fastnn.nearest_by_dot` writes every
+``queries x keys`` similarity tile to device memory and reads it back for the row maximum; at 512x384 that
+traffic, not the arithmetic, is what a Hopper GPU spends its time on. Here a program holds a block of queries in
+registers, walks a range of keys, and keeps a running (max, first index) per query and per tile column, so
+similarities never leave registers. The kernel is persistent: it reads the number of rows from device memory and
+divides (row block, key range) work items over a fixed grid, so a launch needs no host-side count, late rounds
+with a few dozen rows still spread their keys over every SM, and a launch with no rows returns at once.
 
-Exactness: each similarity is ``sum_k q[k] * key[k]`` formed by ``tl.dot`` in IEEE fp32 (Triton's FMA matmul:
-fused multiply-adds over the features in order; features padded with zeros to a power of two add exact zeros),
-which is how the BLAS GEMMs of the reference compute a short (D = 24) dot product. Measured on an H100: matches
-identical to the cuBLAS-based reference on the 512x384 benchmark maps and on random and tied inputs (tests).
-An explicit multiply-add loop (the order fixed in our code) was also identical but 12x slower (114 vs 9.2 ms per
-pair, broadcast loads per feature), so only the tl.dot form is kept.
+Exactness: each similarity is ``sum_k q[k] * key[k]`` formed by fp32 fused multiply-adds over the features in
+order, starting from zero, which is how the BLAS GEMMs of the reference compute a short (D = 24) dot product:
+``tl.dot`` in IEEE fp32 (Triton's FMA matmul) over the first features, then, when D lies between 16 and 32,
+explicit ``fma`` steps for the features past 16 (no padding to 32: a quarter less arithmetic at D = 24).
+Measured on an H100 and an H200: matches identical to the cuBLAS-based reference on the 512x384 benchmark maps
+and on random and tied inputs (tests). Ties resolve to the first index, as ``torch.max(dim=1)`` and
+``np.argmax`` do: within a column slot a later key only wins on a strictly larger value, and across slots and
+key ranges the smallest index among equal maxima wins.
 
-Ties resolve to the first index, as ``torch.max(dim=1)`` and ``np.argmax`` do: within a column slot a later key
-only wins on a strictly larger value, and across slots and splits the smallest index among equal maxima wins.
+Round loop. :func:`chains_on_device` walks every seed 1 -> 2 -> 1 for a fixed number of rounds with per-seed
+"active" flags. Rows still unknown are claimed in the per-pixel neighbour tables by atomic compare-and-swap
+(-1 -> -2) and appended to a row list by an atomic counter, so de-duplication and compaction need no sort and
+no host sync; once every seed has converged, the remaining launches find no rows and return. The whole loop
+can therefore be recorded in a CUDA graph (:class:`export_engine.families.mast3r.fastnn.CapturedMatcher`).
 
-Triton is imported at call time (torch's CUDA builds ship it); on a CPU-only machine the kernel runs under
-Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks its logic.
+Triton is imported at call time (torch's CUDA builds ship it); on a CPU-only machine the kernels run under
+Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logic.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +36,9 @@ from typing import Any
 import torch
 
 Tensor = torch.Tensor
+
+UNKNOWN, CLAIMED = -1, -2  # neighbour table entries that are not an index (yet)
+_EMPTY = -(2**63)  # packed (score, index) slot before any key range reported
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -44,84 +53,45 @@ def available(device: torch.device) -> tuple[bool, str]:
     return True, "triton"
 
 
-def _kernel() -> Any:
-    # Triton decides at decoration time whether a kernel is interpreted, so the flag is part of the cache key.
-    return _compiled_kernel(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@functools.cache
-def _compiled_kernel(interpret: bool) -> Any:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def nearest_kernel(
-        qt_ptr,  # (D, m) fp32, queries transposed: row k holds feature k of every query
-        kt_ptr,  # (D, n) fp32, keys transposed
-        best_ptr,  # (splits, m) fp32 out
-        arg_ptr,  # (splits, m) int32 out
-        m,
-        n,
-        keys_per_split,
-        D: tl.constexpr,  # noqa: N803 (Triton constexpr parameters are upper case by convention)
-        DP: tl.constexpr,  # noqa: N803 (D rounded up to a power of two >= 16, as tl.dot needs)
-        BLOCK_M: tl.constexpr,  # noqa: N803
-        BLOCK_N: tl.constexpr,  # noqa: N803
-    ):
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < m
-        feats = tl.arange(0, DP)
-        start = split * keys_per_split
-        stop = tl.minimum(start + keys_per_split, n)
-        # The query block stays in registers; features past D are zeros on both sides and add exact zeros.
-        q = tl.load(qt_ptr + feats[None, :] * m + rows[:, None], mask=row_ok[:, None] & (feats[None, :] < D),
-                    other=0.0)  # fmt: skip
-        best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
-        arg = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-        for j in range(0, keys_per_split, BLOCK_N):  # keys_per_split is a multiple of BLOCK_N
-            cols = start + j + tl.arange(0, BLOCK_N)
-            col_ok = cols < stop
-            k = tl.load(kt_ptr + feats[:, None] * n + cols[None, :], mask=(feats[:, None] < D) & col_ok[None, :],
-                        other=0.0)  # fmt: skip
-            sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)  # fp32 FMAs in feature order
-            sim = tl.where(col_ok[None, :], sim, float("-inf"))
-            better = sim > best  # strict: an earlier key in this column slot keeps a tie
-            best = tl.where(better, sim, best)
-            arg = tl.where(better, cols[None, :], arg)
-        row_best = tl.max(best, axis=1)
-        # First index among the slots holding the row maximum (slots with no key left hold -inf, index 0).
-        candidates = tl.where(best == row_best[:, None], arg, 2147483647)
-        row_arg = tl.min(candidates, axis=1)
-        tl.store(best_ptr + split * m + rows, row_best, mask=row_ok)
-        tl.store(arg_ptr + split * m + rows, row_arg, mask=row_ok)
-
-    return nearest_kernel
-
-
 @dataclass(frozen=True)
 class Tiles:
-    """Launch shape: queries and keys per program step, warps, and how many programs to aim for."""
+    """Launch shape: queries and keys per program step, warps, and the persistent grid's program count."""
 
     block_m: int = 64
     block_n: int = 64
     warps: int = 4
-    target_programs: int = 4 * 132  # a few per SM of an H100 (132 SMs)
+    target_programs: int = 4 * 132  # a few per SM of an H100 / H200 (132 SMs)
+    tail_fma: bool = True  # features past 16 (16 < D < 32) by explicit fma instead of padding the dot to 32
 
 
-# Fastest of ten launch shapes on an H100 in two runs (bench/gpu_bench.py: 1.06 and 1.07 ms for 3072 x 196608,
-# against 1.13 to 2.19 ms for the others), all exact.
-DEFAULT_TILES = Tiles(128, 64, 8)
+# Among the fastest exact launch shapes on an H200 (bench/gpu_bench.py sweeps them on 3072 x 196608: 0.90 ms
+# against 0.94 for 128x64/8w, 1.33 with the dot padded to 32, 1.5 to 1.9 for wider or 2-warp 64x64 tiles).
+DEFAULT_TILES = Tiles(64, 64, 4)
 
 
-def plan_splits(m: int, n: int, tiles: Tiles = DEFAULT_TILES) -> tuple[int, int]:
-    """(splits, keys per split): enough programs to fill the GPU, each split a whole number of key steps."""
-    row_blocks = -(-m // tiles.block_m)
-    steps = max(1, -(-n // tiles.block_n))
-    splits = max(1, min(steps, -(-tiles.target_programs // row_blocks)))
+def _dot_features(d: int, tiles: Tiles) -> tuple[int, int, int]:
+    """(features in tl.dot, its padded width, features by explicit fma) for D features."""
+    tail = d - 16 if tiles.tail_fma and 16 < d < 32 else 0
+    dot = d - tail
+    return dot, max(16, 1 << (dot - 1).bit_length()), tail
+
+
+def plan_splits(count: int, n: int, tiles: Tiles = DEFAULT_TILES) -> tuple[int, int]:
+    """(key ranges, keys per range) the kernel uses for `count` rows over `n` keys (the device computes the
+    same from the count it reads): as many work items as the grid has programs, never more (measured on the
+    H200: 540 items on 528 programs take a second wave and ~2x the time of 504), each range whole key steps."""
+    row_blocks = -(-count // tiles.block_m)
+    steps = -(-n // tiles.block_n)
+    splits = max(1, min(steps, tiles.target_programs // max(row_blocks, 1)))
     keys_per_split = -(-steps // splits) * tiles.block_n
     return -(-n // keys_per_split), keys_per_split
+
+
+def _kernels() -> Any:
+    """The kernels module, imported on first use (it imports triton)."""
+    from export_engine.families.mast3r import fastnn_triton
+
+    return fastnn_triton
 
 
 def transposed(flat: Tensor) -> Tensor:
@@ -129,30 +99,115 @@ def transposed(flat: Tensor) -> Tensor:
     return flat.float().t().contiguous()
 
 
+class NearestTable:
+    """Nearest neighbour in `keys` (n, D) of each row of `source` (N, D), filled on the device as rows are asked.
+
+    ``table[i]`` is the neighbour of row i, -1 while unknown (-2 while claimed by a round in flight); one spare
+    entry at the end always holds 0 (inactive lanes' compare-and-swap target). Buffers are allocated once, so
+    a CUDA graph can record :meth:`compute` and replay it on new maps copied into the same `source` / `keys`.
+    """
+
+    def __init__(
+        self, source: Tensor, keys: Tensor, max_rows: int, tiles: Tiles = DEFAULT_TILES, keys_t: Tensor | None = None
+    ) -> None:
+        if source.shape[1] != keys.shape[1]:
+            raise ValueError(f"rows have {source.shape[1]} features, keys {keys.shape[1]}")
+        if source.shape[0] >= 2**31 - 1 or keys.shape[0] >= 2**31:
+            raise ValueError(f"the kernel indexes with int32: {source.shape[0]} x {keys.shape[0]} is too many")
+        self.source, self.keys, self.tiles = source, keys, tiles
+        self.keys_t = transposed(keys) if keys_t is None else keys_t
+        self.table = torch.full((source.shape[0] + 1,), UNKNOWN, dtype=torch.int32, device=source.device)
+        self.table[-1] = 0
+        self.computed = torch.zeros((), dtype=torch.int64, device=source.device)  # rows computed so far
+        # Per row of a launch: the running (score, index) maximum over its key ranges, packed in 64 bits.
+        self._packed = torch.full((max(max_rows, 1),), _EMPTY, dtype=torch.int64, device=source.device)
+        self.max_rows = max_rows
+
+    @property
+    def spare(self) -> int:
+        return self.source.shape[0]
+
+    def refresh(self) -> None:
+        """Forget every neighbour and re-read `keys` (after new maps were copied into `source` and `keys`)."""
+        self.keys_t.copy_(self.keys.t())
+        self.table[:-1].fill_(UNKNOWN)
+        self.computed.zero_()
+
+    def compute(self, rows: Tensor, count: Tensor) -> None:
+        """Neighbours of the first `count` (int32 device scalar) entries of `rows` into the table; no host sync."""
+        if rows.numel() > self.max_rows:
+            raise ValueError(f"row list of {rows.numel()} exceeds the {self.max_rows} rows the buffers hold")
+        kernels = _kernels()
+        t = self.tiles
+        d, n = self.source.shape[1], self.keys.shape[0]
+        dot, dp, _ = _dot_features(d, t)
+        kernels.nearest_rows[(t.target_programs,)](
+            self.source, self.keys_t, rows, count, self._packed, n, D=d, DOT_D=dot, DP=dp,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, TARGET=t.target_programs, EVEN_N=n % t.block_n == 0,
+            num_warps=t.warps,
+        )  # fmt: skip
+        grid = (max(1, min(1024, -(-rows.numel() // 256))),)
+        kernels.finish_rows[grid](rows, count, self._packed, self.table, EMPTY=_EMPTY, BLOCK=256, num_warps=4)
+        self.computed += count
+
+
 def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor, tiles: Tiles = DEFAULT_TILES) -> Tensor:
     """Index (int64) of the largest fp32 dot product in the keys for each row of `queries` (m, D).
 
-    `keys_t` is the (D, n) layout from :func:`transposed` (made once per map, not per call). Same contract as
+    `keys_t` is the (D, n) layout from :func:`transposed`. Same contract as
     :func:`export_engine.families.mast3r.fastnn.nearest_by_dot`: the first index among equal maxima.
     """
     m, d = queries.shape
-    n = keys_t.shape[1]
     if keys_t.shape[0] != d:
         raise ValueError(f"queries have {d} features, keys {keys_t.shape[0]}")
     if m == 0:
         return torch.empty(0, dtype=torch.int64, device=queries.device)
-    if n >= 2**31 or m >= 2**31:
-        raise ValueError(f"fused kernel indexes with int32: {m} queries x {n} keys is too many")
-    qt = transposed(queries)
-    splits, keys_per_split = plan_splits(m, n, tiles)
-    best = torch.empty((splits, m), dtype=torch.float32, device=queries.device)
-    arg = torch.empty((splits, m), dtype=torch.int32, device=queries.device)
-    dp = max(16, 1 << (d - 1).bit_length())
-    grid = (-(-m // tiles.block_m), splits)
-    _kernel()[grid](qt, keys_t.contiguous(), best, arg, m, n, keys_per_split, D=d, DP=dp, BLOCK_M=tiles.block_m,
-                    BLOCK_N=tiles.block_n, num_warps=tiles.warps)  # fmt: skip
-    if splits == 1:
-        return arg[0].long()
-    # Splits cover increasing key ranges: the first split holding the maximum has its smallest index.
-    which = best.argmax(dim=0)  # first maximal split (torch documents first-index ties)
-    return arg.gather(0, which[None]).squeeze(0).long()
+    table = NearestTable(queries.float().contiguous(), keys_t.t(), m, tiles, keys_t=keys_t.contiguous())
+    rows = torch.arange(m, dtype=torch.int32, device=queries.device)
+    table.compute(rows, torch.tensor(m, dtype=torch.int32, device=queries.device))
+    return table.table[:m].long()
+
+
+def chains_on_device(
+    nn12: NearestTable, nn21: NearestTable, seeds: Tensor, max_iter: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Walk each seed 1 -> 2 -> 1 until reciprocal, `max_iter` rounds at most, without a host sync.
+
+    Returns (idx1, idx2, converged) per seed (int64, int64, bool) and the rows computed at each step (int32,
+    2 * max_iter + 1 steps: image 1's seeds, then per round image 2's rows and image 1's). Same per-seed rule
+    as the host loop of :meth:`export_engine.families.mast3r.fastnn.ReciprocalMatcher.chains`: a seed stops
+    when its image-2 point is unchanged since the previous round or its image-1 point is back where the round
+    started.
+    """
+    n = seeds.numel()
+    device = seeds.device
+    if n > min(nn12.max_rows, nn21.max_rows):
+        raise ValueError(f"{n} seeds exceed the {min(nn12.max_rows, nn21.max_rows)} rows the tables were sized for")
+    idx1 = seeds.to(torch.int32)
+    prev1 = idx1.clone()
+    idx2 = torch.full_like(idx1, -1)
+    prev2 = idx2.clone()
+    active = torch.ones(n, dtype=torch.int8, device=device)
+    counts = torch.zeros(2 * max_iter + 1, dtype=torch.int32, device=device)
+    if n == 0:
+        return idx1.long(), idx2.long(), torch.ones(0, dtype=torch.bool, device=device), counts
+    rows = torch.empty(n, dtype=torch.int32, device=device)
+    advance = _kernels().advance
+    grid = (-(-n // 1024),)
+
+    def step(src: Tensor, dst: Tensor, prev_dst: Tensor, prev_src: Tensor, look: NearestTable | None,
+             claim: NearestTable | None, index: int, update_prev: bool) -> None:  # fmt: skip
+        table = (look or claim or nn12).table
+        target = claim or nn12
+        advance[grid](src, dst, prev_dst, prev_src, active, table, target.table, rows, counts[index], n, target.spare,
+                      LOOKUP=look is not None, UPDATE_PREV=update_prev, CLAIM=claim is not None, BLOCK=1024,
+                      num_warps=4)  # fmt: skip
+        if claim is not None:
+            claim.compute(rows, counts[index])
+
+    step(idx1, idx1, prev2, prev1, None, nn12, 0, False)  # claim every seed's row of image 1
+    for round_ in range(max_iter):
+        last = round_ == max_iter - 1
+        step(idx1, idx2, prev2, prev1, nn12, nn21, 2 * round_ + 1, False)
+        step(idx2, idx1, prev1, prev2, nn21, None if last else nn12, 2 * round_ + 2, not last)
+    return idx1.long(), idx2.long(), active == 0, counts
