@@ -127,13 +127,12 @@ def emulated_session(path: Path) -> ort.InferenceSession:
     """The FP16 / hybrid graph at ``path`` with FP16 storage emulated, in a CPU session: what the final parity
     gate runs, so that an FP16 activation that overflows between two nodes fails the gate as it would fail on
     a GPU (plain ONNX Runtime on the CPU computes that region in FP32 and hides it)."""
+    from export_engine.calibration.sessions import in_memory_model
     from export_engine.graph_passes.base import load_graph
 
     graph = load_graph(path)
     emulate_fp16_storage(graph)
-    model = gs.export_onnx(graph)
-    del graph
-    return emulation_session(model)
+    return in_memory_model(graph).session(optimize=False)  # the weights go to ONNX Runtime in place
 
 
 def cpu_session(model: onnx.ModelProto, *, optimize: bool = True) -> ort.InferenceSession:

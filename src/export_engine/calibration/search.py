@@ -31,7 +31,8 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from export_engine.calibration import lean_session_options
-from export_engine.calibration.fp16_emulation import cpu_session, emulate_fp16_storage
+from export_engine.calibration.fp16_emulation import emulate_fp16_storage
+from export_engine.calibration.sessions import in_memory_model
 from export_engine.core.types import Feed, Tolerance
 from export_engine.graph_passes.base import load_graph
 from export_engine.graph_passes.graph_facts import GraphFacts, fill_missing_dtypes
@@ -107,13 +108,13 @@ class Known:
 class OrtPlanEvaluator:
     """Builds a plan's hybrid graph from the FP32 graph and checks its outputs on ONNX Runtime (CPU).
 
-    A candidate is written to a scratch folder (weights as external data) and the Python-side copy is dropped
-    before ONNX Runtime loads it: building the session from serialized bytes held the graph three times over
-    (graph, proto, bytes) next to the session's own weights, the peak of a full-size hybrid export."""
+    A candidate's session reads the candidate graph's weight arrays in place (external initializers, see
+    :mod:`export_engine.calibration.sessions`): serialized bytes held the graph three times over (graph, proto,
+    bytes) next to the session's own weights, and a scratch file cost seconds per candidate at full size."""
 
     def __init__(
         self,
-        fp32_onnx: Path,
+        fp32_onnx: Path | None,
         feeds: Sequence[Feed],
         tolerances: Mapping[str, Tolerance],
         *,
@@ -125,7 +126,9 @@ class OrtPlanEvaluator:
         known = known or Known()
         self._apply = apply_precision_plan
         self._config = ApplyPrecisionPlanConfig
-        self.graph = known.graph if known.graph is not None else load_graph(Path(fp32_onnx))
+        if known.graph is None and fp32_onnx is None:
+            raise ValueError("the evaluator needs the FP32 graph: a path or known.graph")
+        self.graph = known.graph if known.graph is not None else load_graph(Path(str(fp32_onnx)))
         fill_missing_dtypes(self.graph)
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Constant):
@@ -136,7 +139,11 @@ class OrtPlanEvaluator:
         if known.reference is not None:
             self.reference = [{n: np.asarray(r[n]) for n in self.tolerances} for r in known.reference]
         else:
-            session = ort.InferenceSession(str(fp32_onnx), lean_session_options(), providers=["CPUExecutionProvider"])
+            session = (
+                ort.InferenceSession(str(fp32_onnx), lean_session_options(), providers=["CPUExecutionProvider"])
+                if fp32_onnx is not None
+                else in_memory_model(self.graph).session()
+            )
             self.reference = [dict(zip(self.tolerances, session.run(list(self.tolerances), f), strict=True))
                               for f in feeds]  # fmt: skip
             del session
@@ -149,9 +156,8 @@ class OrtPlanEvaluator:
         self._apply(graph, self._config(plan))
         if self.emulate:
             emulate_fp16_storage(graph)
-        model = gs.export_onnx(graph)
+        session = in_memory_model(graph).session(optimize=not self.emulate)  # weights in place, no scratch file
         del graph
-        session = cpu_session(model, optimize=not self.emulate)
         outputs: dict[str, dict[str, Any]] = {}
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             got = dict(zip(self.tolerances, session.run(list(self.tolerances), feed), strict=True))
@@ -178,7 +184,7 @@ def _worse(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
 
 
 def search_precision(
-    fp32_onnx: Path,
+    fp32_onnx: Path | None,
     feeds_calib: Sequence[Feed],
     tolerances: Mapping[str, Tolerance],
     initial_plan: PrecisionPlan,
@@ -197,13 +203,16 @@ def search_precision(
     evaluator = evaluate or OrtPlanEvaluator(
         fp32_onnx, feeds_calib, tolerances, emulate=cfg.emulate_fp16_storage, known=known
     )
-    search = _Search(Path(fp32_onnx), initial_plan, cfg, evaluator)
+    if fp32_onnx is None and (known is None or known.graph is None):
+        raise ValueError("search_precision needs the FP32 graph: a path or known.graph")
+    structure = known.graph if known is not None and known.graph is not None else Path(str(fp32_onnx))
+    search = _Search(structure, initial_plan, cfg, evaluator)
     return search.run()
 
 
 class _Search:
-    def __init__(self, path: Path, plan: PrecisionPlan, config: SearchConfig, evaluate: Evaluator):
-        self.path = path
+    def __init__(self, source: Path | gs.Graph, plan: PrecisionPlan, config: SearchConfig, evaluate: Evaluator):
+        self.source = source  # the FP32 graph, or its file: read for the graph's structure only
         self.plan = plan
         self.config = config
         self.evaluate = evaluate
@@ -335,7 +344,10 @@ class _Search:
 
     def _structure(self) -> GraphFacts:
         if self._facts is None:
-            graph = gs.import_onnx(onnx.load(str(self.path), load_external_data=False))
+            if isinstance(self.source, gs.Graph):
+                graph = self.source
+            else:
+                graph = gs.import_onnx(onnx.load(str(self.source), load_external_data=False))
             fill_missing_dtypes(graph)
             self._facts = GraphFacts.of(graph)
         return self._facts

@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from export_engine.calibration import lean_session_options
+from export_engine.calibration.sessions import InMemoryModel
 from export_engine.errors import ModelInputError
 from export_engine.graph_passes.graph_facts import VALUE_PRESERVING_OPS
 
@@ -86,7 +87,7 @@ def measure(array: np.ndarray, percentiles: Sequence[float] = ()) -> TensorStats
 
 
 def collect_activation_stats(
-    onnx_path: Path,
+    source: Path | InMemoryModel,
     feeds: Sequence[Mapping[str, np.ndarray]],
     *,
     max_bytes_per_run: int = DEFAULT_MAX_BYTES_PER_RUN,
@@ -96,15 +97,19 @@ def collect_activation_stats(
 ) -> dict[str, TensorStats]:
     """Per-tensor statistics of every float tensor of the graph (inputs, intermediates, outputs) over ``feeds``.
 
-    ``tensors`` restricts the measurement to those names. Works with external-data models (the data file is
-    read in place, nothing is copied). ``keep_outputs`` (in-graph mode) receives each feed's graph outputs from
+    ``source`` is an ONNX file (external data is read in place, nothing is copied) or an in-memory model
+    (:mod:`export_engine.calibration.sessions`: ONNX Runtime reads its weight arrays in place). ``tensors``
+    restricts the measurement to those names. ``keep_outputs`` (in-graph mode) receives each feed's graph outputs from
     the same run, so a caller that also needs the FP32 outputs on these feeds runs the graph once.
     """
     if not feeds:
         raise ModelInputError("activation statistics need at least one calibration feed; got none")
-    path = Path(onnx_path)
-    model = onnx.load(str(path), load_external_data=False)
-    _inline_small_initializers(model, path.parent)
+    if isinstance(source, InMemoryModel):
+        model = source.model
+    else:
+        path = Path(source)
+        model = onnx.load(str(path), load_external_data=False)
+        _inline_small_initializers(model, path.parent)
     types = _typed_shapes(model, feeds[0])
     wanted = set(tensors) if tensors is not None else None
     measured, derived = _plan_tensors(model, types, wanted)
@@ -115,7 +120,7 @@ def collect_activation_stats(
                 stats[name] = (
                     stats[name].merged(measure(array, percentiles)) if name in stats else measure(array, percentiles)
                 )
-    options = _session_options(path, model)
+    options = source.session_options() if isinstance(source, InMemoryModel) else _session_options(path, model)
     shapes: dict[str, tuple[int, ...]] = {}  # run-time shapes of the rearranged tensors (in-graph mode)
     if percentiles:
         if keep_outputs is not None:

@@ -2,10 +2,10 @@
 that the ``apply_precision_plan`` pass then applies.
 
 It runs inside the pass schedule, after the FP32 cleanups and attention fusion, because the plan must describe
-that exact graph (it changes nothing in the graph itself): the graph is saved (FP32), activation statistics are
-collected on it with ONNX Runtime on calibration inputs (never the parity inputs), rules give a precision plan
-(or ``--precision-plan FILE`` is reused), and a bounded sensitivity search keeps as much FP16 as the
-tolerances allow.
+that exact graph (it changes nothing in the graph itself): activation statistics are collected on it in memory
+with ONNX Runtime on calibration inputs (never the parity inputs), rules give a precision plan (or
+``--precision-plan FILE`` is reused), and a bounded sensitivity search keeps as much FP16 as the tolerances
+allow.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import onnx_graphsurgeon as gs
 
 from export_engine.calibration.plan import HybridCastConfig, plan_precision
 from export_engine.calibration.search import Known, SearchConfig, search_precision
+from export_engine.calibration.sessions import in_memory_model
 from export_engine.calibration.statistics import collect_activation_stats
 from export_engine.core.types import Feed, Tolerance
-from export_engine.graph_passes.base import PassReport, save_graph, timed
+from export_engine.graph_passes.base import PassReport, timed
 from export_engine.graph_passes.precision_plan import PrecisionPlan
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,16 @@ def calibrate_precision(graph: gs.Graph, config: CalibratePrecisionConfig) -> Ca
             plan = PrecisionPlan.from_json(config.plan_file)
             report.details["source"] = str(config.plan_file)
         else:
-            path = config.work_dir / f"{config.graph_name}.calibration.onnx"
-            save_graph(graph, path)
+            # The graph as it is in memory, its weights read in place by ONNX Runtime: no calibration copy on disk.
+            model = in_memory_model(graph)
             fp32_outputs: list[dict[str, np.ndarray]] = []  # the same run gives the search its FP32 reference
-            stats = collect_activation_stats(path, list(config.feeds), keep_outputs=fp32_outputs)
+            stats = collect_activation_stats(model, list(config.feeds), keep_outputs=fp32_outputs)
+            del model
             plan = plan_precision(graph, stats, config.hybrid)
             report.details["source"] = f"measured on {len(config.feeds)} calibration input(s)"
             if config.search is not None:
                 known = Known(graph=graph, reference=fp32_outputs)
-                plan, search = search_precision(path, list(config.feeds), config.tolerances, plan,
+                plan, search = search_precision(None, list(config.feeds), config.tolerances, plan,
                                                 config=config.search, known=known)  # fmt: skip
                 report.details["search"] = _search_summary(search)
         summary = plan.summary()

@@ -148,7 +148,10 @@ def load_graph(path: Path) -> gs.Graph:
 
 
 def weight_bytes(graph: gs.Graph) -> int:
-    return sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    """Bytes of the graph's constants, without loading lazily imported ones: ``Constant.values`` would read
+    every weight into memory (1.2 GB and several seconds for a full-size MASt3R encoder); the lazy holder and
+    numpy arrays both know their ``nbytes``."""
+    return sum(t._values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
 def save_graph(graph: gs.Graph, path: Path, *, opset: int | None = None, external_data: bool | None = None) -> None:
