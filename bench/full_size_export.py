@@ -2,6 +2,7 @@
 """Full-size export benchmark: runs the CLI as a child process, reports stage times and peak memory.
 
     python3 bench/full_size_export.py --model mast3r [--precision fp32] [--resolution 512x384]
+                                      [--calibration-data FOLDER]
 
 Prints a table last and writes bench/out/full_size_<model>_<precision>.json. Peak resident memory is the
 child's maximum RSS (getrusage of the finished child, the same figure GNU time -v reports).
@@ -30,6 +31,7 @@ def main() -> int:
     parser.add_argument("--resolution")
     parser.add_argument("--keep", type=Path, help="keep the artifact here instead of a temporary folder")
     parser.add_argument("--backend", default="auto", help="auto | tensorrt | tensorrt-rtx | onnx")
+    parser.add_argument("--calibration-data", type=Path, help="folder of images / volumes for hybrid calibration")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ee-bench-"))
@@ -38,6 +40,8 @@ def main() -> int:
            "--random-weights", "--out", str(out), "--force", "--backend", args.backend]  # fmt: skip
     if args.resolution:
         cmd += ["--resolution", args.resolution]
+    if args.calibration_data:
+        cmd += ["--calibration-data", str(args.calibration_data)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, text=True, capture_output=True)
     wall = time.perf_counter() - start
@@ -86,9 +90,11 @@ def main() -> int:
         "graphs": graphs,
         "engines": engines,
         "backend": manifest.get("backend"),
+        "calibration_data": str(args.calibration_data) if args.calibration_data else None,
     }
     (HERE / "out").mkdir(exist_ok=True)
-    target = HERE / "out" / f"full_size_{args.model}_{args.precision}.json"
+    suffix = "_calibration_data" if args.calibration_data else ""
+    target = HERE / "out" / f"full_size_{args.model}_{args.precision}{suffix}.json"
     target.write_text(json.dumps(result, indent=2) + "\n")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -259,6 +259,11 @@ def print_details(data: dict[str, Any]) -> None:
         print(f"FastNN-Lite kernel, 3072 x 196608 rows x keys: {sweep}")
         print(f"FastNN-Lite pair: rows per step {fastnn['rows_per_call']} ({fastnn['useful_gflop']:.1f} GFLOP), "
               f"kernel time on them {fastnn['kernel_ms_sum']:.2f} ms (best tiles {fastnn['best_tiles']})")  # fmt: skip
+        ceiling = fastnn.get("fp32_ceiling") or {}
+        if ceiling:
+            print(f"FP32 ceiling here: cuBLAS SGEMM 8192^3 {ceiling['sgemm_8192_tflops']:.1f} TFLOP/s; "
+                  f"3072 x 24 x 196608 (whole score matrix) {ceiling['sgemm_k24_ms']:.2f} ms = "
+                  f"{ceiling['sgemm_k24_tflops']:.1f} TFLOP/s")  # fmt: skip
     for key in ("profile MASt3R hybrid", "profile FastSAM3D hybrid encoder"):
         prof = data.get(key)
         if prof:

@@ -325,7 +325,8 @@ def fastnn(
     for tiles in (fk.Tiles(128, 64, 8), fk.Tiles(64, 64, 4), fk.Tiles(64, 64, 4, tail_fma=False),
                   fk.Tiles(64, 64, 4, 1056), fk.Tiles(64, 64, 4, 264), fk.Tiles(64, 64, 2), fk.Tiles(64, 64, 2, 1056),
                   fk.Tiles(128, 64, 4), fk.Tiles(64, 32, 2), fk.Tiles(32, 64, 2), fk.Tiles(64, 128, 4, 264),
-                  fk.Tiles(128, 32, 4)):  # fmt: skip
+                  fk.Tiles(128, 32, 4), fk.Tiles(64, 32, 2, 1056), fk.Tiles(64, 32, 4), fk.Tiles(32, 32, 1, 1056),
+                  fk.Tiles(128, 32, 2)):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)
             timing = time_calls(call, 3, 20)
@@ -388,7 +389,23 @@ def fastnn(
     counts = [int(c) for c in matcher.rows_per_step.tolist() if c > 0] if matcher.rows_per_step is not None else []
     kernel_ms = sum(time_calls(kernel_call(best, c)[0], 2, 10)["median_ms"] for c in counts)
     total_rows = sum(counts)
+    # The measured ceiling of exact FP32 arithmetic on this GPU: cuBLAS SGEMM (TF32 off) on a large square
+    # product, and on the first round's shape (K = 24, writing the whole score matrix instead of an argmax).
+    peak = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(8192, 8192, device="cuda")
+        big = time_calls(lambda: a @ a, 2, 10)["median_ms"]
+        peak["sgemm_8192_tflops"] = 2 * 8192**3 / big / 1e9
+        k24 = time_calls(lambda: queries @ keys_t, 2, 10)["median_ms"]
+        peak["sgemm_k24_ms"] = k24
+        peak["sgemm_k24_tflops"] = 2 * 24 * queries.shape[0] * keys_t.shape[1] / k24 / 1e9
+        del a
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     breakdown = {
+        "fp32_ceiling": peak,
         "rows_per_call": counts,
         "steps_with_rows": len(counts),
         "kernel_ms_sum": kernel_ms,

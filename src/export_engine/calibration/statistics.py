@@ -6,7 +6,7 @@ mean |x| from the L1 norm and the element count, with no |x| copy of the tensor)
 per feed measure everything, and memory stays that of a normal inference (the full MASt3R decoder has thousands of float
 tensors, some of 200 MB). Percentiles need the whole tensor: then tensors are exposed as outputs instead, a
 chunk at a time so that the memory they hold stays below ``max_bytes_per_run``. Weights stay where they are:
-the graph is re-serialized without them and ONNX Runtime reads the external data file from the model's folder.
+ONNX Runtime reads them from the model's external data file, or, for a graph held in memory, from its arrays.
 Tensors that only rearrange their input (Reshape, Transpose, ...) are not measured: they hold exactly their
 input's values and inherit its statistics.
 """
