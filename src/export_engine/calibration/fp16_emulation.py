@@ -64,13 +64,7 @@ def _widen_constant(graph: gs.Graph, tensor: gs.Tensor, index: int) -> int:
     get a Cast to FP32 (run each inference; graph optimizations are off): widening them in place would hold a
     second, FP32 copy of every FP16 weight, a full-size MASt3R graph's largest allocation during calibration."""
     if isinstance(tensor, gs.Constant) and tensor.values.size > _WIDEN_IN_PLACE_ELEMENTS:
-        wide = gs.Variable(f"{tensor.name}/{PASS_NAME}_fp32", dtype=FP32, shape=list(tensor.shape))
-        for consumer in {id(n): n for n in tensor.outputs}.values():
-            for slot, t in enumerate(consumer.inputs):
-                if t is tensor:
-                    consumer.inputs[slot] = wide
-        graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index), {"to": ONNX_TYPE[FP32]}, [tensor], [wide]))
-        return index + 1
+        return _read_through_cast(graph, tensor, index)
     values = constant_values(tensor)
     assert values is not None
     widened = values.astype(np.float32)  # exact: the FP16 rounding stays in the values
@@ -87,6 +81,18 @@ def _widen_constant(graph: gs.Graph, tensor: gs.Tensor, index: int) -> int:
     return index
 
 
+def _read_through_cast(graph: gs.Graph, tensor: gs.Tensor, index: int) -> int:
+    """Every consumer of FP16 `tensor` reads an FP32 copy made by one new Cast node; returns the next index."""
+    shape = list(tensor.shape) if tensor.shape is not None else None
+    wide = gs.Variable(f"{tensor.name}/{PASS_NAME}_fp32", dtype=FP32, shape=shape)
+    for consumer in {id(n): n for n in tensor.outputs}.values():
+        for slot, t in enumerate(consumer.inputs):
+            if t is tensor:
+                consumer.inputs[slot] = wide
+    graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index), {"to": ONNX_TYPE[FP32]}, [tensor], [wide]))
+    return index + 1
+
+
 def _widen_node(node: gs.Node) -> None:
     """A node that produced FP16 because of an attribute now produces FP32 (the round trip rounds it)."""
     if node.op == "Cast" and int(node.attrs.get("to", 0)) == ONNX_TYPE[FP16]:
@@ -101,13 +107,7 @@ def _round_trip_after(
     graph: gs.Graph, source: gs.Tensor, out: gs.Tensor, index: int, *, widen_only: bool = False
 ) -> int:
     if widen_only:  # FP16 graph input: consumers read an FP32 copy
-        wide = gs.Variable(f"{source.name}/{PASS_NAME}_fp32", dtype=FP32, shape=source.shape)
-        for consumer in {id(n): n for n in source.outputs}.values():
-            for slot, t in enumerate(consumer.inputs):
-                if t is source:
-                    consumer.inputs[slot] = wide
-        graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index), {"to": ONNX_TYPE[FP32]}, [source], [wide]))
-        return index + 1
+        return _read_through_cast(graph, source, index)
     rounded = gs.Variable(f"{out.name}/{PASS_NAME}_fp16", dtype=FP16, shape=out.shape)
     graph.nodes.append(gs.Node("Cast", node_name(PASS_NAME, index), {"to": ONNX_TYPE[FP16]}, [source], [rounded]))
     out.dtype = FP32
