@@ -107,7 +107,6 @@ def _calibration_config(context: PassContext) -> CalibratePrecisionConfig:
         graph_name=spec.name,
         feeds=context.calibration,
         tolerances=spec.tolerances[Precision.HYBRID],
-        work_dir=context.work_dir,
         plan_file=plan_file,
     )
 

@@ -126,9 +126,12 @@ class OrtPlanEvaluator:
         known = known or Known()
         self._apply = apply_precision_plan
         self._config = ApplyPrecisionPlanConfig
-        if known.graph is None and fp32_onnx is None:
+        if known.graph is not None:
+            self.graph = known.graph
+        elif fp32_onnx is not None:
+            self.graph = load_graph(Path(fp32_onnx))
+        else:
             raise ValueError("the evaluator needs the FP32 graph: a path or known.graph")
-        self.graph = known.graph if known.graph is not None else load_graph(Path(str(fp32_onnx)))
         fill_missing_dtypes(self.graph)
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Constant):
@@ -199,13 +202,13 @@ def search_precision(
     evaluator the FP32 graph and outputs the caller already has. When nothing passes, the last (most FP32) plan
     is returned with ``report.passed = False``; the caller decides (the parity gate fails).
     """
+    structure = known.graph if known is not None and known.graph is not None else fp32_onnx
+    if structure is None:
+        raise ValueError("search_precision needs the FP32 graph: a path or known.graph")
     cfg = config or SearchConfig()
     evaluator = evaluate or OrtPlanEvaluator(
         fp32_onnx, feeds_calib, tolerances, emulate=cfg.emulate_fp16_storage, known=known
     )
-    if fp32_onnx is None and (known is None or known.graph is None):
-        raise ValueError("search_precision needs the FP32 graph: a path or known.graph")
-    structure = known.graph if known is not None and known.graph is not None else Path(str(fp32_onnx))
     search = _Search(structure, initial_plan, cfg, evaluator)
     return search.run()
 

@@ -49,7 +49,7 @@ class InMemoryModel:
         if not optimize:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(self.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        session._export_engine_weights = self.initializers  # type: ignore[attr-defined]  # read in place by ORT
+        session._export_engine_weights = self.initializers  # keeps the arrays ONNX Runtime reads in place alive
         return session
 
 

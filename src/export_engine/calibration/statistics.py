@@ -132,10 +132,10 @@ def collect_activation_stats(
         shapes, kept = _measure_in_graph(model, options, wanted_run, feeds, types, stats)
         if keep_outputs is not None:
             keep_outputs.extend(kept)
-    for name, source in derived.items():
-        if source in stats:
+    for name, origin in derived.items():
+        if origin in stats:
             shape = shapes.get(name) or _static(types.get(name, (0, None))[1])
-            stats[name] = replace(stats[source], shape=shape, derived_from=source)
+            stats[name] = replace(stats[origin], shape=shape, derived_from=origin)
     return stats
 
 

@@ -35,7 +35,6 @@ class CalibratePrecisionConfig:
     graph_name: str
     feeds: Sequence[Feed]
     tolerances: Mapping[str, Tolerance]
-    work_dir: Path
     plan_file: Path | None = None  # reuse this plan instead of measuring
     hybrid: HybridCastConfig = field(default_factory=HybridCastConfig)
     search: SearchConfig | None = field(default_factory=lambda: SearchConfig(max_evaluations=6))

@@ -276,9 +276,11 @@ class ReciprocalMatcher:
     @property
     def rows_computed(self) -> int:
         """Nearest-neighbour rows computed so far, both directions (a host sync on the fused path)."""
-        if isinstance(self._nn12, fastnn_kernel.NearestTable):
-            return int(self._nn12.computed + self._nn21.computed)
-        return self._nn12.rows_computed + self._nn21.rows_computed
+        nn12, nn21 = self._nn12, self._nn21
+        if isinstance(nn12, fastnn_kernel.NearestTable) and isinstance(nn21, fastnn_kernel.NearestTable):
+            return int(nn12.computed + nn21.computed)
+        assert isinstance(nn12, _MemoNN) and isinstance(nn21, _MemoNN)  # both directions use one kind
+        return nn12.rows_computed + nn21.rows_computed
 
     def swapped(self) -> ReciprocalMatcher:
         other = object.__new__(ReciprocalMatcher)

@@ -64,10 +64,10 @@ class Tiles:
     tail_fma: bool = True  # features past 16 (16 < D < 32) by explicit fma instead of padding the dot to 32
 
 
-# The fastest exact launch shape measured on an H200 (bench/gpu_bench.py sweeps them): 0.89 ms on 3072 x 196608
-# (32.5 TFLOP/s of useful FP32) against 0.90 for 64x64/4w, 0.94 for 128x64/8w and 1.33 with the dot padded to 32;
-# on a whole pair, whose later rounds hold a few hundred rows, 5.06 ms against 5.76 for 64x64/4w (more programs
-# with work when a round is small).
+# Among the fastest exact launch shapes on an H200 (bench/gpu_bench.py sweeps them on 3072 x 196608: 0.89 to
+# 0.92 ms, about 32 TFLOP/s of useful FP32, in two runs, level with 64x64/4w; 0.94 to 1.0 for 128x64/8w, 1.27 to
+# 1.33 with the dot padded to 32). On a whole pair, whose later rounds hold a few hundred rows, it took 5.06 ms
+# against 5.76 for 64x64/4w in the first of those runs (more programs with work when a round is small).
 DEFAULT_TILES = Tiles(64, 32, 2)
 
 
