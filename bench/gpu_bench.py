@@ -36,6 +36,7 @@ import gpu_cases as cases  # noqa: E402
 import torch  # noqa: E402
 
 from export_engine.runners.ort_cuda import CudaSessionConfig  # noqa: E402
+from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS  # noqa: E402
 
 EXPORTS = (("mast3r", "fp32"), ("mast3r", "hybrid"), ("fastsam3d", "fp32"), ("fastsam3d", "hybrid"),
            ("fastsam3d-sparse", "hybrid"))  # fmt: skip
@@ -180,6 +181,14 @@ STUDY = (  # (label, lowerings, tf32): the default first, then the steps that bu
 )  # fmt: skip
 
 
+RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields): each against the default session (own stream, NCHW)
+    ("host-synchronised runs (own_stream off)", {"own_stream": False}),
+    ("NHWC convolutions (prefer_nhwc)", {"nhwc": True}),
+    ("+ projection biases in Gemm (gemm_bias)", {"lowerings": (*DEFAULT_LOWERINGS, "gemm_bias")}),
+    ("NHWC + gemm_bias", {"nhwc": True, "lowerings": (*DEFAULT_LOWERINGS, "gemm_bias")}),
+)
+
+
 def fastsam3d_section(report: Report, work: Path, warm: int, reps: int) -> None:
     """The ONNX Runtime rewrites on the hybrid artifact (CUDA graphs), FP32, and a profile."""
     hybrid, fp32 = work / "fastsam3d-hybrid", work / "fastsam3d-fp32"
@@ -208,6 +217,15 @@ def sparse_section(report: Report, work: Path, warm: int, reps: int) -> None:
                               CudaSessionConfig("decomposed", cuda_graph=True), warm, reps,
                               f"hybrid {label} attention, default rewrites, CUDA graph")  # fmt: skip
         report.add(rows)
+    rows = report.section("ORT FastSAM3D sparse, gemm_bias", 10, cases.ort_fastsam3d, work / "fastsam3d-sparse-hybrid",
+                          CudaSessionConfig("decomposed", cuda_graph=True, lowerings=(*DEFAULT_LOWERINGS, "gemm_bias")),
+                          warm, reps, "hybrid sparse attention, default rewrites + gemm_bias, CUDA graph")  # fmt: skip
+    report.add(rows)
+    rows = report.section("ORT FastSAM3D sparse, host-synchronised", 10, cases.ort_fastsam3d,
+                          work / "fastsam3d-sparse-hybrid",
+                          CudaSessionConfig("decomposed", cuda_graph=True, own_stream=False), warm, reps,
+                          "hybrid sparse attention, default rewrites, host-synchronised runs, CUDA graph")  # fmt: skip
+    report.add(rows)
     report.add(report.section("torch.compile FastSAM3D sparse", 40, cases.compiled_fastsam3d, warm, reps,
                               ("reduce-overhead",), "sparse"))  # fmt: skip
 
@@ -237,14 +255,21 @@ def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, 
         default.pop("runners")
         result = report.section("profile MASt3R hybrid", 25, cases.profile_mast3r, hybrid, config, images)
         report.data["profile MASt3R hybrid"] = result
-    if full:
-        measure("fp32, default rewrites (TF32 stays off), CUDA graph", fp32, CudaSessionConfig(cuda_graph=True))
+    for label, options in RUNTIME_OPTIONS:
+        config = CudaSessionConfig(cuda_graph=True, **options)
+        measure(f"hybrid, default rewrites, {label}, CUDA graph", hybrid, config)
+        if options.get("nhwc") and "lowerings" in options:
+            key = f"profile MASt3R hybrid, {label}"
+            report.data[key] = report.section(key, 25, cases.profile_mast3r, hybrid,
+                                              dataclasses.replace(config, cuda_graph=False), images)  # fmt: skip
+    if not full:
+        return
+    measure("fp32, default rewrites (TF32 stays off), CUDA graph", fp32, CudaSessionConfig(cuda_graph=True))
     for label, lowerings, tf32 in STUDY[1:]:
         measure(f"hybrid, {label}, CUDA graph", hybrid, CudaSessionConfig(cuda_graph=True, lowerings=lowerings,
                 tf32=tf32))  # fmt: skip
-    if full:
-        measure("hybrid, default rewrites, decomposed attention, CUDA graph", hybrid,
-                CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
+    measure("hybrid, default rewrites, decomposed attention, CUDA graph", hybrid,
+            CudaSessionConfig("decomposed", cuda_graph=True))  # fmt: skip
     default.clear()
 
 
@@ -264,8 +289,11 @@ def print_details(data: dict[str, Any]) -> None:
             print(f"FP32 ceiling here: cuBLAS SGEMM 8192^3 {ceiling['sgemm_8192_tflops']:.1f} TFLOP/s; "
                   f"3072 x 24 x 196608 (whole score matrix) {ceiling['sgemm_k24_ms']:.2f} ms = "
                   f"{ceiling['sgemm_k24_tflops']:.1f} TFLOP/s")  # fmt: skip
-    for key in ("profile MASt3R hybrid", "profile FastSAM3D hybrid encoder"):
-        prof = data.get(key)
+    profiles = {k: v for k, v in data.items() if k.startswith("profile ")}
+    for row in data["rows"]:
+        if row.get("profile"):
+            profiles[f"profile of {row['case']}"] = row["profile"]
+    for key, prof in profiles.items():
         if prof:
             cats = ", ".join(f"{c} {ms:.2f}" for c, ms in prof["by_category_ms"].items())
             print(f"{key}: GPU kernels {prof['gpu_kernel_ms_per_run']:.2f} ms per run; by category (ms): {cats}")

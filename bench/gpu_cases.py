@@ -1,8 +1,9 @@
 """The cases of bench/gpu_bench.py: PyTorch eager baselines, ONNX Runtime CUDA on artifacts, FastNN-Lite, profile.
 
 Every case returns a JSON-able dict. Timing: `time_calls` synchronises the device, then times each call with
-the host clock around a full synchronisation (ONNX Runtime runs on its own stream and synchronises before
-returning, so CUDA events on torch's stream would not bracket its work); warm-up calls first.
+the host clock around a full device synchronisation (the wall time a caller waits for a result, host work
+included: ONNX Runtime may queue on a stream of its own, so CUDA events on torch's stream alone would not
+bracket its work); warm-up calls first.
 """
 
 from __future__ import annotations
@@ -218,10 +219,11 @@ def ort_fastsam3d(artifact: Path, config: CudaSessionConfig, warmup: int, repeat
         feed = {"image_embedding": embedding, **click_feed(size, m)}
         click = time_calls(lambda: runners["prompt_decoder"].run(feed, copy=False), warmup, repeats)
         mem.sample()
+        click_kernels = profile(lambda: runners["prompt_decoder"].run(feed, copy=False), runs=10)
     return [
         {"case": f"FastSAM3D encoder 128^3, ORT CUDA {label}", **enc, "gpu_mem_gib": mem.peak / GiB,
          "gpu_parity": parity},
-        {"case": f"FastSAM3D click, ORT CUDA {label}", **click},
+        {"case": f"FastSAM3D click, ORT CUDA {label}", **click, "profile": click_kernels},
     ]  # fmt: skip
 
 
@@ -428,7 +430,8 @@ def worst_error(got: Any, ref: Any) -> float:
 
 
 def _compiled_rows(label: str, target: Callable[..., Any], args: tuple, reference: Any, modes: tuple[str, ...],
-                   warmup: int, repeats: int, autocast: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+                   warmup: int, repeats: int, autocast: bool = False,
+                   profile_kernels: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     rows = []
     for mode in modes:
         try:
@@ -445,8 +448,12 @@ def _compiled_rows(label: str, target: Callable[..., Any], args: tuple, referenc
                 compile_s = time.perf_counter() - start
                 timing = time_calls(fn, warmup, repeats)
                 err = worst_error(fn(), reference)
-            rows.append({"case": f"{label}, torch.compile FP16 {mode}", **timing, "compile_s": round(compile_s, 1),
-                         "worst_error_vs_fp32": err})  # fmt: skip
+            row = {"case": f"{label}, torch.compile FP16 {mode}", **timing, "compile_s": round(compile_s, 1),
+                   "worst_error_vs_fp32": err}  # fmt: skip
+            if profile_kernels:
+                with torch.inference_mode():
+                    row["profile"] = profile(fn)
+            rows.append(row)
             del out
         except Exception as err:  # a mode that does not compile is reported, the others still run
             rows.append({"case": f"{label}, torch.compile FP16 {mode}", "error": f"{type(err).__name__}: {err}"[:300]})
@@ -477,7 +484,7 @@ def compiled_mast3r(images: torch.Tensor, warmup: int, repeats: int, modes: tupl
         eager = time_calls(lambda: half(h1, h2), warmup, repeats)
         rows.append({"case": "MASt3R pair, PyTorch eager FP16 + SDPA", **eager,
                      "worst_error_vs_fp32": worst_error(half(h1, h2), ref_pair)})  # fmt: skip
-    rows += _compiled_rows("MASt3R pair", half, (h1, h2), ref_pair, modes, warmup, repeats)
+    rows += _compiled_rows("MASt3R pair", half, (h1, h2), ref_pair, modes, warmup, repeats, profile_kernels=True)
     rows += _compiled_rows("MASt3R one image through the encoder", half.encode, (h1,), ref_enc, modes, warmup, repeats)
     return rows
 
@@ -510,5 +517,5 @@ def compiled_fastsam3d(warmup: int, repeats: int, modes: tuple[str, ...],
         return rows
     prompt32 = prompt.float()  # the click runs under FP16 autocast on FP32 weights
     rows += _compiled_rows("FastSAM3D click", prompt32, (ref_emb, *feed.values()), ref_click, modes, warmup, repeats,
-                           autocast=True)  # fmt: skip
+                           autocast=True, profile_kernels=True)  # fmt: skip
     return rows

@@ -20,6 +20,7 @@ from export_engine.graph_passes.cleanup import FoldConstantsConfig, fold_constan
 from export_engine.graph_passes.fold_norm_casts import FoldNormCastsConfig, fold_norm_casts
 from export_engine.graph_passes.fuse_attention import FuseAttentionConfig, fuse_attention
 from export_engine.graph_passes.fuse_bias_gelu import FuseBiasGeluConfig, fuse_bias_gelu
+from export_engine.graph_passes.fuse_gemm_bias import FuseGemmBiasConfig, fuse_gemm_bias
 from export_engine.graph_passes.fuse_skip_layernorm import FuseSkipLayerNormConfig, fuse_skip_layernorm
 from export_engine.graph_passes.lower_attention_bsh import (
     LowerAttentionBshConfig,
@@ -223,3 +224,33 @@ def test_attention_with_a_bias_input_is_skipped(tiny_graphs: dict[str, Any]) -> 
     report = lower_attention_bsh(graph, LowerAttentionBshConfig())
     assert report.rewritten == 0
     assert all("mask, bias" in s or "not" in s for s in report.skipped)
+
+
+@pytest.mark.parametrize("key", ["mast3r.encoder", "mast3r.decoder"])
+def test_fuse_gemm_bias_keeps_the_outputs_and_runs_once(tiny_graphs: dict[str, Any], key: str) -> None:
+    tiny = tiny_graphs[key]
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    before_ops, before = op_counts(graph), run_graph(graph, tiny.feeds[0])
+    report = fuse_gemm_bias(graph, FuseGemmBiasConfig())
+    after = op_counts(graph)
+    assert report.rewritten > 0 and after["Gemm"] == before_ops.get("Gemm", 0) + report.rewritten
+    assert (
+        after["Add"] == before_ops["Add"] - report.rewritten
+        and after["MatMul"] == before_ops["MatMul"] - report.rewritten
+    )
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
+    assert fuse_gemm_bias(graph, FuseGemmBiasConfig()).rewritten == 0
+
+
+def test_fuse_gemm_bias_skips_a_product_used_twice() -> None:
+    x = gs.Variable("x", dtype=np.float32, shape=[2, 3, 4])
+    w = gs.Constant("w", np.ones((4, 5), dtype=np.float32))
+    b = gs.Constant("b", np.ones(5, dtype=np.float32))
+    p, y, z = (gs.Variable(n, dtype=np.float32, shape=[2, 3, 5]) for n in ("p", "y", "z"))
+    nodes = [gs.Node("MatMul", "mm", inputs=[x, w], outputs=[p]), gs.Node("Add", "add", inputs=[p, b], outputs=[y]),
+             gs.Node("Relu", "relu", inputs=[p], outputs=[z])]  # fmt: skip
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[y, z], opset=17)
+    report = fuse_gemm_bias(graph, FuseGemmBiasConfig())
+    assert report.rewritten == 0 and report.skipped == ["add: the product has other consumers"]

@@ -89,3 +89,49 @@ def test_load_runs_on_cuda_and_refuses_bad_shapes(tiny_artifacts: dict[str, Path
     assert isinstance(encoder, CudaGraphRunner)
     with pytest.raises(ModelInputError, match="input images: shape"):
         encoder.run({"images": torch.zeros(1, 3, 7, 7, device="cuda")})
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_own_stream_queues_without_host_sync_and_orders_results(tiny_artifacts: dict[str, Path],
+                                                                cuda_graph: bool) -> None:  # fmt: skip
+    """A run on the runner's own stream returns while the caller's earlier kernels still run (no host
+    synchronisation), yet its outputs are what a synchronised run gives once the caller's stream reaches them."""
+    artifact = tiny_artifacts["mast3r"]
+    graph = next(g for g in json.loads((artifact / "manifest.json").read_text())["graphs"] if g["name"] == "encoder")
+    with np.load(artifact / graph["reference_check"]["inputs"]) as data:
+        images = torch.from_numpy(data["images"]).cuda()
+    synced = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(cuda_graph=cuda_graph,
+                             own_stream=False))  # fmt: skip
+    queued = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(cuda_graph=cuda_graph))
+    want = synced.run({"images": images})["tokens"]
+    for _ in range(2):
+        queued.run({"images": images})  # first use, capture
+    torch.cuda.synchronize()
+    done = torch.cuda.Event()
+    source = torch.zeros_like(images)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the caller's stream
+    source.copy_(images)  # written after the sleep: a run that read it too early would see zeros
+    done.record()
+    out = queued.run({"images": source}, copy=False)["tokens"]
+    assert not done.query(), "the run waited for the caller's stream on the host"
+    total = out.float().sum()  # queued behind the run on the caller's stream
+    torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
+    assert torch.isfinite(total)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nhwc_convolutions_match_cpu(tiny_artifacts: dict[str, Path]) -> None:
+    artifact = tiny_artifacts["mast3r"]
+    for graph in json.loads((artifact / "manifest.json").read_text())["graphs"]:
+        check = graph["reference_check"]
+        with np.load(artifact / check["inputs"]) as data:
+            feed = {k: data[k] for k in data.files}
+        got = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(nhwc=True))(feed)
+        with np.load(artifact / check["expected"]) as data:
+            for name in data.files:
+                tol = check["tolerances"][name]
+                np.testing.assert_allclose(got[name], data[name], atol=tol["atol"], rtol=tol["rtol"],
+                                           err_msg=f"{graph['name']}/{name}")  # fmt: skip

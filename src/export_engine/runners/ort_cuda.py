@@ -28,8 +28,16 @@
   (:mod:`export_engine.runners.self_check`); on failure it logs which rewrite failed by how much and runs the
   graph as stored, or with ``strict`` refuses (exit 7 from the CLI). The check costs one inference.
 
-ONNX Runtime runs on its own CUDA stream: the runner synchronises torch's current stream before a run, and
-ONNX Runtime synchronises its stream before returning, so results are ready for torch afterwards.
+* Streams (``own_stream``, default on): ONNX Runtime computes on a torch CUDA stream the runner creates and
+  hands it as the provider's compute stream. A run waits for the caller's current stream on the device (an
+  event, not a host synchronisation), runs without ONNX Runtime's end-of-run synchronisation, and makes the
+  caller's stream wait for it: the host returns as soon as the work is queued, so consecutive runs (the MASt3R
+  encoder, then its decoder) and the caller's own kernels follow each other on the GPU with no host round trip
+  between them. Results are ready for anything the caller queues on its current stream; reading them on the
+  host (``.cpu()``, ``__call__``) waits as usual. With ``own_stream=False`` ONNX Runtime uses a stream of its own
+  and every run synchronises the host twice (before and after), as before.
+* NHWC convolutions (``nhwc``, default off): ONNX Runtime's ``prefer_nhwc`` provider option, which runs
+  convolutions in channels-last layout and moves the layout transposes to where they cancel.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class CudaSessionConfig:
     lowerings: tuple[str, ...] = DEFAULT_LOWERINGS
     check: bool = True  # run the stored reference through a rewritten graph before using it
     strict: bool = False  # a rewrite that fails its check is an error instead of a fallback
+    own_stream: bool = True  # run on a stream of the runner's, ordered by device-side waits (no host sync)
+    nhwc: bool = False  # ONNX Runtime's prefer_nhwc: convolutions in channels-last layout
 
     def __post_init__(self) -> None:
         if self.attention not in ("fused", "decomposed"):
@@ -99,6 +109,7 @@ class _Signature:
     outputs: dict[str, Any]
     binding: Any
     graph_id: int | None = None
+    options: Any = None  # the RunOptions of this signature's runs
 
 
 @dataclass
@@ -122,6 +133,11 @@ class CudaGraphRunner:
         self._outputs = {o["name"]: o for o in self.graph_meta["outputs"]}
         self._signatures: dict[tuple, _Signature] = {}
         c = self.config
+        self._stream = None
+        if c.own_stream:
+            import torch
+
+            self._stream = torch.cuda.Stream(device=_device(c.device_id))
         _, self.outcome = open_checked(self._open, self.path, self.graph_meta, c.lowering_names(),
                                        self._tf32_choice(), c.check, c.strict)  # fmt: skip
 
@@ -141,6 +157,11 @@ class CudaGraphRunner:
         provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if tf32 else "0"}
         if self.config.cuda_graph:
             provider["enable_cuda_graph"] = "1"
+        if self._stream is not None:
+            provider["has_user_compute_stream"] = "1"
+            provider["user_compute_stream"] = str(self._stream.cuda_stream)
+        if self.config.nhwc:
+            provider["prefer_nhwc"] = "1"
         try:
             self.session = self._ort.InferenceSession(
                 str(source), options, providers=[("CUDAExecutionProvider", provider)]
@@ -171,15 +192,20 @@ class CudaGraphRunner:
         else:
             for name, tensor in tensors.items():
                 self._bind(sig.binding.bind_input, name, tensor)
-        torch.cuda.current_stream().synchronize()  # ONNX Runtime reads the inputs on its own stream
-        options = None
-        if sig.graph_id is not None:
-            options = self._ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(sig.graph_id))
+        caller = torch.cuda.current_stream(_device(self.config.device_id))
+        if self._stream is None:
+            caller.synchronize()  # ONNX Runtime reads the inputs on its own stream
+        else:
+            self._stream.wait_stream(caller)  # device-side: ONNX Runtime's kernels start after the caller's
+            if not self.config.cuda_graph:
+                for tensor in tensors.values():
+                    tensor.record_stream(self._stream)  # the caller's allocator keeps them until ORT is done
         try:
-            self.session.run_with_iobinding(sig.binding, options)
+            self.session.run_with_iobinding(sig.binding, sig.options)
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             raise BackendError(f"ONNX Runtime CUDA failed running {self.path.name}: {_short(err)}") from err
+        if self._stream is not None:
+            caller.wait_stream(self._stream)  # the caller's next kernels see the outputs
         return {name: (t.clone() if copy else t) for name, t in sig.outputs.items()}
 
     def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -242,7 +268,14 @@ class CudaGraphRunner:
                     "use a runner without cuda_graph for varying shapes"
                 )
             graph_id = len(self._signatures)
-        sig = _Signature(inputs, outputs, binding, graph_id)
+        options = None
+        if graph_id is not None or self._stream is not None:
+            options = self._ort.RunOptions()
+            if graph_id is not None:
+                options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            if self._stream is not None:  # ordering is the streams' business (see run)
+                options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        sig = _Signature(inputs, outputs, binding, graph_id, options)
         self._signatures[key] = sig
         return sig
 

@@ -13,6 +13,7 @@ measured on Hopper (bench/RESULTS.md):
 ``norm_casts``      FP32 LayerNorm islands (Cast, LN, Cast) as one LN on FP16 storage with FP32 statistics
 ``skip_layernorm``  residual add (+ bias) + LayerNorm as ``com.microsoft.SkipLayerNormalization``
 ``bias_gelu``       bias add + exact GELU as ``com.microsoft.BiasGelu``
+``gemm_bias``       remaining projection + bias pairs (MatMul, Add) as one ``Gemm``
 ``decompose_attention``  Attention as MatMul/Softmax/MatMul (faster where no flash kernel applies)
 ``im2col``          stride-1 2-D convolutions as im2col + MatMul (measured slower than cuDNN: opt-in)
 ==================  =====================================================================================
@@ -50,6 +51,7 @@ _PASSES = {
     "norm_casts": ("fold_norm_casts", "FoldNormCastsConfig"),
     "skip_layernorm": ("fuse_skip_layernorm", "FuseSkipLayerNormConfig"),
     "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
+    "gemm_bias": ("fuse_gemm_bias", "FuseGemmBiasConfig"),
     "decompose_attention": ("decompose_attention", "DecomposeAttentionConfig"),
     "im2col": ("lower_conv_im2col", "LowerConvIm2colConfig"),
 }
