@@ -181,11 +181,11 @@ STUDY = (  # (label, lowerings, tf32): the default first, then the steps that bu
 )  # fmt: skip
 
 
-RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields): each against the default session (own stream, NCHW)
-    ("host-synchronised runs (own_stream off)", {"own_stream": False}),
-    ("NHWC convolutions (prefer_nhwc)", {"nhwc": True}),
-    ("+ projection biases in Gemm (gemm_bias)", {"lowerings": (*DEFAULT_LOWERINGS, "gemm_bias")}),
-    ("NHWC + gemm_bias", {"nhwc": True, "lowerings": (*DEFAULT_LOWERINGS, "gemm_bias")}),
+GQA_LOWERINGS = tuple("attention_gqa" if n == "attention_bsh" else n for n in DEFAULT_LOWERINGS)
+RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras): each against the default session
+    ("attention as GroupQueryAttention (attention_gqa)", {"lowerings": GQA_LOWERINGS}, {"profile", "end to end"}),
+    ("host-synchronised runs (own_stream off)", {"own_stream": False}, set()),
+    ("attention_gqa, host-synchronised runs", {"lowerings": GQA_LOWERINGS, "own_stream": False}, set()),
 )
 
 
@@ -217,15 +217,12 @@ def sparse_section(report: Report, work: Path, warm: int, reps: int) -> None:
                               CudaSessionConfig("decomposed", cuda_graph=True), warm, reps,
                               f"hybrid {label} attention, default rewrites, CUDA graph")  # fmt: skip
         report.add(rows)
-    rows = report.section("ORT FastSAM3D sparse, gemm_bias", 10, cases.ort_fastsam3d, work / "fastsam3d-sparse-hybrid",
-                          CudaSessionConfig("decomposed", cuda_graph=True, lowerings=(*DEFAULT_LOWERINGS, "gemm_bias")),
-                          warm, reps, "hybrid sparse attention, default rewrites + gemm_bias, CUDA graph")  # fmt: skip
-    report.add(rows)
-    rows = report.section("ORT FastSAM3D sparse, host-synchronised", 10, cases.ort_fastsam3d,
-                          work / "fastsam3d-sparse-hybrid",
-                          CudaSessionConfig("decomposed", cuda_graph=True, own_stream=False), warm, reps,
-                          "hybrid sparse attention, default rewrites, host-synchronised runs, CUDA graph")  # fmt: skip
-    report.add(rows)
+    for own_stream in (False, True, False):  # alternated: the first rows of a section run on a colder GPU
+        how = "own stream" if own_stream else "host-synchronised runs"
+        rows = report.section(f"ORT FastSAM3D sparse, {how}", 10, cases.ort_fastsam3d, work / "fastsam3d-sparse-hybrid",
+                              CudaSessionConfig("decomposed", cuda_graph=True, own_stream=own_stream), warm, reps,
+                              f"hybrid sparse attention, default rewrites, {how}, CUDA graph")  # fmt: skip
+        report.add(rows)
     report.add(report.section("torch.compile FastSAM3D sparse", 40, cases.compiled_fastsam3d, warm, reps,
                               ("reduce-overhead",), "sparse"))  # fmt: skip
 
@@ -255,10 +252,13 @@ def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, 
         default.pop("runners")
         result = report.section("profile MASt3R hybrid", 25, cases.profile_mast3r, hybrid, config, images)
         report.data["profile MASt3R hybrid"] = result
-    for label, options in RUNTIME_OPTIONS:
+    for label, options, extras in RUNTIME_OPTIONS:
         config = CudaSessionConfig(cuda_graph=True, **options)
-        measure(f"hybrid, default rewrites, {label}, CUDA graph", hybrid, config)
-        if options.get("nhwc") and "lowerings" in options:
+        measure(f"hybrid, default rewrites, {label}, CUDA graph", hybrid, config, keep="end to end" in extras)
+        if default.get("runners"):
+            report.add(report.section(f"MASt3R end to end, {label}", 10, cases.end_to_end, default.pop("runners"),
+                                      images, warm, reps, default["label"]))  # fmt: skip
+        if "profile" in extras:
             key = f"profile MASt3R hybrid, {label}"
             report.data[key] = report.section(key, 25, cases.profile_mast3r, hybrid,
                                               dataclasses.replace(config, cuda_graph=False), images)  # fmt: skip

@@ -20,7 +20,6 @@ from export_engine.graph_passes.cleanup import FoldConstantsConfig, fold_constan
 from export_engine.graph_passes.fold_norm_casts import FoldNormCastsConfig, fold_norm_casts
 from export_engine.graph_passes.fuse_attention import FuseAttentionConfig, fuse_attention
 from export_engine.graph_passes.fuse_bias_gelu import FuseBiasGeluConfig, fuse_bias_gelu
-from export_engine.graph_passes.fuse_gemm_bias import FuseGemmBiasConfig, fuse_gemm_bias
 from export_engine.graph_passes.fuse_skip_layernorm import FuseSkipLayerNormConfig, fuse_skip_layernorm
 from export_engine.graph_passes.lower_attention_bsh import (
     LowerAttentionBshConfig,
@@ -227,30 +226,26 @@ def test_attention_with_a_bias_input_is_skipped(tiny_graphs: dict[str, Any]) -> 
 
 
 @pytest.mark.parametrize("key", ["mast3r.encoder", "mast3r.decoder"])
-def test_fuse_gemm_bias_keeps_the_outputs_and_runs_once(tiny_graphs: dict[str, Any], key: str) -> None:
+def test_attention_as_group_query_attention_keeps_the_outputs(tiny_graphs: dict[str, Any], key: str) -> None:
+    """``op="gqa"``: one non-causal GroupQueryAttention per block with RoPE inside; the packed self-attention
+    projections feed it whole (no Split), the cross-attention's three projections separately."""
     tiny = tiny_graphs[key]
     graph = load_graph(tiny.path)
     fold_constants(graph, FoldConstantsConfig())
-    before_ops, before = op_counts(graph), run_graph(graph, tiny.feeds[0])
-    report = fuse_gemm_bias(graph, FuseGemmBiasConfig())
+    fuse_attention(graph, FuseAttentionConfig())
+    before_ops = op_counts(graph)
+    before = run_graph(graph, tiny.feeds[0])
+
+    report = lower_attention_bsh(graph, LowerAttentionBshConfig(op="gqa"))
+
     after = op_counts(graph)
-    assert report.rewritten > 0 and after["Gemm"] == before_ops.get("Gemm", 0) + report.rewritten
-    assert (
-        after["Add"] == before_ops["Add"] - report.rewritten
-        and after["MatMul"] == before_ops["MatMul"] - report.rewritten
-    )
+    assert report.rewritten == report.matched == before_ops["Attention"] > 0, report.skipped
+    assert after["GroupQueryAttention"] == report.rewritten and after["Attention"] == 0
+    assert after["RotaryEmbedding"] == after["Split"] == after["Neg"] == 0
+    for node in (n for n in graph.nodes if n.op == "GroupQueryAttention"):
+        assert node.attrs["causal"] == 0 and node.attrs["do_rotary"] == 1 and node.attrs["rotary_interleaved"] == 1
+        head = node.outputs[0].shape[-1] // node.attrs["num_heads"]
+        assert node.inputs[7].values.shape[1] * 2 == head  # cos cache: one head's pairs per token
     onnx.checker.check_model(gs.export_onnx(graph))
     _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
-    assert fuse_gemm_bias(graph, FuseGemmBiasConfig()).rewritten == 0
-
-
-def test_fuse_gemm_bias_skips_a_product_used_twice() -> None:
-    x = gs.Variable("x", dtype=np.float32, shape=[2, 3, 4])
-    w = gs.Constant("w", np.ones((4, 5), dtype=np.float32))
-    b = gs.Constant("b", np.ones(5, dtype=np.float32))
-    p, y, z = (gs.Variable(n, dtype=np.float32, shape=[2, 3, 5]) for n in ("p", "y", "z"))
-    nodes = [gs.Node("MatMul", "mm", inputs=[x, w], outputs=[p]), gs.Node("Add", "add", inputs=[p, b], outputs=[y]),
-             gs.Node("Relu", "relu", inputs=[p], outputs=[z])]  # fmt: skip
-    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[y, z], opset=17)
-    report = fuse_gemm_bias(graph, FuseGemmBiasConfig())
-    assert report.rewritten == 0 and report.skipped == ["add: the product has other consumers"]
+    assert lower_attention_bsh(graph, LowerAttentionBshConfig(op="gqa")).matched == 0

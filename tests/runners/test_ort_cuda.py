@@ -123,13 +123,18 @@ def test_own_stream_queues_without_host_sync_and_orders_results(tiny_artifacts: 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_nhwc_convolutions_match_cpu(tiny_artifacts: dict[str, Path]) -> None:
+@pytest.mark.parametrize("options", [{"nhwc": True}, {"lowerings": ("attention_gqa", "rotary", "norm_casts")}])
+def test_runtime_options_match_the_reference(tiny_artifacts: dict[str, Path], options: dict) -> None:
+    """NHWC convolutions, and attention as GroupQueryAttention (strict: a failing check or a graph ONNX Runtime
+    cannot open is an error here, not a fallback)."""
     artifact = tiny_artifacts["mast3r"]
     for graph in json.loads((artifact / "manifest.json").read_text())["graphs"]:
         check = graph["reference_check"]
         with np.load(artifact / check["inputs"]) as data:
             feed = {k: data[k] for k in data.files}
-        got = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(nhwc=True))(feed)
+        runner = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(strict=True, **options))
+        assert runner.outcome.lowerings == runner.config.lowering_names()
+        got = runner(feed)
         with np.load(artifact / check["expected"]) as data:
             for name in data.files:
                 tol = check["tolerances"][name]

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from export_engine.cli import main
-from export_engine.errors import ModelInputError, ParityError
+from export_engine.errors import BackendError, ModelInputError, ParityError
 from export_engine.exporters.mast3r import TINY_CONFIG
 from export_engine.runners import ort_lowering, self_check
 from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products
@@ -114,6 +114,32 @@ def test_strict_refuses_a_failing_rewrite(hybrid: Path, broken_bias_gelu: None) 
     meta = _graph(hybrid, "decoder")
     with pytest.raises(ParityError, match=r"rewrite bias_gelu .*refusing to run \(strict\)"):
         ort_cpu_runner(hybrid / meta["file"], meta, ("bias_gelu",), strict=True)
+
+
+def test_a_rewrite_the_runtime_cannot_open_falls_back_or_is_refused(
+    hybrid: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ONNX Runtime that lacks an op or attribute a rewrite writes cannot open the rewritten graph: the
+    session runs the stored graph and says why; strict refuses."""
+    monkeypatch.setattr(self_check, "_CHECKED", {})
+    meta = _graph(hybrid, "encoder")
+    path = hybrid / meta["file"]
+    opened: list[tuple[str, ...]] = []
+
+    def open_fn(names: tuple[str, ...], tf32: bool) -> Any:
+        opened.append(names)
+        if names:
+            raise BackendError("ONNX Runtime CUDA cannot load encoder.onnx: Unrecognized attribute: causal")
+        return ort_cpu_runner(path, meta, names, check=False)
+
+    with caplog.at_level(logging.WARNING):
+        _, outcome = open_checked(open_fn, path, meta, ("attention_gqa",), False)
+    assert opened == [("attention_gqa",), ()] and outcome.lowerings == ()
+    assert outcome.fallback and "cannot open the graph rewritten by attention_gqa" in outcome.fallback
+    assert any("Unrecognized attribute" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(self_check, "_CHECKED", {})
+    with pytest.raises(BackendError, match=r"attention_gqa.*refusing to run \(strict\)"):
+        open_checked(open_fn, path, meta, ("attention_gqa",), False, strict=True)
 
 
 def test_an_artifact_without_reference_data_runs_the_rewrites_unchecked(

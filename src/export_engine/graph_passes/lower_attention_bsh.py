@@ -22,6 +22,12 @@ encoder (10 us a call, 1.5 ms a pair); a row of the whole token (1,024 values, t
 The caches repeat each head's per-token angles once per head of the row (position ids 0, 1, ... as the
 offset form).
 
+``op="gqa"`` emits ONNX Runtime's ``GroupQueryAttention`` instead (``causal=0``, as many key/value heads as
+query heads): it takes the packed q/k/v projection as is (no Split) and applies the rotary embedding itself
+(``do_rotary``, interleaved, with the same per-token caches over one head), so a self-attention block becomes
+one node after its projection. Its positions are 0, 1, ... over the key sequence, which the caches index per
+token; it needs query and key sequences of one static length (true of MASt3R's pairs).
+
 Only blocks that match exactly are rewritten (constant projection weights used by nothing else, static head
 sizes, RoPE on both q and k or on neither, no mask or bias); others are skipped with the reason.
 """
@@ -29,6 +35,7 @@ sizes, RoPE on both q and k or on neither, no mask or bias); others are skipped 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -45,6 +52,7 @@ DOMAIN = "com.microsoft"
 class LowerAttentionBshConfig:
     max_sections: int = 4  # RoPE sections per head (as lower_rotary)
     max_row: int = 1024  # values a rotary row may hold: ONNX Runtime's CUDA kernel runs one thread per value
+    op: Literal["mha", "gqa"] = "mha"  # MultiHeadAttention (+ Split, RotaryEmbedding) or GroupQueryAttention
 
 
 @dataclass
@@ -117,6 +125,14 @@ def _match(att: gs.Node, config: LowerAttentionBshConfig) -> _Block | str:
         return "q, k and v differ in heads or head size"
     if operands[0].head_dim % 2:
         return "odd head size"
+    if config.op == "gqa":
+        lengths = {_length(att, i, ropes[min(i, 1)]) for i in range(3)}
+        if len(lengths) != 1 or not isinstance(next(iter(lengths)), int):
+            return "GroupQueryAttention needs query and key sequences of one static length"
+        if operands[0].head_dim % 8:
+            return "GroupQueryAttention needs a head size that is a multiple of 8"
+        if not (_packed_in_order(operands) or all(p.parts == 1 for p in operands)):
+            return "q, k and v neither one packed projection in order nor three projections"
     return _Block(att, output, operands, ropes)
 
 
@@ -216,6 +232,8 @@ def _rewrite(
     if perm is not None:
         for projection in (q, k):
             _permute_columns(projection, perm)
+    if config.op == "gqa":
+        return _emit_gqa(graph, b, block, perm, splits)
     tokens = []
     for projection in (q, k, v):
         if projection.parts == 1:
@@ -243,3 +261,66 @@ def _rewrite(
     attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}
     b.add("MultiHeadAttention", tokens, attrs, out=block.output, domain=DOMAIN)
     return b.index
+
+
+def _emit_gqa(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray | None,
+              seqlens: dict[str, list[gs.Tensor]]) -> int:  # fmt: skip
+    """One ``GroupQueryAttention`` for the block: the packed projection as its query when q, k and v all come
+    from it, else q, k and v as three inputs; RoPE inside the op."""
+    q, k, v = block.operands
+    length = _length(block.attention, 0, block.ropes[0])
+    assert length is not None  # checked by _match
+    if _packed_in_order(block.operands):
+        inputs: list[gs.Tensor] = [q.packed, gs.Variable.empty(), gs.Variable.empty()]
+    else:  # three projections (checked by _match)
+        inputs = [p.packed for p in (q, k, v)]
+    inputs += [gs.Variable.empty(), gs.Variable.empty(), _seqlens(graph, b, q.packed, length, seqlens),
+               b.const("total_sequence_length", np.asarray(length, dtype=np.int32))]  # fmt: skip
+    attrs = {"num_heads": q.heads, "kv_num_heads": q.heads, "scale": float(block.attention.attrs["scale"]),
+             "causal": 0}  # fmt: skip
+    if perm is not None:
+        rope = block.ropes[0]
+        assert rope is not None
+        cos, sin = _caches(rope, perm, 1)
+        inputs += [b.const("cos_cache", cos), b.const("sin_cache", sin)]
+        attrs.update(do_rotary=1, rotary_interleaved=1)
+    producer_node = block.output.inputs[0]
+    producer_node.outputs.clear()
+    outputs = [block.output] + [gs.Variable(f"{b.name()}/present_{n}", dtype=b.dtype) for n in ("key", "value")]
+    node = gs.Node("GroupQueryAttention", name=b.name(), attrs=attrs, inputs=inputs, outputs=outputs, domain=DOMAIN)
+    graph.nodes.append(node)
+    b.index += 1
+    return b.index
+
+
+def _seqlens(graph: gs.Graph, b: NodeBuilder, query: gs.Tensor, length: int,
+             cache: dict[str, list[gs.Tensor]]) -> gs.Tensor:  # fmt: skip
+    """GroupQueryAttention's per-batch key lengths minus one, (B,) int32: a constant for a static batch, else
+    made once per graph from the query's batch dimension."""
+    batch = query.shape[0] if query.shape else None
+    key = f"seqlens:{batch}:{length}"
+    if key not in cache:
+        fill = np.full(1, length - 1, dtype=np.int32)
+        if isinstance(batch, int):
+            cache[key] = [b.const("seqlens_k", np.repeat(fill, batch))]
+        else:
+            shape = b.add("Shape", [query], {"start": 0, "end": 1}, dtype=np.int64)
+            value = gs.Constant(f"{b.name()}/fill", fill)
+            cache[key] = [b.add("ConstantOfShape", [shape], {"value": value}, dtype=np.int32)]
+    return cache[key][0]
+
+
+def _packed_in_order(operands: list[_Projection]) -> bool:
+    """q, k and v are columns [0, C), [C, 2C), [2C, 3C) of one packed projection."""
+    q = operands[0]
+    width = q.heads * q.head_dim
+    return all(p.parts == 3 and p.packed is q.packed and p.offset == i * width for i, p in enumerate(operands))
+
+
+def _length(att: gs.Node, i: int, rope: _Match | None) -> int | None:
+    """The static sequence length of the attention's i-th operand (B, heads, N, d), or None. A rotated operand
+    has as many tokens as its constant per-token angle table (v: as many as k, whose table is passed)."""
+    shape = att.inputs[i].shape
+    if shape is not None and len(shape) == 4 and isinstance(shape[2], int):
+        return shape[2]
+    return int(rope.cos.shape[0]) if rope is not None else None

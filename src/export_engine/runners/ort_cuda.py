@@ -82,7 +82,7 @@ class CudaSessionConfig:
         """The rewrites to apply. Decomposed attention replaces ``attention_bsh`` (which would turn the same
         Attention nodes into MultiHeadAttention): a family that measured MatMul/Softmax faster gets them."""
         if self.attention == "decomposed":
-            names = tuple(n for n in self.lowerings if n != "attention_bsh")
+            names = tuple(n for n in self.lowerings if n not in ("attention_bsh", "attention_gqa"))
             return check_lowerings((*names, "decompose_attention"))
         return check_lowerings(self.lowerings)
 

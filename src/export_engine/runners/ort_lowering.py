@@ -7,13 +7,14 @@ measured on Hopper (bench/RESULTS.md):
 
 ==================  =====================================================================================
 ``patch_conv``      kernel == stride (transposed) convolutions as MatMuls (cuDNN's direct kernels were slow)
+``attention_gqa``   attention blocks as ``GroupQueryAttention`` (non-causal) on the packed q/k/v projection,
+                    RoPE inside the op (q/k projection columns permuted as for ``attention_bsh``)
 ``attention_bsh``   attention blocks kept in (B, N, C): Split, RotaryEmbedding and ``MultiHeadAttention``
                     instead of head-major transposes and gathers (q/k projection columns permuted for RoPE)
 ``rotary``          RoPE (Slice/Neg/Concat/Mul/Add per tensor) as ``com.microsoft.RotaryEmbedding``
 ``norm_casts``      FP32 LayerNorm islands (Cast, LN, Cast) as one LN on FP16 storage with FP32 statistics
 ``skip_layernorm``  residual add (+ bias) + LayerNorm as ``com.microsoft.SkipLayerNormalization``
 ``bias_gelu``       bias add + exact GELU as ``com.microsoft.BiasGelu``
-``gemm_bias``       remaining projection + bias pairs (MatMul, Add) as one ``Gemm``
 ``decompose_attention``  Attention as MatMul/Softmax/MatMul (faster where no flash kernel applies)
 ``im2col``          stride-1 2-D convolutions as im2col + MatMul (measured slower than cuDNN: opt-in)
 ==================  =====================================================================================
@@ -29,6 +30,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -44,14 +46,14 @@ _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum",
 
 # lowering name -> the graph pass (module of export_engine.graph_passes, function of the same name) and its
 # config class; in the one order they apply in (norm_casts before skip_layernorm, attention_bsh before rotary).
-_PASSES = {
+_PASSES: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] = {
     "patch_conv": ("lower_patch_conv", "LowerPatchConvConfig"),
+    "attention_gqa": ("lower_attention_bsh", "LowerAttentionBshConfig", {"op": "gqa"}),
     "attention_bsh": ("lower_attention_bsh", "LowerAttentionBshConfig"),
     "rotary": ("lower_rotary", "LowerRotaryConfig"),
     "norm_casts": ("fold_norm_casts", "FoldNormCastsConfig"),
     "skip_layernorm": ("fuse_skip_layernorm", "FuseSkipLayerNormConfig"),
     "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
-    "gemm_bias": ("fuse_gemm_bias", "FuseGemmBiasConfig"),
     "decompose_attention": ("decompose_attention", "DecomposeAttentionConfig"),
     "im2col": ("lower_conv_im2col", "LowerConvIm2colConfig"),
 }
@@ -61,9 +63,10 @@ LOWERING_NAMES = tuple(_PASSES)
 def _passes() -> dict[str, Callable[[gs.Graph], PassReport]]:
     """Each lowering as ``graph -> PassReport`` with its default config (passes are imported here, on use)."""
     table: dict[str, Callable[[gs.Graph], PassReport]] = {}
-    for name, (module_name, config_name) in _PASSES.items():
+    for name, (module_name, config_name, *options) in _PASSES.items():
         module = importlib.import_module(f"export_engine.graph_passes.{module_name}")
-        table[name] = functools.partial(getattr(module, module_name), config=getattr(module, config_name)())
+        config = getattr(module, config_name)(**(options[0] if options else {}))
+        table[name] = functools.partial(getattr(module, module_name), config=config)
     return table
 
 
