@@ -183,9 +183,14 @@ STUDY = (  # (label, lowerings, tf32): the default first, then the steps that bu
 
 GQA_LOWERINGS = tuple("attention_gqa" if n == "attention_bsh" else n for n in DEFAULT_LOWERINGS)
 RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras): each against the default session
-    ("attention as GroupQueryAttention (attention_gqa)", {"lowerings": GQA_LOWERINGS}, {"profile", "end to end"}),
     ("host-synchronised runs (own_stream off)", {"own_stream": False}, set()),
-    ("attention_gqa, host-synchronised runs", {"lowerings": GQA_LOWERINGS, "own_stream": False}, set()),
+    ("cuDNN conv + bias fusion (fuse_conv_bias)", {"provider_options": (("fuse_conv_bias", "1"),)}, {"profile"}),
+    (
+        "tuned GEMMs (tunable_op)",
+        {"provider_options": (("tunable_op_enable", "1"), ("tunable_op_tuning_enable", "1"))},
+        set(),
+    ),
+    ("attention as GroupQueryAttention (attention_gqa)", {"lowerings": GQA_LOWERINGS}, set()),
 )
 
 

@@ -37,7 +37,10 @@
   host (``.cpu()``, ``__call__``) waits as usual. With ``own_stream=False`` ONNX Runtime uses a stream of its own
   and every run synchronises the host twice (before and after), as before.
 * NHWC convolutions (``nhwc``, default off): ONNX Runtime's ``prefer_nhwc`` provider option, which runs
-  convolutions in channels-last layout and moves the layout transposes to where they cancel.
+  convolutions in channels-last layout and moves the layout transposes to where they cancel (on MASt3R it
+  leaves nodes off the GPU, so no CUDA graph, and its transposes cost more than the convolutions gain).
+* ``provider_options``: any other CUDA provider option by ONNX Runtime's name (``fuse_conv_bias``,
+  ``cudnn_conv_algo_search``, ...), for measuring them; they override the runner's own.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class CudaSessionConfig:
     strict: bool = False  # a rewrite that fails its check is an error instead of a fallback
     own_stream: bool = True  # run on a stream of the runner's, ordered by device-side waits (no host sync)
     nhwc: bool = False  # ONNX Runtime's prefer_nhwc: convolutions in channels-last layout
+    provider_options: tuple[tuple[str, str], ...] = ()  # more CUDA provider options, by ONNX Runtime's names
 
     def __post_init__(self) -> None:
         if self.attention not in ("fused", "decomposed"):
@@ -162,6 +166,7 @@ class CudaGraphRunner:
             provider["user_compute_stream"] = str(self._stream.cuda_stream)
         if self.config.nhwc:
             provider["prefer_nhwc"] = "1"
+        provider.update(dict(self.config.provider_options))
         try:
             self.session = self._ort.InferenceSession(
                 str(source), options, providers=[("CUDAExecutionProvider", provider)]
