@@ -298,6 +298,7 @@ def fastnn(
 
     from export_engine.families.mast3r import fastnn_kernel as fk
     from export_engine.families.mast3r.fastnn import (
+        CapturedCorrespondences,
         CapturedMatcher,
         MatchConfig,
         ReciprocalMatcher,
@@ -353,6 +354,9 @@ def fastnn(
     gen = torch.Generator().manual_seed(2)
     confs = [(1 + torch.rand(height, width, generator=gen)).cuda() for _ in range(4)]
 
+    captured_sym = CapturedCorrespondences(tuple(maps[0].shape), tuple(maps[1].shape), 8,
+                                           MatchConfig(kernel="fused", tiles=best))  # fmt: skip
+
     def symmetric(config: MatchConfig | None = None) -> tuple:
         if config is None:
             return extract_correspondences_reference(maps, confs, 8, device=d1.device)
@@ -369,6 +373,8 @@ def fastnn(
         (f"FastNN-Lite fused, CUDA graph, {name}", lambda: captured(d1, d2), repeats, expected),
         ("symmetric reference (4 maps)", symmetric, max(2, ref_repeats // 4), expected_sym),
         (f"symmetric FastNN-Lite fused, {name} (4 maps)", lambda: symmetric(MatchConfig(tiles=best)), repeats,
+         expected_sym),
+        (f"symmetric FastNN-Lite fused, CUDA graph, {name} (4 maps)", lambda: captured_sym(maps, confs), repeats,
          expected_sym),
     ]  # fmt: skip
     rows = []
@@ -405,7 +411,10 @@ def fastnn(
         peak["sgemm_k24_tflops"] = 2 * 24 * queries.shape[0] * keys_t.shape[1] / k24 / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+    sym_rows = sum(int(r.sum()) for r in captured_sym.rows_per_step if r is not None)  # the last replay's
     breakdown = {
+        "symmetric_rows": sym_rows,
+        "symmetric_useful_gflop": 2 * 24 * sym_rows * flat2.shape[0] / 1e9,
         "fp32_ceiling": peak,
         "rows_per_call": counts,
         "steps_with_rows": len(counts),

@@ -17,6 +17,7 @@ import torch
 from export_engine.errors import BackendError, ModelInputError
 from export_engine.families.mast3r import fastnn_kernel
 from export_engine.families.mast3r.fastnn import (
+    CapturedCorrespondences,
     CapturedMatcher,
     MatchConfig,
     ReciprocalMatcher,
@@ -83,6 +84,39 @@ def test_fused_symmetric_reference(mast3r_ref: Path) -> None:
     got = extract_correspondences(tensors, [torch.from_numpy(c) for c in confs], 8, MatchConfig(kernel="fused"))
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g.cpu().numpy(), e)
+
+
+@pytest.mark.gpu
+def test_captured_correspondences_reproduce_the_symmetric_reference(mast3r_ref: Path) -> None:
+    """Both map pairs, both directions, every round as one CUDA graph: the reference's correspondences, also on
+    a second replay with other maps of the same shapes, and clear refusals."""
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU: CapturedCorrespondences records a CUDA graph")
+    with np.load(mast3r_ref / "outputs.npz") as out, np.load(mast3r_ref / "symmetric.npz") as sym:
+        descs = [out["view1_desc"][0], out["view2_desc"][0], sym["res22_desc"][0], sym["res12_desc"][0]]
+        confs = [out["view1_desc_conf"][0], out["view2_desc_conf"][0], sym["res22_desc_conf"][0]]
+        confs.append(sym["res12_desc_conf"][0])
+        expected = [sym[k] for k in ("corres_xy1", "corres_xy2", "corres_conf")]
+    tensors = [torch.from_numpy(d).cuda() for d in descs]
+    conf_tensors = [torch.from_numpy(c) for c in confs]
+    captured = CapturedCorrespondences(tuple(tensors[0].shape), tuple(tensors[1].shape))
+    for g, e in zip(captured(tensors, conf_tensors), expected, strict=True):
+        np.testing.assert_array_equal(g.cpu().numpy(), e)
+    flipped = [t.flip(0).contiguous() for t in tensors]  # other maps, same shapes: the graph is replayed afresh
+    want = extract_correspondences(flipped, conf_tensors, 8, MatchConfig(kernel="fused"))
+    for g, w in zip(captured(flipped, conf_tensors), want, strict=True):
+        assert torch.equal(g.cpu(), w.cpu())
+    with pytest.raises(ModelInputError, match="recorded shape"):
+        captured([t[:, :-1] for t in tensors], [c[:, :-1] for c in conf_tensors])
+    with pytest.raises(ModelInputError, match="4 descriptor maps"):
+        captured(tensors[:2], conf_tensors[:2])
+
+
+def test_captured_correspondences_need_cuda() -> None:
+    if DEVICE.type == "cuda":
+        pytest.skip("this machine has CUDA: test_captured_correspondences_reproduce_the_symmetric_reference covers it")
+    with pytest.raises(BackendError, match="needs CUDA"):
+        CapturedCorrespondences((8, 8, 24), (8, 8, 24), device="cpu")
 
 
 def test_auto_uses_fused_only_on_cuda_and_fused_refuses_fp16(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,8 @@ Same algorithm as :mod:`export_engine.families.mast3r.matching_reference` (upstr
 * With the fused kernel the whole round loop runs on the device with no host sync
   (:func:`export_engine.families.mast3r.fastnn_kernel.chains_on_device`): ``max_iter`` rounds of per-seed
   flags, where only the rows still unknown are claimed and computed, so converged seeds cost nothing and the
-  loop can be recorded in a CUDA graph (:class:`CapturedMatcher`). The torch-tile path (CPU) compacts the
+  loop can be recorded in a CUDA graph (:class:`CapturedMatcher`; :class:`CapturedCorrespondences` for the
+  symmetric pass). The torch-tile path (CPU) compacts the
   active seeds and unknown rows each round instead, a few host syncs per round and none per tile.
 * De-duplication and the (idx1, idx2) order come from ``torch.unique`` on packed int64 keys, as upstream's
   ``np.unique`` on the same packing.
@@ -479,17 +480,9 @@ class CapturedMatcher:
         return _unpack(keys, self._matcher.shape1, self._matcher.shape2, ret_xy)
 
 
-def extract_correspondences(
-    descs: Sequence[Tensor],
-    qconfs: Sequence[Tensor],
-    subsample: int = 8,
-    config: MatchConfig | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Upstream ``sparse_ga.extract_correspondences`` for the maps (11, 21, 22, 12) of a symmetric pass.
-
-    (11, 21) and (12, 22) are matched both ways; all pairs are merged in that order, a pair's first occurrence
-    keeps its confidence sqrt(qconf1 * qconf2). Returns xy1, xy2 (M, 2) int64 (x, y) and conf (M,).
-    """
+def _check_symmetric(descs: Sequence[Tensor], qconfs: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The maps (11, 21, 22, 12) and their confidences, checked: image 1's two maps and confidences agree in
+    (H, W), and so do image 2's."""
     if len(descs) != 4 or len(qconfs) != 4:
         raise ModelInputError(
             f"need 4 descriptor maps (11, 21, 22, 12) and 4 confidences, got {len(descs)}, {len(qconfs)}"
@@ -506,11 +499,32 @@ def extract_correspondences(
             f"image 2 maps disagree: descs {tuple(d21.shape)}, {tuple(d22.shape)}, confidences "
             f"{tuple(q21.shape)}, {tuple(q22.shape)}"
         )
+    return [d11, d21, d22, d12], [q11, q21, q22, q12]
+
+
+def _hw(desc: Tensor) -> tuple[int, int]:
+    return int(desc.shape[0]), int(desc.shape[1])
+
+
+def _directions(matcher: ReciprocalMatcher, subsample: int) -> list[tuple[ReciprocalMatcher, Tensor]]:
+    """The two runs of a map pair, in the reference's order: seeds on image 1's grid, then image 2's."""
+    backward = matcher.swapped()
+    return [(matcher, matcher.grid_seeds(subsample)), (backward, backward.grid_seeds(subsample))]
+
+
+def _merge(runs: Sequence[tuple[Tensor, Tensor, Tensor]], shapes: Sequence[tuple[int, int]],
+           qconfs: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Upstream's merge of the four runs (pair (11, 21) forward, backward, pair (12, 22) forward, backward):
+    each run's converged chains de-duplicated and sorted as its own (seed image, other image) keys, all runs
+    concatenated as (image 1, image 2) pairs, one entry per pair kept with the confidence of its first
+    occurrence, sqrt(qconf1 * qconf2)."""
+    shape1, shape2 = shapes
+    q11, q21, q22, q12 = qconfs
     idx1, idx2, conf1, conf2 = [], [], [], []
-    for desc_a, desc_b, conf_a, conf_b in ((d11, d21, q11, q21), (d12, d22, q12, q22)):
-        forward = ReciprocalMatcher(desc_a, desc_b, config)
-        a_fwd, b_fwd = matcher_reciprocal_nn(forward, subsample, ret_xy=False)
-        b_bwd, a_bwd = matcher_reciprocal_nn(forward.swapped(), subsample, ret_xy=False)
+    for k, (conf_a, conf_b) in enumerate(((q11, q21), (q12, q22))):
+        (s_fwd, o_fwd, c_fwd), (s_bwd, o_bwd, c_bwd) = runs[2 * k], runs[2 * k + 1]
+        a_fwd, b_fwd = _unpack(torch.unique(pack_pairs(s_fwd[c_fwd], o_fwd[c_fwd])), shape1, shape2, False)
+        b_bwd, a_bwd = _unpack(torch.unique(pack_pairs(s_bwd[c_bwd], o_bwd[c_bwd])), shape2, shape1, False)
         idx1.append(torch.cat([a_fwd, a_bwd]).long())
         idx2.append(torch.cat([b_fwd, b_bwd]).long())
         conf1.append(conf_a.reshape(-1)[idx1[-1]])
@@ -520,8 +534,91 @@ def extract_correspondences(
     position = torch.arange(all1.numel(), device=all1.device)
     first = torch.full((keys.numel(),), all1.numel(), device=all1.device, dtype=torch.int64)
     first.scatter_reduce_(0, inverse, position, reduce="amin")  # first occurrence, like np.unique's index
-    xy1, xy2 = _unpack(keys, (int(d11.shape[0]), int(d11.shape[1])), (int(d22.shape[0]), int(d22.shape[1])), True)
+    xy1, xy2 = _unpack(keys, shape1, shape2, True)
     return xy1, xy2, sqrt_rounded(torch.cat(conf1)[first] * torch.cat(conf2)[first])
+
+
+def extract_correspondences(
+    descs: Sequence[Tensor],
+    qconfs: Sequence[Tensor],
+    subsample: int = 8,
+    config: MatchConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Upstream ``sparse_ga.extract_correspondences`` for the maps (11, 21, 22, 12) of a symmetric pass.
+
+    (11, 21) and (12, 22) are matched both ways; all pairs are merged in that order, a pair's first occurrence
+    keeps its confidence sqrt(qconf1 * qconf2). Returns xy1, xy2 (M, 2) int64 (x, y) and conf (M,).
+    """
+    (d11, d21, d22, d12), confs = _check_symmetric(descs, qconfs)
+    runs = []
+    for desc_a, desc_b in ((d11, d21), (d12, d22)):
+        for matcher, seeds in _directions(ReciprocalMatcher(desc_a, desc_b, config), subsample):
+            runs.append(matcher.chains(seeds, matcher.config.max_iter))
+    return _merge(runs, (_hw(d11), _hw(d22)), confs)
+
+
+class CapturedCorrespondences:
+    """:func:`extract_correspondences` for one pair of image shapes recorded as one CUDA graph: both map pairs,
+    both directions, every round, in one replay (the tables of a map pair are shared by its two directions, as
+    in the eager path). The merge after it (sorting and de-duplication, whose sizes depend on the matches) is
+    the only host synchronisation. Same results as :func:`extract_correspondences` with the fused kernel.
+    """
+
+    def __init__(
+        self,
+        shape1: tuple[int, int, int],
+        shape2: tuple[int, int, int],
+        subsample: int = 8,
+        config: MatchConfig | None = None,
+        device: torch.device | str = "cuda",
+    ) -> None:
+        device = torch.device(device)
+        config = config or MatchConfig(kernel="fused")
+        if device.type != "cuda" or not config.use_fused(device):
+            raise BackendError(
+                f"CapturedCorrespondences records a CUDA graph of the fused kernel: needs CUDA, got {device}"
+            )
+        shapes = (shape1, shape2, shape2, shape1)  # maps 11, 21, 22, 12
+        self._descs = [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
+        d11, d21, d22, d12 = self._descs
+        self._matchers = [ReciprocalMatcher(d11, d21, config), ReciprocalMatcher(d12, d22, config)]
+        self._runs = [run for m in self._matchers for run in _directions(m, subsample)]
+        self._graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._once()  # compiles the kernels outside the recording
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self._graph):
+            self._outputs = self._once()
+
+    def _once(self) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
+        for matcher in self._matchers:
+            for table in (matcher._nn12, matcher._nn21):
+                assert isinstance(table, fastnn_kernel.NearestTable)
+                table.refresh()
+        finite = torch.stack([torch.isfinite(d).all() for d in self._descs]).all()
+        return [matcher.chains(seeds, matcher.config.max_iter) for matcher, seeds in self._runs], finite
+
+    @property
+    def rows_per_step(self) -> list[Tensor | None]:
+        """Rows computed at each step of each of the four runs in the last replay (device tensors)."""
+        return [matcher.rows_per_step for matcher, _ in self._runs]
+
+    def __call__(self, descs: Sequence[Tensor], qconfs: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Correspondences of four maps of the recorded shapes, as :func:`extract_correspondences` returns them."""
+        checked, confs = _check_symmetric(descs, qconfs)
+        for i, (desc, buffer) in enumerate(zip(checked, self._descs, strict=True)):
+            if desc.shape != buffer.shape:
+                raise ModelInputError(
+                    f"descs[{i}] must have the recorded shape {tuple(buffer.shape)}, got {tuple(desc.shape)}"
+                )
+            buffer.copy_(desc)
+        self._graph.replay()
+        runs, finite = self._outputs
+        if not bool(finite):
+            raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
+        return _merge(runs, (_hw(self._descs[0]), _hw(self._descs[1])), [c.to(self._descs[0].device) for c in confs])
 
 
 def sqrt_rounded(values: Tensor) -> Tensor:
