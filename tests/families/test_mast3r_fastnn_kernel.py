@@ -25,6 +25,7 @@ from export_engine.families.mast3r.fastnn import (
     fast_reciprocal_nn,
     nearest_by_dot,
 )
+from export_engine.families.mast3r.matching_reference import extract_correspondences_reference
 
 pytest.importorskip("triton", reason="triton (the fused kernel's compiler, interpreted here) is not installed")
 
@@ -110,6 +111,23 @@ def test_captured_correspondences_reproduce_the_symmetric_reference(mast3r_ref: 
         captured([t[:, :-1] for t in tensors], [c[:, :-1] for c in conf_tensors])
     with pytest.raises(ModelInputError, match="4 descriptor maps"):
         captured(tensors[:2], conf_tensors[:2])
+
+
+@pytest.mark.gpu
+def test_captured_correspondences_equal_the_reference_on_synthetic_maps() -> None:
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU: CapturedCorrespondences records a CUDA graph")
+    gen = torch.Generator().manual_seed(3)
+    maps = [*_smooth_pair(96, 128, noise=0.4, seed=5), *_smooth_pair(96, 128, noise=0.4, seed=6)]
+    maps = [m.cuda() for m in (maps[0], maps[1], maps[3], maps[2])]  # 11, 21, 22, 12
+    confs = [1 + torch.rand(96, 128, generator=gen) for _ in range(4)]
+    captured = CapturedCorrespondences((96, 128, 24), (96, 128, 24))
+    got = captured(maps, confs)
+    want = extract_correspondences_reference([m.cpu() for m in maps], confs, 8)
+    assert len(got[0]) > 100
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.cpu().numpy(), np.asarray(w))
+    assert sum(int(r.sum()) for r in captured.rows_per_step if r is not None) > 0
 
 
 def test_captured_correspondences_need_cuda() -> None:
