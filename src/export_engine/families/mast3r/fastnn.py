@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -49,6 +49,7 @@ from export_engine.families.mast3r import fastnn_kernel
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
+_Out = TypeVar("_Out")
 
 # CPU tiles are capped at this side: measured (3072 queries x 196608 keys, D = 24, 2 cores) 0.33-0.38 s with
 # 1024-2048 tiles against 1.7 s with 8192 x 8192 tiles, whose 256 MB similarity block does not stay in cache.
@@ -414,6 +415,30 @@ def matcher_reciprocal_nn(
     return _unpack(keys, matcher.shape1, matcher.shape2, ret_xy)
 
 
+def _fused_for_capture(
+    owner: str, config: MatchConfig | None, device: torch.device | str
+) -> tuple[torch.device, MatchConfig]:
+    device = torch.device(device)
+    config = config or MatchConfig(kernel="fused")
+    if device.type != "cuda" or not config.use_fused(device):
+        raise BackendError(f"{owner} records a CUDA graph of the fused kernel: needs CUDA, got {device}")
+    return device, config
+
+
+def _capture(step: Callable[[], _Out]) -> tuple[torch.cuda.CUDAGraph, _Out]:
+    """``step`` recorded as a CUDA graph, with its outputs (the graph's buffers); run once before, on a side
+    stream, so that the kernels compile outside the recording."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 class CapturedMatcher:
     """FastNN-Lite for one pair of map shapes recorded as a CUDA graph: every round of every seed in one replay.
 
@@ -431,16 +456,12 @@ class CapturedMatcher:
         config: MatchConfig | None = None,
         device: torch.device | str = "cuda",
     ) -> None:
-        device = torch.device(device)
-        config = config or MatchConfig(kernel="fused")
-        if device.type != "cuda" or not config.use_fused(device):
-            raise BackendError(f"CapturedMatcher records a CUDA graph of the fused kernel: needs CUDA, got {device}")
+        device, config = _fused_for_capture("CapturedMatcher", config, device)
         self._desc1 = torch.zeros(shape1, dtype=torch.float32, device=device)
         self._desc2 = torch.zeros(shape2, dtype=torch.float32, device=device)
         self._matcher = ReciprocalMatcher(self._desc1, self._desc2, config)
         self._seeds = self._matcher.grid_seeds(subsample)
-        self._graph = torch.cuda.CUDAGraph()
-        self._record()
+        self._graph, self._outputs = _capture(self._once)
 
     def _once(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         nn12, nn21 = self._matcher._nn12, self._matcher._nn21
@@ -455,15 +476,6 @@ class CapturedMatcher:
     def rows_per_step(self) -> Tensor | None:
         """Rows computed at each step of the last replay (device tensor; see ReciprocalMatcher.rows_per_step)."""
         return self._matcher.rows_per_step
-
-    def _record(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._once()  # compiles the kernels outside the recording
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self._graph):
-            self._outputs = self._once()
 
     def __call__(self, desc1: Tensor, desc2: Tensor, ret_xy: bool = True) -> tuple[Tensor, Tensor]:
         """Matches of two maps of the recorded shapes, as :func:`fast_reciprocal_nn` returns them."""
@@ -572,25 +584,13 @@ class CapturedCorrespondences:
         config: MatchConfig | None = None,
         device: torch.device | str = "cuda",
     ) -> None:
-        device = torch.device(device)
-        config = config or MatchConfig(kernel="fused")
-        if device.type != "cuda" or not config.use_fused(device):
-            raise BackendError(
-                f"CapturedCorrespondences records a CUDA graph of the fused kernel: needs CUDA, got {device}"
-            )
+        device, config = _fused_for_capture("CapturedCorrespondences", config, device)
         shapes = (shape1, shape2, shape2, shape1)  # maps 11, 21, 22, 12
         self._descs = [torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes]
         d11, d21, d22, d12 = self._descs
         self._matchers = [ReciprocalMatcher(d11, d21, config), ReciprocalMatcher(d12, d22, config)]
         self._runs = [run for m in self._matchers for run in _directions(m, subsample)]
-        self._graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._once()  # compiles the kernels outside the recording
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(self._graph):
-            self._outputs = self._once()
+        self._graph, self._outputs = _capture(self._once)
 
     def _once(self) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
         for matcher in self._matchers:
