@@ -182,7 +182,7 @@ STUDY = (  # (label, lowerings, tf32): the default first, then the steps that bu
 
 
 GQA_LOWERINGS = tuple("attention_gqa" if n == "attention_bsh" else n for n in DEFAULT_LOWERINGS)
-RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras): each against the default session
+RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras: "profile"): each against the default session
     ("host-synchronised runs (own_stream off)", {"own_stream": False}, set()),
     ("cuDNN conv + bias fusion (fuse_conv_bias)", {"provider_options": (("fuse_conv_bias", "1"),)}, {"profile"}),
     (
@@ -259,10 +259,7 @@ def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, 
         report.data["profile MASt3R hybrid"] = result
     for label, options, extras in RUNTIME_OPTIONS:
         config = CudaSessionConfig(cuda_graph=True, **options)
-        measure(f"hybrid, default rewrites, {label}, CUDA graph", hybrid, config, keep="end to end" in extras)
-        if default.get("runners"):
-            report.add(report.section(f"MASt3R end to end, {label}", 10, cases.end_to_end, default.pop("runners"),
-                                      images, warm, reps, default["label"]))  # fmt: skip
+        measure(f"hybrid, default rewrites, {label}, CUDA graph", hybrid, config)
         if "profile" in extras:
             key = f"profile MASt3R hybrid, {label}"
             report.data[key] = report.section(key, 25, cases.profile_mast3r, hybrid,

@@ -23,6 +23,7 @@ from export_engine.families.mast3r.fastnn import (
     ReciprocalMatcher,
     extract_correspondences,
     fast_reciprocal_nn,
+    matcher_reciprocal_nn,
     nearest_by_dot,
 )
 from export_engine.families.mast3r.matching_reference import extract_correspondences_reference
@@ -36,6 +37,12 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 
 TILES = [fastnn_kernel.DEFAULT_TILES, fastnn_kernel.Tiles(32, 128, 4, 64)]
+# The query-stationary kernel from the first row on: 1 or 2 rows a thread, one warp, a few programs (small
+# blocks keep the interpreter quick and still split rows into blocks and keys into ranges).
+STATIONARY = [
+    fastnn_kernel.Tiles(stationary=1, stationary_warps=1, stationary_programs=8, stationary_from=1),
+    fastnn_kernel.Tiles(stationary=2, stationary_warps=1, stationary_programs=3, stationary_from=1),
+]
 
 
 @pytest.mark.parametrize("tiles", TILES)
@@ -46,6 +53,52 @@ def test_fused_equals_tiles(m: int, n: int, d: int, tiles: fastnn_kernel.Tiles) 
     got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys), tiles)
     assert got.dtype == torch.int64 and got.shape == (m,)
     np.testing.assert_array_equal(got.cpu().numpy(), nearest_by_dot(queries, keys).cpu().numpy())
+
+
+@pytest.mark.parametrize("tiles", STATIONARY)
+@pytest.mark.parametrize(("m", "n", "d"), [(1, 5, 3), (7, 130, 24), (70, 200, 24), (130, 90, 8)])
+def test_query_stationary_kernel_equals_tiles(m: int, n: int, d: int, tiles: fastnn_kernel.Tiles) -> None:
+    gen = torch.Generator().manual_seed(m * 37 + n)
+    queries, keys = torch.randn(m, d, generator=gen).to(DEVICE), torch.randn(n, d, generator=gen).to(DEVICE)
+    got = fastnn_kernel.nearest_by_dot_fused(queries, fastnn_kernel.transposed(keys), tiles)
+    np.testing.assert_array_equal(got.cpu().numpy(), nearest_by_dot(queries, keys).cpu().numpy())
+
+
+@pytest.mark.parametrize("tiles", STATIONARY)
+def test_query_stationary_ties_resolve_to_first_index_across_ranges(tiles: fastnn_kernel.Tiles) -> None:
+    keys = torch.randn(300, 24, generator=torch.Generator().manual_seed(4))
+    keys[299] = keys[17]  # the same maximum in the first and in the last key range
+    keys[150] = keys[17]
+    queries = torch.stack([keys[17], keys[299] * 2.0, keys[123]])
+    got = fastnn_kernel.nearest_by_dot_fused(queries.to(DEVICE), fastnn_kernel.transposed(keys.to(DEVICE)), tiles)
+    assert got.tolist() == [17, 17, 123]
+
+
+def test_each_launch_runs_one_kernel_by_its_row_count() -> None:
+    """Below `stationary_from` rows the tl.dot kernel computes, from it on the query-stationary one; a table
+    alternating between them fills every row correctly."""
+    gen = torch.Generator().manual_seed(9)
+    source, keys = torch.randn(90, 24, generator=gen).to(DEVICE), torch.randn(200, 24, generator=gen).to(DEVICE)
+    tiles = fastnn_kernel.Tiles(32, 64, 1, 8, stationary=1, stationary_warps=1, stationary_programs=4,
+                                stationary_from=40)  # fmt: skip
+    table = fastnn_kernel.NearestTable(source, keys, 90, tiles)
+    for first, count in ((0, 30), (30, 60)):  # 30 rows: tl.dot kernel; 60 rows: query-stationary
+        rows = torch.arange(first, first + count, dtype=torch.int32, device=DEVICE)
+        table.compute(rows, torch.tensor(count, dtype=torch.int32, device=DEVICE))
+    np.testing.assert_array_equal(table.table[:90].cpu().numpy(), nearest_by_dot(source, keys).cpu().numpy())
+    assert int(table.computed) == 90
+
+
+def test_query_stationary_pairs_equal_the_reference() -> None:
+    desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(24, 32, noise=0.4, seed=7))
+    tiles = fastnn_kernel.Tiles(
+        32, 32, 1, 4, stationary=1, stationary_warps=1, stationary_programs=4, stationary_from=8
+    )
+    got = matcher_reciprocal_nn(ReciprocalMatcher(desc1, desc2, MatchConfig(kernel="fused", tiles=tiles)), 4)
+    want = fast_reciprocal_nn(desc1.cpu(), desc2.cpu(), 4, kernel="tiles")
+    assert len(want[0]) > 10
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g.cpu().numpy(), w.numpy())
 
 
 @pytest.mark.parametrize("tiles", TILES)

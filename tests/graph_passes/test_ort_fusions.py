@@ -236,7 +236,8 @@ def test_attention_as_group_query_attention_keeps_the_outputs(tiny_graphs: dict[
     before_ops = op_counts(graph)
     before = run_graph(graph, tiny.feeds[0])
 
-    report = lower_attention_bsh(graph, LowerAttentionBshConfig(op="gqa"))
+    assert lower_attention_bsh(graph.copy(), LowerAttentionBshConfig(op="gqa")).rewritten == 0  # FP32: skipped
+    report = lower_attention_bsh(graph, LowerAttentionBshConfig(op="gqa", gqa_fp32=True))  # CPU runs FP32 GQA
 
     after = op_counts(graph)
     assert report.rewritten == report.matched == before_ops["Attention"] > 0, report.skipped
@@ -248,4 +249,4 @@ def test_attention_as_group_query_attention_keeps_the_outputs(tiny_graphs: dict[
         assert node.inputs[7].values.shape[1] * 2 == head  # cos cache: one head's pairs per token
     onnx.checker.check_model(gs.export_onnx(graph))
     _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
-    assert lower_attention_bsh(graph, LowerAttentionBshConfig(op="gqa")).matched == 0
+    assert lower_attention_bsh(graph, LowerAttentionBshConfig(op="gqa", gqa_fp32=True)).matched == 0

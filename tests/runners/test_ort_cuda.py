@@ -116,9 +116,7 @@ def test_own_stream_queues_without_host_sync_and_orders_results(tiny_artifacts: 
     done.record()
     out = queued.run({"images": source}, copy=False)["tokens"]
     assert not done.query(), "the run waited for the caller's stream on the host"
-    total = out.float().sum()  # queued behind the run on the caller's stream
-    torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
-    assert torch.isfinite(total)
+    torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)  # read on the caller's stream
 
 
 @pytest.mark.gpu

@@ -141,6 +141,14 @@ def test_a_rewrite_the_runtime_cannot_open_falls_back_or_is_refused(
     with pytest.raises(BackendError, match=r"attention_gqa.*refusing to run \(strict\)"):
         open_checked(open_fn, path, meta, ("attention_gqa",), False, strict=True)
 
+    def nothing_opens(names: tuple[str, ...], tf32: bool) -> Any:
+        raise BackendError(f"cannot load encoder.onnx {'rewritten' if names else 'as stored'}: no CUDA provider")
+
+    monkeypatch.setattr(self_check, "_CHECKED", {})
+    for strict in (False, True):  # the stored graph's own error, not a rewrite blamed for it
+        with pytest.raises(BackendError, match="as stored: no CUDA provider"):
+            open_checked(nothing_opens, path, meta, ("attention_gqa",), False, strict=strict)
+
 
 def test_an_artifact_without_reference_data_runs_the_rewrites_unchecked(
     hybrid: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture

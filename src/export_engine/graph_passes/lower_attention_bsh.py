@@ -53,6 +53,7 @@ class LowerAttentionBshConfig:
     max_sections: int = 4  # RoPE sections per head (as lower_rotary)
     max_row: int = 1024  # values a rotary row may hold: ONNX Runtime's CUDA kernel runs one thread per value
     op: Literal["mha", "gqa"] = "mha"  # MultiHeadAttention (+ Split, RotaryEmbedding) or GroupQueryAttention
+    gqa_fp32: bool = False  # GroupQueryAttention on FP32 blocks too (ONNX Runtime's CUDA kernel is FP16/BF16 only)
 
 
 @dataclass
@@ -133,6 +134,14 @@ def _match(att: gs.Node, config: LowerAttentionBshConfig) -> _Block | str:
             return "GroupQueryAttention needs a head size that is a multiple of 8"
         if not (_packed_in_order(operands) or all(p.parts == 1 for p in operands)):
             return "q, k and v neither one packed projection in order nor three projections"
+        if (
+            ropes[0]
+            and ropes[1]
+            and not all(np.array_equal(getattr(ropes[0], t), getattr(ropes[1], t)) for t in ("cos", "sin"))
+        ):
+            return "q and k rotate by different angles (GroupQueryAttention applies one table to both)"
+        if operands[0].matmul.inputs[1].values.dtype == np.float32 and not config.gqa_fp32:
+            return "FP32 block (ONNX Runtime's CUDA GroupQueryAttention takes FP16 or BF16)"
     return _Block(att, output, operands, ropes)
 
 

@@ -191,13 +191,17 @@ class CudaGraphRunner:
         tensors = self._check(feeds)
         key = tuple((name, tuple(t.shape)) for name, t in tensors.items())
         sig = self._signatures.get(key) or self._new_signature(key, tensors)
+        caller = torch.cuda.current_stream(_device(self.config.device_id))
+        if self._stream is not None:
+            # The previous run's buffers are rewritten below and by ONNX Runtime: whatever stream the caller
+            # now runs on waits (on the device) for that run, not only the stream it ran from.
+            caller.wait_stream(self._stream)
         if self.config.cuda_graph:
             for name, tensor in tensors.items():
                 sig.inputs[name].copy_(tensor)
         else:
             for name, tensor in tensors.items():
                 self._bind(sig.binding.bind_input, name, tensor)
-        caller = torch.cuda.current_stream(_device(self.config.device_id))
         if self._stream is None:
             caller.synchronize()  # ONNX Runtime reads the inputs on its own stream
         else:

@@ -102,12 +102,13 @@ def _open_and_check(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, g
         if not lowerings:
             raise
         message = f"{path.name}: ONNX Runtime cannot open the graph rewritten by {_describe(lowerings, tf32)}: {err}"
+        stored = open_fn((), False)  # a graph that does not open as stored either raises its own error here
         if strict:
             raise BackendError(
                 f"{message}; refusing to run (strict). Without strict the graph runs as stored."
             ) from err
         log.warning("%s; running the graph as stored", message)
-        return open_fn((), False), RewriteOutcome((), False, None, message)
+        return stored, RewriteOutcome((), False, None, message)
     outcome = RewriteOutcome(lowerings, tf32)
     artifact = path.parent
     if not has_reference(artifact, graph_meta):

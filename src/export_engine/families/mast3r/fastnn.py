@@ -444,7 +444,8 @@ class CapturedMatcher:
 
     The maps are copied into buffers the graph owns; the replay re-reads the keys, forgets the previous pair's
     neighbours and runs ``max_iter`` rounds of the device loop (rounds after convergence find no rows and cost
-    a few microseconds). The only host sync is the final de-duplication, whose size depends on the matches.
+    a few microseconds). The host syncs twice after the replay: to check the maps were finite, and for the final
+    de-duplication, whose size depends on the matches.
     Same results as :func:`fast_reciprocal_nn` with the fused kernel.
     """
 
@@ -572,8 +573,9 @@ def extract_correspondences(
 class CapturedCorrespondences:
     """:func:`extract_correspondences` for one pair of image shapes recorded as one CUDA graph: both map pairs,
     both directions, every round, in one replay (the tables of a map pair are shared by its two directions, as
-    in the eager path). The merge after it (sorting and de-duplication, whose sizes depend on the matches) is
-    the only host synchronisation. Same results as :func:`extract_correspondences` with the fused kernel.
+    in the eager path). After the replay the host synchronises only to check the maps were finite and for the
+    merge (sorting and de-duplication, whose sizes depend on the matches). Same results as
+    :func:`extract_correspondences` with the fused kernel.
     """
 
     def __init__(

@@ -62,6 +62,14 @@ class Tiles:
     warps: int = 4
     target_programs: int = 4 * 132  # a few per SM of an H100 / H200 (132 SMs)
     tail_fma: bool = True  # features past 16 (16 < D < 32) by explicit fma instead of padding the dot to 32
+    # Query-stationary kernel (nearest_rows_stationary) for launches of at least `stationary_from` rows: rows
+    # per thread (0: off), its warps and programs. Compiled for sm_90 it issues 8 FMAs per key load at 8 rows a
+    # thread (254 registers, no spills), where the tl.dot kernel issues ~10 per shared-memory load plus
+    # shuffles; not yet timed on a GPU, so off by default.
+    stationary: int = 0
+    stationary_warps: int = 2
+    stationary_programs: int = 4 * 132
+    stationary_from: int = 1024
 
 
 # Among the fastest exact launch shapes on an H200 (bench/gpu_bench.py sweeps them on 3072 x 196608: 0.89 to
@@ -116,8 +124,13 @@ class NearestTable:
             raise ValueError(f"rows have {source.shape[1]} features, keys {keys.shape[1]}")
         if source.shape[0] >= 2**31 - 1 or keys.shape[0] >= 2**31:
             raise ValueError(f"the kernel indexes with int32: {source.shape[0]} x {keys.shape[0]} is too many")
+        if tiles.stationary and keys.shape[0] * keys.shape[1] >= 2**31:
+            raise ValueError(f"the query-stationary kernel indexes keys with int32: {tuple(keys.shape)} is too many")
         self.source, self.keys, self.tiles = source, keys, tiles
         self.keys_t = transposed(keys) if keys_t is None else keys_t
+        # Row-major keys for the query-stationary kernel: the caller's own buffer where it already is one.
+        plain = keys.is_contiguous() and keys.dtype == torch.float32
+        self._keys_rows = keys if plain or not tiles.stationary else keys.float().contiguous()
         self.table = torch.full((source.shape[0] + 1,), UNKNOWN, dtype=torch.int32, device=source.device)
         self.table[-1] = 0
         self.computed = torch.zeros((), dtype=torch.int64, device=source.device)  # rows computed so far
@@ -132,6 +145,8 @@ class NearestTable:
     def refresh(self) -> None:
         """Forget every neighbour and re-read `keys` (after new maps were copied into `source` and `keys`)."""
         self.keys_t.copy_(self.keys.t())
+        if self._keys_rows is not self.keys:
+            self._keys_rows.copy_(self.keys)
         self.table[:-1].fill_(UNKNOWN)
         self.computed.zero_()
 
@@ -143,8 +158,16 @@ class NearestTable:
         t = self.tiles
         d, n = self.source.shape[1], self.keys.shape[0]
         dot, dp, _ = _dot_features(d, t)
+        limit = 2**31 - 1  # row counts from here on go to the query-stationary kernel
+        if t.stationary:
+            limit = t.stationary_from
+            kernels.nearest_rows_stationary[(t.stationary_programs,)](
+                self.source, self._keys_rows, rows, count, self._packed, n, limit, D=d,
+                BLOCK_M=32 * t.stationary_warps * t.stationary, TARGET=t.stationary_programs,
+                num_warps=t.stationary_warps,
+            )  # fmt: skip
         kernels.nearest_rows[(t.target_programs,)](
-            self.source, self.keys_t, rows, count, self._packed, n, D=d, DOT_D=dot, DP=dp,
+            self.source, self.keys_t, rows, count, self._packed, n, limit, D=d, DOT_D=dot, DP=dp,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, TARGET=t.target_programs, EVEN_N=n % t.block_n == 0,
             num_warps=t.warps,
         )  # fmt: skip

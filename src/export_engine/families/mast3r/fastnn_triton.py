@@ -28,6 +28,7 @@ def nearest_rows(
     count_ptr,  # int32 scalar on the device
     packed_ptr,  # int64 per slot: atomic max of (ordered score << 32 | 0xFFFFFFFF - index)
     n,
+    limit,  # launches whose row count is >= limit do nothing here (the query-stationary kernel takes them)
     D: tl.constexpr,
     DOT_D: tl.constexpr,  # features in tl.dot (the first ones)
     DP: tl.constexpr,  # DOT_D rounded up to a power of two >= 16, as tl.dot needs
@@ -37,6 +38,7 @@ def nearest_rows(
     EVEN_N: tl.constexpr,  # n is a multiple of BLOCK_N: no key masks
 ):
     count = tl.load(count_ptr)
+    count = tl.where(count < limit, count, 0)
     row_blocks, splits, keys_per_split = plan(count, n, BLOCK_M, BLOCK_N, TARGET)
     feats = tl.arange(0, DP)
     # Work items (row block, key range): neighbouring programs take neighbouring row blocks of one key
@@ -75,14 +77,65 @@ def nearest_rows(
         row_best = tl.max(best, axis=1)
         # First index among the slots holding the row maximum.
         row_arg = tl.min(tl.where(best == row_best[:, None], arg, 2147483647), axis=1)
-        # Across key ranges: one 64-bit atomic max per row of (score, first index). The score's bits are made
-        # to order as signed integers (negative floats get their magnitude bits flipped; + 0.0 turns -0.0
-        # into 0.0, which compares equal), and the low word is 0xFFFFFFFF - index, so among equal scores the
-        # smallest index is the largest key.
-        bits = (row_best + 0.0).to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        packed = (ordered.to(tl.int64) << 32) | (4294967295 - row_arg.to(tl.int64))
-        tl.atomic_max(packed_ptr + slots, packed, mask=slot_ok)
+        # Across key ranges: one 64-bit atomic max per row of (score, first index) (see pack).
+        tl.atomic_max(packed_ptr + slots, pack(row_best, row_arg), mask=slot_ok)
+
+
+@triton.jit
+def pack(score, index):
+    # (score, index) as one int64 whose signed order is (score, then the smaller index): the score's bits are
+    # made to order as signed integers (negative floats get their magnitude bits flipped; + 0.0 turns -0.0
+    # into 0.0, which compares equal), and the low word is 0xFFFFFFFF - index.
+    bits = (score + 0.0).to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (4294967295 - index.to(tl.int64))
+
+
+@triton.jit
+def nearest_rows_stationary(
+    src_ptr,  # (N, D) fp32 row-major: the rows that ask (gathered through rows_ptr)
+    k_ptr,  # (n, D) fp32 row-major keys: one key's features are adjacent
+    rows_ptr,  # int32 row list, `count` entries
+    count_ptr,  # int32 scalar on the device
+    packed_ptr,  # int64 per slot, as nearest_rows
+    n,
+    limit,  # launches whose row count is below limit do nothing here (nearest_rows takes them)
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program: 32 x warps x rows per thread
+    TARGET: tl.constexpr,
+):
+    # Query-stationary: each thread keeps its rows' D features in registers for a whole key range and reads
+    # each key once, as scalars every lane of the warp loads alike (one cached transaction a feature), so a
+    # thread does (rows per thread) FMAs per load; the similarity is the same FMA chain in feature order as
+    # nearest_rows computes, and a later key only wins on a strictly larger value.
+    count = tl.load(count_ptr)
+    count = tl.where(count >= limit, count, 0)
+    row_blocks = tl.cdiv(count, BLOCK_M)
+    splits = tl.maximum(tl.minimum(n, TARGET // tl.maximum(row_blocks, 1)), 1)
+    keys_per_split = tl.cdiv(n, splits)
+    splits = tl.cdiv(n, keys_per_split)
+    for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
+        block = work % row_blocks
+        split = work // row_blocks
+        slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot_ok = slots < count
+        rows = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        q = ()
+        for f in tl.static_range(D):
+            q = q + (tl.load(src_ptr + rows * D + f, mask=slot_ok, other=0.0),)  # noqa: RUF005 (JIT tuples)
+        start = split * keys_per_split
+        stop = tl.minimum(start + keys_per_split, n)
+        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        arg = tl.zeros((BLOCK_M,), tl.int32)
+        for j in range(start, stop):
+            key = k_ptr + j * D  # int32: NearestTable keeps n * D below 2**31 for this kernel
+            sim = q[0] * tl.load(key)
+            for f in tl.static_range(1, D):
+                sim = tl.fma(q[f], tl.load(key + f), sim)
+            better = sim > best
+            best = tl.where(better, sim, best)
+            arg = tl.where(better, j, arg)
+        tl.atomic_max(packed_ptr + slots, pack(best, arg), mask=slot_ok)
 
 
 @triton.jit
