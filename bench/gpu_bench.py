@@ -275,12 +275,19 @@ def mast3r_section(report: Report, work: Path, images: torch.Tensor, warm: int, 
     default.clear()
 
 
+def _tiles_label(tiles: dict[str, Any]) -> str:
+    if tiles.get("stationary"):
+        return (f"query-stationary {tiles['stationary']} rows/thread {tiles['stationary_warps']}w/"
+                f"{tiles['stationary_programs']}")  # fmt: skip
+    return (f"{tiles['block_m']}x{tiles['block_n']}/{tiles['warps']}w/{tiles['target_programs']}"
+            f"{'' if tiles['tail_fma'] else '/pad32'}")  # fmt: skip
+
+
 def print_details(data: dict[str, Any]) -> None:
     fastnn = data.get("fastnn breakdown")
     if fastnn:
         done = [r for r in fastnn["sweep"] if "median_ms" in r]
-        sweep = ", ".join(f"{r['tiles']['block_m']}x{r['tiles']['block_n']}/{r['tiles']['warps']}w/"
-                          f"{r['tiles']['target_programs']}{'' if r['tiles']['tail_fma'] else '/pad32'}: "
+        sweep = ", ".join(f"{_tiles_label(r['tiles'])}: "
                           f"{r['median_ms']:.3f} ms ({r['tflops_fp32_useful']:.1f} TFLOP/s)"
                           f"{'' if r['identical'] else ' NOT EXACT'}" for r in done)  # fmt: skip
         print(f"FastNN-Lite kernel, 3072 x 196608 rows x keys: {sweep}")

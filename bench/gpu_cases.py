@@ -329,7 +329,9 @@ def fastnn(
                   fk.Tiles(64, 64, 4, 1056), fk.Tiles(64, 64, 4, 264), fk.Tiles(64, 64, 2), fk.Tiles(64, 64, 2, 1056),
                   fk.Tiles(128, 64, 4), fk.Tiles(64, 32, 2), fk.Tiles(32, 64, 2), fk.Tiles(64, 128, 4, 264),
                   fk.Tiles(128, 32, 4), fk.Tiles(64, 32, 2, 1056), fk.Tiles(64, 32, 4), fk.Tiles(32, 32, 1, 1056),
-                  fk.Tiles(128, 32, 2)):  # fmt: skip
+                  fk.Tiles(128, 32, 2), fk.Tiles(stationary=8), fk.Tiles(stationary=4),
+                  fk.Tiles(stationary=4, stationary_warps=4, stationary_programs=2 * 132),
+                  fk.Tiles(stationary=8, stationary_programs=8 * 132)):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)
             timing = time_calls(call, 3, 20)
@@ -365,6 +367,8 @@ def fastnn(
     expected = to_numpy(reference())
     expected_sym = to_numpy(symmetric())
     name = f"tiles {best.block_m}x{best.block_n}/{best.warps}w/{best.target_programs}"
+    if best.stationary:
+        name += f" + query-stationary {best.stationary} rows/thread from {best.stationary_from} rows"
     cases: list[tuple[str, Callable[[], tuple], int, Any]] = [
         ("reference (upstream algorithm)", reference, ref_repeats, expected),
         ("FastNN-Lite tiles", lambda: run(MatchConfig(kernel="tiles")), repeats, expected),
