@@ -21,6 +21,16 @@ def plan(count, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TARGET: tl.cons
 
 
 @triton.jit
+def work_rows(work, row_blocks, count, rows_ptr, BLOCK_M: tl.constexpr):
+    # Work item -> (key range, the row block's slots, which slots hold a row, the rows as int64).
+    block = work % row_blocks
+    slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot_ok = slots < count
+    rows = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+    return work // row_blocks, slots, slot_ok, rows
+
+
+@triton.jit
 def nearest_rows(
     src_ptr,  # (N, D) fp32 row-major: the rows that ask (gathered through rows_ptr)
     kt_ptr,  # (D, n) fp32, keys transposed: row k holds feature k of every key
@@ -44,11 +54,7 @@ def nearest_rows(
     # Work items (row block, key range): neighbouring programs take neighbouring row blocks of one key
     # range, so the keys they stream are shared in L2.
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
-        block = work % row_blocks
-        split = work // row_blocks
-        slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot_ok = slots < count
-        rows = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        split, slots, slot_ok, rows = work_rows(work, row_blocks, count, rows_ptr, BLOCK_M)
         # Features past DOT_D are zeros on both sides of the dot and add exact zeros.
         q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=slot_ok[:, None] & (feats[None, :] < DOT_D),
                     other=0.0)  # fmt: skip
@@ -115,11 +121,7 @@ def nearest_rows_stationary(
     keys_per_split = tl.cdiv(n, splits)
     splits = tl.cdiv(n, keys_per_split)
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
-        block = work % row_blocks
-        split = work // row_blocks
-        slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot_ok = slots < count
-        rows = tl.load(rows_ptr + slots, mask=slot_ok, other=0).to(tl.int64)
+        split, slots, slot_ok, rows = work_rows(work, row_blocks, count, rows_ptr, BLOCK_M)
         q = ()
         for f in tl.static_range(D):
             q = q + (tl.load(src_ptr + rows * D + f, mask=slot_ok, other=0.0),)  # noqa: RUF005 (JIT tuples)
