@@ -45,6 +45,11 @@ STATIONARY = [
 ]
 
 
+# The reference-data tests: a launch shape never changes the neighbours (tested above), and where no GPU runs
+# them, each program of a persistent grid is interpreted, so a small grid keeps them quick.
+REFERENCE_TILES = (
+    fastnn_kernel.DEFAULT_TILES if DEVICE.type == "cuda" else fastnn_kernel.Tiles(64, 32, 2, target_programs=8)
+)
 # (m, n, d) cases; the query-stationary kernel's are smaller (one interpreted step per key)
 SHAPES = [(1, 5, 3), (7, 300, 24), (70, 1000, 24), (130, 4097, 8)]
 STATIONARY_SHAPES = [(1, 5, 3), (7, 130, 24), (70, 200, 24), (130, 90, 8)]
@@ -121,7 +126,8 @@ def test_fused_matches_reference_data(mast3r_ref: Path) -> None:
     with np.load(mast3r_ref / "matching.npz") as data:
         desc1, desc2 = torch.from_numpy(data["desc1"]), torch.from_numpy(data["desc2"])
         expected = data["dot_xy1"], data["dot_xy2"]
-    got = fast_reciprocal_nn(desc1.to(DEVICE), desc2.to(DEVICE), 8, kernel="fused")
+    config = MatchConfig(kernel="fused", tiles=REFERENCE_TILES)
+    got = matcher_reciprocal_nn(ReciprocalMatcher(desc1.to(DEVICE), desc2.to(DEVICE), config), 8)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g.cpu().numpy(), e)
 
@@ -133,7 +139,8 @@ def test_fused_symmetric_reference(mast3r_ref: Path) -> None:
         confs.append(sym["res12_desc_conf"][0])
         expected = [sym[k] for k in ("corres_xy1", "corres_xy2", "corres_conf")]
     tensors = [torch.from_numpy(d).to(DEVICE) for d in descs]
-    got = extract_correspondences(tensors, [torch.from_numpy(c) for c in confs], 8, MatchConfig(kernel="fused"))
+    config = MatchConfig(kernel="fused", tiles=REFERENCE_TILES)
+    got = extract_correspondences(tensors, [torch.from_numpy(c) for c in confs], 8, config)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g.cpu().numpy(), e)
 
