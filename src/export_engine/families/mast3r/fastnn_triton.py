@@ -116,10 +116,7 @@ def nearest_rows_stationary(
     # nearest_rows computes, and a later key only wins on a strictly larger value.
     count = tl.load(count_ptr)
     count = tl.where(count >= limit, count, 0)
-    row_blocks = tl.cdiv(count, BLOCK_M)
-    splits = tl.maximum(tl.minimum(n, TARGET // tl.maximum(row_blocks, 1)), 1)
-    keys_per_split = tl.cdiv(n, splits)
-    splits = tl.cdiv(n, keys_per_split)
+    row_blocks, splits, keys_per_split = plan(count, n, BLOCK_M, 1, TARGET)  # key ranges of any length
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
         split, slots, slot_ok, rows = work_rows(work, row_blocks, count, rows_ptr, BLOCK_M)
         q = ()
