@@ -36,7 +36,7 @@ import gpu_cases as cases  # noqa: E402
 import torch  # noqa: E402
 
 from export_engine.runners.ort_cuda import CudaSessionConfig  # noqa: E402
-from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS  # noqa: E402
+from export_engine.runners.ort_lowering import ATTENTION_LOWERINGS, DEFAULT_LOWERINGS  # noqa: E402
 
 EXPORTS = (("mast3r", "fp32"), ("mast3r", "hybrid"), ("fastsam3d", "fp32"), ("fastsam3d", "hybrid"),
            ("fastsam3d-sparse", "hybrid"))  # fmt: skip
@@ -167,7 +167,7 @@ class Report:
 
 
 STUDY = (  # (label, lowerings, tf32): the default first, then the steps that build it (each adds one rewrite)
-    ("all rewrites, TF32 mode on (default)", ("patch_conv", "attention_bsh", "rotary", "norm_casts",
+    ("all rewrites, TF32 mode on (default)", ("patch_conv", "attention_fused", "rotary", "norm_casts",
      "skip_layernorm", "bias_gelu"), True),
     ("all but attention_bsh, TF32 mode on", ("patch_conv", "rotary", "norm_casts", "skip_layernorm", "bias_gelu"),
      True),
@@ -181,15 +181,10 @@ STUDY = (  # (label, lowerings, tf32): the default first, then the steps that bu
 )  # fmt: skip
 
 
-GQA_LOWERINGS = tuple("attention_gqa" if n == "attention_bsh" else n for n in DEFAULT_LOWERINGS)
+GQA_LOWERINGS = tuple("attention_gqa" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS)
+STOCK_LOWERINGS = tuple("attention_bsh" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS)
 RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras: "profile"): each against the default session
-    ("host-synchronised runs (own_stream off)", {"own_stream": False}, set()),
-    ("cuDNN conv + bias fusion (fuse_conv_bias)", {"provider_options": (("fuse_conv_bias", "1"),)}, {"profile"}),
-    (
-        "tuned GEMMs (tunable_op)",
-        {"provider_options": (("tunable_op_enable", "1"), ("tunable_op_tuning_enable", "1"))},
-        set(),
-    ),
+    ("ONNX Runtime's operators only (attention_bsh)", {"lowerings": STOCK_LOWERINGS}, {"profile"}),
     ("attention as GroupQueryAttention (attention_gqa)", {"lowerings": GQA_LOWERINGS}, set()),
 )
 

@@ -45,8 +45,8 @@ def test_config_and_availability_say_what_is_wrong() -> None:
     with pytest.raises(ModelInputError, match="unknown ONNX Runtime lowering"):
         CudaSessionConfig(lowerings=("warp",))
     fused, decomposed = CudaSessionConfig().lowering_names(), CudaSessionConfig("decomposed").lowering_names()
-    assert "attention_bsh" in fused and "decompose_attention" not in fused
-    assert "attention_bsh" not in decomposed and decomposed[-1] == "decompose_attention"
+    assert "attention_fused" in fused and "decompose_attention" not in fused
+    assert not {"attention_fused", "attention_bsh"} & set(decomposed) and decomposed[-1] == "decompose_attention"
     ok, why = cuda_available()
     assert isinstance(ok, bool) and why
 

@@ -46,13 +46,16 @@ from export_engine.graph_passes.lower_rotary import _match as rope_match
 
 PASS = "lower_attention_bsh"
 DOMAIN = "com.microsoft"
+OWN_DOMAIN = "ai.export_engine"  # export-engine's ONNX Runtime operators (export_engine.runners.ort_ops)
 
 
 @dataclass(frozen=True)
 class LowerAttentionBshConfig:
     max_sections: int = 4  # RoPE sections per head (as lower_rotary)
     max_row: int = 1024  # values a rotary row may hold: ONNX Runtime's CUDA kernel runs one thread per value
-    op: Literal["mha", "gqa"] = "mha"  # MultiHeadAttention (+ Split, RotaryEmbedding) or GroupQueryAttention
+    # MultiHeadAttention after Split + RotaryEmbedding ("mha") or after export-engine's BiasRotarySplit
+    # ("fused"), or GroupQueryAttention ("gqa")
+    op: Literal["mha", "fused", "gqa"] = "mha"
     gqa_fp32: bool = False  # GroupQueryAttention on FP32 blocks too (ONNX Runtime's CUDA kernel is FP16/BF16 only)
 
 
@@ -142,6 +145,12 @@ def _match(att: gs.Node, config: LowerAttentionBshConfig) -> _Block | str:
             return "q and k rotate by different angles (GroupQueryAttention applies one table to both)"
         if operands[0].matmul.inputs[1].values.dtype == np.float32 and not config.gqa_fp32:
             return "FP32 block (ONNX Runtime's CUDA GroupQueryAttention takes FP16 or BF16)"
+    if config.op == "fused":
+        if operands[0].head_dim % 8:
+            return "BiasRotarySplit needs a head size that is a multiple of 8 (16-byte vectors of FP16)"
+        packed_rope = ropes[0] and ropes[1] and any(p.parts == 3 for p in operands[:2])
+        if packed_rope and not all(np.array_equal(getattr(ropes[0], t), getattr(ropes[1], t)) for t in ("cos", "sin")):
+            return "q and k of one packed projection rotate by different angles"
     return _Block(att, output, operands, ropes)
 
 
@@ -243,6 +252,8 @@ def _rewrite(
             _permute_columns(projection, perm)
     if config.op == "gqa":
         return _emit_gqa(graph, b, block, perm, splits)
+    if config.op == "fused":
+        return _emit_fused(graph, b, block, perm, splits)
     tokens = []
     for projection in (q, k, v):
         if projection.parts == 1:
@@ -267,6 +278,48 @@ def _rewrite(
             tokens[i] = b.add("RotaryEmbedding", inputs, rope_attrs, domain=DOMAIN)
     producer = block.output.inputs[0]
     producer.outputs.clear()
+    attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}
+    b.add("MultiHeadAttention", tokens, attrs, out=block.output, domain=DOMAIN)
+    return b.index
+
+
+def _emit_fused(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray | None,
+                splits: dict[str, list[gs.Tensor]]) -> int:  # fmt: skip
+    """q, k and v from export-engine's ``BiasRotarySplit`` (bias add, q/k rotation and split in one kernel), then
+    ``MultiHeadAttention``: one node per projection (a packed q/k/v projection gives all three)."""
+    q = block.operands[0]
+    width = q.heads * q.head_dim
+    tables: list[gs.Tensor] = []
+    if perm is not None:
+        rope = block.ropes[0]
+        assert rope is not None
+        cos, sin = _caches(rope, perm, 1)
+        tables = [b.const("cos", cos.astype(np.float32)), b.const("sin", sin.astype(np.float32))]
+    tokens = []
+    for i, projection in enumerate(block.operands):
+        key = f"{projection.packed.name}:{i if projection.parts == 1 else 'qkv'}"
+        if key not in splits:
+            if projection.parts == 3:
+                rotate = [int(perm is not None)] * 2 + [0]
+            else:
+                rotate = [int(perm is not None and i < 2)]
+            own = tables
+            if perm is not None and i == 1 and projection.parts == 1:  # k rotates by its own tokens' angles
+                rope_k = block.ropes[1]
+                assert rope_k is not None
+                cos_k, sin_k = _caches(rope_k, perm, 1)
+                own = [b.const("cos_k", cos_k.astype(np.float32)), b.const("sin_k", sin_k.astype(np.float32))]
+            outs = [gs.Variable(f"{b.name()}/part{j}", dtype=b.dtype) for j in range(len(rotate))]
+            inputs = [projection.matmul.outputs[0], projection.bias, *(own if any(rotate) else [])]
+            attrs = {"rotate": rotate, "head_dim": q.head_dim}
+            graph.nodes.append(gs.Node("BiasRotarySplit", name=b.name(), attrs=attrs, inputs=inputs, outputs=outs,
+                                       domain=OWN_DOMAIN))  # fmt: skip
+            b.index += 1
+            splits[key] = outs
+        outs = splits[key]
+        tokens.append(outs[projection.offset // width] if projection.parts == 3 else outs[0])
+    producer_node = block.output.inputs[0]
+    producer_node.outputs.clear()
     attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}
     b.add("MultiHeadAttention", tokens, attrs, out=block.output, domain=DOMAIN)
     return b.index

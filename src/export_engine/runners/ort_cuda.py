@@ -54,7 +54,15 @@ from typing import Any, Literal
 import numpy as np
 
 from export_engine.errors import BackendError, ModelInputError
-from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS, check_lowerings, fp32_matrix_products, lowered_graph
+from export_engine.runners.ort_lowering import (
+    ATTENTION_LOWERINGS,
+    DEFAULT_LOWERINGS,
+    check_lowerings,
+    fp32_matrix_products,
+    lowered_graph,
+    register_own_ops,
+    with_own_ops,
+)
 from export_engine.runners.self_check import open_checked
 
 log = logging.getLogger(__name__)
@@ -83,10 +91,10 @@ class CudaSessionConfig:
         check_lowerings(self.lowerings)
 
     def lowering_names(self) -> tuple[str, ...]:
-        """The rewrites to apply. Decomposed attention replaces ``attention_bsh`` (which would turn the same
+        """The rewrites to apply. Decomposed attention replaces ``attention_*`` (which would turn the same
         Attention nodes into MultiHeadAttention): a family that measured MatMul/Softmax faster gets them."""
         if self.attention == "decomposed":
-            names = tuple(n for n in self.lowerings if n not in ("attention_bsh", "attention_gqa"))
+            names = tuple(n for n in self.lowerings if n not in ATTENTION_LOWERINGS)
             return check_lowerings((*names, "decompose_attention"))
         return check_lowerings(self.lowerings)
 
@@ -142,8 +150,9 @@ class CudaGraphRunner:
             import torch
 
             self._stream = torch.cuda.Stream(device=_device(c.device_id))
-        _, self.outcome = open_checked(self._open, self.path, self.graph_meta, c.lowering_names(),
-                                       self._tf32_choice(), c.check, c.strict)  # fmt: skip
+        names = with_own_ops(c.lowering_names(), cuda=True, strict=c.strict)
+        _, self.outcome = open_checked(self._open, self.path, self.graph_meta, names, self._tf32_choice(), c.check,
+                                       c.strict)  # fmt: skip
 
     def _tf32_choice(self) -> bool:
         if self.config.tf32 is not None:
@@ -158,6 +167,7 @@ class CudaGraphRunner:
         source = lowered_graph(self.path, lowerings)
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
+        register_own_ops(options, source, cuda=True)
         provider = {"device_id": str(self.config.device_id), "use_tf32": "1" if tf32 else "0"}
         if self.config.cuda_graph:
             provider["enable_cuda_graph"] = "1"

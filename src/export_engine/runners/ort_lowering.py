@@ -7,6 +7,9 @@ measured on Hopper (bench/RESULTS.md):
 
 ==================  =====================================================================================
 ``patch_conv``      kernel == stride (transposed) convolutions as MatMuls (cuDNN's direct kernels were slow)
+``attention_fused`` as ``attention_bsh``, but each projection's bias add, q/k rotation and q/k/v split run as one
+                    kernel of export-engine's own (``BiasRotarySplit``, :mod:`export_engine.runners.ort_ops`,
+                    built with nvcc on first use; without a compiler the runner uses ``attention_bsh``)
 ``attention_gqa``   attention blocks as ``GroupQueryAttention`` (non-causal) on the packed q/k/v projection,
                     RoPE inside the op (q/k projection columns permuted as for ``attention_bsh``)
 ``attention_bsh``   attention blocks kept in (B, N, C): Split, RotaryEmbedding and ``MultiHeadAttention``
@@ -35,12 +38,16 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
-from export_engine.errors import ModelInputError
+from export_engine.errors import BackendError, ModelInputError
 from export_engine.graph_passes.base import PassReport
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOWERINGS = ("patch_conv", "attention_bsh", "rotary", "norm_casts", "skip_layernorm", "bias_gelu")
+DEFAULT_LOWERINGS = ("patch_conv", "attention_fused", "rotary", "norm_casts", "skip_layernorm", "bias_gelu")
+ATTENTION_LOWERINGS = ("attention_fused", "attention_gqa", "attention_bsh")  # alternatives (the first in this
+# order that is named rewrites the attention blocks; the others then find none)
+OWN_OP_LOWERINGS = {"attention_fused": "attention_bsh"}  # lowerings that need export-engine's operator library,
+# and what replaces each where that library cannot be built
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
 
 
@@ -48,6 +55,7 @@ _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum",
 # config class; in the one order they apply in (norm_casts before skip_layernorm, attention_bsh before rotary).
 _PASSES: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] = {
     "patch_conv": ("lower_patch_conv", "LowerPatchConvConfig"),
+    "attention_fused": ("lower_attention_bsh", "LowerAttentionBshConfig", {"op": "fused"}),
     "attention_gqa": ("lower_attention_bsh", "LowerAttentionBshConfig", {"op": "gqa"}),
     "attention_bsh": ("lower_attention_bsh", "LowerAttentionBshConfig"),
     "rotary": ("lower_rotary", "LowerRotaryConfig"),
@@ -75,6 +83,32 @@ def check_lowerings(names: Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise ModelInputError(f"unknown ONNX Runtime lowering(s) {unknown}; valid: {list(LOWERING_NAMES)}")
     return tuple(n for n in LOWERING_NAMES if n in names)
+
+
+def with_own_ops(names: Sequence[str], cuda: bool, strict: bool) -> tuple[str, ...]:
+    """``names`` where export-engine's operator library can be had (built now if needed); elsewhere each lowering
+    that needs it is replaced by its stock-operator form, with one log line, or refused under ``strict``."""
+    names = check_lowerings(names)
+    wanted = [n for n in names if n in OWN_OP_LOWERINGS]
+    if not wanted:
+        return names
+    from export_engine.runners import ort_ops
+
+    ok, why = ort_ops.available(cuda)
+    if ok:
+        return names
+    if strict:
+        raise BackendError(f"lowerings {wanted} need export-engine's ONNX Runtime operators: {why}")
+    log.warning("%s: using %s instead (%s)", ", ".join(wanted), [OWN_OP_LOWERINGS[n] for n in wanted], why)
+    return check_lowerings([OWN_OP_LOWERINGS.get(n, n) for n in names])
+
+
+def register_own_ops(options: Any, source: Path, cuda: bool) -> None:
+    """Register export-engine's operator library with ONNX Runtime ``SessionOptions`` when ``source`` uses it."""
+    from export_engine.runners import ort_ops
+
+    if ort_ops.uses_own_ops(source):
+        ort_ops.register(options, cuda)
 
 
 def graph_key(path: Path) -> tuple[str, int, int]:

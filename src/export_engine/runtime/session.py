@@ -14,7 +14,7 @@ from export_engine.artifacts.store import read_manifest, verify_files
 from export_engine.core.types import GraphRunner
 from export_engine.errors import BackendError, ModelInputError, ParityError
 from export_engine.families import RuntimeFamily, runtime_family
-from export_engine.runners.ort_lowering import check_lowerings, lowered_graph
+from export_engine.runners.ort_lowering import lowered_graph, register_own_ops, with_own_ops
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[s
     def open_fn(names: tuple[str, ...], tf32: bool) -> GraphRunner:
         return _cpu_session(path, lowered_graph(path, names))
 
-    runner, _ = open_checked(open_fn, path, graph_meta, check_lowerings(lowerings), False, check, strict)
+    names = with_own_ops(lowerings, cuda=False, strict=strict)
+    runner, _ = open_checked(open_fn, path, graph_meta, names, False, check, strict)
     return runner
 
 
@@ -57,6 +58,7 @@ def _cpu_session(path: Path, source: Path) -> GraphRunner:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    register_own_ops(options, source, cuda=False)
     try:
         session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own untyped exceptions

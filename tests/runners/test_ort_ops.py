@@ -1,0 +1,167 @@
+"""export-engine's ONNX Runtime operators: built on first use (cached, atomic), the same numbers as numpy on the
+CPU provider and (marker gpu) on the CUDA provider, clear errors, and the fallback where nothing can build them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from export_engine.errors import BackendError
+from export_engine.runners import ort_lowering, ort_ops
+from export_engine.runners.ort_cuda import cuda_available
+
+CPU_OK, CPU_WHY = ort_ops.cxx() is not None, "no C++ compiler (g++, c++ or $CXX) on this machine"
+needs_cxx = pytest.mark.skipif(not CPU_OK, reason=f"builds the CPU operators: {CPU_WHY}")
+CUDA, CUDA_WHY = cuda_available()
+
+
+def _model(dtype: int, batch: int, tokens: int, width: int, rotate: list[int], head_dim: int,
+           symbolic_tables: bool = False) -> bytes:  # fmt: skip
+    part = width // len(rotate)
+    inputs = [helper.make_tensor_value_info("P", dtype, [batch, tokens, width]),
+              helper.make_tensor_value_info("bias", dtype, [width])]  # fmt: skip
+    names = ["P", "bias"]
+    if any(rotate):
+        for name in ("cos", "sin"):
+            dims = ["rows", "pairs"] if symbolic_tables else [tokens, head_dim // 2]
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+            names.append(name)
+    outputs = [helper.make_tensor_value_info(f"y{j}", dtype, [batch, tokens, part]) for j in range(len(rotate))]
+    node = helper.make_node("BiasRotarySplit", names, [o.name for o in outputs], domain=ort_ops.DOMAIN,
+                            rotate=rotate, head_dim=head_dim)  # fmt: skip
+    graph = helper.make_graph([node], "bias_rotary_split", inputs, outputs)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def _reference(feed: dict[str, np.ndarray], rotate: list[int], head_dim: int) -> list[np.ndarray]:
+    """P + bias split into len(rotate) parts; rotated parts turn each adjacent pair of a head by its angle."""
+    p = feed["P"]
+    x = p.astype(np.float32) + feed["bias"].astype(np.float32)
+    batch, tokens, _ = p.shape
+    out = []
+    for j, part in enumerate(np.split(x, len(rotate), axis=-1)):
+        if rotate[j]:
+            pairs = part.reshape(batch, tokens, -1, head_dim // 2, 2)
+            cos, sin = feed["cos"][None, :, None], feed["sin"][None, :, None]
+            a, b = pairs[..., 0], pairs[..., 1]
+            part = np.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(batch, tokens, -1)
+        out.append(part.astype(p.dtype))
+    return out
+
+
+def _feed(dtype: type, batch: int, tokens: int, width: int, head_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    angles = rng.uniform(-np.pi, np.pi, (tokens, head_dim // 2))
+    return {"P": rng.standard_normal((batch, tokens, width)).astype(dtype),
+            "bias": rng.standard_normal(width).astype(dtype),
+            "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}  # fmt: skip
+
+
+def _session(model: bytes, cuda: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    ort_ops.register(options, cuda)
+    providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    return ort.InferenceSession(model, options, providers=providers)
+
+
+CASES = [([1, 1, 0], 64), ([1], 64), ([0], 64), ([1, 1, 0], 8)]
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("rotate", "head_dim"), CASES)
+def test_cpu_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int) -> None:
+    batch, tokens, heads = 2, 12, 3
+    width = heads * head_dim * len(rotate)
+    feed = _feed(dtype, batch, tokens, width, head_dim)
+    onnx_type = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    session = _session(_model(onnx_type, batch, tokens, width, rotate, head_dim), cuda=False)
+    got = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+    for g, want in zip(got, _reference(feed, rotate, head_dim), strict=True):
+        assert g.dtype == dtype and g.shape == want.shape
+        np.testing.assert_array_equal(g, want)  # float arithmetic, one rounding: the same bits as numpy
+
+
+@needs_cxx
+def test_bad_inputs_are_named() -> None:
+    feed = _feed(np.float32, 1, 4, 48, 8)
+    model = _model(TensorProto.FLOAT, 1, 4, 48, [1, 1, 0], 8, symbolic_tables=True)
+    session = _session(model, cuda=False)
+    with pytest.raises(Exception, match=r"BiasRotarySplit: cos and sin must be float \(4, 4\), got \(5, 4\)"):
+        session.run(None, {**feed, "cos": np.zeros((5, 4), np.float32)})
+    odd = _model(TensorProto.FLOAT, 1, 4, 48, [1, 1, 0], 6, symbolic_tables=True)
+    with pytest.raises(Exception, match="a part's width is not a whole number of heads"):
+        _session(odd, cuda=False).run(None, {**feed, "cos": feed["cos"][:, :3], "sin": feed["sin"][:, :3]})
+
+
+@needs_cxx
+def test_library_is_built_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
+    ort_ops.library.cache_clear()
+    try:
+        path = ort_ops.library(cuda=False)
+        assert path.is_relative_to(tmp_path) and ort_ops.providers(path) == ("cpu",)
+        stamp = path.stat().st_mtime_ns
+        ort_ops.library.cache_clear()
+        assert ort_ops.library(cuda=False) == path and path.stat().st_mtime_ns == stamp  # no rebuild
+        assert [p.name for p in path.parent.iterdir()] == [ort_ops.LIBRARY_NAME]  # no scratch left
+    finally:
+        ort_ops.library.cache_clear()
+
+
+def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    monkeypatch.setattr(ort_ops, "cxx", lambda: "/bin/false")
+    ort_ops.library.cache_clear()
+    try:
+        with pytest.raises(BackendError, match="building export-engine's ONNX Runtime operators failed"):
+            ort_ops.library(cuda=False)
+        assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+        ok, why = ort_ops.available(cuda=False)
+        assert not ok and "failed" in why
+    finally:
+        ort_ops.library.cache_clear()
+
+
+def test_without_a_compiler_the_stock_operators_are_used(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    monkeypatch.setattr(ort_ops, "nvcc", lambda: None)
+    ort_ops.library.cache_clear()
+    try:
+        names = ("patch_conv", "attention_fused", "rotary")
+        with caplog.at_level(logging.WARNING):
+            assert ort_lowering.with_own_ops(names, cuda=True, strict=False) == ("patch_conv", "attention_bsh",
+                                                                                  "rotary")  # fmt: skip
+        assert "attention_fused: using ['attention_bsh'] instead" in caplog.text and "nvcc" in caplog.text
+        with pytest.raises(BackendError, match=r"lowerings \['attention_fused'\] need export-engine's"):
+            ort_lowering.with_own_ops(names, cuda=True, strict=True)
+        assert ort_lowering.with_own_ops(("rotary",), cuda=True, strict=True) == ("rotary",)  # nothing to build
+    finally:
+        ort_ops.library.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
+@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("rotate", "head_dim"), CASES)
+def test_cuda_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int) -> None:
+    assert ort_ops.providers(ort_ops.library(cuda=True)) == ("cpu", "cuda")
+    batch, tokens, heads = 2, 37, 16  # 37 tokens: the last thread block is partial
+    width = heads * head_dim * len(rotate)
+    feed = _feed(dtype, batch, tokens, width, head_dim, seed=1)
+    onnx_type = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    session = _session(_model(onnx_type, batch, tokens, width, rotate, head_dim), cuda=True)
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    got = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+    for g, want in zip(got, _reference(feed, rotate, head_dim), strict=True):
+        assert g.dtype == dtype and g.shape == want.shape
+        # the GPU may contract a*c - b*s into one FMA: within an ulp of the output type
+        np.testing.assert_allclose(g.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
