@@ -167,8 +167,7 @@ class Report:
 
 
 STUDY = (  # (label, lowerings, tf32): the default first, then the steps that build it (each adds one rewrite)
-    ("all rewrites, TF32 mode on (default)", ("patch_conv", "attention_fused", "rotary", "norm_casts",
-     "skip_layernorm", "bias_gelu"), True),
+    ("all rewrites, TF32 mode on (default)", DEFAULT_LOWERINGS, True),
     ("all but attention_bsh, TF32 mode on", ("patch_conv", "rotary", "norm_casts", "skip_layernorm", "bias_gelu"),
      True),
     ("patch convs as MatMul, TF32 mode off (previous default)", ("patch_conv",), False),
@@ -182,9 +181,13 @@ STUDY = (  # (label, lowerings, tf32): the default first, then the steps that bu
 
 
 GQA_LOWERINGS = tuple("attention_gqa" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS)
-STOCK_LOWERINGS = tuple("attention_bsh" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS)
+STOCK_LOWERINGS = tuple(
+    "attention_bsh" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS if n != "conv_epilogue"
+)  # ONNX Runtime's own operators only
+NO_CONV_EPILOGUE = tuple(n for n in DEFAULT_LOWERINGS if n != "conv_epilogue")
 RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras: "profile"): each against the default session
-    ("ONNX Runtime's operators only (attention_bsh)", {"lowerings": STOCK_LOWERINGS}, {"profile"}),
+    ("ONNX Runtime's operators only (attention_bsh, no conv_epilogue)", {"lowerings": STOCK_LOWERINGS}, {"profile"}),
+    ("all but conv_epilogue", {"lowerings": NO_CONV_EPILOGUE}, set()),
     ("attention as GroupQueryAttention (attention_gqa)", {"lowerings": GQA_LOWERINGS}, set()),
 )
 

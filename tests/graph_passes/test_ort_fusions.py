@@ -327,3 +327,37 @@ def _self_attention(tokens: int, heads: int, head_dim: int) -> gs.Graph:
         gs.Node("Reshape", inputs=[t["back"], gs.Constant("s3", np.array([1, tokens, width]))], outputs=[y]),
     ]  # fmt: skip
     return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=23)
+
+
+def test_conv_bias_with_relu_or_residual_becomes_one_pass(tiny_graphs: dict[str, Any]) -> None:
+    """``fuse_conv_epilogue``: the DPT heads' Conv(bias) -> Relu and Conv(bias) -> Add(residual) pairs become a
+    bias-free Conv and one ``BiasActivation``; other convolutions keep their bias (skipped with the reason)."""
+    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
+    ok, why = ort_ops.available(cuda=False)
+    if not ok:
+        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
+    from export_engine.graph_passes.fuse_conv_epilogue import FuseConvEpilogueConfig, fuse_conv_epilogue
+
+    tiny = tiny_graphs["mast3r.decoder"]
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    before_ops = op_counts(graph)
+    before = run_graph(graph, tiny.feeds[0])
+
+    report = fuse_conv_epilogue(graph, FuseConvEpilogueConfig())
+
+    after = op_counts(graph)
+    fused = [n for n in graph.nodes if n.op == "BiasActivation"]
+    relu = sum(n.attrs["relu"] for n in fused)
+    assert report.rewritten == len(fused) > 0 and report.matched == report.rewritten + len(report.skipped)
+    assert 0 < relu < len(fused)  # both forms occur in the DPT heads
+    assert after["Relu"] == before_ops["Relu"] - relu and after["Add"] == before_ops["Add"] - (len(fused) - relu)
+    odd = [s for s in report.skipped if "not Relu or a residual Add" not in s and "other consumers" not in s]
+    assert not odd, odd
+    for node in fused:
+        conv = node.inputs[0].inputs[0]
+        assert conv.op == "Conv" and len(conv.inputs) == 2  # the bias moved into the epilogue
+        assert len(node.inputs) == (2 if node.attrs["relu"] else 3)
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
+    assert fuse_conv_epilogue(graph, FuseConvEpilogueConfig()).rewritten == 0

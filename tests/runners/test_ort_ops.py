@@ -36,7 +36,41 @@ def _model(dtype: int, batch: int, tokens: int, width: int, rotate: list[int], h
                             rotate=rotate, head_dim=head_dim)  # fmt: skip
     graph = helper.make_graph([node], "bias_rotary_split", inputs, outputs)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)]
-    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def _bias_activation_model(dtype: int, shape: list[int], residual: bool, relu: int) -> bytes:
+    names = ["X", "bias", *(["R"] if residual else [])]
+    inputs = [
+        helper.make_tensor_value_info("X", dtype, shape),
+        helper.make_tensor_value_info("bias", dtype, [shape[1]]),
+    ]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("R", dtype, shape))
+    node = helper.make_node("BiasActivation", names, ["Y"], domain=ort_ops.DOMAIN, relu=relu)
+    graph = helper.make_graph([node], "bias_activation", inputs, [helper.make_tensor_value_info("Y", dtype, shape)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def _bias_activation_case(dtype: type, shape: list[int], residual: bool, relu: int, cuda: bool) -> None:
+    rng = np.random.default_rng(2)
+    feed = {"X": rng.standard_normal(shape).astype(dtype), "bias": rng.standard_normal(shape[1]).astype(dtype)}
+    want = feed["X"].astype(np.float32)
+    if residual:
+        feed["R"] = rng.standard_normal(shape).astype(dtype)
+        want = want + feed["R"].astype(np.float32)
+    want = want + feed["bias"].astype(np.float32).reshape(1, -1, *([1] * (len(shape) - 2)))
+    want = (np.maximum(want, 0) if relu else want).astype(dtype)
+    onnx_type = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    session = _session(_bias_activation_model(onnx_type, shape, residual, relu), cuda)
+    (got,) = session.run(None, feed)
+    assert got.dtype == dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)  # float arithmetic in numpy's order, one rounding
+
+
+BIAS_ACTIVATION_CASES = [([2, 16, 12, 8], False, 1), ([2, 16, 12, 8], True, 0), ([1, 3, 5, 7], True, 1),
+                         ([1, 4, 9], False, 0)]  # fmt: skip
 
 
 def _reference(feed: dict[str, np.ndarray], rotate: list[int], head_dim: int) -> list[np.ndarray]:
@@ -86,6 +120,13 @@ def test_cpu_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int)
     for g, want in zip(got, _reference(feed, rotate, head_dim), strict=True):
         assert g.dtype == dtype and g.shape == want.shape
         np.testing.assert_array_equal(g, want)  # float arithmetic, one rounding: the same bits as numpy
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("shape", "residual", "relu"), BIAS_ACTIVATION_CASES)
+def test_cpu_bias_activation_matches_numpy(dtype: type, shape: list[int], residual: bool, relu: int) -> None:
+    _bias_activation_case(dtype, shape, residual, relu, cuda=False)
 
 
 @needs_cxx
@@ -165,3 +206,13 @@ def test_cuda_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int
         assert g.dtype == dtype and g.shape == want.shape
         # the GPU may contract a*c - b*s into one FMA: within an ulp of the output type
         np.testing.assert_allclose(g.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
+@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("shape", "residual", "relu"), BIAS_ACTIVATION_CASES)
+def test_cuda_bias_activation_matches_numpy(dtype: type, shape: list[int], residual: bool, relu: int) -> None:
+    """16-byte steps where the plane allows them (12 x 8), single values elsewhere (5 x 7, 9)."""
+    _bias_activation_case(dtype, shape, residual, relu, cuda=True)

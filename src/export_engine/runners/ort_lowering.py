@@ -18,6 +18,9 @@ measured on Hopper (bench/RESULTS.md):
 ``norm_casts``      FP32 LayerNorm islands (Cast, LN, Cast) as one LN on FP16 storage with FP32 statistics
 ``skip_layernorm``  residual add (+ bias) + LayerNorm as ``com.microsoft.SkipLayerNormalization``
 ``bias_gelu``       bias add + exact GELU as ``com.microsoft.BiasGelu``
+``conv_epilogue``   a convolution's bias with the ReLU or residual Add after it as export-engine's
+                    ``BiasActivation`` (one pass instead of cuDNN's bias kernel and one more; dropped where the
+                    operator library cannot be built)
 ``decompose_attention``  Attention as MatMul/Softmax/MatMul (faster where no flash kernel applies)
 ``im2col``          stride-1 2-D convolutions as im2col + MatMul (measured slower than cuDNN: opt-in)
 ==================  =====================================================================================
@@ -43,11 +46,19 @@ from export_engine.graph_passes.base import PassReport
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOWERINGS = ("patch_conv", "attention_fused", "rotary", "norm_casts", "skip_layernorm", "bias_gelu")
+DEFAULT_LOWERINGS = (
+    "patch_conv",
+    "attention_fused",
+    "rotary",
+    "norm_casts",
+    "skip_layernorm",
+    "bias_gelu",
+    "conv_epilogue",
+)
 ATTENTION_LOWERINGS = ("attention_fused", "attention_gqa", "attention_bsh")  # alternatives (the first in this
 # order that is named rewrites the attention blocks; the others then find none)
-OWN_OP_LOWERINGS = {"attention_fused": "attention_bsh"}  # lowerings that need export-engine's operator library,
-# and what replaces each where that library cannot be built
+# lowerings that need export-engine's operator library, and what replaces each where it cannot be built (None: none)
+OWN_OP_LOWERINGS: dict[str, str | None] = {"attention_fused": "attention_bsh", "conv_epilogue": None}
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
 
 
@@ -62,6 +73,7 @@ _PASSES: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] = {
     "norm_casts": ("fold_norm_casts", "FoldNormCastsConfig"),
     "skip_layernorm": ("fuse_skip_layernorm", "FuseSkipLayerNormConfig"),
     "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
+    "conv_epilogue": ("fuse_conv_epilogue", "FuseConvEpilogueConfig"),
     "decompose_attention": ("decompose_attention", "DecomposeAttentionConfig"),
     "im2col": ("lower_conv_im2col", "LowerConvIm2colConfig"),
 }
@@ -99,8 +111,9 @@ def with_own_ops(names: Sequence[str], cuda: bool, strict: bool) -> tuple[str, .
         return names
     if strict:
         raise BackendError(f"lowerings {wanted} need export-engine's ONNX Runtime operators: {why}")
-    log.warning("%s: using %s instead (%s)", ", ".join(wanted), [OWN_OP_LOWERINGS[n] for n in wanted], why)
-    return check_lowerings([OWN_OP_LOWERINGS.get(n, n) for n in names])
+    instead = [OWN_OP_LOWERINGS[n] for n in wanted]
+    log.warning("%s: using %s instead (%s)", ", ".join(wanted), [n for n in instead if n] or "none", why)
+    return check_lowerings([n for n in (OWN_OP_LOWERINGS.get(n, n) for n in names) if n])
 
 
 def register_own_ops(options: Any, source: Path, cuda: bool) -> None:

@@ -16,8 +16,18 @@
 //   T is float16 or float; arithmetic is in float, and each output value is rounded once.
 //
 // ONNX Runtime's CUDA provider runs that chain as an Add, a Split and one RotaryEmbedding per rotated part, each
-// a kernel that reads and writes the whole tensor. Here one thread moves 16 bytes: it reads them once, adds the
-// bias, rotates, and writes them to their part.
+// a kernel that reads and writes the whole tensor. Here one thread block takes one token: each thread moves 16
+// bytes at a time, reads them once, adds the bias, rotates, and writes them to their part.
+//
+// BiasActivation: a convolution's bias with what follows it, for convolutions run without their bias.
+//
+//   inputs   X         (N, C, spatial...)  T
+//            bias      (C,)                T
+//            residual  X's shape           T   (optional)
+//   output   Y = act(X + bias[c] (+ residual)), act = identity or ReLU (attr relu: 0 or 1)
+//
+// ONNX Runtime's CUDA Conv adds its bias with a cuDNN kernel of its own after the convolution, and the ReLU or
+// residual Add that follows is one more kernel over the same tensor: here it is one.
 
 #include <cmath>
 #include <cstdint>
@@ -152,6 +162,20 @@ void bias_rotary_split_cpu(const T* p, const T* bias, const float* cos, const fl
   }
 }
 
+template <typename T>
+void bias_activation_cpu(const T* x, const T* bias, const T* residual, T* y, int64_t planes, int64_t channels,
+                         int64_t plane, bool relu) {
+  for (int64_t q = 0; q < planes; ++q) {
+    const float b = load(bias, q % channels);
+    for (int64_t i = q * plane; i < (q + 1) * plane; ++i) {
+      float v = load(x, i);
+      if (residual) v += load(residual, i);
+      v += b;
+      store(y, i, relu && v < 0.f ? 0.f : v);
+    }
+  }
+}
+
 // ---- the CUDA kernel --------------------------------------------------------------------------------------
 
 #ifdef __CUDACC__
@@ -170,42 +194,77 @@ __device__ inline __half from_float<__half>(float v) { return __float2half_rn(v)
 template <>
 __device__ inline float from_float<float>(float v) { return v; }
 
-// One thread per 16 bytes of X: V = 8 halves or 4 floats, that is V/2 rotation pairs of one head (D % V == 0
-// and the part width % V == 0 are checked before launch).
+template <typename T, int V>
+__device__ inline void load_vec(const T* src, float (&x)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    alignas(16) T v[V];
+    *reinterpret_cast<int4*>(v) = __ldg(reinterpret_cast<const int4*>(src));
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] = to_float(v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[j] = to_float(src[j]);
+  }
+}
+
+template <typename T, int V>
+__device__ inline void store_vec(T* dst, const float (&x)[V]) {
+  if constexpr (V * sizeof(T) == 16) {
+    alignas(16) T v[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = from_float<T>(x[j]);
+    *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) dst[j] = from_float<T>(x[j]);
+  }
+}
+
+// One block per token (row): its threads walk the row 16 bytes (V values, V/2 rotation pairs of one head) at a
+// time, part by part, so no thread divides a flat index (the part width and D are multiples of V: checked).
 template <typename T>
 __global__ void bias_rotary_split_kernel(const T* __restrict__ p, const T* __restrict__ bias,
                                          const float* __restrict__ cos, const float* __restrict__ sin,
-                                         Outputs<T> out, int64_t rows, int64_t tokens, int width, int part_width,
-                                         int head_dim, unsigned rotate_mask) {
+                                         Outputs<T> out, int64_t tokens, int parts, int part_width, int head_dim,
+                                         unsigned rotate_mask) {
   constexpr int V = 16 / sizeof(T);
-  const int chunks = width / V;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= rows * chunks) return;
-  const int64_t row = t / chunks;
-  const int col = static_cast<int>(t - row * chunks) * V;
-  const int part = col / part_width;
-  const int c = col - part * part_width;
-
-  alignas(16) T xs[V];
-  alignas(16) T bs[V];
-  *reinterpret_cast<int4*>(xs) = __ldg(reinterpret_cast<const int4*>(p + row * width + col));
-  *reinterpret_cast<int4*>(bs) = __ldg(reinterpret_cast<const int4*>(bias + col));
-  float x[V];
+  const int64_t row = blockIdx.x;
+  const int64_t angles = (row % tokens) * (head_dim / 2);
+  const T* src = p + row * parts * part_width;
+  for (int part = 0; part < parts; ++part) {
+    const bool rotate = (rotate_mask >> part) & 1u;
+    T* dst = out.part[part] + row * part_width;
+    for (int c = threadIdx.x * V; c < part_width; c += blockDim.x * V) {
+      float x[V], b[V];
+      load_vec<T, V>(src + part * part_width + c, x);
+      load_vec<T, V>(bias + part * part_width + c, b);
 #pragma unroll
-  for (int j = 0; j < V; ++j) x[j] = to_float(xs[j]) + to_float(bs[j]);
-  if ((rotate_mask >> part) & 1u) {
-    const int64_t angle = (row % tokens) * (head_dim / 2) + (c % head_dim) / 2;
+      for (int j = 0; j < V; ++j) x[j] += b[j];
+      if (rotate) {
+        const int64_t angle = angles + (c % head_dim) / 2;
+        float cs[V / 2], sn[V / 2];
+        if constexpr (V / 2 == 4) {
+          *reinterpret_cast<float4*>(cs) = __ldg(reinterpret_cast<const float4*>(cos + angle));
+          *reinterpret_cast<float4*>(sn) = __ldg(reinterpret_cast<const float4*>(sin + angle));
+        } else {
+          *reinterpret_cast<float2*>(cs) = __ldg(reinterpret_cast<const float2*>(cos + angle));
+          *reinterpret_cast<float2*>(sn) = __ldg(reinterpret_cast<const float2*>(sin + angle));
+        }
 #pragma unroll
-    for (int j = 0; j < V / 2; ++j) {
-      const float cs = __ldg(cos + angle + j), sn = __ldg(sin + angle + j);
-      const float a = x[2 * j], b = x[2 * j + 1];
-      x[2 * j] = a * cs - b * sn;
-      x[2 * j + 1] = b * cs + a * sn;
+        for (int j = 0; j < V / 2; ++j) {
+          const float a0 = x[2 * j], a1 = x[2 * j + 1];
+          x[2 * j] = a0 * cs[j] - a1 * sn[j];
+          x[2 * j + 1] = a1 * cs[j] + a0 * sn[j];
+        }
+      }
+      store_vec<T, V>(dst + c, x);
     }
   }
-#pragma unroll
-  for (int j = 0; j < V; ++j) xs[j] = from_float<T>(x[j]);
-  *reinterpret_cast<int4*>(out.part[part] + row * part_width + c) = *reinterpret_cast<const int4*>(xs);
+}
+
+int threads_for(int64_t chunks, int most) {
+  const int64_t warps = (chunks + 31) / 32;
+  return static_cast<int>(warps * 32 < most ? warps * 32 : most);
 }
 
 template <typename T>
@@ -218,14 +277,57 @@ cudaError_t bias_rotary_split_cuda(const void* p, const void* bias, const float*
     if (a.rotate[j]) mask |= 1u << j;
   }
   constexpr int V = 16 / sizeof(T);
-  const int64_t threads = s.rows * (s.width / V);
-  if (threads == 0) return cudaSuccess;
-  const int block = 256;
-  const int64_t grid = (threads + block - 1) / block;
-  bias_rotary_split_kernel<T><<<static_cast<unsigned>(grid), block, 0, stream>>>(
-      static_cast<const T*>(p), static_cast<const T*>(bias), cos, sin, parts, s.rows, s.tokens,
-      static_cast<int>(s.width), static_cast<int>(s.width / static_cast<int64_t>(a.rotate.size())),
-      static_cast<int>(a.head_dim), mask);
+  const int count = static_cast<int>(a.rotate.size());
+  const int64_t part_width = s.width / count;
+  if (s.rows == 0 || part_width == 0) return cudaSuccess;
+  bias_rotary_split_kernel<T><<<static_cast<unsigned>(s.rows), threads_for(part_width / V, 256), 0, stream>>>(
+      static_cast<const T*>(p), static_cast<const T*>(bias), cos, sin, parts, s.tokens, count,
+      static_cast<int>(part_width), static_cast<int>(a.head_dim), mask);
+  return cudaGetLastError();
+}
+
+// One block per (image, channel) plane: one bias value, no index arithmetic per element. V values a step where
+// the plane size allows 16-byte steps, else one.
+template <typename T, int V>
+__global__ void bias_activation_kernel(const T* __restrict__ x, const T* __restrict__ bias,
+                                       const T* __restrict__ residual, T* __restrict__ y, int64_t channels,
+                                       int64_t plane, bool relu) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * plane;
+  const float b = to_float(bias[blockIdx.x % channels]);
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * V; i < plane; i += static_cast<int64_t>(blockDim.x) * V) {
+    float v[V];
+    load_vec<T, V>(x + base + i, v);
+    if (residual) {
+      float r[V];
+      load_vec<T, V>(residual + base + i, r);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] += r[j];
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      v[j] += b;
+      if (relu) v[j] = v[j] > 0.f ? v[j] : 0.f;
+    }
+    store_vec<T, V>(y + base + i, v);
+  }
+}
+
+template <typename T>
+cudaError_t bias_activation_cuda(const void* x, const void* bias, const void* residual, void* y, int64_t planes,
+                                 int64_t channels, int64_t plane, bool relu, bool aligned, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  if (planes == 0 || plane == 0) return cudaSuccess;
+  const auto* xt = static_cast<const T*>(x);
+  const auto* bt = static_cast<const T*>(bias);
+  const auto* rt = static_cast<const T*>(residual);
+  auto* yt = static_cast<T*>(y);
+  if (aligned && plane % V == 0) {
+    bias_activation_kernel<T, V><<<static_cast<unsigned>(planes), threads_for(plane / V, 256), 0, stream>>>(
+        xt, bt, rt, yt, channels, plane, relu);
+  } else {
+    bias_activation_kernel<T, 1><<<static_cast<unsigned>(planes), threads_for(plane, 256), 0, stream>>>(
+        xt, bt, rt, yt, channels, plane, relu);
+  }
   return cudaGetLastError();
 }
 
@@ -233,18 +335,29 @@ cudaError_t bias_rotary_split_cuda(const void* p, const void* bias, const float*
 
 // ---- the ONNX Runtime glue --------------------------------------------------------------------------------
 
-std::string op_error(const std::string& what) { return "export_engine BiasRotarySplit: " + what; }
+enum class Which { kBiasRotarySplit, kBiasActivation };
+
+const char* name_of(Which which) {
+  return which == Which::kBiasRotarySplit ? "BiasRotarySplit" : "BiasActivation";
+}
 
 struct Kernel {
-  Attrs attrs;
+  Which which;
   bool cuda = false;
+  Attrs attrs;        // BiasRotarySplit
+  int64_t relu = 0;   // BiasActivation
 };
 
 struct Tensor {
   const OrtValue* value = nullptr;
   int type = 0;
   std::vector<int64_t> dims;
+  void* data = nullptr;
 };
+
+OrtStatus* fail(Which which, const std::string& what) {
+  return g_api->CreateStatus(ee_ort::kFail, ("export_engine " + std::string(name_of(which)) + ": " + what).c_str());
+}
 
 OrtStatus* describe(const OrtValue* value, Tensor* out) {
   out->value = value;
@@ -258,27 +371,15 @@ OrtStatus* describe(const OrtValue* value, Tensor* out) {
     st = g_api->GetDimensions(info, out->dims.data(), rank);
   }
   g_api->ReleaseTensorTypeAndShapeInfo(info);
+  if (!st) st = g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &out->data);
   return st;
 }
 
-OrtStatus* fail(const std::string& what) { return g_api->CreateStatus(ee_ort::kFail, op_error(what).c_str()); }
-
-std::string dims_text(const std::vector<int64_t>& dims) {
-  std::string text = "(";
-  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
-  return text + ")";
-}
-
-OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
-  size_t inputs = 0, outputs = 0;
+// The node's inputs (absent optional ones stay empty) and output count.
+OrtStatus* gather(OrtKernelContext* context, Tensor (&t)[4], size_t* outputs) {
+  size_t inputs = 0;
   if (OrtStatus* st = g_api->KernelContext_GetInputCount(context, &inputs)) return st;
-  if (OrtStatus* st = g_api->KernelContext_GetOutputCount(context, &outputs)) return st;
-  const Attrs& a = k.attrs;
-  if (outputs != a.rotate.size()) {
-    return fail("the node has " + std::to_string(outputs) + " outputs but " + std::to_string(a.rotate.size()) +
-                " rotate flags");
-  }
-  Tensor t[4];
+  if (OrtStatus* st = g_api->KernelContext_GetOutputCount(context, outputs)) return st;
   for (size_t i = 0; i < inputs && i < 4; ++i) {
     const OrtValue* value = nullptr;
     if (OrtStatus* st = g_api->KernelContext_GetInput(context, i, &value)) return st;
@@ -286,56 +387,78 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
       if (OrtStatus* st = describe(value, &t[i])) return st;
     }
   }
-  if (!t[0].value || !t[1].value) return fail("inputs P and bias are required");
+  return nullptr;
+}
+
+OrtStatus* output(OrtKernelContext* context, size_t index, const std::vector<int64_t>& dims, void** data) {
+  OrtValue* value = nullptr;
+  if (OrtStatus* st = g_api->KernelContext_GetOutput(context, index, dims.data(), dims.size(), &value)) return st;
+  return g_api->GetTensorMutableData(value, data);
+}
+
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string text = "(";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + ")";
+}
+
+#ifdef __CUDACC__
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+OrtStatus* stream_of(OrtKernelContext* context, cudaStream_t* stream) {
+  void* raw = nullptr;
+  OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(context, &raw);
+  *stream = static_cast<cudaStream_t>(raw);
+  return st;
+}
+#endif
+
+OrtStatus* compute_bias_rotary_split(const Kernel& k, OrtKernelContext* context) {
+  const Which op = k.which;
+  Tensor t[4];
+  size_t outputs = 0;
+  if (OrtStatus* st = gather(context, t, &outputs)) return st;
+  const Attrs& a = k.attrs;
+  if (outputs != a.rotate.size()) {
+    return fail(op, "the node has " + std::to_string(outputs) + " outputs but " + std::to_string(a.rotate.size()) +
+                        " rotate flags");
+  }
+  if (!t[0].value || !t[1].value) return fail(op, "inputs P and bias are required");
   const auto& pd = t[0].dims;
-  if (pd.size() != 3) return fail("P must be (B, N, W), got " + dims_text(pd));
-  if (t[0].type != kFloat16 && t[0].type != kFloat) return fail("P must be float16 or float");
+  if (pd.size() != 3) return fail(op, "P must be (B, N, W), got " + dims_text(pd));
+  if (t[0].type != kFloat16 && t[0].type != kFloat) return fail(op, "P must be float16 or float");
   if (t[1].type != t[0].type || t[1].dims.size() != 1 || t[1].dims[0] != pd[2]) {
-    return fail("bias must be (" + std::to_string(pd[2]) + ",) of P's type, got " + dims_text(t[1].dims));
+    return fail(op, "bias must be (" + std::to_string(pd[2]) + ",) of P's type, got " + dims_text(t[1].dims));
   }
   Shape s{pd[0] * pd[1], pd[1], pd[2]};
   const int64_t parts = static_cast<int64_t>(a.rotate.size());
-  if (s.width % parts) return fail("W = " + std::to_string(s.width) + " does not split into equal parts");
+  if (s.width % parts) return fail(op, "W = " + std::to_string(s.width) + " does not split into equal parts");
   const int64_t part_width = s.width / parts;
   bool rotating = false;
   for (int64_t r : a.rotate) rotating = rotating || r;
-  const float* cos = nullptr;
-  const float* sin = nullptr;
   if (rotating) {
-    if (!t[2].value || !t[3].value) return fail("rotated outputs need the cos and sin inputs");
+    if (!t[2].value || !t[3].value) return fail(op, "rotated outputs need the cos and sin inputs");
     for (int i = 2; i < 4; ++i) {
       const auto& d = t[i].dims;
       if (t[i].type != kFloat || d.size() != 2 || d[0] != s.tokens || d[1] != a.head_dim / 2) {
-        return fail("cos and sin must be float (" + std::to_string(s.tokens) + ", " +
-                    std::to_string(a.head_dim / 2) + "), got " + dims_text(d));
+        return fail(op, "cos and sin must be float (" + std::to_string(s.tokens) + ", " +
+                            std::to_string(a.head_dim / 2) + "), got " + dims_text(d));
       }
     }
-    if (part_width % a.head_dim) return fail("a part's width is not a whole number of heads");
-    void* data = nullptr;
-    if (OrtStatus* st = g_api->GetTensorMutableData(const_cast<OrtValue*>(t[2].value), &data)) return st;
-    cos = static_cast<const float*>(data);
-    if (OrtStatus* st = g_api->GetTensorMutableData(const_cast<OrtValue*>(t[3].value), &data)) return st;
-    sin = static_cast<const float*>(data);
+    if (part_width % a.head_dim) return fail(op, "a part's width is not a whole number of heads");
   }
-  void* p = nullptr;
-  void* bias = nullptr;
-  if (OrtStatus* st = g_api->GetTensorMutableData(const_cast<OrtValue*>(t[0].value), &p)) return st;
-  if (OrtStatus* st = g_api->GetTensorMutableData(const_cast<OrtValue*>(t[1].value), &bias)) return st;
+  const auto* cos = static_cast<const float*>(rotating ? t[2].data : nullptr);
+  const auto* sin = static_cast<const float*>(rotating ? t[3].data : nullptr);
   void* out[kMaxParts] = {};
-  const int64_t out_dims[3] = {pd[0], pd[1], part_width};
   for (int64_t j = 0; j < parts; ++j) {
-    OrtValue* value = nullptr;
-    if (OrtStatus* st = g_api->KernelContext_GetOutput(context, static_cast<size_t>(j), out_dims, 3, &value)) {
-      return st;
-    }
-    if (OrtStatus* st = g_api->GetTensorMutableData(value, &out[j])) return st;
+    if (OrtStatus* st = output(context, static_cast<size_t>(j), {pd[0], pd[1], part_width}, &out[j])) return st;
   }
   if (!k.cuda) {
     if (t[0].type == kFloat16) {
-      bias_rotary_split_cpu(static_cast<const uint16_t*>(p), static_cast<const uint16_t*>(bias), cos, sin,
-                            reinterpret_cast<uint16_t* const*>(out), a, s);
+      bias_rotary_split_cpu(static_cast<const uint16_t*>(t[0].data), static_cast<const uint16_t*>(t[1].data), cos,
+                            sin, reinterpret_cast<uint16_t* const*>(out), a, s);
     } else {
-      bias_rotary_split_cpu(static_cast<const float*>(p), static_cast<const float*>(bias), cos, sin,
+      bias_rotary_split_cpu(static_cast<const float*>(t[0].data), static_cast<const float*>(t[1].data), cos, sin,
                             reinterpret_cast<float* const*>(out), a, s);
     }
     return nullptr;
@@ -343,56 +466,121 @@ OrtStatus* compute(const Kernel& k, OrtKernelContext* context) {
 #ifdef __CUDACC__
   const int64_t vec = t[0].type == kFloat16 ? 8 : 4;
   if (part_width % vec || (rotating && a.head_dim % vec)) {
-    return fail("the part width and head size must be multiples of " + std::to_string(vec) + " on CUDA");
+    return fail(op, "the part width and head size must be multiples of " + std::to_string(vec) + " on CUDA");
   }
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  bool ok = aligned(p) && aligned(bias);
-  for (int64_t j = 0; j < parts; ++j) ok = ok && aligned(out[j]);
-  if (!ok) return fail("tensors must be 16-byte aligned on CUDA");
-  void* stream = nullptr;
-  if (OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(context, &stream)) return st;
+  bool ok = aligned16(t[0].data) && aligned16(t[1].data) && (!rotating || (aligned16(cos) && aligned16(sin)));
+  for (int64_t j = 0; j < parts; ++j) ok = ok && aligned16(out[j]);
+  if (!ok) return fail(op, "tensors must be 16-byte aligned on CUDA");
+  cudaStream_t stream = nullptr;
+  if (OrtStatus* st = stream_of(context, &stream)) return st;
   cudaError_t err = t[0].type == kFloat16
-                        ? bias_rotary_split_cuda<__half>(p, bias, cos, sin, out, a, s, static_cast<cudaStream_t>(stream))
-                        : bias_rotary_split_cuda<float>(p, bias, cos, sin, out, a, s, static_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess) return fail(std::string("CUDA launch failed: ") + cudaGetErrorString(err));
+                        ? bias_rotary_split_cuda<__half>(t[0].data, t[1].data, cos, sin, out, a, s, stream)
+                        : bias_rotary_split_cuda<float>(t[0].data, t[1].data, cos, sin, out, a, s, stream);
+  if (err != cudaSuccess) return fail(op, std::string("CUDA launch failed: ") + cudaGetErrorString(err));
   return nullptr;
 #else
-  return fail("this build of the operator library has no CUDA kernels");
+  return fail(op, "this build of the operator library has no CUDA kernels");
 #endif
 }
 
-OrtStatus* read_attrs(const OrtKernelInfo* info, Attrs* a) {
+OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context) {
+  const Which op = k.which;
+  Tensor t[4];
+  size_t outputs = 0;
+  if (OrtStatus* st = gather(context, t, &outputs)) return st;
+  if (!t[0].value || !t[1].value) return fail(op, "inputs X and bias are required");
+  const auto& xd = t[0].dims;
+  if (xd.size() < 2) return fail(op, "X must be (N, C, ...), got " + dims_text(xd));
+  if (t[0].type != kFloat16 && t[0].type != kFloat) return fail(op, "X must be float16 or float");
+  if (t[1].type != t[0].type || t[1].dims.size() != 1 || t[1].dims[0] != xd[1]) {
+    return fail(op, "bias must be (" + std::to_string(xd[1]) + ",) of X's type, got " + dims_text(t[1].dims));
+  }
+  const void* residual = nullptr;
+  if (t[2].value) {
+    if (t[2].type != t[0].type || t[2].dims != xd) {
+      return fail(op, "residual must have X's type and shape " + dims_text(xd) + ", got " + dims_text(t[2].dims));
+    }
+    residual = t[2].data;
+  }
+  int64_t plane = 1;
+  for (size_t i = 2; i < xd.size(); ++i) plane *= xd[i];
+  const int64_t planes = xd[0] * xd[1];
+  void* y = nullptr;
+  if (OrtStatus* st = output(context, 0, xd, &y)) return st;
+  const bool relu = k.relu != 0;
+  if (!k.cuda) {
+    if (t[0].type == kFloat16) {
+      bias_activation_cpu(static_cast<const uint16_t*>(t[0].data), static_cast<const uint16_t*>(t[1].data),
+                          static_cast<const uint16_t*>(residual), static_cast<uint16_t*>(y), planes, xd[1], plane,
+                          relu);
+    } else {
+      bias_activation_cpu(static_cast<const float*>(t[0].data), static_cast<const float*>(t[1].data),
+                          static_cast<const float*>(residual), static_cast<float*>(y), planes, xd[1], plane, relu);
+    }
+    return nullptr;
+  }
+#ifdef __CUDACC__
+  const bool aligned = aligned16(t[0].data) && aligned16(y) && (!residual || aligned16(residual));
+  cudaStream_t stream = nullptr;
+  if (OrtStatus* st = stream_of(context, &stream)) return st;
+  cudaError_t err =
+      t[0].type == kFloat16
+          ? bias_activation_cuda<__half>(t[0].data, t[1].data, residual, y, planes, xd[1], plane, relu, aligned, stream)
+          : bias_activation_cuda<float>(t[0].data, t[1].data, residual, y, planes, xd[1], plane, relu, aligned, stream);
+  if (err != cudaSuccess) return fail(op, std::string("CUDA launch failed: ") + cudaGetErrorString(err));
+  return nullptr;
+#else
+  return fail(op, "this build of the operator library has no CUDA kernels");
+#endif
+}
+
+OrtStatus* read_attrs(const OrtKernelInfo* info, Kernel* k) {
+  OrtStatus* st = nullptr;
+  if (k->which == Which::kBiasActivation) {
+    if ((st = g_api->KernelInfoGetAttribute_int64(info, "relu", &k->relu))) return st;
+    return nullptr;
+  }
+  Attrs* a = &k->attrs;
   size_t count = 0;
-  OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, "rotate", nullptr, &count);
-  if (st) return st;
+  if ((st = g_api->KernelInfoGetAttributeArray_int64(info, "rotate", nullptr, &count))) return st;
   a->rotate.resize(count);
   if (count && (st = g_api->KernelInfoGetAttributeArray_int64(info, "rotate", a->rotate.data(), &count))) return st;
   if ((st = g_api->KernelInfoGetAttribute_int64(info, "head_dim", &a->head_dim))) return st;
   if (a->rotate.empty() || a->rotate.size() > static_cast<size_t>(kMaxParts)) {
-    return fail("rotate must have 1 to " + std::to_string(kMaxParts) + " entries");
+    return fail(k->which, "rotate must have 1 to " + std::to_string(kMaxParts) + " entries");
   }
-  if (a->head_dim <= 0 || a->head_dim % 2) return fail("head_dim must be a positive even number");
+  if (a->head_dim <= 0 || a->head_dim % 2) return fail(k->which, "head_dim must be a positive even number");
   return nullptr;
 }
 
-// ---- OrtCustomOp tables: one per provider ------------------------------------------------------------------
+// ---- OrtCustomOp tables: one per operator and provider ---------------------------------------------------
 
 struct Op : ee_ort::CustomOp {
+  Which which;
   bool cuda;
+  int type;  // T: float16 or float (ONNX Runtime merges same-named ops of different types into one schema)
 };
 
-const char* op_name(const ee_ort::CustomOp*) { return "BiasRotarySplit"; }
+const Op& as_op(const ee_ort::CustomOp* op) { return *static_cast<const Op*>(op); }
+
+const char* op_name(const ee_ort::CustomOp* op) { return name_of(as_op(op).which); }
 const char* op_provider(const ee_ort::CustomOp* op) {
-  return static_cast<const Op*>(op)->cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
+  return as_op(op).cuda ? "CUDAExecutionProvider" : "CPUExecutionProvider";
 }
-int op_input_type(const ee_ort::CustomOp*, size_t index) { return index < 2 ? ee_ort::kTypeUndefined : kFloat; }
-size_t op_input_count(const ee_ort::CustomOp*) { return 4; }
-int op_output_type(const ee_ort::CustomOp*, size_t) { return ee_ort::kTypeUndefined; }
+// BiasRotarySplit: P, bias (T), cos, sin (float, optional); outputs: variadic, T.
+// BiasActivation: X, bias, residual (optional), all T; one output.
+int op_input_type(const ee_ort::CustomOp* op, size_t index) {
+  return as_op(op).which == Which::kBiasRotarySplit && index >= 2 ? kFloat : as_op(op).type;
+}
+size_t op_input_count(const ee_ort::CustomOp* op) { return as_op(op).which == Which::kBiasRotarySplit ? 4 : 3; }
+int op_output_type(const ee_ort::CustomOp* op, size_t) { return as_op(op).type; }
 size_t op_output_count(const ee_ort::CustomOp*) { return 1; }
 int op_input_characteristic(const ee_ort::CustomOp*, size_t index) {
   return index < 2 ? ee_ort::kRequired : ee_ort::kOptional;
 }
-int op_output_characteristic(const ee_ort::CustomOp*, size_t) { return ee_ort::kVariadic; }
+int op_output_characteristic(const ee_ort::CustomOp* op, size_t) {
+  return as_op(op).which == Which::kBiasRotarySplit ? ee_ort::kVariadic : ee_ort::kRequired;
+}
 int op_input_memory(const ee_ort::CustomOp*, size_t) { return ee_ort::kMemDefault; }
 int op_min_arity(const ee_ort::CustomOp*) { return 1; }
 int op_homogeneous(const ee_ort::CustomOp*) { return 1; }
@@ -400,10 +588,9 @@ int op_start_version(const ee_ort::CustomOp*) { return 1; }
 int op_end_version(const ee_ort::CustomOp*) { return 0x7fffffff; }
 
 OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
-  auto* k = new (std::nothrow) Kernel;
-  if (!k) return fail("out of memory");
-  k->cuda = static_cast<const Op*>(op)->cuda;
-  if (OrtStatus* st = read_attrs(info, &k->attrs)) {
+  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0};
+  if (!k) return fail(as_op(op).which, "out of memory");
+  if (OrtStatus* st = read_attrs(info, k)) {
     delete k;
     return st;
   }
@@ -411,10 +598,14 @@ OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const Ort
   return nullptr;
 }
 
-OrtStatus* op_compute(void* kernel, OrtKernelContext* context) { return compute(*static_cast<Kernel*>(kernel), context); }
+OrtStatus* op_compute(void* kernel, OrtKernelContext* context) {
+  const Kernel& k = *static_cast<Kernel*>(kernel);
+  return k.which == Which::kBiasRotarySplit ? compute_bias_rotary_split(k, context)
+                                             : compute_bias_activation(k, context);
+}
 void op_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
-Op make_op(bool cuda) {
+Op make_op(Which which, bool cuda, int type) {
   Op op{};
   op.version = ee_ort::kCustomOpVersion;
   op.GetName = op_name;
@@ -435,14 +626,24 @@ Op make_op(bool cuda) {
   op.KernelComputeV2 = op_compute;
   op.GetStartVersion = op_start_version;
   op.GetEndVersion = op_end_version;
+  op.which = which;
   op.cuda = cuda;
+  op.type = type;
   return op;
 }
 
-Op g_cpu_op = make_op(false);
 #ifdef __CUDACC__
-Op g_cuda_op = make_op(true);
+constexpr bool kHasCuda = true;
+#else
+constexpr bool kHasCuda = false;
 #endif
+
+Op g_ops[] = {
+    make_op(Which::kBiasRotarySplit, false, kFloat16), make_op(Which::kBiasRotarySplit, false, kFloat),
+    make_op(Which::kBiasActivation, false, kFloat16),  make_op(Which::kBiasActivation, false, kFloat),
+    make_op(Which::kBiasRotarySplit, true, kFloat16),  make_op(Which::kBiasRotarySplit, true, kFloat),
+    make_op(Which::kBiasActivation, true, kFloat16),   make_op(Which::kBiasActivation, true, kFloat),
+};
 
 }  // namespace
 
@@ -453,18 +654,14 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   g_api = &api;
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = g_api->CreateCustomOpDomain("ai.export_engine", &domain)) return st;
-  if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_cpu_op)) return st;
-#ifdef __CUDACC__
-  if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &g_cuda_op)) return st;
-#endif
+  for (const Op& op : g_ops) {
+    if (op.cuda && !kHasCuda) continue;
+    if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
+  }
   return g_api->AddCustomOpDomain(options, domain);
 }
 
 // Which kernels this build has, for the Python side: "cpu" or "cpu,cuda".
 extern "C" __attribute__((visibility("default"))) const char* ExportEngineOpsProviders() {
-#ifdef __CUDACC__
-  return "cpu,cuda";
-#else
-  return "cpu";
-#endif
+  return kHasCuda ? "cpu,cuda" : "cpu";
 }
