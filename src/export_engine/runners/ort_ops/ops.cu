@@ -220,44 +220,52 @@ __device__ inline void store_vec(T* dst, const float (&x)[V]) {
   }
 }
 
-// One block per token (row): its threads walk the row 16 bytes (V values, V/2 rotation pairs of one head) at a
-// time, part by part, so no thread divides a flat index (the part width and D are multiples of V: checked).
+// A block takes ROWS tokens (threadIdx.y) and its threads walk a token 16 bytes at a time (V values, V/2 rotation
+// pairs of one head; the part width and D are multiples of V: checked), loading that column of every part before
+// computing and storing any, so no thread divides a flat index and each has several loads in flight.
 template <typename T>
 __global__ void bias_rotary_split_kernel(const T* __restrict__ p, const T* __restrict__ bias,
                                          const float* __restrict__ cos, const float* __restrict__ sin,
-                                         Outputs<T> out, int64_t tokens, int parts, int part_width, int head_dim,
-                                         unsigned rotate_mask) {
+                                         Outputs<T> out, int64_t rows, int64_t tokens, int parts, int part_width,
+                                         int head_dim, unsigned rotate_mask) {
   constexpr int V = 16 / sizeof(T);
-  const int64_t row = blockIdx.x;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
   const int64_t angles = (row % tokens) * (head_dim / 2);
   const T* src = p + row * parts * part_width;
-  for (int part = 0; part < parts; ++part) {
-    const bool rotate = (rotate_mask >> part) & 1u;
-    T* dst = out.part[part] + row * part_width;
-    for (int c = threadIdx.x * V; c < part_width; c += blockDim.x * V) {
-      float x[V], b[V];
-      load_vec<T, V>(src + part * part_width + c, x);
+  for (int c = threadIdx.x * V; c < part_width; c += blockDim.x * V) {
+    float x[kMaxParts][V];
+#pragma unroll
+    for (int part = 0; part < kMaxParts; ++part) {
+      if (part < parts) load_vec<T, V>(src + part * part_width + c, x[part]);
+    }
+    float cs[V / 2], sn[V / 2];
+    if (rotate_mask) {
+      const int64_t angle = angles + (c % head_dim) / 2;
+      if constexpr (V / 2 == 4) {
+        *reinterpret_cast<float4*>(cs) = __ldg(reinterpret_cast<const float4*>(cos + angle));
+        *reinterpret_cast<float4*>(sn) = __ldg(reinterpret_cast<const float4*>(sin + angle));
+      } else {
+        *reinterpret_cast<float2*>(cs) = __ldg(reinterpret_cast<const float2*>(cos + angle));
+        *reinterpret_cast<float2*>(sn) = __ldg(reinterpret_cast<const float2*>(sin + angle));
+      }
+    }
+#pragma unroll
+    for (int part = 0; part < kMaxParts; ++part) {
+      if (part >= parts) break;
+      float b[V];
       load_vec<T, V>(bias + part * part_width + c, b);
 #pragma unroll
-      for (int j = 0; j < V; ++j) x[j] += b[j];
-      if (rotate) {
-        const int64_t angle = angles + (c % head_dim) / 2;
-        float cs[V / 2], sn[V / 2];
-        if constexpr (V / 2 == 4) {
-          *reinterpret_cast<float4*>(cs) = __ldg(reinterpret_cast<const float4*>(cos + angle));
-          *reinterpret_cast<float4*>(sn) = __ldg(reinterpret_cast<const float4*>(sin + angle));
-        } else {
-          *reinterpret_cast<float2*>(cs) = __ldg(reinterpret_cast<const float2*>(cos + angle));
-          *reinterpret_cast<float2*>(sn) = __ldg(reinterpret_cast<const float2*>(sin + angle));
-        }
+      for (int j = 0; j < V; ++j) x[part][j] += b[j];
+      if ((rotate_mask >> part) & 1u) {
 #pragma unroll
         for (int j = 0; j < V / 2; ++j) {
-          const float a0 = x[2 * j], a1 = x[2 * j + 1];
-          x[2 * j] = a0 * cs[j] - a1 * sn[j];
-          x[2 * j + 1] = a1 * cs[j] + a0 * sn[j];
+          const float a0 = x[part][2 * j], a1 = x[part][2 * j + 1];
+          x[part][2 * j] = a0 * cs[j] - a1 * sn[j];
+          x[part][2 * j + 1] = a1 * cs[j] + a0 * sn[j];
         }
       }
-      store_vec<T, V>(dst + c, x);
+      store_vec<T, V>(out.part[part] + row * part_width + c, x[part]);
     }
   }
 }
@@ -280,9 +288,14 @@ cudaError_t bias_rotary_split_cuda(const void* p, const void* bias, const float*
   const int count = static_cast<int>(a.rotate.size());
   const int64_t part_width = s.width / count;
   if (s.rows == 0 || part_width == 0) return cudaSuccess;
-  bias_rotary_split_kernel<T><<<static_cast<unsigned>(s.rows), threads_for(part_width / V, 256), 0, stream>>>(
-      static_cast<const T*>(p), static_cast<const T*>(bias), cos, sin, parts, s.tokens, count,
-      static_cast<int>(part_width), static_cast<int>(a.head_dim), mask);
+  const int x = threads_for(part_width / V, 256);
+  const int y = 256 / x > 0 ? 256 / x : 1;  // tokens per block: about 256 threads a block
+  const dim3 block(x, y);
+  const auto grid = static_cast<unsigned>((s.rows + y - 1) / y);
+  bias_rotary_split_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(p), static_cast<const T*>(bias), cos,
+                                                          sin, parts, s.rows, s.tokens, count,
+                                                          static_cast<int>(part_width), static_cast<int>(a.head_dim),
+                                                          mask);
   return cudaGetLastError();
 }
 
