@@ -124,10 +124,9 @@ class Report:
             return None
         t0 = time.monotonic()
         print(f"[{time.monotonic() - self.start:6.1f} s] {name} ...", flush=True)
-        # Sessions of earlier sections are freed now, not by a garbage collection in the middle of the next
-        # section's CUDA graph capture (freeing pinned memory while a capture runs is a CUDA error).
-        gc.collect()
+        # Sessions of earlier sections are freed now, after their work, not in the middle of this section.
         torch.cuda.synchronize()
+        gc.collect()
         try:
             result = fn(*args)
         except Exception as err:  # report and go on: one broken section must not lose the others

@@ -154,6 +154,14 @@ class CudaGraphRunner:
         _, self.outcome = open_checked(self._open, self.path, self.graph_meta, names, self._tf32_choice(), c.check,
                                        c.strict)  # fmt: skip
 
+    def __del__(self) -> None:
+        # Without a CUDA graph ONNX Runtime frees a run's host staging buffers from a callback queued on the
+        # stream, holding its allocator; a session dropped while such a callback is pending would be destroyed
+        # inside it, where CUDA forbids freeing pinned memory (the process aborts). Runs on the own stream return
+        # before the GPU finishes, so let them finish while the session is alive.
+        if getattr(self, "_stream", None) is not None and getattr(self, "session", None) is not None:
+            self._stream.synchronize()
+
     def _tf32_choice(self) -> bool:
         if self.config.tf32 is not None:
             return self.config.tf32
@@ -165,6 +173,8 @@ class CudaGraphRunner:
     def _open(self, lowerings: tuple[str, ...], tf32: bool) -> CudaGraphRunner:
         """(Re)open the session on the graph rewritten by ``lowerings``; captured shapes start afresh."""
         source = lowered_graph(self.path, lowerings)
+        if self._stream is not None:
+            self._stream.synchronize()  # a session this replaces may have host callbacks pending (see __del__)
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
         register_own_ops(options, source, cuda=True)
