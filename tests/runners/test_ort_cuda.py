@@ -138,3 +138,25 @@ def test_runtime_options_match_the_reference(tiny_artifacts: dict[str, Path], op
                 tol = check["tolerances"][name]
                 np.testing.assert_allclose(got[name], data[name], atol=tol["atol"], rtol=tol["rtol"],
                                            err_msg=f"{graph['name']}/{name}")  # fmt: skip
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_runner_dropped_right_after_a_run_does_not_abort(tiny_artifacts: dict[str, Path]) -> None:
+    """Without a CUDA graph ONNX Runtime frees a run's host staging buffers from a stream callback that holds the
+    session's allocator; a runner dropped while its own stream still works must not have its session destroyed
+    inside that callback (CUDA error 800, abort)."""
+    import gc
+
+    artifact = tiny_artifacts["mast3r"]
+    graph = next(g for g in json.loads((artifact / "manifest.json").read_text())["graphs"] if g["name"] == "decoder")
+    with np.load(artifact / graph["reference_check"]["inputs"]) as data:
+        feed = {k: torch.from_numpy(data[k]).cuda() for k in data.files}
+    for lowerings in (("attention_bsh", "rotary", "norm_casts"), ()):
+        for _ in range(3):
+            runner = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(lowerings=lowerings))
+            torch.cuda._sleep(50_000_000)  # the run queues behind this: the host returns long before it ends
+            runner.run(feed, copy=False)
+            del runner
+            gc.collect()
+    torch.cuda.synchronize()
