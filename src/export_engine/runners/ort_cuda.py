@@ -46,6 +46,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,9 @@ class CudaGraphRunner:
         # stream, holding its allocator; a session dropped while such a callback is pending would be destroyed
         # inside it, where CUDA forbids freeing pinned memory (the process aborts). Runs on the own stream return
         # before the GPU finishes, so let them finish while the session is alive.
+        # Not at interpreter exit: CUDA may already be torn down, and the process ends anyway.
+        if sys.is_finalizing():
+            return
         if getattr(self, "_stream", None) is not None and getattr(self, "session", None) is not None:
             self._stream.synchronize()
 
