@@ -85,7 +85,7 @@ def test_doctor_reports_this_machine_and_an_artifact(tmp_path: Path, capsys: pyt
     assert main(["doctor", str(art)]) == 0
     text = capsys.readouterr().out
     for expected in ("onnxruntime", "providers", "--backend auto", "ONNX Runtime on CUDA", "status", "passed",
-                     "graph encoder", "graph prompt_decoder"):  # fmt: skip
+                     "graph encoder", "graph prompt_decoder", "export-engine's CUDA operators"):  # fmt: skip
         assert expected in text, expected
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

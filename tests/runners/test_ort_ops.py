@@ -216,3 +216,12 @@ def test_cuda_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int
 def test_cuda_bias_activation_matches_numpy(dtype: type, shape: list[int], residual: bool, relu: int) -> None:
     """16-byte steps where the plane allows them (12 x 8), single values elsewhere (5 x 7, 9)."""
     _bias_activation_case(dtype, shape, residual, relu, cuda=True)
+
+
+def test_status_says_what_applies_without_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(ort_ops, "nvcc", lambda: None)
+    assert ort_ops.status(cuda=True).startswith("not available:") and "nvcc" in ort_ops.status(cuda=True)
+    monkeypatch.setattr(ort_ops, "nvcc", lambda: "/opt/cuda/bin/nvcc")
+    assert ort_ops.status(cuda=True).startswith("built on first use by /opt/cuda/bin/nvcc")
+    assert not any(tmp_path.iterdir())  # nothing was built or created

@@ -89,10 +89,12 @@ def diagnose(artifact: Path | None = None) -> DoctorReport:
         report.add("engine builders", "--backend auto", f"{chosen}: {why}")
     except Exception as err:
         report.problems.append(f"--backend auto cannot decide: {err}")
+    from export_engine.runners import ort_ops
     from export_engine.runners.ort_cuda import cuda_available
 
     runnable, why = cuda_available()
     report.add("runtime", "ONNX Runtime on CUDA", "yes" if runnable else f"no: {why}")
+    report.add("runtime", "export-engine's CUDA operators", ort_ops.status(cuda=True))
     if artifact is not None:
         _artifact_rows(report, Path(artifact), runnable)
     return report

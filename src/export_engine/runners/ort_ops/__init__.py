@@ -114,11 +114,27 @@ def _key(command: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
+def _target(cuda: bool) -> Path:
+    probe = build_command(cuda, Path("export-engine-build-probe"))
+    return cache_root() / f"{'cuda' if cuda else 'cpu'}-{_key(probe)}" / LIBRARY_NAME
+
+
+def status(cuda: bool) -> str:
+    """One line for ``export-engine doctor``: built, buildable on first use, or why not (builds nothing)."""
+    try:
+        target = _target(cuda)
+    except BackendError as err:
+        return f"not available: {err}"
+    if target.exists():
+        return f"built ({target})"
+    compiler = nvcc() if cuda else cxx()
+    return f"built on first use by {compiler} into {target.parent}"
+
+
 @functools.lru_cache(maxsize=2)
 def library(cuda: bool) -> Path:
     """The built operator library (with CUDA kernels or CPU-only), compiled on first use and cached."""
-    probe = build_command(cuda, Path("export-engine-build-probe"))
-    target = cache_root() / f"{'cuda' if cuda else 'cpu'}-{_key(probe)}" / LIBRARY_NAME
+    target = _target(cuda)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
