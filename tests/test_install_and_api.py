@@ -127,3 +127,26 @@ def test_package_import_is_light() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False"
     assert ee.list_models() == ["mast3r", "fastsam3d"] and ee.Matcher.__name__ == "Matcher"
+
+
+def test_doctor_builds_the_operators_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    from export_engine.runners import ort_ops
+
+    if ort_ops.cxx() is None:
+        pytest.skip("builds export-engine's CPU operators: no C++ compiler on this machine")
+    monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(ort_ops, "nvcc", lambda: None)  # the CPU build: seconds, not nvcc's tens of seconds
+    ort_ops.library.cache_clear()
+    try:
+        assert main(["doctor", "--build-ops"]) == 0
+        out = capsys.readouterr().out
+        assert "export-engine's CUDA operators" in out and "not available" in out and "nvcc" in out
+        assert [p.name for p in tmp_path.rglob("*.so")] == [ort_ops.LIBRARY_NAME]
+        monkeypatch.setattr(ort_ops, "cxx", lambda: "/bin/false")
+        ort_ops.library.cache_clear()
+        monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path / "other"))
+        assert main(["doctor", "--build-ops"]) == 8  # a failed build: BackendError's exit code, no library left
+        assert not list((tmp_path / "other").rglob("*.so"))
+    finally:
+        ort_ops.library.cache_clear()

@@ -142,6 +142,9 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         )
         p.add_argument("artifact", type=Path, nargs="?", help="an artifact folder to check against this machine")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
+        p.add_argument("--build-ops", action="store_true",
+                       help="build export-engine's ONNX Runtime operators into the cache now (CUDA where nvcc "
+                            "is found, else CPU), e.g. for a deployment image, instead of on first use")  # fmt: skip
     else:
         p.description = "List the models export-engine can export."
     _common(p)
@@ -403,6 +406,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     from export_engine.runtime.doctor import diagnose
 
+    if args.build_ops:
+        from export_engine.runners import ort_ops
+
+        path = ort_ops.library(cuda=ort_ops.nvcc() is not None)  # BackendError (exit 8) says why it failed
+        log.info("export-engine's ONNX Runtime operators (%s): %s", ",".join(ort_ops.providers(path)), path)
     report = diagnose(args.artifact)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0

@@ -88,8 +88,8 @@ def build_command(cuda: bool, output: Path) -> list[str]:
         compiler = nvcc()
         if compiler is None:
             raise BackendError(
-                "export-engine's CUDA operators need nvcc to build once: install the CUDA toolkit "
-                "(or set CUDA_HOME), or run without the attention_fused lowering"
+                "export-engine's CUDA operators need nvcc to build once: install the CUDA toolkit (or set "
+                "CUDA_HOME); without them the CUDA runner uses ONNX Runtime's own, slower operators"
             )
         gencode = []
         archs = _archs()
