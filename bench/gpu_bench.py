@@ -192,6 +192,11 @@ NO_CONV_EPILOGUE = tuple(n for n in DEFAULT_LOWERINGS if n != "conv_epilogue")
 RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras: "profile"): each against the default session
     ("ONNX Runtime's operators only (attention_bsh, no conv_epilogue)", {"lowerings": STOCK_LOWERINGS}, {"profile"}),
     ("all but conv_epilogue", {"lowerings": NO_CONV_EPILOGUE}, set()),
+    (
+        "+ export-engine's bilinear Resize (resize_bilinear)",
+        {"lowerings": (*DEFAULT_LOWERINGS, "resize_bilinear")},
+        {"profile"},
+    ),
     ("attention as GroupQueryAttention (attention_gqa)", {"lowerings": GQA_LOWERINGS}, set()),
 )
 

@@ -361,3 +361,49 @@ def test_conv_bias_with_relu_or_residual_becomes_one_pass(tiny_graphs: dict[str,
     onnx.checker.check_model(gs.export_onnx(graph))
     _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
     assert fuse_conv_epilogue(graph, FuseConvEpilogueConfig()).rewritten == 0
+
+
+def test_dpt_upsampling_as_export_engines_bilinear_resize(tiny_graphs: dict[str, Any]) -> None:
+    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
+    ok, why = ort_ops.available(cuda=False)
+    if not ok:
+        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
+    from export_engine.graph_passes.lower_resize import LowerResizeConfig, lower_resize
+
+    tiny = tiny_graphs["mast3r.decoder"]
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    before_ops = op_counts(graph)
+    before = run_graph(graph, tiny.feeds[0])
+
+    report = lower_resize(graph, LowerResizeConfig())
+
+    after = op_counts(graph)
+    assert report.rewritten == report.matched == before_ops["Resize"] > 0, report.skipped
+    assert after["Resize"] == 0 and after["ResizeBilinear"] == report.rewritten
+    assert all(n.attrs["scale"] == [2, 2] for n in graph.nodes if n.op == "ResizeBilinear")
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
+    assert lower_resize(graph, LowerResizeConfig()).matched == 0
+
+
+def test_resize_outside_bilinear_align_corners_by_whole_factors_is_skipped() -> None:
+    from export_engine.graph_passes.lower_resize import LowerResizeConfig, lower_resize
+
+    def resize(scales: list[float], **attrs: Any) -> gs.Graph:
+        x = gs.Variable("x", np.float32, (1, 2, 4, 4))
+        y = gs.Variable("y", np.float32, None)
+        const = gs.Constant("scales", np.asarray(scales, dtype=np.float32))
+        node = gs.Node("Resize", inputs=[x, gs.Variable.empty(), const], outputs=[y], attrs=attrs)
+        return gs.Graph(nodes=[node], inputs=[x], outputs=[y], opset=19)
+
+    linear = {"mode": "linear", "coordinate_transformation_mode": "align_corners"}
+    cases = [(resize([1, 1, 2, 2], mode="nearest"), "mode 'nearest'"),
+             (resize([1, 1, 2, 2], mode="linear"), "coordinate transformation 'half_pixel'"),
+             (resize([1, 1, 1.5, 2], **linear), "not [1, 1, whole, whole]"),
+             (resize([1, 2, 2, 2], **linear), "not [1, 1, whole, whole]"),
+             (resize([1, 1, 2, 2], antialias=1, **linear), "non-default attributes ['antialias']")]  # fmt: skip
+    for graph, reason in cases:
+        report = lower_resize(graph, LowerResizeConfig())
+        assert report.matched == 1 and report.rewritten == 0 and reason in report.skipped[0], report.skipped
+    assert lower_resize(resize([1, 1, 2, 3], **linear), LowerResizeConfig()).rewritten == 1

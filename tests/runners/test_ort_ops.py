@@ -225,3 +225,52 @@ def test_status_says_what_applies_without_building(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(ort_ops, "nvcc", lambda: "/opt/cuda/bin/nvcc")
     assert ort_ops.status(cuda=True).startswith("built on first use by /opt/cuda/bin/nvcc")
     assert not any(tmp_path.iterdir())  # nothing was built or created
+
+
+def _resize_models(dtype: int, shape: list[int], scale: list[int]) -> tuple[bytes, bytes]:
+    """(ResizeBilinear, ONNX Resize linear align_corners) on the same input, for comparison."""
+    out_shape = [shape[0], shape[1], shape[2] * scale[0], shape[3] * scale[1]]
+    x = helper.make_tensor_value_info("X", dtype, shape)
+    y = helper.make_tensor_value_info("Y", dtype, out_shape)
+    opsets = [helper.make_opsetid("", 19), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    ours = helper.make_node("ResizeBilinear", ["X"], ["Y"], domain=ort_ops.DOMAIN, scale=scale)
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1.0, 1.0, *map(float, scale)])
+    onnx_node = helper.make_node("Resize", ["X", "", "scales"], ["Y"], mode="linear",
+                                 coordinate_transformation_mode="align_corners")  # fmt: skip
+    graphs = (helper.make_graph([ours], "ours", [x], [y]), helper.make_graph([onnx_node], "onnx", [x], [y], [scales]))
+    return tuple(helper.make_model(g, opset_imports=opsets, ir_version=10).SerializeToString() for g in graphs)
+
+
+RESIZE_CASES = [([1, 3, 6, 10], [2, 2]), ([2, 2, 1, 4], [2, 2]), ([1, 1, 5, 3], [3, 1]), ([1, 2, 12, 16], [2, 2])]
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("shape", "scale"), RESIZE_CASES)
+def test_cpu_resize_bilinear_matches_onnx_resize(dtype: type, shape: list[int], scale: list[int]) -> None:
+    _resize_case(dtype, shape, scale, cuda=False)
+
+
+def _resize_case(dtype: type, shape: list[int], scale: list[int], cuda: bool) -> None:
+    onnx_type = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    ours, reference = _resize_models(onnx_type, shape, scale)
+    x = np.random.default_rng(3).standard_normal(shape).astype(dtype)
+    (got,) = _session(ours, cuda).run(None, {"X": x})
+    # ONNX Runtime's own Resize on the CPU, in FP32 (its FP16 CPU kernel rounds differently)
+    onnx_resize = ort.InferenceSession(_resize_models(TensorProto.FLOAT, shape, scale)[1],
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+    want = onnx_resize.run(None, {"X": x.astype(np.float32)})[0]
+    assert reference and got.dtype == dtype and got.shape == want.shape
+    # one rounding of the output type; float arithmetic in another order than ONNX Runtime's (values ~ N(0, 1))
+    ulp = 2e-3 if dtype == np.float16 else 1e-5
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=ulp, atol=ulp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
+@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("shape", "scale"), RESIZE_CASES)
+def test_cuda_resize_bilinear_matches_onnx_resize(dtype: type, shape: list[int], scale: list[int]) -> None:
+    """16-byte rows (16 x 2 = 32 values) and single values (3, 10 x 2 = 20 halves) alike."""
+    _resize_case(dtype, shape, scale, cuda=True)

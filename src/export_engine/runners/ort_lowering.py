@@ -21,6 +21,8 @@ measured on Hopper (bench/RESULTS.md):
 ``conv_epilogue``   a convolution's bias with the ReLU or residual Add after it as export-engine's
                     ``BiasActivation`` (one pass instead of cuDNN's bias kernel and one more; dropped where the
                     operator library cannot be built)
+``resize_bilinear`` bilinear align_corners ``Resize`` by whole factors as export-engine's ``ResizeBilinear``
+                    (16 bytes of output a thread; opt-in until measured)
 ``decompose_attention``  Attention as MatMul/Softmax/MatMul (faster where no flash kernel applies)
 ``im2col``          stride-1 2-D convolutions as im2col + MatMul (measured slower than cuDNN: opt-in)
 ==================  =====================================================================================
@@ -58,7 +60,11 @@ DEFAULT_LOWERINGS = (
 ATTENTION_LOWERINGS = ("attention_fused", "attention_gqa", "attention_bsh")  # alternatives (the first in this
 # order that is named rewrites the attention blocks; the others then find none)
 # lowerings that need export-engine's operator library, and what replaces each where it cannot be built (None: none)
-OWN_OP_LOWERINGS: dict[str, str | None] = {"attention_fused": "attention_bsh", "conv_epilogue": None}
+OWN_OP_LOWERINGS: dict[str, str | None] = {
+    "attention_fused": "attention_bsh",
+    "conv_epilogue": None,
+    "resize_bilinear": None,
+}
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
 
 
@@ -74,6 +80,7 @@ _PASSES: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] = {
     "skip_layernorm": ("fuse_skip_layernorm", "FuseSkipLayerNormConfig"),
     "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
     "conv_epilogue": ("fuse_conv_epilogue", "FuseConvEpilogueConfig"),
+    "resize_bilinear": ("lower_resize", "LowerResizeConfig"),
     "decompose_attention": ("decompose_attention", "DecomposeAttentionConfig"),
     "im2col": ("lower_conv_im2col", "LowerConvIm2colConfig"),
 }

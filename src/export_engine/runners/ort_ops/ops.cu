@@ -28,6 +28,14 @@
 //
 // ONNX Runtime's CUDA Conv adds its bias with a cuDNN kernel of its own after the convolution, and the ReLU or
 // residual Add that follows is one more kernel over the same tensor: here it is one.
+//
+// ResizeBilinear: ONNX Resize with mode "linear" and coordinate_transformation_mode "align_corners" on the two
+// last axes of an (N, C, H, W) tensor by whole factors (attr scale = [sh, sw]), as DPT's upsampling uses it.
+//
+//   output (N, C, H*sh, W*sw); output pixel (y, x) samples the input at (y * (H-1)/(H*sh-1), x * (W-1)/(W*sw-1))
+//   (0 along an axis of one output pixel) and interpolates its four neighbours in float.
+//
+// One thread writes 16 bytes of an output row; ONNX Runtime's kernel writes one value a thread.
 
 #include <cmath>
 #include <cstdint>
@@ -172,6 +180,49 @@ void bias_activation_cpu(const T* x, const T* bias, const T* residual, T* y, int
       if (residual) v += load(residual, i);
       v += b;
       store(y, i, relu && v < 0.f ? 0.f : v);
+    }
+  }
+}
+
+struct Resize {
+  int64_t planes = 0, in_h = 0, in_w = 0, out_h = 0, out_w = 0;
+  float step_y = 0.f, step_x = 0.f;  // input pixels per output pixel (align_corners)
+};
+
+Resize resize_shape(int64_t planes, int64_t h, int64_t w, int64_t sh, int64_t sw) {
+  Resize r{planes, h, w, h * sh, w * sw, 0.f, 0.f};
+  r.step_y = r.out_h > 1 ? static_cast<float>(h - 1) / static_cast<float>(r.out_h - 1) : 0.f;
+  r.step_x = r.out_w > 1 ? static_cast<float>(w - 1) / static_cast<float>(r.out_w - 1) : 0.f;
+  return r;
+}
+
+// Where output index i samples along an axis of n input values: the lower neighbour, the upper one, its weight.
+inline void sample(int64_t i, float step, int64_t n, int64_t* lo, int64_t* hi, float* w) {
+  const float at = static_cast<float>(i) * step;
+  int64_t low = static_cast<int64_t>(at);  // at >= 0: truncation is floor
+  if (low > n - 1) low = n - 1;
+  *lo = low;
+  *hi = low + 1 < n ? low + 1 : n - 1;
+  *w = at - static_cast<float>(low);
+}
+
+template <typename T>
+void resize_bilinear_cpu(const T* x, T* y, const Resize& r) {
+  for (int64_t q = 0; q < r.planes; ++q) {
+    const T* in = x + q * r.in_h * r.in_w;
+    T* out = y + q * r.out_h * r.out_w;
+    for (int64_t oy = 0; oy < r.out_h; ++oy) {
+      int64_t y0, y1;
+      float wy;
+      sample(oy, r.step_y, r.in_h, &y0, &y1, &wy);
+      for (int64_t ox = 0; ox < r.out_w; ++ox) {
+        int64_t x0, x1;
+        float wx;
+        sample(ox, r.step_x, r.in_w, &x0, &x1, &wx);
+        const float top = load(in, y0 * r.in_w + x0) * (1.f - wx) + load(in, y0 * r.in_w + x1) * wx;
+        const float bottom = load(in, y1 * r.in_w + x0) * (1.f - wx) + load(in, y1 * r.in_w + x1) * wx;
+        store(out, oy * r.out_w + ox, top * (1.f - wy) + bottom * wy);
+      }
     }
   }
 }
@@ -344,21 +395,79 @@ cudaError_t bias_activation_cuda(const void* x, const void* bias, const void* re
   return cudaGetLastError();
 }
 
+// One thread per V consecutive outputs of one output row (V = 16 bytes' worth where the row allows, else 1).
+template <typename T, int V>
+__global__ void resize_bilinear_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t in_h, int64_t in_w,
+                                       int64_t out_h, int64_t out_w, float step_y, float step_x) {
+  const int64_t row = blockIdx.x;  // plane * out_h + oy
+  const int64_t plane = row / out_h;
+  const int64_t oy = row - plane * out_h;
+  const float at_y = static_cast<float>(oy) * step_y;
+  int64_t y0 = static_cast<int64_t>(at_y);
+  if (y0 > in_h - 1) y0 = in_h - 1;
+  const int64_t y1 = y0 + 1 < in_h ? y0 + 1 : in_h - 1;
+  const float wy = at_y - static_cast<float>(y0);
+  const T* top = x + (plane * in_h + y0) * in_w;
+  const T* bottom = x + (plane * in_h + y1) * in_w;
+  T* out = y + row * out_w;
+  for (int64_t ox0 = static_cast<int64_t>(threadIdx.x) * V; ox0 < out_w; ox0 += static_cast<int64_t>(blockDim.x) * V) {
+    float v[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float at_x = static_cast<float>(ox0 + j) * step_x;
+      int64_t x0 = static_cast<int64_t>(at_x);
+      if (x0 > in_w - 1) x0 = in_w - 1;
+      const int64_t x1 = x0 + 1 < in_w ? x0 + 1 : in_w - 1;
+      const float wx = at_x - static_cast<float>(x0);
+      const float t = to_float(top[x0]) * (1.f - wx) + to_float(top[x1]) * wx;
+      const float b = to_float(bottom[x0]) * (1.f - wx) + to_float(bottom[x1]) * wx;
+      v[j] = t * (1.f - wy) + b * wy;
+    }
+    store_vec<T, V>(out + ox0, v);
+  }
+}
+
+template <typename T>
+cudaError_t resize_bilinear_cuda(const void* x, void* y, const Resize& r, bool aligned, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t rows = r.planes * r.out_h;
+  if (rows == 0 || r.out_w == 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const auto* xt = static_cast<const T*>(x);
+  auto* yt = static_cast<T*>(y);
+  if (aligned && r.out_w % V == 0) {
+    resize_bilinear_kernel<T, V><<<static_cast<unsigned>(rows), threads_for(r.out_w / V, 256), 0, stream>>>(
+        xt, yt, r.in_h, r.in_w, r.out_h, r.out_w, r.step_y, r.step_x);
+  } else {
+    resize_bilinear_kernel<T, 1><<<static_cast<unsigned>(rows), threads_for(r.out_w, 256), 0, stream>>>(
+        xt, yt, r.in_h, r.in_w, r.out_h, r.out_w, r.step_y, r.step_x);
+  }
+  return cudaGetLastError();
+}
+
 #endif  // __CUDACC__
 
 // ---- the ONNX Runtime glue --------------------------------------------------------------------------------
 
-enum class Which { kBiasRotarySplit, kBiasActivation };
+enum class Which { kBiasRotarySplit, kBiasActivation, kResizeBilinear };
 
 const char* name_of(Which which) {
-  return which == Which::kBiasRotarySplit ? "BiasRotarySplit" : "BiasActivation";
+  switch (which) {
+    case Which::kBiasRotarySplit:
+      return "BiasRotarySplit";
+    case Which::kBiasActivation:
+      return "BiasActivation";
+    default:
+      return "ResizeBilinear";
+  }
 }
 
 struct Kernel {
   Which which;
   bool cuda = false;
-  Attrs attrs;        // BiasRotarySplit
-  int64_t relu = 0;   // BiasActivation
+  Attrs attrs;                     // BiasRotarySplit
+  int64_t relu = 0;                // BiasActivation
+  std::vector<int64_t> scale;      // ResizeBilinear: [sh, sw]
 };
 
 struct Tensor {
@@ -547,10 +656,53 @@ OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context) {
 #endif
 }
 
+OrtStatus* compute_resize_bilinear(const Kernel& k, OrtKernelContext* context) {
+  const Which op = k.which;
+  Tensor t[4];
+  size_t outputs = 0;
+  if (OrtStatus* st = gather(context, t, &outputs)) return st;
+  if (!t[0].value) return fail(op, "input X is required");
+  const auto& xd = t[0].dims;
+  if (xd.size() != 4) return fail(op, "X must be (N, C, H, W), got " + dims_text(xd));
+  if (t[0].type != kFloat16 && t[0].type != kFloat) return fail(op, "X must be float16 or float");
+  const Resize r = resize_shape(xd[0] * xd[1], xd[2], xd[3], k.scale[0], k.scale[1]);
+  void* y = nullptr;
+  if (OrtStatus* st = output(context, 0, {xd[0], xd[1], r.out_h, r.out_w}, &y)) return st;
+  if (!k.cuda) {
+    if (t[0].type == kFloat16) {
+      resize_bilinear_cpu(static_cast<const uint16_t*>(t[0].data), static_cast<uint16_t*>(y), r);
+    } else {
+      resize_bilinear_cpu(static_cast<const float*>(t[0].data), static_cast<float*>(y), r);
+    }
+    return nullptr;
+  }
+#ifdef __CUDACC__
+  cudaStream_t stream = nullptr;
+  if (OrtStatus* st = stream_of(context, &stream)) return st;
+  const bool aligned = aligned16(y);
+  cudaError_t err = t[0].type == kFloat16 ? resize_bilinear_cuda<__half>(t[0].data, y, r, aligned, stream)
+                                          : resize_bilinear_cuda<float>(t[0].data, y, r, aligned, stream);
+  if (err != cudaSuccess) return fail(op, std::string("CUDA launch failed: ") + cudaGetErrorString(err));
+  return nullptr;
+#else
+  return fail(op, "this build of the operator library has no CUDA kernels");
+#endif
+}
+
 OrtStatus* read_attrs(const OrtKernelInfo* info, Kernel* k) {
   OrtStatus* st = nullptr;
   if (k->which == Which::kBiasActivation) {
     if ((st = g_api->KernelInfoGetAttribute_int64(info, "relu", &k->relu))) return st;
+    return nullptr;
+  }
+  if (k->which == Which::kResizeBilinear) {
+    size_t count = 0;
+    if ((st = g_api->KernelInfoGetAttributeArray_int64(info, "scale", nullptr, &count))) return st;
+    k->scale.resize(count);
+    if (count && (st = g_api->KernelInfoGetAttributeArray_int64(info, "scale", k->scale.data(), &count))) return st;
+    if (k->scale.size() != 2 || k->scale[0] < 1 || k->scale[1] < 1) {
+      return fail(k->which, "scale must be two whole factors >= 1 (height, width)");
+    }
     return nullptr;
   }
   Attrs* a = &k->attrs;
@@ -582,10 +734,20 @@ const char* op_provider(const ee_ort::CustomOp* op) {
 }
 // BiasRotarySplit: P, bias (T), cos, sin (float, optional); outputs: variadic, T.
 // BiasActivation: X, bias, residual (optional), all T; one output.
+// ResizeBilinear: X (T); one output.
 int op_input_type(const ee_ort::CustomOp* op, size_t index) {
   return as_op(op).which == Which::kBiasRotarySplit && index >= 2 ? kFloat : as_op(op).type;
 }
-size_t op_input_count(const ee_ort::CustomOp* op) { return as_op(op).which == Which::kBiasRotarySplit ? 4 : 3; }
+size_t op_input_count(const ee_ort::CustomOp* op) {
+  switch (as_op(op).which) {
+    case Which::kBiasRotarySplit:
+      return 4;
+    case Which::kBiasActivation:
+      return 3;
+    default:
+      return 1;
+  }
+}
 int op_output_type(const ee_ort::CustomOp* op, size_t) { return as_op(op).type; }
 size_t op_output_count(const ee_ort::CustomOp*) { return 1; }
 int op_input_characteristic(const ee_ort::CustomOp*, size_t index) {
@@ -601,7 +763,7 @@ int op_start_version(const ee_ort::CustomOp*) { return 1; }
 int op_end_version(const ee_ort::CustomOp*) { return 0x7fffffff; }
 
 OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
-  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0};
+  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0, {}};
   if (!k) return fail(as_op(op).which, "out of memory");
   if (OrtStatus* st = read_attrs(info, k)) {
     delete k;
@@ -613,8 +775,14 @@ OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const Ort
 
 OrtStatus* op_compute(void* kernel, OrtKernelContext* context) {
   const Kernel& k = *static_cast<Kernel*>(kernel);
-  return k.which == Which::kBiasRotarySplit ? compute_bias_rotary_split(k, context)
-                                             : compute_bias_activation(k, context);
+  switch (k.which) {
+    case Which::kBiasRotarySplit:
+      return compute_bias_rotary_split(k, context);
+    case Which::kBiasActivation:
+      return compute_bias_activation(k, context);
+    default:
+      return compute_resize_bilinear(k, context);
+  }
 }
 void op_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
@@ -656,6 +824,8 @@ Op g_ops[] = {
     make_op(Which::kBiasActivation, false, kFloat16),  make_op(Which::kBiasActivation, false, kFloat),
     make_op(Which::kBiasRotarySplit, true, kFloat16),  make_op(Which::kBiasRotarySplit, true, kFloat),
     make_op(Which::kBiasActivation, true, kFloat16),   make_op(Which::kBiasActivation, true, kFloat),
+    make_op(Which::kResizeBilinear, false, kFloat16),  make_op(Which::kResizeBilinear, false, kFloat),
+    make_op(Which::kResizeBilinear, true, kFloat16),   make_op(Which::kResizeBilinear, true, kFloat),
 };
 
 }  // namespace
