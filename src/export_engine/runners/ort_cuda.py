@@ -161,10 +161,9 @@ class CudaGraphRunner:
         # inside it, where CUDA forbids freeing pinned memory (the process aborts). Runs on the own stream return
         # before the GPU finishes, so let them finish while the session is alive.
         # Not at interpreter exit: CUDA may already be torn down, and the process ends anyway.
-        if sys.is_finalizing():
-            return
-        if getattr(self, "_stream", None) is not None and getattr(self, "session", None) is not None:
-            self._stream.synchronize()
+        stream = getattr(self, "_stream", None)
+        if stream is not None and getattr(self, "session", None) is not None and not sys.is_finalizing():
+            stream.synchronize()
 
     def _tf32_choice(self) -> bool:
         if self.config.tf32 is not None:
