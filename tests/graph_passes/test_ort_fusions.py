@@ -407,3 +407,33 @@ def test_resize_outside_bilinear_align_corners_by_whole_factors_is_skipped() -> 
         report = lower_resize(graph, LowerResizeConfig())
         assert report.matched == 1 and report.rewritten == 0 and reason in report.skipped[0], report.skipped
     assert lower_resize(resize([1, 1, 2, 3], **linear), LowerResizeConfig()).rewritten == 1
+
+
+def test_fused_projection_tails_follow_the_packing_order(tiny_graphs: dict[str, Any]) -> None:
+    """A packed projection whose parts are not in q, k, v order (here k and v swapped) rotates the parts q and k
+    actually take."""
+    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
+    ok, why = ort_ops.available(cuda=False)
+    if not ok:
+        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
+    from export_engine.graph_passes.lower_rotary import _match as rope_match
+
+    tiny = tiny_graphs["mast3r.encoder"]
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    fuse_attention(graph, FuseAttentionConfig())
+    swapped = 0
+    for att in [n for n in graph.nodes if n.op == "Attention"]:
+        rope = rope_match(producer(att.inputs[1], "Add"), LowerRotaryConfig())
+        gather_k, gather_v = producer(rope.x, "Gather"), producer(att.inputs[2], "Gather")
+        gather_k.inputs[1] = gs.Constant(f"{gather_k.name}/swapped", np.array(2, dtype=np.int64))
+        gather_v.inputs[1] = gs.Constant(f"{gather_v.name}/swapped", np.array(1, dtype=np.int64))
+        swapped += 1
+    assert swapped > 0
+    before = run_graph(graph, tiny.feeds[0])
+
+    report = lower_attention_bsh(graph, LowerAttentionBshConfig(op="fused"))
+
+    assert report.rewritten == swapped, report.skipped
+    assert all(n.attrs["rotate"] == [1, 0, 1] for n in graph.nodes if n.op == "BiasRotarySplit")
+    _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)

@@ -136,6 +136,9 @@ def test_bad_inputs_are_named() -> None:
     session = _session(model, cuda=False)
     with pytest.raises(Exception, match=r"BiasRotarySplit: cos and sin must be float \(4, 4\), got \(5, 4\)"):
         session.run(None, {**feed, "cos": np.zeros((5, 4), np.float32)})
+    odd_parts = _model(TensorProto.FLOAT, 1, 4, 9, [0, 0, 0], 2)
+    with pytest.raises(Exception, match="each part must hold an even number of values"):
+        _session(odd_parts, cuda=False).run(None, {"P": feed["P"][..., :9], "bias": feed["bias"][:9]})
     odd = _model(TensorProto.FLOAT, 1, 4, 48, [1, 1, 0], 6, symbolic_tables=True)
     with pytest.raises(Exception, match="a part's width is not a whole number of heads"):
         _session(odd, cuda=False).run(None, {**feed, "cos": feed["cos"][:, :3], "sin": feed["sin"][:, :3]})
@@ -144,23 +147,23 @@ def test_bad_inputs_are_named() -> None:
 @needs_cxx
 def test_library_is_built_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
-    ort_ops.library.cache_clear()
+    ort_ops.forget()
     try:
         path = ort_ops.library(cuda=False)
         assert path.is_relative_to(tmp_path) and ort_ops.providers(path) == ("cpu",)
         stamp = path.stat().st_mtime_ns
-        ort_ops.library.cache_clear()
+        ort_ops.forget()
         assert ort_ops.library(cuda=False) == path and path.stat().st_mtime_ns == stamp  # no rebuild
         assert [p.name for p in path.parent.iterdir()] == [ort_ops.LIBRARY_NAME]  # no scratch left
     finally:
-        ort_ops.library.cache_clear()
+        ort_ops.forget()
 
 
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
     monkeypatch.setattr(ort_ops, "cxx", lambda: "/bin/false")
-    ort_ops.library.cache_clear()
+    ort_ops.forget()
     try:
         with pytest.raises(BackendError, match="building export-engine's ONNX Runtime operators failed"):
             ort_ops.library(cuda=False)
@@ -168,13 +171,13 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch:
         ok, why = ort_ops.available(cuda=False)
         assert not ok and "failed" in why
     finally:
-        ort_ops.library.cache_clear()
+        ort_ops.forget()
 
 
 def test_without_a_compiler_the_stock_operators_are_used(monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     monkeypatch.setattr(ort_ops, "nvcc", lambda: None)
-    ort_ops.library.cache_clear()
+    ort_ops.forget()
     try:
         names = ("patch_conv", "attention_fused", "rotary")
         with caplog.at_level(logging.WARNING):
@@ -185,7 +188,7 @@ def test_without_a_compiler_the_stock_operators_are_used(monkeypatch: pytest.Mon
             ort_lowering.with_own_ops(names, cuda=True, strict=True)
         assert ort_lowering.with_own_ops(("rotary",), cuda=True, strict=True) == ("rotary",)  # nothing to build
     finally:
-        ort_ops.library.cache_clear()
+        ort_ops.forget()
 
 
 @pytest.mark.gpu
@@ -274,3 +277,36 @@ def _resize_case(dtype: type, shape: list[int], scale: list[int], cuda: bool) ->
 def test_cuda_resize_bilinear_matches_onnx_resize(dtype: type, shape: list[int], scale: list[int]) -> None:
     """16-byte rows (16 x 2 = 32 values) and single values (3, 10 x 2 = 20 halves) alike."""
     _resize_case(dtype, shape, scale, cuda=True)
+
+
+def test_a_failed_build_is_not_retried_in_the_same_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def failing_run(command: list[str], **kwargs: object) -> object:
+        calls.append(command)
+        raise OSError("exec format error")
+
+    monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(ort_ops, "cxx", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(ort_ops.subprocess, "run", failing_run)
+    ort_ops.forget()
+    try:
+        for _ in range(3):
+            with pytest.raises(BackendError, match="exec format error"):
+                ort_ops.library(cuda=False)
+        assert len(calls) == 1
+    finally:
+        ort_ops.forget()
+
+
+def test_the_cuda_build_targets_the_same_architectures_with_or_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library built ahead of time where no GPU is visible is the one a GPU machine's runner looks for."""
+    monkeypatch.setattr(ort_ops, "_supported", lambda compiler: frozenset({"75", "80", "86", "89", "90", "100"}))
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    without = ort_ops._archs("nvcc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert ort_ops._archs("nvcc") == without == ("80", "86", "89", "90", "100")  # 120: not in this nvcc
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert ort_ops._archs("nvcc") == ("75", *without)  # a GPU outside the list gets its own code too

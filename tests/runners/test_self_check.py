@@ -150,6 +150,31 @@ def test_a_rewrite_the_runtime_cannot_open_falls_back_or_is_refused(
             open_checked(nothing_opens, path, meta, ("attention_gqa",), False, strict=strict)
 
 
+def test_a_rewrite_whose_kernels_fail_at_run_time_falls_back_or_is_refused(
+    hybrid: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rewritten graph that opens but fails when the check runs it (an operator refusing its inputs, a kernel
+    launch failing) is treated like one that does not open: the stored graph runs; strict refuses."""
+    monkeypatch.setattr(self_check, "_CHECKED", {})
+    meta = _graph(hybrid, "encoder")
+    path = hybrid / meta["file"]
+
+    def failing(feed: Any) -> Any:
+        raise BackendError("ONNX Runtime CUDA failed running encoder.onnx: BiasRotarySplit: CUDA launch failed")
+
+    def open_fn(names: tuple[str, ...], tf32: bool) -> Any:
+        return failing if names else ort_cpu_runner(path, meta, names, check=False)
+
+    with caplog.at_level(logging.WARNING):
+        runner, outcome = open_checked(open_fn, path, meta, ("attention_fused",), False)
+    assert outcome.lowerings == () and outcome.fallback
+    assert "cannot run the graph rewritten by attention_fused" in outcome.fallback and "launch failed" in caplog.text
+    assert runner is not failing
+    monkeypatch.setattr(self_check, "_CHECKED", {})
+    with pytest.raises(BackendError, match=r"attention_fused.*refusing to run \(strict\)"):
+        open_checked(open_fn, path, meta, ("attention_fused",), False, strict=True)
+
+
 def test_an_artifact_without_reference_data_runs_the_rewrites_unchecked(
     hybrid: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -299,8 +299,11 @@ def _emit_fused(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray
     for i, projection in enumerate(block.operands):
         key = f"{projection.packed.name}:{i if projection.parts == 1 else 'qkv'}"
         if key not in splits:
-            if projection.parts == 3:
-                rotate = [int(perm is not None)] * 2 + [0]
+            if projection.parts == 3:  # rotate the parts q and k take, wherever the packing put them
+                rotate = [0, 0, 0]
+                for rotated in block.operands[:2] if perm is not None else ():
+                    if rotated.packed is projection.packed:
+                        rotate[rotated.offset // width] = 1
             else:
                 rotate = [int(perm is not None and i < 2)]
             own = tables

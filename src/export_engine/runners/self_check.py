@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from export_engine.core.types import Tolerance
-from export_engine.errors import ArtifactError, BackendError, ParityError
+from export_engine.errors import ArtifactError, BackendError, ModelInputError, ParityError
 from export_engine.runners.ort_lowering import graph_key
 from export_engine.validation.compare import GraphParityReport, compare_output, format_table
 
@@ -96,12 +96,8 @@ _CHECKED: dict[tuple, RewriteOutcome] = {}
 
 def _open_and_check(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, graph_meta: Mapping[str, Any],
                     lowerings: tuple[str, ...], tf32: bool, strict: bool) -> tuple[R, RewriteOutcome]:  # fmt: skip
-    try:
-        runner = open_fn(lowerings, tf32)
-    except BackendError as err:  # e.g. an ONNX Runtime without a contrib op or attribute the rewrite uses
-        if not lowerings:
-            raise
-        message = f"{path.name}: ONNX Runtime cannot open the graph rewritten by {_describe(lowerings, tf32)}: {err}"
+    def stored_instead(err: Exception, what: str) -> tuple[R, RewriteOutcome]:
+        message = f"{path.name}: ONNX Runtime cannot {what} the graph rewritten by {_describe(lowerings, tf32)}: {err}"
         stored = open_fn((), False)  # a graph that does not open as stored either raises its own error here
         if strict:
             raise BackendError(
@@ -109,13 +105,26 @@ def _open_and_check(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, g
             ) from err
         log.warning("%s; running the graph as stored", message)
         return stored, RewriteOutcome((), False, None, message)
+
+    try:
+        runner = open_fn(lowerings, tf32)
+    except BackendError as err:  # e.g. an ONNX Runtime without a contrib op or attribute the rewrite uses
+        if not lowerings:
+            raise
+        return stored_instead(err, "open")
     outcome = RewriteOutcome(lowerings, tf32)
     artifact = path.parent
     if not has_reference(artifact, graph_meta):
         log.warning("%s: the artifact stores no reference data; ONNX Runtime rewrites %s run unchecked",
                     path.name, _describe(lowerings, tf32))  # fmt: skip
         return runner, outcome
-    report = check_runner(runner, artifact, graph_meta, f"onnxruntime + {_describe(lowerings, tf32)}")
+    try:
+        report = check_runner(runner, artifact, graph_meta, f"onnxruntime + {_describe(lowerings, tf32)}")
+    except (BackendError, ModelInputError) as err:  # a kernel of the rewritten graph refused its inputs or failed
+        if not lowerings:
+            raise
+        del runner  # its session goes before the stored graph's opens
+        return stored_instead(err, "run")
     outcome.check = report
     if report.passed:
         log.info("%s: ONNX Runtime rewrites %s pass the artifact's check (%s)", path.name,

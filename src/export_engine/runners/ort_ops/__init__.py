@@ -5,9 +5,9 @@ as four kernels that each read and write the whole tensor; ``BiasRotarySplit`` (
 Lowerings that emit these operators (``attention_fused``) need the library registered in the session
 (:func:`register`), which compiles it the first time:
 
-* with CUDA kernels by ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or ``/usr/local/cuda/bin``), for the visible GPU's
-  architecture (or a list of common ones when none is visible), the CUDA runtime linked statically, so the
-  library needs nothing at run time but the driver;
+* with CUDA kernels by ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or ``/usr/local/cuda/bin``), for Ampere to
+  Blackwell (and a visible GPU outside that list), the CUDA runtime linked statically, so the library needs
+  nothing at run time but a driver of nvcc's CUDA version or newer;
 * CPU kernels only by a C++ compiler (``$CXX``, ``c++``, ``g++``), for the CPU provider (tests, CPU sessions).
 
 Built libraries are cached by a hash of the sources and the build command under ``$EXPORT_ENGINE_CACHE`` (default
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 DOMAIN = "ai.export_engine"
 SOURCES = ("ops.cu", "ort_abi.h")
 LIBRARY_NAME = "libexport_engine_ort_ops.so"
-DEFAULT_ARCHS = ("80", "86", "89", "90", "100", "120")  # without a visible GPU: Ampere to Blackwell
+DEFAULT_ARCHS = ("80", "86", "89", "90", "100", "120")  # Ampere to Blackwell (those this nvcc supports), PTX for newer
+_FAILED: dict[bool, BackendError] = {}  # builds that failed in this process: not retried on every session
+BUILD_TIMEOUT_S = 900
 _HERE = Path(__file__).resolve().parent
 
 
@@ -69,17 +71,34 @@ def cxx() -> str | None:
     return None
 
 
-def _archs() -> tuple[str, ...]:
-    """The visible GPU's compute capability (e.g. ("90",)), else DEFAULT_ARCHS."""
+@functools.lru_cache(maxsize=4)
+def _supported(compiler: str) -> frozenset[str]:
+    """The architectures this nvcc compiles for (``--list-gpu-arch``); empty when it does not say."""
+    try:
+        done = subprocess.run([compiler, "--list-gpu-arch"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(line.strip().removeprefix("compute_") for line in done.stdout.splitlines() if line.strip())
+
+
+def _archs(compiler: str) -> tuple[str, ...]:
+    """DEFAULT_ARCHS that this nvcc supports, plus a visible GPU's own architecture when it is not among them.
+
+    The list does not depend on whether a GPU is visible for the usual GPUs, so a library built ahead of time on
+    a machine without one (``export-engine doctor --build-ops`` in an image build) is the one the runner finds."""
+    supported = _supported(compiler)
+    archs = [a for a in DEFAULT_ARCHS if not supported or a in supported]
     try:
         import torch
 
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
-            return (f"{major}{minor}",)
-    except Exception as err:  # no usable CUDA torch: build for the common architectures
-        log.debug("no GPU architecture from torch (%s); building for %s", err, DEFAULT_ARCHS)
-    return DEFAULT_ARCHS
+            own = f"{major}{minor}"
+            if own not in archs and (not supported or own in supported):
+                archs.append(own)
+    except Exception as err:  # no usable CUDA torch: the default list
+        log.debug("no GPU architecture from torch (%s)", err)
+    return tuple(sorted(archs, key=int))
 
 
 def build_command(cuda: bool, output: Path) -> list[str]:
@@ -92,7 +111,7 @@ def build_command(cuda: bool, output: Path) -> list[str]:
                 "CUDA_HOME); without them the CUDA runner uses ONNX Runtime's own, slower operators"
             )
         gencode = []
-        archs = _archs()
+        archs = _archs(compiler)
         for arch in archs:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
@@ -134,6 +153,8 @@ def status(cuda: bool) -> str:
 @functools.lru_cache(maxsize=2)
 def library(cuda: bool) -> Path:
     """The built operator library (with CUDA kernels or CPU-only), compiled on first use and cached."""
+    if cuda in _FAILED:
+        raise _FAILED[cuda]
     target = _target(cuda)
     if target.exists():
         return target
@@ -144,17 +165,29 @@ def library(cuda: bool) -> Path:
     log.info("building export-engine's ONNX Runtime operators (%s, once): %s", "CUDA" if cuda else "CPU",
              Path(command[0]).name)  # fmt: skip
     start = time.perf_counter()
+    failed = f"building export-engine's ONNX Runtime operators failed ({command[0]})"
     try:
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            _FAILED[cuda] = BackendError(f"{failed}: {err}")
+            raise _FAILED[cuda] from err
         if done.returncode != 0:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-4:])
-            raise BackendError(f"building export-engine's ONNX Runtime operators failed ({command[0]}): {tail}")
+            _FAILED[cuda] = BackendError(f"{failed}: {tail}")
+            raise _FAILED[cuda]
         os.replace(scratch, target)
     finally:
         if os.path.exists(scratch):
             os.unlink(scratch)
     log.info("built %s in %.1f s", target, time.perf_counter() - start)
     return target
+
+
+def forget() -> None:
+    """Forget built and failed libraries of this process (the files stay cached): the next use looks again."""
+    library.cache_clear()
+    _FAILED.clear()
 
 
 def providers(path: Path) -> tuple[str, ...]:

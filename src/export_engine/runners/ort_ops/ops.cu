@@ -179,7 +179,7 @@ void bias_activation_cpu(const T* x, const T* bias, const T* residual, T* y, int
       float v = load(x, i);
       if (residual) v += load(residual, i);
       v += b;
-      store(y, i, relu && v < 0.f ? 0.f : v);
+      store(y, i, relu && !(v > 0.f) ? 0.f : v);  // as on CUDA: ReLU(NaN) = 0
     }
   }
 }
@@ -556,6 +556,7 @@ OrtStatus* compute_bias_rotary_split(const Kernel& k, OrtKernelContext* context)
   const int64_t parts = static_cast<int64_t>(a.rotate.size());
   if (s.width % parts) return fail(op, "W = " + std::to_string(s.width) + " does not split into equal parts");
   const int64_t part_width = s.width / parts;
+  if (part_width % 2) return fail(op, "each part must hold an even number of values (rotation pairs)");
   bool rotating = false;
   for (int64_t r : a.rotate) rotating = rotating || r;
   if (rotating) {
