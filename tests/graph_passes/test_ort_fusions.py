@@ -437,3 +437,35 @@ def test_fused_projection_tails_follow_the_packing_order(tiny_graphs: dict[str, 
     assert report.rewritten == swapped, report.skipped
     assert all(n.attrs["rotate"] == [1, 0, 1] for n in graph.nodes if n.op == "BiasRotarySplit")
     _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
+
+
+def test_fused_cross_attention_rotates_k_by_its_own_angles(tiny_graphs: dict[str, Any]) -> None:
+    """In cross-attention q and k come from different images: each rotates by its own tokens' angles (here k's
+    tables are shifted by one token, so using q's for k would change the outputs)."""
+    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
+    ok, why = ort_ops.available(cuda=False)
+    if not ok:
+        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
+    from export_engine.graph_passes.lower_attention_bsh import _projection
+    from export_engine.graph_passes.lower_rotary import _match as rope_match
+
+    tiny = tiny_graphs["mast3r.decoder"]
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    fuse_attention(graph, FuseAttentionConfig())
+    shifted = 0
+    for att in [n for n in graph.nodes if n.op == "Attention"]:
+        rope = rope_match(producer(att.inputs[1], "Add"), LowerRotaryConfig())
+        if _projection(rope.x).parts != 1:
+            continue  # self-attention: q and k share one packed projection and one table
+        for mul in (t.inputs[0] for t in rope.add.inputs):
+            i, table = next((i, t) for i, t in enumerate(mul.inputs) if isinstance(t, gs.Constant))
+            mul.inputs[i] = gs.Constant(f"{table.name}/k{shifted}", np.roll(table.values, 1, axis=-2))
+        shifted += 1
+    assert shifted > 0
+    before = run_graph(graph, tiny.feeds[0])
+
+    report = lower_attention_bsh(graph, LowerAttentionBshConfig(op="fused"))
+
+    assert report.rewritten == report.matched and not report.skipped
+    _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
