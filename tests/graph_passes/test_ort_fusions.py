@@ -30,6 +30,16 @@ from export_engine.graph_passes.lower_attention_bsh import (
 from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, lower_rotary
 
 
+@pytest.fixture
+def own_ops() -> None:
+    """export-engine's operator library, CPU build (the graphs that use it run on ONNX Runtime's CPU provider)."""
+    from export_engine.runners import ort_ops
+
+    ok, why = ort_ops.available(cuda=False)
+    if not ok:
+        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
+
+
 def _close(got: list[np.ndarray], want: list[np.ndarray], rel: float) -> None:
     for g, w in zip(got, want, strict=True):
         scale = max(float(np.abs(w.astype(np.float32)).max()), 1.0)
@@ -253,14 +263,11 @@ def test_attention_as_group_query_attention_keeps_the_outputs(tiny_graphs: dict[
 
 
 @pytest.mark.parametrize("key", ["mast3r.encoder", "mast3r.decoder"])
+@pytest.mark.usefixtures("own_ops")
 def test_attention_with_fused_projection_tails_keeps_the_outputs(tiny_graphs: dict[str, Any], key: str) -> None:
     """``op="fused"``: each projection's bias add, rotation and split become one ``BiasRotarySplit`` (a packed
     q/k/v projection: one node with three outputs; cross-attention: one per projection), then MultiHeadAttention.
     Run on the CPU with export-engine's operator library."""
-    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
-    ok, why = ort_ops.available(cuda=False)
-    if not ok:
-        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
     tiny = tiny_graphs[key]
     graph = load_graph(tiny.path)
     fold_constants(graph, FoldConstantsConfig())
@@ -329,13 +336,10 @@ def _self_attention(tokens: int, heads: int, head_dim: int) -> gs.Graph:
     return gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=23)
 
 
+@pytest.mark.usefixtures("own_ops")
 def test_conv_bias_with_relu_or_residual_becomes_one_pass(tiny_graphs: dict[str, Any]) -> None:
     """``fuse_conv_epilogue``: the DPT heads' Conv(bias) -> Relu and Conv(bias) -> Add(residual) pairs become a
     bias-free Conv and one ``BiasActivation``; other convolutions keep their bias (skipped with the reason)."""
-    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
-    ok, why = ort_ops.available(cuda=False)
-    if not ok:
-        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
     from export_engine.graph_passes.fuse_conv_epilogue import FuseConvEpilogueConfig, fuse_conv_epilogue
 
     tiny = tiny_graphs["mast3r.decoder"]
@@ -363,11 +367,8 @@ def test_conv_bias_with_relu_or_residual_becomes_one_pass(tiny_graphs: dict[str,
     assert fuse_conv_epilogue(graph, FuseConvEpilogueConfig()).rewritten == 0
 
 
+@pytest.mark.usefixtures("own_ops")
 def test_dpt_upsampling_as_export_engines_bilinear_resize(tiny_graphs: dict[str, Any]) -> None:
-    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
-    ok, why = ort_ops.available(cuda=False)
-    if not ok:
-        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
     from export_engine.graph_passes.lower_resize import LowerResizeConfig, lower_resize
 
     tiny = tiny_graphs["mast3r.decoder"]
@@ -409,13 +410,10 @@ def test_resize_outside_bilinear_align_corners_by_whole_factors_is_skipped() -> 
     assert lower_resize(resize([1, 1, 2, 3], **linear), LowerResizeConfig()).rewritten == 1
 
 
+@pytest.mark.usefixtures("own_ops")
 def test_fused_projection_tails_follow_the_packing_order(tiny_graphs: dict[str, Any]) -> None:
     """A packed projection whose parts are not in q, k, v order (here k and v swapped) rotates the parts q and k
     actually take."""
-    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
-    ok, why = ort_ops.available(cuda=False)
-    if not ok:
-        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
     from export_engine.graph_passes.lower_rotary import _match as rope_match
 
     tiny = tiny_graphs["mast3r.encoder"]
@@ -439,13 +437,10 @@ def test_fused_projection_tails_follow_the_packing_order(tiny_graphs: dict[str, 
     _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
 
 
+@pytest.mark.usefixtures("own_ops")
 def test_fused_cross_attention_rotates_k_by_its_own_angles(tiny_graphs: dict[str, Any]) -> None:
     """In cross-attention q and k come from different images: each rotates by its own tokens' angles (here k's
     tables are shifted by one token, so using q's for k would change the outputs)."""
-    ort_ops = pytest.importorskip("export_engine.runners.ort_ops")
-    ok, why = ort_ops.available(cuda=False)
-    if not ok:
-        pytest.skip(f"export-engine's operator library cannot be built here: {why}")
     from export_engine.graph_passes.lower_attention_bsh import _projection
     from export_engine.graph_passes.lower_rotary import _match as rope_match
 

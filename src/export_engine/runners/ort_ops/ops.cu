@@ -527,6 +527,10 @@ std::string dims_text(const std::vector<int64_t>& dims) {
 #ifdef __CUDACC__
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+OrtStatus* launched(Which op, cudaError_t err) {
+  return err == cudaSuccess ? nullptr : fail(op, std::string("CUDA launch failed: ") + cudaGetErrorString(err));
+}
+
 OrtStatus* stream_of(OrtKernelContext* context, cudaStream_t* stream) {
   void* raw = nullptr;
   OrtStatus* st = g_api->KernelContext_GetGPUComputeStream(context, &raw);
@@ -599,8 +603,7 @@ OrtStatus* compute_bias_rotary_split(const Kernel& k, OrtKernelContext* context)
   cudaError_t err = t[0].type == kFloat16
                         ? bias_rotary_split_cuda<__half>(t[0].data, t[1].data, cos, sin, out, a, s, stream)
                         : bias_rotary_split_cuda<float>(t[0].data, t[1].data, cos, sin, out, a, s, stream);
-  if (err != cudaSuccess) return fail(op, std::string("CUDA launch failed: ") + cudaGetErrorString(err));
-  return nullptr;
+  return launched(op, err);
 #else
   return fail(op, "this build of the operator library has no CUDA kernels");
 #endif
@@ -650,8 +653,7 @@ OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context) {
       t[0].type == kFloat16
           ? bias_activation_cuda<__half>(t[0].data, t[1].data, residual, y, planes, xd[1], plane, relu, aligned, stream)
           : bias_activation_cuda<float>(t[0].data, t[1].data, residual, y, planes, xd[1], plane, relu, aligned, stream);
-  if (err != cudaSuccess) return fail(op, std::string("CUDA launch failed: ") + cudaGetErrorString(err));
-  return nullptr;
+  return launched(op, err);
 #else
   return fail(op, "this build of the operator library has no CUDA kernels");
 #endif
@@ -683,8 +685,7 @@ OrtStatus* compute_resize_bilinear(const Kernel& k, OrtKernelContext* context) {
   const bool aligned = aligned16(y);
   cudaError_t err = t[0].type == kFloat16 ? resize_bilinear_cuda<__half>(t[0].data, y, r, aligned, stream)
                                           : resize_bilinear_cuda<float>(t[0].data, y, r, aligned, stream);
-  if (err != cudaSuccess) return fail(op, std::string("CUDA launch failed: ") + cudaGetErrorString(err));
-  return nullptr;
+  return launched(op, err);
 #else
   return fail(op, "this build of the operator library has no CUDA kernels");
 #endif
