@@ -30,6 +30,15 @@ from export_engine.graph_passes.lower_attention_bsh import (
 from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, lower_rotary
 
 
+def _prepared(tiny: Any, attention: bool = False) -> tuple[gs.Graph, Any, list[np.ndarray]]:
+    """A tiny graph with constants folded (and attention fused), its op counts and its CPU outputs."""
+    graph = load_graph(tiny.path)
+    fold_constants(graph, FoldConstantsConfig())
+    if attention:
+        fuse_attention(graph, FuseAttentionConfig())
+    return graph, op_counts(graph), run_graph(graph, tiny.feeds[0])
+
+
 @pytest.fixture
 def own_ops() -> None:
     """export-engine's operator library, CPU build (the graphs that use it run on ONNX Runtime's CPU provider)."""
@@ -240,11 +249,7 @@ def test_attention_as_group_query_attention_keeps_the_outputs(tiny_graphs: dict[
     """``op="gqa"``: one non-causal GroupQueryAttention per block with RoPE inside; the packed self-attention
     projections feed it whole (no Split), the cross-attention's three projections separately."""
     tiny = tiny_graphs[key]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
-    fuse_attention(graph, FuseAttentionConfig())
-    before_ops = op_counts(graph)
-    before = run_graph(graph, tiny.feeds[0])
+    graph, before_ops, before = _prepared(tiny, attention=True)
 
     assert lower_attention_bsh(graph.copy(), LowerAttentionBshConfig(op="gqa")).rewritten == 0  # FP32: skipped
     report = lower_attention_bsh(graph, LowerAttentionBshConfig(op="gqa", gqa_fp32=True))  # CPU runs FP32 GQA
@@ -269,11 +274,7 @@ def test_attention_with_fused_projection_tails_keeps_the_outputs(tiny_graphs: di
     q/k/v projection: one node with three outputs; cross-attention: one per projection), then MultiHeadAttention.
     Run on the CPU with export-engine's operator library."""
     tiny = tiny_graphs[key]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
-    fuse_attention(graph, FuseAttentionConfig())
-    before_ops = op_counts(graph)
-    before = run_graph(graph, tiny.feeds[0])
+    graph, before_ops, before = _prepared(tiny, attention=True)
 
     report = lower_attention_bsh(graph, LowerAttentionBshConfig(op="fused"))
 
@@ -343,10 +344,7 @@ def test_conv_bias_with_relu_or_residual_becomes_one_pass(tiny_graphs: dict[str,
     from export_engine.graph_passes.fuse_conv_epilogue import FuseConvEpilogueConfig, fuse_conv_epilogue
 
     tiny = tiny_graphs["mast3r.decoder"]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
-    before_ops = op_counts(graph)
-    before = run_graph(graph, tiny.feeds[0])
+    graph, before_ops, before = _prepared(tiny)
 
     report = fuse_conv_epilogue(graph, FuseConvEpilogueConfig())
 
@@ -372,10 +370,7 @@ def test_dpt_upsampling_as_export_engines_bilinear_resize(tiny_graphs: dict[str,
     from export_engine.graph_passes.lower_resize import LowerResizeConfig, lower_resize
 
     tiny = tiny_graphs["mast3r.decoder"]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
-    before_ops = op_counts(graph)
-    before = run_graph(graph, tiny.feeds[0])
+    graph, before_ops, before = _prepared(tiny)
 
     report = lower_resize(graph, LowerResizeConfig())
 

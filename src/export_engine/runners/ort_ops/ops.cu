@@ -539,11 +539,8 @@ OrtStatus* stream_of(OrtKernelContext* context, cudaStream_t* stream) {
 }
 #endif
 
-OrtStatus* compute_bias_rotary_split(const Kernel& k, OrtKernelContext* context) {
+OrtStatus* compute_bias_rotary_split(const Kernel& k, OrtKernelContext* context, Tensor (&t)[4], size_t outputs) {
   const Which op = k.which;
-  Tensor t[4];
-  size_t outputs = 0;
-  if (OrtStatus* st = gather(context, t, &outputs)) return st;
   const Attrs& a = k.attrs;
   if (outputs != a.rotate.size()) {
     return fail(op, "the node has " + std::to_string(outputs) + " outputs but " + std::to_string(a.rotate.size()) +
@@ -609,11 +606,8 @@ OrtStatus* compute_bias_rotary_split(const Kernel& k, OrtKernelContext* context)
 #endif
 }
 
-OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context) {
+OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context, Tensor (&t)[4], size_t) {
   const Which op = k.which;
-  Tensor t[4];
-  size_t outputs = 0;
-  if (OrtStatus* st = gather(context, t, &outputs)) return st;
   if (!t[0].value || !t[1].value) return fail(op, "inputs X and bias are required");
   const auto& xd = t[0].dims;
   if (xd.size() < 2) return fail(op, "X must be (N, C, ...), got " + dims_text(xd));
@@ -659,11 +653,8 @@ OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context) {
 #endif
 }
 
-OrtStatus* compute_resize_bilinear(const Kernel& k, OrtKernelContext* context) {
+OrtStatus* compute_resize_bilinear(const Kernel& k, OrtKernelContext* context, Tensor (&t)[4], size_t) {
   const Which op = k.which;
-  Tensor t[4];
-  size_t outputs = 0;
-  if (OrtStatus* st = gather(context, t, &outputs)) return st;
   if (!t[0].value) return fail(op, "input X is required");
   const auto& xd = t[0].dims;
   if (xd.size() != 4) return fail(op, "X must be (N, C, H, W), got " + dims_text(xd));
@@ -777,13 +768,16 @@ OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const Ort
 
 OrtStatus* op_compute(void* kernel, OrtKernelContext* context) {
   const Kernel& k = *static_cast<Kernel*>(kernel);
+  Tensor t[4];
+  size_t outputs = 0;
+  if (OrtStatus* st = gather(context, t, &outputs)) return st;
   switch (k.which) {
     case Which::kBiasRotarySplit:
-      return compute_bias_rotary_split(k, context);
+      return compute_bias_rotary_split(k, context, t, outputs);
     case Which::kBiasActivation:
-      return compute_bias_activation(k, context);
+      return compute_bias_activation(k, context, t, outputs);
     default:
-      return compute_resize_bilinear(k, context);
+      return compute_resize_bilinear(k, context, t, outputs);
   }
 }
 void op_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
