@@ -459,3 +459,50 @@ def test_fused_cross_attention_rotates_k_by_its_own_angles(tiny_graphs: dict[str
 
     assert report.rewritten == report.matched and not report.skipped
     _close(run_graph(graph, tiny.feeds[0]), before, 2e-5)
+
+
+def _emulate_nhwc_conv(graph: gs.Graph) -> gs.Graph:
+    """A copy with each NhwcConv (ONNX Runtime's CUDA provider only) written as Transpose, Conv, Transpose, so that
+    the CPU provider runs the channels-last graph around it."""
+    graph = graph.copy()
+    for node in [n for n in graph.nodes if n.op == "NhwcConv"]:
+        x, weight, *bias = node.inputs
+        nchw_in = gs.Variable(f"{node.name}/nchw_in", dtype=x.dtype)
+        nchw_out = gs.Variable(f"{node.name}/nchw_out", dtype=x.dtype)
+        oihw = gs.Constant(f"{node.name}/oihw", np.ascontiguousarray(weight.values.transpose(0, 3, 1, 2)))
+        out = node.outputs[0]
+        node.outputs.clear()
+        graph.nodes += [
+            gs.Node("Transpose", attrs={"perm": [0, 3, 1, 2]}, inputs=[x], outputs=[nchw_in]),
+            gs.Node("Conv", attrs=dict(node.attrs), inputs=[nchw_in, oihw, *bias], outputs=[nchw_out]),
+            gs.Node("Transpose", attrs={"perm": [0, 2, 3, 1]}, inputs=[nchw_out], outputs=[out]),
+        ]
+    return graph.cleanup().toposort()
+
+
+@pytest.mark.usefixtures("own_ops")
+def test_nhwc_convolutions_cancel_the_layout_changes_between_them(tiny_graphs: dict[str, Any]) -> None:
+    """``lower_conv_nhwc`` on the DPT heads (after ``conv_epilogue`` and ``resize_bilinear``): every convolution
+    runs as NhwcConv, the ReLUs, residual adds, epilogues and upsampling run channels-last in between, and only the
+    heads' entries and exits keep a layout Transpose. Numerics on the CPU with NhwcConv emulated."""
+    from export_engine.graph_passes.fuse_conv_epilogue import FuseConvEpilogueConfig, fuse_conv_epilogue
+    from export_engine.graph_passes.lower_conv_nhwc import LowerConvNhwcConfig, lower_conv_nhwc
+    from export_engine.graph_passes.lower_resize import LowerResizeConfig, lower_resize
+
+    tiny = tiny_graphs["mast3r.decoder"]
+    graph, _, before = _prepared(tiny)
+    fuse_conv_epilogue(graph, FuseConvEpilogueConfig())
+    lower_resize(graph, LowerResizeConfig())
+    before_ops = op_counts(graph)
+
+    report = lower_conv_nhwc(graph, LowerConvNhwcConfig())
+
+    after = op_counts(graph)
+    assert report.rewritten == report.matched == before_ops["Conv"] > 0, report.skipped
+    assert after["Conv"] == 0 and after["NhwcConv"] == before_ops["Conv"]
+    own = [n for n in graph.nodes if n.op in ("BiasActivation", "ResizeBilinear")]
+    assert own and all(n.attrs.get("channels_last") == 1 for n in own)  # all of them moved into NHWC
+    added = after["Transpose"] - before_ops["Transpose"]
+    assert 0 < added <= before_ops["Conv"] // 3, added  # entries and exits, not two per convolution
+    _close(run_graph(_emulate_nhwc_conv(graph), tiny.feeds[0]), before, 2e-5)
+    assert lower_conv_nhwc(graph, LowerConvNhwcConfig()).matched == 0

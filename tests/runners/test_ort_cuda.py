@@ -17,6 +17,7 @@ from export_engine.errors import BackendError, ModelInputError
 from export_engine.exporters.fastsam3d import TINY_CONFIG as FASTSAM3D_TINY
 from export_engine.exporters.mast3r import TINY_CONFIG as MAST3R_TINY
 from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig, cuda_available
+from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS
 from export_engine.runtime.session import load
 
 CUDA, WHY = cuda_available()
@@ -121,10 +122,18 @@ def test_own_stream_queues_without_host_sync_and_orders_results(tiny_artifacts: 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("options", [{"nhwc": True}, {"lowerings": ("attention_gqa", "rotary", "norm_casts")}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"nhwc": True},
+        {"lowerings": ("attention_gqa", "rotary", "norm_casts")},
+        {"lowerings": (*DEFAULT_LOWERINGS, "resize_bilinear", "nhwc_conv")},
+    ],
+)
 def test_runtime_options_match_the_reference(tiny_artifacts: dict[str, Path], options: dict) -> None:
-    """NHWC convolutions, and attention as GroupQueryAttention (strict: a failing check or a graph ONNX Runtime
-    cannot open is an error here, not a fallback)."""
+    """NHWC convolutions (ONNX Runtime's prefer_nhwc; our nhwc_conv with resize_bilinear), and attention as
+    GroupQueryAttention (strict: a failing check or a graph ONNX Runtime cannot open is an error here, not a
+    fallback)."""
     artifact = tiny_artifacts["mast3r"]
     for graph in json.loads((artifact / "manifest.json").read_text())["graphs"]:
         check = graph["reference_check"]

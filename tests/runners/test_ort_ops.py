@@ -39,31 +39,36 @@ def _model(dtype: int, batch: int, tokens: int, width: int, rotate: list[int], h
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
-def _bias_activation_model(dtype: int, shape: list[int], residual: bool, relu: int) -> bytes:
+def _bias_activation_model(dtype: int, shape: list[int], residual: bool, relu: int, last: int = 0) -> bytes:
     names = ["X", "bias", *(["R"] if residual else [])]
     inputs = [
         helper.make_tensor_value_info("X", dtype, shape),
-        helper.make_tensor_value_info("bias", dtype, [shape[1]]),
+        helper.make_tensor_value_info("bias", dtype, [shape[-1] if last else shape[1]]),
     ]
     if residual:
         inputs.append(helper.make_tensor_value_info("R", dtype, shape))
-    node = helper.make_node("BiasActivation", names, ["Y"], domain=ort_ops.DOMAIN, relu=relu)
+    node = helper.make_node(
+        "BiasActivation", names, ["Y"], domain=ort_ops.DOMAIN, relu=relu, **({"channels_last": last} if last else {})
+    )  # absent: the default, 0
     graph = helper.make_graph([node], "bias_activation", inputs, [helper.make_tensor_value_info("Y", dtype, shape)])
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
-def _bias_activation_case(dtype: type, shape: list[int], residual: bool, relu: int, cuda: bool) -> None:
+def _bias_activation_case(dtype: type, shape: list[int], residual: bool, relu: int, cuda: bool,
+                          last: int = 0) -> None:  # fmt: skip
     rng = np.random.default_rng(2)
-    feed = {"X": rng.standard_normal(shape).astype(dtype), "bias": rng.standard_normal(shape[1]).astype(dtype)}
+    channels = shape[-1] if last else shape[1]
+    feed = {"X": rng.standard_normal(shape).astype(dtype), "bias": rng.standard_normal(channels).astype(dtype)}
     want = feed["X"].astype(np.float32)
     if residual:
         feed["R"] = rng.standard_normal(shape).astype(dtype)
         want = want + feed["R"].astype(np.float32)
-    want = want + feed["bias"].astype(np.float32).reshape(1, -1, *([1] * (len(shape) - 2)))
+    bias = feed["bias"].astype(np.float32)
+    want = want + (bias if last else bias.reshape(1, -1, *([1] * (len(shape) - 2))))
     want = (np.maximum(want, 0) if relu else want).astype(dtype)
     onnx_type = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    session = _session(_bias_activation_model(onnx_type, shape, residual, relu), cuda)
+    session = _session(_bias_activation_model(onnx_type, shape, residual, relu, last), cuda)
     (got,) = session.run(None, feed)
     assert got.dtype == dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)  # float arithmetic in numpy's order, one rounding
@@ -127,6 +132,7 @@ def test_cpu_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int)
 @pytest.mark.parametrize(("shape", "residual", "relu"), BIAS_ACTIVATION_CASES)
 def test_cpu_bias_activation_matches_numpy(dtype: type, shape: list[int], residual: bool, relu: int) -> None:
     _bias_activation_case(dtype, shape, residual, relu, cuda=False)
+    _bias_activation_case(dtype, shape, residual, relu, cuda=False, last=1)  # bias along the last axis
 
 
 @needs_cxx
@@ -217,8 +223,9 @@ def test_cuda_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize(("shape", "residual", "relu"), BIAS_ACTIVATION_CASES)
 def test_cuda_bias_activation_matches_numpy(dtype: type, shape: list[int], residual: bool, relu: int) -> None:
-    """16-byte steps where the plane allows them (12 x 8), single values elsewhere (5 x 7, 9)."""
+    """16-byte steps where the plane (channels last: the channel count) allows them, single values elsewhere."""
     _bias_activation_case(dtype, shape, residual, relu, cuda=True)
+    _bias_activation_case(dtype, shape, residual, relu, cuda=True, last=1)
 
 
 def test_status_says_what_applies_without_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,6 +235,17 @@ def test_status_says_what_applies_without_building(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(ort_ops, "nvcc", lambda: "/opt/cuda/bin/nvcc")
     assert ort_ops.status(cuda=True).startswith("built on first use by /opt/cuda/bin/nvcc")
     assert not any(tmp_path.iterdir())  # nothing was built or created
+
+
+def _resize_last_model(dtype: int, shape: list[int], scale: list[int]) -> bytes:
+    """ResizeBilinear with channels last on an (N, H, W, C) input."""
+    n, c, h, w = shape
+    x = helper.make_tensor_value_info("X", dtype, [n, h, w, c])
+    y = helper.make_tensor_value_info("Y", dtype, [n, h * scale[0], w * scale[1], c])
+    node = helper.make_node("ResizeBilinear", ["X"], ["Y"], domain=ort_ops.DOMAIN, scale=scale, channels_last=1)
+    opsets = [helper.make_opsetid("", 19), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    graph = helper.make_graph([node], "ours_last", [x], [y])
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
 def _resize_models(dtype: int, shape: list[int], scale: list[int]) -> tuple[bytes, bytes]:
@@ -244,7 +262,8 @@ def _resize_models(dtype: int, shape: list[int], scale: list[int]) -> tuple[byte
     return tuple(helper.make_model(g, opset_imports=opsets, ir_version=10).SerializeToString() for g in graphs)
 
 
-RESIZE_CASES = [([1, 3, 6, 10], [2, 2]), ([2, 2, 1, 4], [2, 2]), ([1, 1, 5, 3], [3, 1]), ([1, 2, 12, 16], [2, 2])]
+RESIZE_CASES = [([1, 3, 6, 10], [2, 2]), ([2, 2, 1, 4], [2, 2]), ([1, 1, 5, 3], [3, 1]), ([1, 2, 12, 16], [2, 2]),
+                ([1, 16, 3, 5], [2, 2])]  # fmt: skip
 
 
 @needs_cxx
@@ -264,6 +283,8 @@ def _resize_case(dtype: type, shape: list[int], scale: list[int], cuda: bool) ->
                                        providers=["CPUExecutionProvider"])  # fmt: skip
     want = onnx_resize.run(None, {"X": x.astype(np.float32)})[0]
     assert reference and got.dtype == dtype and got.shape == want.shape
+    (last,) = _session(_resize_last_model(onnx_type, shape, scale), cuda).run(None, {"X": x.transpose(0, 2, 3, 1)})
+    np.testing.assert_array_equal(last.transpose(0, 3, 1, 2), got)  # the same arithmetic in either layout
     # one rounding of the output type; float arithmetic in another order than ONNX Runtime's (values ~ N(0, 1))
     ulp = 2e-3 if dtype == np.float16 else 1e-5
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=ulp, atol=ulp)

@@ -23,6 +23,8 @@ measured on Hopper (bench/RESULTS.md):
                     operator library cannot be built)
 ``resize_bilinear`` bilinear align_corners ``Resize`` by whole factors as export-engine's ``ResizeBilinear``
                     (16 bytes of output a thread; opt-in until measured)
+``nhwc_conv``       2-D convolutions as ``com.microsoft.NhwcConv`` with the layout Transposes between them moved
+                    until they cancel (cuDNN's NCHW<->NHWC conversions gone; opt-in until measured)
 ``decompose_attention``  Attention as MatMul/Softmax/MatMul (faster where no flash kernel applies)
 ``im2col``          stride-1 2-D convolutions as im2col + MatMul (measured slower than cuDNN: opt-in)
 ==================  =====================================================================================
@@ -81,6 +83,7 @@ _PASSES: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] = {
     "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
     "conv_epilogue": ("fuse_conv_epilogue", "FuseConvEpilogueConfig"),
     "resize_bilinear": ("lower_resize", "LowerResizeConfig"),
+    "nhwc_conv": ("lower_conv_nhwc", "LowerConvNhwcConfig"),
     "decompose_attention": ("decompose_attention", "DecomposeAttentionConfig"),
     "im2col": ("lower_conv_im2col", "LowerConvIm2colConfig"),
 }

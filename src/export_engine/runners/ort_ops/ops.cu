@@ -25,6 +25,7 @@
 //            bias      (C,)                T
 //            residual  X's shape           T   (optional)
 //   output   Y = act(X + bias[c] (+ residual)), act = identity or ReLU (attr relu: 0 or 1)
+//   channels_last (attr, default 0): X is (N, spatial..., C) and the bias runs along the last axis
 //
 // ONNX Runtime's CUDA Conv adds its bias with a cuDNN kernel of its own after the convolution, and the ReLU or
 // residual Add that follows is one more kernel over the same tensor: here it is one.
@@ -36,6 +37,7 @@
 //   (0 along an axis of one output pixel) and interpolates its four neighbours in float.
 //
 // One thread writes 16 bytes of an output row; ONNX Runtime's kernel writes one value a thread.
+// channels_last (attr, default 0): X is (N, H, W, C), the output (N, H*sh, W*sw, C).
 
 #include <cmath>
 #include <cstdint>
@@ -184,9 +186,21 @@ void bias_activation_cpu(const T* x, const T* bias, const T* residual, T* y, int
   }
 }
 
+template <typename T>
+void bias_activation_last_cpu(const T* x, const T* bias, const T* residual, T* y, int64_t total, int64_t channels,
+                              bool relu) {
+  for (int64_t i = 0; i < total; ++i) {
+    float v = load(x, i);
+    if (residual) v += load(residual, i);
+    v += load(bias, i % channels);
+    store(y, i, relu && !(v > 0.f) ? 0.f : v);
+  }
+}
+
 struct Resize {
   int64_t planes = 0, in_h = 0, in_w = 0, out_h = 0, out_w = 0;
   float step_y = 0.f, step_x = 0.f;  // input pixels per output pixel (align_corners)
+  int64_t channels = 1;              // channels last: values per pixel (planes then counts images)
 };
 
 Resize resize_shape(int64_t planes, int64_t h, int64_t w, int64_t sh, int64_t sw) {
@@ -204,6 +218,32 @@ inline void sample(int64_t i, float step, int64_t n, int64_t* lo, int64_t* hi, f
   *lo = low;
   *hi = low + 1 < n ? low + 1 : n - 1;
   *w = at - static_cast<float>(low);
+}
+
+// Channels last: planes = images, each pixel r.channels values.
+template <typename T>
+void resize_bilinear_last_cpu(const T* x, T* y, const Resize& r) {
+  const int64_t c_n = r.channels;
+  for (int64_t q = 0; q < r.planes; ++q) {
+    const T* in = x + q * r.in_h * r.in_w * c_n;
+    T* out = y + q * r.out_h * r.out_w * c_n;
+    for (int64_t oy = 0; oy < r.out_h; ++oy) {
+      int64_t y0, y1;
+      float wy;
+      sample(oy, r.step_y, r.in_h, &y0, &y1, &wy);
+      for (int64_t ox = 0; ox < r.out_w; ++ox) {
+        int64_t x0, x1;
+        float wx;
+        sample(ox, r.step_x, r.in_w, &x0, &x1, &wx);
+        for (int64_t c = 0; c < c_n; ++c) {
+          const float top = load(in, (y0 * r.in_w + x0) * c_n + c) * (1.f - wx) + load(in, (y0 * r.in_w + x1) * c_n + c) * wx;
+          const float bottom =
+              load(in, (y1 * r.in_w + x0) * c_n + c) * (1.f - wx) + load(in, (y1 * r.in_w + x1) * c_n + c) * wx;
+          store(out, (oy * r.out_w + ox) * c_n + c, top * (1.f - wy) + bottom * wy);
+        }
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -445,6 +485,107 @@ cudaError_t resize_bilinear_cuda(const void* x, void* y, const Resize& r, bool a
   return cudaGetLastError();
 }
 
+// Channels last: the bias index is the flat index modulo C; V values a step where C allows 16-byte steps.
+template <typename T, int V>
+__global__ void bias_activation_last_kernel(const T* __restrict__ x, const T* __restrict__ bias,
+                                            const T* __restrict__ residual, T* __restrict__ y, int64_t total,
+                                            int64_t channels, bool relu) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * V;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < total; i += stride) {
+    float v[V], b[V];
+    load_vec<T, V>(x + i, v);
+    load_vec<T, V>(bias + i % channels, b);
+    if (residual) {
+      float r[V];
+      load_vec<T, V>(residual + i, r);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] += r[j];
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      v[j] += b[j];
+      if (relu) v[j] = v[j] > 0.f ? v[j] : 0.f;
+    }
+    store_vec<T, V>(y + i, v);
+  }
+}
+
+template <typename T>
+cudaError_t bias_activation_last_cuda(const void* x, const void* bias, const void* residual, void* y, int64_t total,
+                                      int64_t channels, bool relu, bool aligned, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  if (total == 0) return cudaSuccess;
+  const auto* xt = static_cast<const T*>(x);
+  const auto* bt = static_cast<const T*>(bias);
+  const auto* rt = static_cast<const T*>(residual);
+  auto* yt = static_cast<T*>(y);
+  const bool vector = aligned && channels % V == 0;
+  const int64_t steps = vector ? total / V : total;
+  const auto blocks = static_cast<unsigned>(steps / 256 + 1 < 8192 ? steps / 256 + 1 : 8192);
+  if (vector) {
+    bias_activation_last_kernel<T, V><<<blocks, 256, 0, stream>>>(xt, bt, rt, yt, total, channels, relu);
+  } else {
+    bias_activation_last_kernel<T, 1><<<blocks, 256, 0, stream>>>(xt, bt, rt, yt, total, channels, relu);
+  }
+  return cudaGetLastError();
+}
+
+// Channels last: a block per output row (image, y); its threads take V channels of one output pixel at a time.
+template <typename T, int V>
+__global__ void resize_bilinear_last_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t in_h, int64_t in_w,
+                                            int64_t out_h, int64_t out_w, int64_t channels, float step_y,
+                                            float step_x) {
+  const int64_t row = blockIdx.x;
+  const int64_t image = row / out_h;
+  const int64_t oy = row - image * out_h;
+  const float at_y = static_cast<float>(oy) * step_y;
+  int64_t y0 = static_cast<int64_t>(at_y);
+  if (y0 > in_h - 1) y0 = in_h - 1;
+  const int64_t y1 = y0 + 1 < in_h ? y0 + 1 : in_h - 1;
+  const float wy = at_y - static_cast<float>(y0);
+  const T* top = x + (image * in_h + y0) * in_w * channels;
+  const T* bottom = x + (image * in_h + y1) * in_w * channels;
+  T* out = y + row * out_w * channels;
+  const int64_t vectors = channels / V;
+  for (int64_t idx = threadIdx.x; idx < out_w * vectors; idx += blockDim.x) {
+    const int64_t ox = idx / vectors;
+    const int64_t c = (idx - ox * vectors) * V;
+    const float at_x = static_cast<float>(ox) * step_x;
+    int64_t x0 = static_cast<int64_t>(at_x);
+    if (x0 > in_w - 1) x0 = in_w - 1;
+    const int64_t x1 = x0 + 1 < in_w ? x0 + 1 : in_w - 1;
+    const float wx = at_x - static_cast<float>(x0);
+    float a[V], b[V], cc[V], d[V], v[V];
+    load_vec<T, V>(top + x0 * channels + c, a);
+    load_vec<T, V>(top + x1 * channels + c, b);
+    load_vec<T, V>(bottom + x0 * channels + c, cc);
+    load_vec<T, V>(bottom + x1 * channels + c, d);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      v[j] = (a[j] * (1.f - wx) + b[j] * wx) * (1.f - wy) + (cc[j] * (1.f - wx) + d[j] * wx) * wy;
+    }
+    store_vec<T, V>(out + ox * channels + c, v);
+  }
+}
+
+template <typename T>
+cudaError_t resize_bilinear_last_cuda(const void* x, void* y, const Resize& r, bool aligned, cudaStream_t stream) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t rows = r.planes * r.out_h;
+  if (rows == 0 || r.out_w == 0 || r.channels == 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const auto* xt = static_cast<const T*>(x);
+  auto* yt = static_cast<T*>(y);
+  if (aligned && r.channels % V == 0) {
+    resize_bilinear_last_kernel<T, V><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+        xt, yt, r.in_h, r.in_w, r.out_h, r.out_w, r.channels, r.step_y, r.step_x);
+  } else {
+    resize_bilinear_last_kernel<T, 1><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+        xt, yt, r.in_h, r.in_w, r.out_h, r.out_w, r.channels, r.step_y, r.step_x);
+  }
+  return cudaGetLastError();
+}
+
 #endif  // __CUDACC__
 
 // ---- the ONNX Runtime glue --------------------------------------------------------------------------------
@@ -468,6 +609,7 @@ struct Kernel {
   Attrs attrs;                     // BiasRotarySplit
   int64_t relu = 0;                // BiasActivation
   std::vector<int64_t> scale;      // ResizeBilinear: [sh, sw]
+  int64_t channels_last = 0;       // BiasActivation, ResizeBilinear: (N, ..., C) layout
 };
 
 struct Tensor {
@@ -608,12 +750,14 @@ OrtStatus* compute_bias_rotary_split(const Kernel& k, OrtKernelContext* context,
 
 OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context, Tensor (&t)[4], size_t) {
   const Which op = k.which;
+  const bool last = k.channels_last != 0;
   if (!t[0].value || !t[1].value) return fail(op, "inputs X and bias are required");
   const auto& xd = t[0].dims;
-  if (xd.size() < 2) return fail(op, "X must be (N, C, ...), got " + dims_text(xd));
+  if (xd.size() < 2) return fail(op, "X must be (N, C, ...) or, channels last, (N, ..., C), got " + dims_text(xd));
   if (t[0].type != kFloat16 && t[0].type != kFloat) return fail(op, "X must be float16 or float");
-  if (t[1].type != t[0].type || t[1].dims.size() != 1 || t[1].dims[0] != xd[1]) {
-    return fail(op, "bias must be (" + std::to_string(xd[1]) + ",) of X's type, got " + dims_text(t[1].dims));
+  const int64_t channels = last ? xd.back() : xd[1];
+  if (t[1].type != t[0].type || t[1].dims.size() != 1 || t[1].dims[0] != channels) {
+    return fail(op, "bias must be (" + std::to_string(channels) + ",) of X's type, got " + dims_text(t[1].dims));
   }
   const void* residual = nullptr;
   if (t[2].value) {
@@ -622,31 +766,51 @@ OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context, T
     }
     residual = t[2].data;
   }
-  int64_t plane = 1;
-  for (size_t i = 2; i < xd.size(); ++i) plane *= xd[i];
+  int64_t total = 1;
+  for (int64_t d : xd) total *= d;
   const int64_t planes = xd[0] * xd[1];
+  const int64_t plane = planes ? total / planes : 0;
   void* y = nullptr;
   if (OrtStatus* st = output(context, 0, xd, &y)) return st;
   const bool relu = k.relu != 0;
+  const void* x = t[0].data;
+  const void* b = t[1].data;
   if (!k.cuda) {
+    using H = uint16_t;
     if (t[0].type == kFloat16) {
-      bias_activation_cpu(static_cast<const uint16_t*>(t[0].data), static_cast<const uint16_t*>(t[1].data),
-                          static_cast<const uint16_t*>(residual), static_cast<uint16_t*>(y), planes, xd[1], plane,
-                          relu);
+      const auto* r = static_cast<const H*>(residual);
+      if (last) {
+        bias_activation_last_cpu(static_cast<const H*>(x), static_cast<const H*>(b), r, static_cast<H*>(y), total,
+                                 channels, relu);
+      } else {
+        bias_activation_cpu(static_cast<const H*>(x), static_cast<const H*>(b), r, static_cast<H*>(y), planes,
+                            channels, plane, relu);
+      }
     } else {
-      bias_activation_cpu(static_cast<const float*>(t[0].data), static_cast<const float*>(t[1].data),
-                          static_cast<const float*>(residual), static_cast<float*>(y), planes, xd[1], plane, relu);
+      const auto* r = static_cast<const float*>(residual);
+      if (last) {
+        bias_activation_last_cpu(static_cast<const float*>(x), static_cast<const float*>(b), r,
+                                 static_cast<float*>(y), total, channels, relu);
+      } else {
+        bias_activation_cpu(static_cast<const float*>(x), static_cast<const float*>(b), r, static_cast<float*>(y),
+                            planes, channels, plane, relu);
+      }
     }
     return nullptr;
   }
 #ifdef __CUDACC__
-  const bool aligned = aligned16(t[0].data) && aligned16(y) && (!residual || aligned16(residual));
+  const bool aligned = aligned16(x) && aligned16(b) && aligned16(y) && (!residual || aligned16(residual));
   cudaStream_t stream = nullptr;
   if (OrtStatus* st = stream_of(context, &stream)) return st;
-  cudaError_t err =
-      t[0].type == kFloat16
-          ? bias_activation_cuda<__half>(t[0].data, t[1].data, residual, y, planes, xd[1], plane, relu, aligned, stream)
-          : bias_activation_cuda<float>(t[0].data, t[1].data, residual, y, planes, xd[1], plane, relu, aligned, stream);
+  const bool half = t[0].type == kFloat16;
+  cudaError_t err;
+  if (last) {
+    err = half ? bias_activation_last_cuda<__half>(x, b, residual, y, total, channels, relu, aligned, stream)
+               : bias_activation_last_cuda<float>(x, b, residual, y, total, channels, relu, aligned, stream);
+  } else {
+    err = half ? bias_activation_cuda<__half>(x, b, residual, y, planes, channels, plane, relu, aligned, stream)
+               : bias_activation_cuda<float>(x, b, residual, y, planes, channels, plane, relu, aligned, stream);
+  }
   return launched(op, err);
 #else
   return fail(op, "this build of the operator library has no CUDA kernels");
@@ -655,35 +819,61 @@ OrtStatus* compute_bias_activation(const Kernel& k, OrtKernelContext* context, T
 
 OrtStatus* compute_resize_bilinear(const Kernel& k, OrtKernelContext* context, Tensor (&t)[4], size_t) {
   const Which op = k.which;
+  const bool last = k.channels_last != 0;
   if (!t[0].value) return fail(op, "input X is required");
   const auto& xd = t[0].dims;
-  if (xd.size() != 4) return fail(op, "X must be (N, C, H, W), got " + dims_text(xd));
+  if (xd.size() != 4) return fail(op, "X must be (N, C, H, W) or, channels last, (N, H, W, C), got " + dims_text(xd));
   if (t[0].type != kFloat16 && t[0].type != kFloat) return fail(op, "X must be float16 or float");
-  const Resize r = resize_shape(xd[0] * xd[1], xd[2], xd[3], k.scale[0], k.scale[1]);
+  Resize r = last ? resize_shape(xd[0], xd[1], xd[2], k.scale[0], k.scale[1])
+                  : resize_shape(xd[0] * xd[1], xd[2], xd[3], k.scale[0], k.scale[1]);
+  if (last) r.channels = xd[3];
+  const std::vector<int64_t> out_dims = last ? std::vector<int64_t>{xd[0], r.out_h, r.out_w, xd[3]}
+                                             : std::vector<int64_t>{xd[0], xd[1], r.out_h, r.out_w};
   void* y = nullptr;
-  if (OrtStatus* st = output(context, 0, {xd[0], xd[1], r.out_h, r.out_w}, &y)) return st;
+  if (OrtStatus* st = output(context, 0, out_dims, &y)) return st;
   if (!k.cuda) {
     if (t[0].type == kFloat16) {
-      resize_bilinear_cpu(static_cast<const uint16_t*>(t[0].data), static_cast<uint16_t*>(y), r);
+      const auto* x = static_cast<const uint16_t*>(t[0].data);
+      last ? resize_bilinear_last_cpu(x, static_cast<uint16_t*>(y), r) : resize_bilinear_cpu(x, static_cast<uint16_t*>(y), r);
     } else {
-      resize_bilinear_cpu(static_cast<const float*>(t[0].data), static_cast<float*>(y), r);
+      const auto* x = static_cast<const float*>(t[0].data);
+      last ? resize_bilinear_last_cpu(x, static_cast<float*>(y), r) : resize_bilinear_cpu(x, static_cast<float*>(y), r);
     }
     return nullptr;
   }
 #ifdef __CUDACC__
   cudaStream_t stream = nullptr;
   if (OrtStatus* st = stream_of(context, &stream)) return st;
-  const bool aligned = aligned16(y);
-  cudaError_t err = t[0].type == kFloat16 ? resize_bilinear_cuda<__half>(t[0].data, y, r, aligned, stream)
-                                          : resize_bilinear_cuda<float>(t[0].data, y, r, aligned, stream);
+  const bool half = t[0].type == kFloat16;
+  cudaError_t err;
+  if (last) {
+    const bool aligned = aligned16(y) && aligned16(t[0].data);
+    err = half ? resize_bilinear_last_cuda<__half>(t[0].data, y, r, aligned, stream)
+               : resize_bilinear_last_cuda<float>(t[0].data, y, r, aligned, stream);
+  } else {
+    const bool aligned = aligned16(y);
+    err = half ? resize_bilinear_cuda<__half>(t[0].data, y, r, aligned, stream)
+               : resize_bilinear_cuda<float>(t[0].data, y, r, aligned, stream);
+  }
   return launched(op, err);
 #else
   return fail(op, "this build of the operator library has no CUDA kernels");
 #endif
 }
 
+// An optional int attribute: its value, or ``fallback`` where the node does not have it.
+int64_t attr_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t value = fallback;
+  if (OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &value)) {
+    g_api->ReleaseStatus(st);
+    return fallback;
+  }
+  return value;
+}
+
 OrtStatus* read_attrs(const OrtKernelInfo* info, Kernel* k) {
   OrtStatus* st = nullptr;
+  k->channels_last = attr_or(info, "channels_last", 0);
   if (k->which == Which::kBiasActivation) {
     if ((st = g_api->KernelInfoGetAttribute_int64(info, "relu", &k->relu))) return st;
     return nullptr;
@@ -756,7 +946,7 @@ int op_start_version(const ee_ort::CustomOp*) { return 1; }
 int op_end_version(const ee_ort::CustomOp*) { return 0x7fffffff; }
 
 OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
-  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0, {}};
+  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0, {}, 0};
   if (!k) return fail(as_op(op).which, "out of memory");
   if (OrtStatus* st = read_attrs(info, k)) {
     delete k;

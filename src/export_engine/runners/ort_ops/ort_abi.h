@@ -50,6 +50,7 @@ enum Slot : int {
   kKernelContextGetOutputCount = 89,
   kKernelContextGetInput = 90,
   kKernelContextGetOutput = 91,
+  kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
   kKernelInfoGetAttributeArrayInt64 = 163,
   kKernelContextGetGPUComputeStream = 193,
@@ -115,6 +116,7 @@ class Api {
     using Fn = OrtStatus* (*)(OrtKernelContext*, size_t, const int64_t*, size_t, OrtValue**);
     return at<Fn>(kKernelContextGetOutput)(context, index, dims, count, out);
   }
+  void ReleaseStatus(OrtStatus* status) const { at<void (*)(OrtStatus*)>(kReleaseStatus)(status); }
   void ReleaseTensorTypeAndShapeInfo(OrtTensorTypeAndShapeInfo* info) const {
     at<void (*)(OrtTensorTypeAndShapeInfo*)>(kReleaseTensorTypeAndShapeInfo)(info);
   }
