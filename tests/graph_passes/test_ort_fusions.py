@@ -506,3 +506,36 @@ def test_nhwc_convolutions_cancel_the_layout_changes_between_them(tiny_graphs: d
     assert 0 < added <= before_ops["Conv"] // 3, added  # entries and exits, not two per convolution
     _close(run_graph(_emulate_nhwc_conv(graph), tiny.feeds[0]), before, 2e-5)
     assert lower_conv_nhwc(graph, LowerConvNhwcConfig()).matched == 0
+
+
+def test_nhwc_convolutions_keep_slice_index_types_and_leave_rank_changing_constants() -> None:
+    """A Slice with int32 indices keeps them int32 when its axes are remapped; an Add of a size-1 constant of rank
+    5 (which makes the result rank 5) is not moved into NHWC. Same outputs, NhwcConv emulated on the CPU."""
+    from export_engine.graph_passes.lower_conv_nhwc import LowerConvNhwcConfig, lower_conv_nhwc
+
+    rng = np.random.default_rng(4)
+    x = gs.Variable("x", np.float32, (1, 4, 6, 6))
+    conv = gs.Variable("conv", np.float32, (1, 8, 6, 6))
+    relu = gs.Variable("relu", np.float32, (1, 8, 6, 6))
+    sliced = gs.Variable("sliced", np.float32, (1, 8, 6, 3))
+    wide = gs.Variable("wide", np.float32, (1, 1, 8, 6, 6))
+    weight = gs.Constant("w", rng.standard_normal((8, 4, 3, 3)).astype(np.float32))
+    ints = {name: gs.Constant(name, np.asarray(v, dtype=np.int32)) for name, v in
+            (("starts", [0]), ("ends", [3]), ("axes", [-1]))}  # fmt: skip
+    nodes = [
+        gs.Node("Conv", inputs=[x, weight], outputs=[conv], attrs={"pads": [1, 1, 1, 1]}),
+        gs.Node("Relu", inputs=[conv], outputs=[relu]),
+        gs.Node("Slice", inputs=[relu, ints["starts"], ints["ends"], ints["axes"]], outputs=[sliced]),
+        gs.Node("Add", inputs=[relu, gs.Constant("one", np.ones((1, 1, 1, 1, 1), np.float32))], outputs=[wide]),
+    ]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[sliced, wide], opset=17)
+    feed = {"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    before = run_graph(graph, feed)
+
+    assert lower_conv_nhwc(graph, LowerConvNhwcConfig()).rewritten == 1
+
+    slice_node = next(n for n in graph.nodes if n.op == "Slice")
+    assert slice_node.inputs[3].values.dtype == np.int32 and slice_node.inputs[3].values.tolist() == [2]
+    add = next(n for n in graph.nodes if n.op == "Add")
+    assert producer(add.inputs[0], "Transpose") is not None  # still fed in NCHW
+    _close(run_graph(_emulate_nhwc_conv(graph), feed), before, 1e-5)

@@ -284,7 +284,9 @@ def _resize_case(dtype: type, shape: list[int], scale: list[int], cuda: bool) ->
     want = onnx_resize.run(None, {"X": x.astype(np.float32)})[0]
     assert reference and got.dtype == dtype and got.shape == want.shape
     (last,) = _session(_resize_last_model(onnx_type, shape, scale), cuda).run(None, {"X": x.transpose(0, 2, 3, 1)})
-    np.testing.assert_array_equal(last.transpose(0, 3, 1, 2), got)  # the same arithmetic in either layout
+    # the same arithmetic in either layout (up to how the compiler contracts it into FMAs)
+    np.testing.assert_allclose(last.transpose(0, 3, 1, 2).astype(np.float32), got.astype(np.float32), rtol=1e-3,
+                               atol=1e-3 if dtype == np.float16 else 1e-6)  # fmt: skip
     # one rounding of the output type; float arithmetic in another order than ONNX Runtime's (values ~ N(0, 1))
     ulp = 2e-3 if dtype == np.float16 else 1e-5
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=ulp, atol=ulp)

@@ -13,7 +13,9 @@ is left are Transposes where the graph really changes layout (its inputs and out
     T = Transpose to NHWC (0, 2, 3, 1) at the entry, back to NCHW (0, 3, 1, 2) at the exit
 
 Only ``group=1`` convolutions of a constant 4-D weight are rewritten; others are skipped with the reason. Apply
-after ``conv_epilogue`` and ``resize_bilinear`` so that their operators travel in NHWC too.
+after ``conv_epilogue`` and ``resize_bilinear`` so that their operators travel in NHWC too. There is no cost
+model: where a layout change cannot cancel (a residual path from an NCHW tensor, several consumers of one
+Transpose) Transposes stay, which is why the lowering is opt-in until it is measured on a graph.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ _NCHW_TO_NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 
 @dataclass(frozen=True)
 class LowerConvNhwcConfig:
-    max_steps: int = 10_000  # node moves before giving up (a graph has far fewer)
+    max_sweeps: int = 1_000  # sweeps that move every movable Transpose one node on (a graph needs its depth)
 
 
 def lower_conv_nhwc(graph: gs.Graph, config: LowerConvNhwcConfig) -> PassReport:
@@ -55,9 +57,9 @@ def lower_conv_nhwc(graph: gs.Graph, config: LowerConvNhwcConfig) -> PassReport:
             report.rewritten += 1
         if report.rewritten:
             graph.cleanup().toposort()
-            steps = 0
-            while steps < config.max_steps and (moved := _sink_one(graph, index)):
-                index, steps = moved, steps + 1
+            sweeps = 0
+            while sweeps < config.max_sweeps and (moved := _sink_all(graph, index)):
+                index, sweeps = moved, sweeps + 1
                 graph.cleanup().toposort()
             _cancel_pairs(graph)
         graph.cleanup().toposort()
@@ -119,11 +121,13 @@ def _sinkable(node: gs.Node) -> list[gs.Tensor] | None:
         pass
     elif node.op in _BINARY and node.domain in (None, "", "ai.onnx"):
         constants = [t for t in node.inputs if isinstance(t, gs.Constant)]
-        if any(c.values.size != 1 for c in constants):
-            return None  # a per-channel constant would need reordering: left in NCHW
+        if any(c.values.size != 1 or c.values.ndim > 4 for c in constants):
+            return None  # a per-channel constant would need reordering, a rank-5 one changes the rank: left alone
     elif node.op in _OWN and node.domain == OWN_DOMAIN:
         if int(node.attrs.get("channels_last", 0)):
             return None
+        if node.op == "BiasActivation" and any(isinstance(t, gs.Constant) for t in node.inputs[2:]):
+            return None  # a constant residual would stay in NCHW
     elif node.op == "Slice" and node.domain in (None, "", "ai.onnx"):
         if len(node.inputs) < 4 or not all(isinstance(t, gs.Constant) for t in node.inputs[1:]):
             return None
@@ -135,15 +139,16 @@ def _sinkable(node: gs.Node) -> list[gs.Tensor] | None:
     return found if len(found) == len(sources) else None
 
 
-def _sink_one(graph: gs.Graph, index: int) -> int:
-    """Move one Transpose-to-NCHW past the node it feeds (0 when none can move), as a node index for names."""
-    for node in graph.nodes:
-        sources = _sinkable(node)
+def _sink_all(graph: gs.Graph, index: int) -> int:
+    """Move every Transpose-to-NCHW that can move past the node it feeds, one step each (0 when none moved);
+    returns the next node index for names."""
+    moved = False
+    for node, sources in [(n, _sinkable(n)) for n in list(graph.nodes)]:
         if sources is None:
             continue
         if node.op == "Slice":
-            axes = node.inputs[3].values.astype(np.int64).reshape(-1)
-            mapped = np.asarray([_NCHW_TO_NHWC_AXIS[int(a) % 4] for a in axes], dtype=np.int64)
+            axes = node.inputs[3].values.reshape(-1)
+            mapped = np.asarray([_NCHW_TO_NHWC_AXIS[int(a) % 4] for a in axes], dtype=axes.dtype)
             node.inputs[3] = gs.Constant(f"{node_name(PASS, index)}/axes", mapped)
             node.inputs[0] = sources[0]
         else:
@@ -155,8 +160,8 @@ def _sink_one(graph: gs.Graph, index: int) -> int:
         nhwc = gs.Variable(f"{node_name(PASS, index)}/nhwc", dtype=out.dtype, shape=_permuted(out.shape, TO_NHWC))
         node.outputs = [nhwc]
         _transpose(graph, nhwc, TO_NCHW, node_name(PASS, index + 1), out=out)
-        return index + 2
-    return 0
+        index, moved = index + 2, True
+    return index if moved else 0
 
 
 def _cancel_pairs(graph: gs.Graph) -> None:

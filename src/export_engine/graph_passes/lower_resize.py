@@ -64,6 +64,8 @@ def _scale(node: gs.Node) -> list[int] | str:
     if odd or node.attrs.get("axes") is not None:
         return f"non-default attributes {odd or ['axes']}"
     x = node.inputs[0]
+    if x.dtype is not None and np.dtype(x.dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+        return f"input type {np.dtype(x.dtype)} (ResizeBilinear takes float16 and float)"
     if x.shape is not None and len(x.shape) != 4:
         return f"input of rank {len(x.shape)} (only (N, C, H, W))"
     sizes = node.inputs[3] if len(node.inputs) > 3 else None
