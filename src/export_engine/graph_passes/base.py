@@ -25,6 +25,9 @@ from export_engine.errors import GraphPassError
 
 log = logging.getLogger(__name__)
 
+# export-engine's own ONNX Runtime operators (export_engine.runners.ort_ops), which ONNX Runtime-only lowerings write
+OWN_DOMAIN = "ai.export_engine"
+
 
 def quiet_onnxruntime() -> None:
     """Constant folding runs ONNX Runtime on sub-graphs; its optimiser warnings are noise for our users."""

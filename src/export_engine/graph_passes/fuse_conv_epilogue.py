@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from export_engine.graph_passes.base import OWN_DOMAIN as DOMAIN
 from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
 
 PASS = "fuse_conv_epilogue"
-DOMAIN = "ai.export_engine"
 
 
 @dataclass(frozen=True)

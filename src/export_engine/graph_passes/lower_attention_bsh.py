@@ -40,13 +40,12 @@ from typing import Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import NodeBuilder, PassReport, next_index, producer, timed
+from export_engine.graph_passes.base import OWN_DOMAIN, NodeBuilder, PassReport, next_index, producer, timed
 from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, _Match
 from export_engine.graph_passes.lower_rotary import _match as rope_match
 
 PASS = "lower_attention_bsh"
 DOMAIN = "com.microsoft"
-OWN_DOMAIN = "ai.export_engine"  # export-engine's ONNX Runtime operators (export_engine.runners.ort_ops)
 
 
 @dataclass(frozen=True)
@@ -276,11 +275,22 @@ def _rewrite(
             cos, sin = _caches(rope, perm, per_row)
             inputs = [tokens[i], offset, b.const("cos_cache", cos), b.const("sin_cache", sin)]
             tokens[i] = b.add("RotaryEmbedding", inputs, rope_attrs, domain=DOMAIN)
-    producer = block.output.inputs[0]
-    producer.outputs.clear()
-    attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}
+    return _attend(b, block, tokens)
+
+
+def _attend(b: NodeBuilder, block: _Block, tokens: list[gs.Tensor]) -> int:
+    """``MultiHeadAttention`` on (B, N, C) q, k and v, writing the block's output in place of its old producer."""
+    block.output.inputs[0].outputs.clear()
+    attrs = {"num_heads": block.operands[0].heads, "scale": float(block.attention.attrs["scale"])}
     b.add("MultiHeadAttention", tokens, attrs, out=block.output, domain=DOMAIN)
     return b.index
+
+
+def _float_tables(b: NodeBuilder, rope: _Match | None, perm: np.ndarray, suffix: str) -> list[gs.Tensor]:
+    """BiasRotarySplit's (N, D/2) float cos and sin tables of one rotated operand."""
+    assert rope is not None
+    cos, sin = _caches(rope, perm, 1)
+    return [b.const(f"cos{suffix}", cos.astype(np.float32)), b.const(f"sin{suffix}", sin.astype(np.float32))]
 
 
 def _emit_fused(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray | None,
@@ -289,12 +299,7 @@ def _emit_fused(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray
     ``MultiHeadAttention``: one node per projection (a packed q/k/v projection gives all three)."""
     q = block.operands[0]
     width = q.heads * q.head_dim
-    tables: list[gs.Tensor] = []
-    if perm is not None:
-        rope = block.ropes[0]
-        assert rope is not None
-        cos, sin = _caches(rope, perm, 1)
-        tables = [b.const("cos", cos.astype(np.float32)), b.const("sin", sin.astype(np.float32))]
+    tables = _float_tables(b, block.ropes[0], perm, "") if perm is not None else []
     tokens = []
     for i, projection in enumerate(block.operands):
         key = f"{projection.packed.name}:{i if projection.parts == 1 else 'qkv'}"
@@ -308,10 +313,7 @@ def _emit_fused(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray
                 rotate = [int(perm is not None and i < 2)]
             own = tables
             if perm is not None and i == 1 and projection.parts == 1:  # k rotates by its own tokens' angles
-                rope_k = block.ropes[1]
-                assert rope_k is not None
-                cos_k, sin_k = _caches(rope_k, perm, 1)
-                own = [b.const("cos_k", cos_k.astype(np.float32)), b.const("sin_k", sin_k.astype(np.float32))]
+                own = _float_tables(b, block.ropes[1], perm, "_k")
             outs = [gs.Variable(f"{b.name()}/part{j}", dtype=b.dtype) for j in range(len(rotate))]
             inputs = [projection.matmul.outputs[0], projection.bias, *(own if any(rotate) else [])]
             attrs = {"rotate": rotate, "head_dim": q.head_dim}
@@ -321,11 +323,7 @@ def _emit_fused(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray
             splits[key] = outs
         outs = splits[key]
         tokens.append(outs[projection.offset // width] if projection.parts == 3 else outs[0])
-    producer_node = block.output.inputs[0]
-    producer_node.outputs.clear()
-    attrs = {"num_heads": q.heads, "scale": float(block.attention.attrs["scale"])}
-    b.add("MultiHeadAttention", tokens, attrs, out=block.output, domain=DOMAIN)
-    return b.index
+    return _attend(b, block, tokens)
 
 
 def _emit_gqa(graph: gs.Graph, b: NodeBuilder, block: _Block, perm: np.ndarray | None,

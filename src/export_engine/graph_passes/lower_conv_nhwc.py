@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from export_engine.graph_passes.base import PassReport, next_index, node_name, producer, timed
+from export_engine.graph_passes.base import OWN_DOMAIN, PassReport, next_index, node_name, producer, timed
 
 PASS = "lower_conv_nhwc"
 MS_DOMAIN = "com.microsoft"
-OWN_DOMAIN = "ai.export_engine"
 TO_NHWC = [0, 2, 3, 1]
 TO_NCHW = [0, 3, 1, 2]
 _UNARY = {"Relu", "Cast", "Sigmoid", "Tanh", "Erf", "Exp", "Neg", "Abs", "Sqrt", "Identity", "LeakyRelu", "Gelu"}

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from export_engine.graph_passes.base import OWN_DOMAIN as DOMAIN
 from export_engine.graph_passes.base import PassReport, next_index, node_name, timed
 
 PASS = "lower_resize"
-DOMAIN = "ai.export_engine"
 _DEFAULTS = {"antialias": 0, "exclude_outside": 0, "extrapolation_value": 0.0, "cubic_coeff_a": -0.75,
              "nearest_mode": "round_prefer_floor", "keep_aspect_ratio_policy": "stretch"}  # fmt: skip
 _IGNORED = {"cubic_coeff_a", "nearest_mode"}  # attributes of other modes: any value leaves linear alone

@@ -46,7 +46,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from export_engine.errors import BackendError, ModelInputError
-from export_engine.graph_passes.base import PassReport
+from export_engine.graph_passes.base import OWN_DOMAIN, PassReport
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,11 @@ def with_own_ops(names: Sequence[str], cuda: bool, strict: bool) -> tuple[str, .
 
 
 def register_own_ops(options: Any, source: Path, cuda: bool) -> None:
-    """Register export-engine's operator library with ONNX Runtime ``SessionOptions`` when ``source`` uses it."""
-    from export_engine.runners import ort_ops
+    """Register export-engine's operator library with ONNX Runtime ``SessionOptions`` when ``source`` uses it
+    (only graphs that :func:`lowered_graph` wrote can: the artifact's files hold standard operators)."""
+    if source in _OWN_OP_GRAPHS:
+        from export_engine.runners import ort_ops
 
-    if ort_ops.uses_own_ops(source):
         ort_ops.register(options, cuda)
 
 
@@ -141,6 +142,7 @@ def graph_key(path: Path) -> tuple[str, int, int]:
 
 
 _LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
+_OWN_OP_GRAPHS: set[Path] = set()  # rewritten graphs with nodes of export-engine's operator domain
 
 
 def lowered_graph(path: Path, names: Sequence[str]) -> Path:
@@ -163,6 +165,8 @@ def lowered_graph(path: Path, names: Sequence[str]) -> Path:
         scratch = tempfile.TemporaryDirectory(prefix="export-engine-ort-")
         save_graph(graph, Path(scratch.name) / path.name)
         _LOWERED[(*graph_id, names)] = scratch
+        if any(node.domain == OWN_DOMAIN for node in graph.nodes):
+            _OWN_OP_GRAPHS.add(Path(scratch.name) / path.name)
     return Path(_LOWERED[(*graph_id, names)].name) / path.name
 
 

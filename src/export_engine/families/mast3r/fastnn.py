@@ -425,6 +425,13 @@ def _fused_for_capture(
     return device, config
 
 
+def _refresh_tables(matcher: ReciprocalMatcher) -> None:
+    """Inside a recorded step: the matcher's two neighbour tables forget the previous maps' neighbours."""
+    for table in (matcher._nn12, matcher._nn21):
+        assert isinstance(table, fastnn_kernel.NearestTable)
+        table.refresh()
+
+
 def _capture(step: Callable[[], _Out]) -> tuple[torch.cuda.CUDAGraph, _Out]:
     """``step`` recorded as a CUDA graph, with its outputs (the graph's buffers); run once before, on a side
     stream, so that the kernels compile outside the recording."""
@@ -465,10 +472,7 @@ class CapturedMatcher:
         self._graph, self._outputs = _capture(self._once)
 
     def _once(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        nn12, nn21 = self._matcher._nn12, self._matcher._nn21
-        assert isinstance(nn12, fastnn_kernel.NearestTable) and isinstance(nn21, fastnn_kernel.NearestTable)
-        nn12.refresh()
-        nn21.refresh()
+        _refresh_tables(self._matcher)
         finite = torch.isfinite(self._desc1).all() & torch.isfinite(self._desc2).all()
         idx1, idx2, converged = self._matcher.chains(self._seeds, self._matcher.config.max_iter)
         return idx1, idx2, converged, finite
@@ -596,9 +600,7 @@ class CapturedCorrespondences:
 
     def _once(self) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
         for matcher in self._matchers:
-            for table in (matcher._nn12, matcher._nn21):
-                assert isinstance(table, fastnn_kernel.NearestTable)
-                table.refresh()
+            _refresh_tables(matcher)
         finite = torch.stack([torch.isfinite(d).all() for d in self._descs]).all()
         return [matcher.chains(seeds, matcher.config.max_iter) for matcher, seeds in self._runs], finite
 

@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 
 from export_engine.errors import BackendError
+from export_engine.graph_passes.base import OWN_DOMAIN
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "ai.export_engine"
+DOMAIN = OWN_DOMAIN  # the operators' ONNX domain, as the lowerings write it
 SOURCES = ("ops.cu", "ort_abi.h")
 LIBRARY_NAME = "libexport_engine_ort_ops.so"
 DEFAULT_ARCHS = ("80", "86", "89", "90", "100", "120")  # Ampere to Blackwell (those this nvcc supports), PTX for newer
@@ -44,14 +45,6 @@ _HERE = Path(__file__).resolve().parent
 
 def cache_root() -> Path:
     return Path(os.environ.get("EXPORT_ENGINE_CACHE") or Path.home() / ".cache" / "export-engine") / "ort-ops"
-
-
-def uses_own_ops(path: Path) -> bool:
-    """Whether the ONNX file has nodes of export-engine's operator domain."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(node.domain == DOMAIN for node in graph.node)
 
 
 def nvcc() -> str | None:
