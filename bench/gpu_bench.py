@@ -188,17 +188,15 @@ GQA_LOWERINGS = tuple("attention_gqa" if n in ATTENTION_LOWERINGS else n for n i
 STOCK_LOWERINGS = tuple(
     "attention_bsh" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS if n != "conv_epilogue"
 )  # ONNX Runtime's own operators only
-NO_CONV_EPILOGUE = tuple(n for n in DEFAULT_LOWERINGS if n != "conv_epilogue")
+RESIZE = (*DEFAULT_LOWERINGS, "resize_bilinear")
 RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras: "profile"): each against the default session
     ("ONNX Runtime's operators only (attention_bsh, no conv_epilogue)", {"lowerings": STOCK_LOWERINGS}, {"profile"}),
-    ("all but conv_epilogue", {"lowerings": NO_CONV_EPILOGUE}, set()),
-    (
-        "+ export-engine's bilinear Resize (resize_bilinear)",
-        {"lowerings": (*DEFAULT_LOWERINGS, "resize_bilinear")},
-        {"profile"},
-    ),
-    ("attention as GroupQueryAttention (attention_gqa)", {"lowerings": GQA_LOWERINGS}, set()),
-)
+    ("+ export-engine's bilinear Resize (resize_bilinear)", {"lowerings": RESIZE}, {"profile"}),
+    ("+ resize_bilinear + NHWC convolutions (nhwc_conv)", {"lowerings": (*RESIZE, "nhwc_conv")}, {"profile"}),
+    ("+ MLP MatMul with its GELU as one cuBLASLt matmul (matmul_gelu)",
+     {"lowerings": (*DEFAULT_LOWERINGS, "matmul_gelu")}, {"profile"}),
+    ("+ resize_bilinear + nhwc_conv + matmul_gelu", {"lowerings": (*RESIZE, "nhwc_conv", "matmul_gelu")}, set()),
+)  # fmt: skip
 
 
 def fastsam3d_section(report: Report, work: Path, warm: int, reps: int) -> None:

@@ -254,7 +254,7 @@ _CATEGORIES = (  # first match wins: cuDNN's convolution kernels have "sgemm" in
 )
 
 
-def profile(fn: Callable[[], Any], runs: int = 5, top: int = 12) -> dict[str, Any]:
+def profile(fn: Callable[[], Any], runs: int = 5, top: int = 30) -> dict[str, Any]:
     """GPU kernels of `fn` (all libraries in this process, through CUPTI): top kernels and time by category."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile

@@ -539,3 +539,46 @@ def test_nhwc_convolutions_keep_slice_index_types_and_leave_rank_changing_consta
     add = next(n for n in graph.nodes if n.op == "Add")
     assert producer(add.inputs[0], "Transpose") is not None  # still fed in NCHW
     _close(run_graph(_emulate_nhwc_conv(graph), feed), before, 1e-5)
+
+
+@pytest.mark.usefixtures("own_ops")
+@pytest.mark.parametrize("name", ["encoder", "decoder"])
+def test_mlp_first_layer_and_gelu_become_one_matmul(hybrid_artifact: Path, name: str) -> None:
+    """``fuse_matmul_gelu`` after ``fuse_bias_gelu``: every float16 MLP's MatMul + BiasGelu is one
+    ``MatMulBiasGelu`` (tanh GELU: within float16 rounding of the exact one on these activations)."""
+    from export_engine.graph_passes.fuse_matmul_gelu import FuseMatMulGeluConfig, fuse_matmul_gelu
+
+    graph = load_graph(hybrid_artifact / f"{name}.onnx")
+    feed = _feed(hybrid_artifact, name)
+    before = run_graph(graph, feed)
+    gelus = fuse_bias_gelu(graph, FuseBiasGeluConfig()).rewritten
+    matmuls = op_counts(graph)["MatMul"]
+
+    report = fuse_matmul_gelu(graph, FuseMatMulGeluConfig())
+
+    fused = [n for n in graph.nodes if n.op == "MatMulBiasGelu"]
+    assert report.rewritten == len(fused) == gelus > 0, report.skipped
+    assert op_counts(graph)["BiasGelu"] == 0 and op_counts(graph)["MatMul"] == matmuls - len(fused)
+    assert all(n.inputs[1].values.dtype == np.float16 and n.inputs[2].values.ndim == 1 for n in fused)
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, feed), before, 2e-2)
+    assert fuse_matmul_gelu(graph, FuseMatMulGeluConfig()).matched == 0
+
+
+def test_matmul_gelu_skips_float32_and_shared_products() -> None:
+    from export_engine.graph_passes.fuse_matmul_gelu import FuseMatMulGeluConfig, fuse_matmul_gelu
+
+    def mlp(dtype: type, shared: bool) -> gs.Graph:
+        x = gs.Variable("x", dtype=dtype, shape=("n", 8))
+        h, s, y = (gs.Variable(v, dtype=dtype) for v in ("h", "s", "y"))
+        w = gs.Constant("w", np.ones((8, 4), dtype))
+        b = gs.Constant("b", np.ones(4, dtype))
+        nodes = [gs.Node("MatMul", inputs=[x, w], outputs=[h]), gs.Node("Add", inputs=[h, b], outputs=[s]),
+                 gs.Node("Gelu", inputs=[s], outputs=[y])]  # fmt: skip
+        return gs.Graph(nodes=nodes, inputs=[x], outputs=[y, h] if shared else [y], opset=20)
+
+    assert fuse_matmul_gelu(mlp(np.float16, False), FuseMatMulGeluConfig()).rewritten == 1  # the Gelu form too
+    fp32 = fuse_matmul_gelu(mlp(np.float32, False), FuseMatMulGeluConfig())
+    assert fp32.rewritten == 0 and "float16 only" in fp32.skipped[0]
+    shared = fuse_matmul_gelu(mlp(np.float16, True), FuseMatMulGeluConfig())
+    assert shared.rewritten == 0 and "other consumers" in shared.skipped[0]

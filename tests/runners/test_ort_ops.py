@@ -333,3 +333,56 @@ def test_the_cuda_build_targets_the_same_architectures_with_or_without_a_gpu(mon
     assert ort_ops._archs("nvcc") == without == ("80", "86", "89", "90", "100")  # 120: not in this nvcc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert ort_ops._archs("nvcc") == ("75", *without)  # a GPU outside the list gets its own code too
+
+
+def _matmul_gelu_model(x_shape: list, k: int, n: int) -> bytes:
+    f16 = TensorProto.FLOAT16
+    inputs = [helper.make_tensor_value_info("X", f16, x_shape), helper.make_tensor_value_info("W", f16, [k, n]),
+              helper.make_tensor_value_info("bias", f16, [n])]  # fmt: skip
+    node = helper.make_node("MatMulBiasGelu", ["X", "W", "bias"], ["Y"], domain=ort_ops.DOMAIN)
+    out = helper.make_tensor_value_info("Y", f16, [*x_shape[:-1], n])
+    graph = helper.make_graph([node], "matmul_bias_gelu", inputs, [out])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def _matmul_gelu_case(lead: tuple[int, ...], k: int, n: int, cuda: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(got, want): want is the float64 product of the float16 operands, bias added, tanh GELU."""
+    rng = np.random.default_rng(5)
+    feed = {"X": rng.standard_normal((*lead, k)).astype(np.float16),
+            "W": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float16),
+            "bias": rng.standard_normal(n).astype(np.float16)}  # fmt: skip
+    z = feed["X"].astype(np.float64) @ feed["W"].astype(np.float64) + feed["bias"].astype(np.float64)
+    want = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+    (got,) = _session(_matmul_gelu_model([*lead, k], k, n), cuda).run(None, feed)
+    assert got.dtype == np.float16 and got.shape == want.shape
+    return got.astype(np.float64), want
+
+
+MATMUL_GELU_CASES = [((2, 5), 24, 40), ((7,), 16, 8), ((1, 3, 4), 64, 96)]
+
+
+@needs_cxx
+@pytest.mark.parametrize(("lead", "k", "n"), MATMUL_GELU_CASES)
+def test_cpu_matmul_bias_gelu_matches_numpy(lead: tuple[int, ...], k: int, n: int) -> None:
+    got, want = _matmul_gelu_case(lead, k, n, cuda=False)
+    # float accumulation and one float16 rounding: within half an ulp of float16 plus the sum's float error
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@needs_cxx
+def test_matmul_bias_gelu_names_bad_shapes() -> None:
+    session = _session(_matmul_gelu_model(["rows", "k"], 8, 4), cuda=False)
+    x = np.zeros((3, 6), np.float16)
+    with pytest.raises(Exception, match=r"MatMulBiasGelu: W must be \(6, N\), got \(8, 4\)"):
+        session.run(None, {"X": x, "W": np.zeros((8, 4), np.float16), "bias": np.zeros(4, np.float16)})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
+@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.parametrize(("lead", "k", "n"), [*MATMUL_GELU_CASES, ((2, 768), 1024, 4096)])
+def test_cuda_matmul_bias_gelu_matches_numpy(lead: tuple[int, ...], k: int, n: int) -> None:
+    """One cuBLASLt matmul with its GELU+bias epilogue (MASt3R's encoder MLP shape last)."""
+    got, want = _matmul_gelu_case(lead, k, n, cuda=True)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)

@@ -18,6 +18,8 @@ measured on Hopper (bench/RESULTS.md):
 ``norm_casts``      FP32 LayerNorm islands (Cast, LN, Cast) as one LN on FP16 storage with FP32 statistics
 ``skip_layernorm``  residual add (+ bias) + LayerNorm as ``com.microsoft.SkipLayerNormalization``
 ``bias_gelu``       bias add + exact GELU as ``com.microsoft.BiasGelu``
+``matmul_gelu``     an MLP's first MatMul with its ``BiasGelu`` as export-engine's ``MatMulBiasGelu``: one
+                    cuBLASLt matmul with a bias+GELU epilogue (tanh GELU; opt-in until measured)
 ``conv_epilogue``   a convolution's bias with the ReLU or residual Add after it as export-engine's
                     ``BiasActivation`` (one pass instead of cuDNN's bias kernel and one more; dropped where the
                     operator library cannot be built)
@@ -66,6 +68,7 @@ OWN_OP_LOWERINGS: dict[str, str | None] = {
     "attention_fused": "attention_bsh",
     "conv_epilogue": None,
     "resize_bilinear": None,
+    "matmul_gelu": None,
 }
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
 
@@ -81,6 +84,7 @@ _PASSES: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] = {
     "norm_casts": ("fold_norm_casts", "FoldNormCastsConfig"),
     "skip_layernorm": ("fuse_skip_layernorm", "FuseSkipLayerNormConfig"),
     "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
+    "matmul_gelu": ("fuse_matmul_gelu", "FuseMatMulGeluConfig"),
     "conv_epilogue": ("fuse_conv_epilogue", "FuseConvEpilogueConfig"),
     "resize_bilinear": ("lower_resize", "LowerResizeConfig"),
     "nhwc_conv": ("lower_conv_nhwc", "LowerConvNhwcConfig"),

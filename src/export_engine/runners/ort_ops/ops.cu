@@ -38,10 +38,27 @@
 //
 // One thread writes 16 bytes of an output row; ONNX Runtime's kernel writes one value a thread.
 // channels_last (attr, default 0): X is (N, H, W, C), the output (N, H*sh, W*sw, C).
+//
+// MatMulBiasGelu: a transformer MLP's first layer with its activation, Y = GELU(X W + bias), float16 only.
+//
+//   inputs   X (..., K), W (K, N), bias (N,)   float16
+//   output   Y (..., N)                        float16
+//
+//   GELU is the tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the one cuBLASLt's epilogue computes;
+//   products accumulate in float and each output value is rounded once.
+//
+// ONNX Runtime runs the layer as a MatMul that writes the block's widest activation and a BiasGelu that reads it
+// and writes it again. On CUDA this operator is one cuBLASLt matmul whose epilogue adds the bias and applies GELU.
+// cuBLASLt is opened at run time (the libcublasLt of nvcc's CUDA major version, the one ONNX Runtime's CUDA
+// provider has already loaded), so the library links nothing beyond the CUDA runtime.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
@@ -51,6 +68,7 @@
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #endif
 
 namespace {
@@ -264,6 +282,27 @@ void resize_bilinear_cpu(const T* x, T* y, const Resize& r) {
         store(out, oy * r.out_w + ox, top * (1.f - wy) + bottom * wy);
       }
     }
+  }
+}
+
+inline float gelu_tanh(float x) {
+  const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return 0.5f * x * (1.0f + std::tanh(inner));
+}
+
+// x (m, k), w (k, n), bias (n,), y (m, n), float16 bits; row by row, accumulating in float.
+void matmul_bias_gelu_cpu(const uint16_t* x, const uint16_t* w, const uint16_t* bias, uint16_t* y, int64_t m,
+                          int64_t n, int64_t k) {
+  std::vector<float> wf(static_cast<size_t>(k * n)), acc(static_cast<size_t>(n));
+  for (int64_t i = 0; i < k * n; ++i) wf[i] = half_to_float(w[i]);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t j = 0; j < n; ++j) acc[j] = 0.f;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float xv = half_to_float(x[r * k + kk]);
+      const float* wr = wf.data() + kk * n;
+      for (int64_t j = 0; j < n; ++j) acc[j] += xv * wr[j];
+    }
+    for (int64_t j = 0; j < n; ++j) y[r * n + j] = float_to_half(gelu_tanh(acc[j] + half_to_float(bias[j])));
   }
 }
 
@@ -586,11 +625,240 @@ cudaError_t resize_bilinear_last_cuda(const void* x, void* y, const Resize& r, b
   return cudaGetLastError();
 }
 
+// ---- cuBLASLt, opened at run time -------------------------------------------------------------------------
+
+// The slice of cuBLASLt's C API that MatMulBiasGelu uses; the values are those of its public header.
+namespace lt {
+using Handle = void*;
+using Desc = void*;
+using Layout = void*;
+using Pref = void*;
+struct Algo {
+  uint64_t data[8];
+};
+struct Heuristic {
+  Algo algo;
+  size_t workspace;
+  int state;
+  float waves;
+  int reserved[4];
+};
+constexpr int kCompute32F = 68;                            // cublasComputeType_t CUBLAS_COMPUTE_32F
+constexpr int kR16F = 2, kR32F = 0;                        // cudaDataType_t
+constexpr int kDescEpilogue = 7, kDescBiasPointer = 8;     // cublasLtMatmulDescAttributes_t
+constexpr int kEpilogueGeluBias = 36;                      // cublasLtEpilogue_t: GELU (32) | BIAS (4)
+constexpr int kPrefMaxWorkspace = 1;                       // cublasLtMatmulPreferenceAttributes_t
+constexpr int kPrefMinAlignA = 5, kPrefMinAlignB = 6, kPrefMinAlignC = 7, kPrefMinAlignD = 8;
+constexpr size_t kWorkspaceBytes = size_t{32} << 20;       // per stream
+
+struct Library {
+  std::string error;  // empty when every entry point was found
+  int (*create)(Handle*) = nullptr;
+  int (*desc_create)(Desc*, int, int) = nullptr;
+  int (*desc_destroy)(Desc) = nullptr;
+  int (*desc_set)(Desc, int, const void*, size_t) = nullptr;
+  int (*layout_create)(Layout*, int, uint64_t, uint64_t, int64_t) = nullptr;
+  int (*layout_destroy)(Layout) = nullptr;
+  int (*pref_create)(Pref*) = nullptr;
+  int (*pref_destroy)(Pref) = nullptr;
+  int (*pref_set)(Pref, int, const void*, size_t) = nullptr;
+  int (*heuristic)(Handle, Desc, Layout, Layout, Layout, Layout, Pref, int, Heuristic*, int*) = nullptr;
+  int (*matmul)(Handle, Desc, const void*, const void*, Layout, const void*, Layout, const void*, const void*,
+                Layout, void*, Layout, const Algo*, void*, size_t, cudaStream_t) = nullptr;
+};
+
+template <typename F>
+void bind(void* handle, const char* name, F* fn, std::string* error) {
+  *fn = reinterpret_cast<F>(dlsym(handle, name));
+  if (!*fn && error->empty()) *error = std::string("libcublasLt has no ") + name;
+}
+
+Library open_library() {
+  Library lib;
+  const std::string soname = "libcublasLt.so." + std::to_string(CUDART_VERSION / 1000);
+  void* handle = dlopen(soname.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!handle) {
+    const char* why = dlerror();
+    lib.error = "cannot open " + soname + " (" + (why ? why : "not found") + ")";
+    return lib;
+  }
+  bind(handle, "cublasLtCreate", &lib.create, &lib.error);
+  bind(handle, "cublasLtMatmulDescCreate", &lib.desc_create, &lib.error);
+  bind(handle, "cublasLtMatmulDescDestroy", &lib.desc_destroy, &lib.error);
+  bind(handle, "cublasLtMatmulDescSetAttribute", &lib.desc_set, &lib.error);
+  bind(handle, "cublasLtMatrixLayoutCreate", &lib.layout_create, &lib.error);
+  bind(handle, "cublasLtMatrixLayoutDestroy", &lib.layout_destroy, &lib.error);
+  bind(handle, "cublasLtMatmulPreferenceCreate", &lib.pref_create, &lib.error);
+  bind(handle, "cublasLtMatmulPreferenceDestroy", &lib.pref_destroy, &lib.error);
+  bind(handle, "cublasLtMatmulPreferenceSetAttribute", &lib.pref_set, &lib.error);
+  bind(handle, "cublasLtMatmulAlgoGetHeuristic", &lib.heuristic, &lib.error);
+  bind(handle, "cublasLtMatmul", &lib.matmul, &lib.error);
+  return lib;
+}
+
+const Library& library() {
+  static const Library lib = open_library();
+  return lib;
+}
+
+std::mutex g_mutex;                      // guards the two tables below
+std::map<int, Handle> g_handles;         // per device
+std::map<cudaStream_t, void*> g_spaces;  // workspace per stream (a stream's work is ordered: no two matmuls share)
+
+// One shape's matmul: descriptors and the algorithm cuBLASLt's heuristic picked for it.
+struct Plan {
+  int64_t m = 0, n = 0, k = 0;
+  int device = -1;
+  uint32_t align = 0;
+  size_t space = 0;
+  const void* bias = nullptr;
+  Desc desc = nullptr;
+  Layout a = nullptr, b = nullptr, d = nullptr;
+  Heuristic pick{};
+};
+
+uint32_t alignment(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  uint32_t align = 256;
+  while (align > 2 && v % align) align /= 2;
+  return align;
+}
+
+std::string status_text(const char* what, int status) {
+  return std::string(what) + " failed (cuBLASLt status " + std::to_string(status) + ")";
+}
+
+}  // namespace lt
+
+// A kernel's plans (one per shape it has run), guarded by its own lock; descriptors released with the kernel.
+struct GemmCache {
+  std::mutex mutex;
+  std::vector<lt::Plan> plans;
+  ~GemmCache() {
+    const lt::Library& lib = lt::library();
+    if (!lib.error.empty()) return;
+    for (lt::Plan& p : plans) {
+      if (p.a) lib.layout_destroy(p.a);
+      if (p.b) lib.layout_destroy(p.b);
+      if (p.d) lib.layout_destroy(p.d);
+      if (p.desc) lib.desc_destroy(p.desc);
+    }
+  }
+};
+
+// The handle for the current device and a workspace for ``stream`` (none while the stream is being captured
+// into a CUDA graph before one exists: allocation is not captured). Empty string on success.
+std::string lt_context(cudaStream_t stream, int* device, lt::Handle* handle, void** space, size_t* bytes) {
+  const lt::Library& lib = lt::library();
+  if (cudaError_t err = cudaGetDevice(device)) return std::string("cudaGetDevice: ") + cudaGetErrorString(err);
+  std::lock_guard<std::mutex> lock(lt::g_mutex);
+  auto h = lt::g_handles.find(*device);
+  if (h == lt::g_handles.end()) {
+    lt::Handle created = nullptr;
+    if (int st = lib.create(&created)) return lt::status_text("cublasLtCreate", st);
+    h = lt::g_handles.emplace(*device, created).first;
+  }
+  *handle = h->second;
+  auto w = lt::g_spaces.find(stream);
+  if (w == lt::g_spaces.end()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone) {
+      void* created = nullptr;
+      if (cudaMalloc(&created, lt::kWorkspaceBytes) == cudaSuccess) w = lt::g_spaces.emplace(stream, created).first;
+      cudaGetLastError();  // a failed allocation leaves the workspace at none
+    }
+  }
+  *space = w == lt::g_spaces.end() ? nullptr : w->second;
+  *bytes = *space ? lt::kWorkspaceBytes : 0;
+  return "";
+}
+
+// Descriptors and the heuristic's algorithm for one shape; empty string on success.
+std::string lt_plan(lt::Handle handle, lt::Plan* p) {
+  const lt::Library& lib = lt::library();
+  int st = lib.desc_create(&p->desc, lt::kCompute32F, lt::kR32F);
+  if (st) return lt::status_text("cublasLtMatmulDescCreate", st);
+  const int32_t epilogue = lt::kEpilogueGeluBias;
+  if ((st = lib.desc_set(p->desc, lt::kDescEpilogue, &epilogue, sizeof epilogue))) {
+    return lt::status_text("setting the GELU+bias epilogue", st);
+  }
+  if ((st = lib.desc_set(p->desc, lt::kDescBiasPointer, &p->bias, sizeof p->bias))) {
+    return lt::status_text("setting the bias", st);
+  }
+  // Row-major Y (m, n) = X (m, k) W (k, n) is column-major Y^T = W^T X^T: A = W as (n, k), B = X as (k, m).
+  if ((st = lib.layout_create(&p->a, lt::kR16F, p->n, p->k, p->n)) ||
+      (st = lib.layout_create(&p->b, lt::kR16F, p->k, p->m, p->k)) ||
+      (st = lib.layout_create(&p->d, lt::kR16F, p->n, p->m, p->n))) {
+    return lt::status_text("cublasLtMatrixLayoutCreate", st);
+  }
+  lt::Pref pref = nullptr;
+  if ((st = lib.pref_create(&pref))) return lt::status_text("cublasLtMatmulPreferenceCreate", st);
+  const uint64_t space = p->space;
+  st = lib.pref_set(pref, lt::kPrefMaxWorkspace, &space, sizeof space);
+  for (int attr : {lt::kPrefMinAlignA, lt::kPrefMinAlignB, lt::kPrefMinAlignC, lt::kPrefMinAlignD}) {
+    if (!st) st = lib.pref_set(pref, attr, &p->align, sizeof p->align);
+  }
+  int found = 0;
+  if (!st) st = lib.heuristic(handle, p->desc, p->a, p->b, p->d, p->d, pref, 1, &p->pick, &found);
+  lib.pref_destroy(pref);
+  if (st) return lt::status_text("cublasLtMatmulAlgoGetHeuristic", st);
+  if (found < 1) return "cuBLASLt has no algorithm for this shape with a GELU+bias epilogue";
+  return "";
+}
+
+// Y = GELU(X W + bias) on ``stream``; empty string on success.
+std::string matmul_bias_gelu_cuda(GemmCache* cache, const void* x, const void* w, const void* bias, void* y,
+                                  int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  const lt::Library& lib = lt::library();
+  if (!lib.error.empty()) return lib.error;
+  if (m == 0 || n == 0) return "";
+  int device = -1;
+  lt::Handle handle = nullptr;
+  void* space = nullptr;
+  size_t bytes = 0;
+  std::string err = lt_context(stream, &device, &handle, &space, &bytes);
+  if (!err.empty()) return err;
+  uint32_t align = lt::alignment(x);
+  for (const void* ptr : {w, bias, static_cast<const void*>(y)}) align = std::min(align, lt::alignment(ptr));
+  std::lock_guard<std::mutex> lock(cache->mutex);
+  lt::Plan* plan = nullptr;
+  for (lt::Plan& p : cache->plans) {
+    if (p.m == m && p.n == n && p.k == k && p.device == device && p.align == align && p.space == bytes) plan = &p;
+  }
+  if (!plan) {
+    lt::Plan fresh;
+    fresh.m = m, fresh.n = n, fresh.k = k, fresh.device = device, fresh.align = align, fresh.space = bytes;
+    fresh.bias = bias;
+    err = lt_plan(handle, &fresh);
+    cache->plans.push_back(fresh);  // kept even when incomplete, so the cache's destructor releases it
+    if (!err.empty()) {
+      cache->plans.back().m = -1;  // never matched again
+      return err;
+    }
+    plan = &cache->plans.back();
+  }
+  if (plan->bias != bias) {
+    if (int st = lib.desc_set(plan->desc, lt::kDescBiasPointer, &bias, sizeof bias)) {
+      return lt::status_text("setting the bias", st);
+    }
+    plan->bias = bias;
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  if (int st = lib.matmul(handle, plan->desc, &alpha, w, plan->a, x, plan->b, &beta, y, plan->d, y, plan->d,
+                          &plan->pick.algo, space, bytes, stream)) {
+    return lt::status_text("cublasLtMatmul", st);
+  }
+  if (cudaError_t e = cudaGetLastError()) return std::string("cublasLtMatmul: ") + cudaGetErrorString(e);
+  return "";
+}
+
+#else
+struct GemmCache {};  // the CPU build keeps no cuBLASLt state
 #endif  // __CUDACC__
 
 // ---- the ONNX Runtime glue --------------------------------------------------------------------------------
 
-enum class Which { kBiasRotarySplit, kBiasActivation, kResizeBilinear };
+enum class Which { kBiasRotarySplit, kBiasActivation, kResizeBilinear, kMatMulBiasGelu };
 
 const char* name_of(Which which) {
   switch (which) {
@@ -598,6 +866,8 @@ const char* name_of(Which which) {
       return "BiasRotarySplit";
     case Which::kBiasActivation:
       return "BiasActivation";
+    case Which::kMatMulBiasGelu:
+      return "MatMulBiasGelu";
     default:
       return "ResizeBilinear";
   }
@@ -610,6 +880,7 @@ struct Kernel {
   int64_t relu = 0;                // BiasActivation
   std::vector<int64_t> scale;      // ResizeBilinear: [sh, sw]
   int64_t channels_last = 0;       // BiasActivation, ResizeBilinear: (N, ..., C) layout
+  std::unique_ptr<GemmCache> gemm;  // MatMulBiasGelu on CUDA: cuBLASLt plans per shape
 };
 
 struct Tensor {
@@ -861,6 +1132,44 @@ OrtStatus* compute_resize_bilinear(const Kernel& k, OrtKernelContext* context, T
 #endif
 }
 
+OrtStatus* compute_matmul_bias_gelu(const Kernel& k, OrtKernelContext* context, Tensor (&t)[4], size_t) {
+  const Which op = k.which;
+  if (!t[0].value || !t[1].value || !t[2].value) return fail(op, "inputs X, W and bias are required");
+  const auto& xd = t[0].dims;
+  const auto& wd = t[1].dims;
+  if (t[0].type != kFloat16 || t[1].type != kFloat16 || t[2].type != kFloat16) {
+    return fail(op, "X, W and bias must be float16");
+  }
+  if (xd.empty()) return fail(op, "X must be (..., K), got a scalar");
+  if (wd.size() != 2 || wd[0] != xd.back()) {
+    return fail(op, "W must be (" + std::to_string(xd.back()) + ", N), got " + dims_text(wd));
+  }
+  if (t[2].dims.size() != 1 || t[2].dims[0] != wd[1]) {
+    return fail(op, "bias must be (" + std::to_string(wd[1]) + ",), got " + dims_text(t[2].dims));
+  }
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) m *= xd[i];
+  std::vector<int64_t> out_dims(xd.begin(), xd.end() - 1);
+  out_dims.push_back(wd[1]);
+  void* y = nullptr;
+  if (OrtStatus* st = output(context, 0, out_dims, &y)) return st;
+  if (!k.cuda) {
+    matmul_bias_gelu_cpu(static_cast<const uint16_t*>(t[0].data), static_cast<const uint16_t*>(t[1].data),
+                         static_cast<const uint16_t*>(t[2].data), static_cast<uint16_t*>(y), m, wd[1], wd[0]);
+    return nullptr;
+  }
+#ifdef __CUDACC__
+  if (!k.gemm) return fail(op, "out of memory");
+  cudaStream_t stream = nullptr;
+  if (OrtStatus* st = stream_of(context, &stream)) return st;
+  const std::string err =
+      matmul_bias_gelu_cuda(k.gemm.get(), t[0].data, t[1].data, t[2].data, y, m, wd[1], wd[0], stream);
+  return err.empty() ? nullptr : fail(op, err);
+#else
+  return fail(op, "this build of the operator library has no CUDA kernels");
+#endif
+}
+
 // An optional int attribute: its value, or ``fallback`` where the node does not have it.
 int64_t attr_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
   int64_t value = fallback;
@@ -874,6 +1183,7 @@ int64_t attr_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
 OrtStatus* read_attrs(const OrtKernelInfo* info, Kernel* k) {
   OrtStatus* st = nullptr;
   k->channels_last = attr_or(info, "channels_last", 0);
+  if (k->which == Which::kMatMulBiasGelu) return nullptr;  // no attributes
   if (k->which == Which::kBiasActivation) {
     if ((st = g_api->KernelInfoGetAttribute_int64(info, "relu", &k->relu))) return st;
     return nullptr;
@@ -918,6 +1228,7 @@ const char* op_provider(const ee_ort::CustomOp* op) {
 // BiasRotarySplit: P, bias (T), cos, sin (float, optional); outputs: variadic, T.
 // BiasActivation: X, bias, residual (optional), all T; one output.
 // ResizeBilinear: X (T); one output.
+// MatMulBiasGelu: X, W, bias (float16); one output.
 int op_input_type(const ee_ort::CustomOp* op, size_t index) {
   return as_op(op).which == Which::kBiasRotarySplit && index >= 2 ? kFloat : as_op(op).type;
 }
@@ -926,6 +1237,7 @@ size_t op_input_count(const ee_ort::CustomOp* op) {
     case Which::kBiasRotarySplit:
       return 4;
     case Which::kBiasActivation:
+    case Which::kMatMulBiasGelu:
       return 3;
     default:
       return 1;
@@ -933,8 +1245,9 @@ size_t op_input_count(const ee_ort::CustomOp* op) {
 }
 int op_output_type(const ee_ort::CustomOp* op, size_t) { return as_op(op).type; }
 size_t op_output_count(const ee_ort::CustomOp*) { return 1; }
-int op_input_characteristic(const ee_ort::CustomOp*, size_t index) {
-  return index < 2 ? ee_ort::kRequired : ee_ort::kOptional;
+int op_input_characteristic(const ee_ort::CustomOp* op, size_t index) {
+  const size_t required = as_op(op).which == Which::kMatMulBiasGelu ? 3 : 2;
+  return index < required ? ee_ort::kRequired : ee_ort::kOptional;
 }
 int op_output_characteristic(const ee_ort::CustomOp* op, size_t) {
   return as_op(op).which == Which::kBiasRotarySplit ? ee_ort::kVariadic : ee_ort::kRequired;
@@ -946,8 +1259,9 @@ int op_start_version(const ee_ort::CustomOp*) { return 1; }
 int op_end_version(const ee_ort::CustomOp*) { return 0x7fffffff; }
 
 OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
-  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0, {}, 0};
+  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0, {}, 0, nullptr};
   if (!k) return fail(as_op(op).which, "out of memory");
+  if (k->which == Which::kMatMulBiasGelu && k->cuda) k->gemm.reset(new (std::nothrow) GemmCache);
   if (OrtStatus* st = read_attrs(info, k)) {
     delete k;
     return st;
@@ -966,6 +1280,8 @@ OrtStatus* op_compute(void* kernel, OrtKernelContext* context) {
       return compute_bias_rotary_split(k, context, t, outputs);
     case Which::kBiasActivation:
       return compute_bias_activation(k, context, t, outputs);
+    case Which::kMatMulBiasGelu:
+      return compute_matmul_bias_gelu(k, context, t, outputs);
     default:
       return compute_resize_bilinear(k, context, t, outputs);
   }
@@ -1012,6 +1328,7 @@ Op g_ops[] = {
     make_op(Which::kBiasActivation, true, kFloat16),   make_op(Which::kBiasActivation, true, kFloat),
     make_op(Which::kResizeBilinear, false, kFloat16),  make_op(Which::kResizeBilinear, false, kFloat),
     make_op(Which::kResizeBilinear, true, kFloat16),   make_op(Which::kResizeBilinear, true, kFloat),
+    make_op(Which::kMatMulBiasGelu, false, kFloat16),  make_op(Which::kMatMulBiasGelu, true, kFloat16),
 };
 
 }  // namespace
