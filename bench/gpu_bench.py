@@ -37,7 +37,11 @@ import gpu_cases as cases  # noqa: E402
 import torch  # noqa: E402
 
 from export_engine.runners.ort_cuda import CudaSessionConfig  # noqa: E402
-from export_engine.runners.ort_lowering import ATTENTION_LOWERINGS, DEFAULT_LOWERINGS  # noqa: E402
+from export_engine.runners.ort_lowering import (  # noqa: E402
+    ATTENTION_LOWERINGS,
+    DEFAULT_LOWERINGS,
+    OWN_OP_LOWERINGS,
+)
 
 EXPORTS = (("mast3r", "fp32"), ("mast3r", "hybrid"), ("fastsam3d", "fp32"), ("fastsam3d", "hybrid"),
            ("fastsam3d-sparse", "hybrid"))  # fmt: skip
@@ -186,16 +190,21 @@ STUDY = (  # (label, lowerings, tf32): the default first, then the steps that bu
 
 GQA_LOWERINGS = tuple("attention_gqa" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS)
 STOCK_LOWERINGS = tuple(
-    "attention_bsh" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS if n != "conv_epilogue"
+    "attention_bsh" if n in ATTENTION_LOWERINGS else n for n in DEFAULT_LOWERINGS if n not in OWN_OP_LOWERINGS
 )  # ONNX Runtime's own operators only
-RESIZE = (*DEFAULT_LOWERINGS, "resize_bilinear")
+
+
+def _without(*names: str) -> tuple[str, ...]:
+    return tuple(n for n in DEFAULT_LOWERINGS if n not in names)
+
+
 RUNTIME_OPTIONS = (  # (label, CudaSessionConfig fields, extras: "profile"): each against the default session
-    ("ONNX Runtime's operators only (attention_bsh, no conv_epilogue)", {"lowerings": STOCK_LOWERINGS}, {"profile"}),
-    ("+ export-engine's bilinear Resize (resize_bilinear)", {"lowerings": RESIZE}, {"profile"}),
-    ("+ resize_bilinear + NHWC convolutions (nhwc_conv)", {"lowerings": (*RESIZE, "nhwc_conv")}, {"profile"}),
-    ("+ MLP MatMul with its GELU as one cuBLASLt matmul (matmul_gelu)",
-     {"lowerings": (*DEFAULT_LOWERINGS, "matmul_gelu")}, {"profile"}),
-    ("+ resize_bilinear + nhwc_conv + matmul_gelu", {"lowerings": (*RESIZE, "nhwc_conv", "matmul_gelu")}, set()),
+    ("ONNX Runtime's operators only (attention_bsh; no matmul_gelu, conv_epilogue, resize_bilinear, nhwc_conv)",
+     {"lowerings": STOCK_LOWERINGS}, {"profile"}),
+    ("without matmul_gelu, resize_bilinear, nhwc_conv (the previous default)",
+     {"lowerings": _without("matmul_gelu", "resize_bilinear", "nhwc_conv")}, set()),
+    ("without nhwc_conv", {"lowerings": _without("nhwc_conv")}, set()),
+    ("without matmul_gelu", {"lowerings": _without("matmul_gelu")}, set()),
 )  # fmt: skip
 
 

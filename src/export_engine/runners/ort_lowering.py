@@ -19,14 +19,15 @@ measured on Hopper (bench/RESULTS.md):
 ``skip_layernorm``  residual add (+ bias) + LayerNorm as ``com.microsoft.SkipLayerNormalization``
 ``bias_gelu``       bias add + exact GELU as ``com.microsoft.BiasGelu``
 ``matmul_gelu``     an MLP's first MatMul with its ``BiasGelu`` as export-engine's ``MatMulBiasGelu``: one
-                    cuBLASLt matmul with a bias+GELU epilogue (tanh GELU; opt-in until measured)
+                    cuBLASLt matmul with a bias+GELU epilogue (tanh GELU)
 ``conv_epilogue``   a convolution's bias with the ReLU or residual Add after it as export-engine's
                     ``BiasActivation`` (one pass instead of cuDNN's bias kernel and one more; dropped where the
                     operator library cannot be built)
 ``resize_bilinear`` bilinear align_corners ``Resize`` by whole factors as export-engine's ``ResizeBilinear``
-                    (16 bytes of output a thread; opt-in until measured)
+                    (16 bytes of output a thread)
 ``nhwc_conv``       2-D convolutions as ``com.microsoft.NhwcConv`` with the layout Transposes between them moved
-                    until they cancel (cuDNN's NCHW<->NHWC conversions gone; opt-in until measured)
+                    until they cancel (cuDNN's NCHW<->NHWC conversions gone; dropped with the operator
+                    library, whose channels-last forms it relies on)
 ``decompose_attention``  Attention as MatMul/Softmax/MatMul (faster where no flash kernel applies)
 ``im2col``          stride-1 2-D convolutions as im2col + MatMul (measured slower than cuDNN: opt-in)
 ==================  =====================================================================================
@@ -59,7 +60,10 @@ DEFAULT_LOWERINGS = (
     "norm_casts",
     "skip_layernorm",
     "bias_gelu",
+    "matmul_gelu",
     "conv_epilogue",
+    "resize_bilinear",
+    "nhwc_conv",
 )
 ATTENTION_LOWERINGS = ("attention_fused", "attention_gqa", "attention_bsh")  # alternatives (the first in this
 # order that is named rewrites the attention blocks; the others then find none)
@@ -69,6 +73,7 @@ OWN_OP_LOWERINGS: dict[str, str | None] = {
     "conv_epilogue": None,
     "resize_bilinear": None,
     "matmul_gelu": None,
+    "nhwc_conv": None,  # measured only with the channels-last forms of the two operators above
 }
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
 
