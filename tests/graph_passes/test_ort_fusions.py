@@ -582,3 +582,43 @@ def test_matmul_gelu_skips_float32_and_shared_products() -> None:
     assert fp32.rewritten == 0 and "float16 only" in fp32.skipped[0]
     shared = fuse_matmul_gelu(mlp(np.float16, True), FuseMatMulGeluConfig())
     assert shared.rewritten == 0 and "other consumers" in shared.skipped[0]
+
+
+@pytest.fixture(scope="module")
+def fastsam3d_hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export_engine.exporters.fastsam3d import TINY_CONFIG as FASTSAM3D_TINY
+
+    root = tmp_path_factory.mktemp("fusions_fastsam3d")
+    (root / "config.json").write_text(json.dumps(FASTSAM3D_TINY))
+    out = root / "fastsam3d-hybrid"
+    args = ["--model", "fastsam3d", "--precision", "hybrid", "--random-weights", "--backend", "onnx", "--quiet",
+            "--config", str(root / "config.json"), "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+@pytest.mark.usefixtures("own_ops")
+@pytest.mark.parametrize(("name", "norms", "gelus"), [("encoder", 2, 0), ("prompt_decoder", 3, 3)])
+def test_channel_layernorms_become_one_operator(fastsam3d_hybrid: Path, name: str, norms: int, gelus: int) -> None:
+    """``fuse_channel_layernorm``: the neck's two LayerNorm3d and the prompt encoder's and upsampler's three (each
+    followed by GELU) become one ``ChannelLayerNorm`` each, on float16 storage where the graph casts around them."""
+    from export_engine.graph_passes.fuse_channel_layernorm import (
+        FuseChannelLayerNormConfig,
+        fuse_channel_layernorm,
+    )
+
+    graph = load_graph(fastsam3d_hybrid / f"{name}.onnx")
+    feed = _feed(fastsam3d_hybrid, name)
+    before_ops, before = op_counts(graph), run_graph(graph, feed)
+
+    report = fuse_channel_layernorm(graph, FuseChannelLayerNormConfig())
+
+    fused = [n for n in graph.nodes if n.op == "ChannelLayerNorm"]
+    assert report.rewritten == report.matched == len(fused) == norms, report.skipped
+    assert sum(n.attrs["gelu"] for n in fused) == gelus
+    assert op_counts(graph)["ReduceMean"] == before_ops["ReduceMean"] - 2 * norms
+    assert op_counts(graph)["Gelu"] == before_ops["Gelu"] - gelus
+    assert any(n.inputs[0].dtype == np.float16 for n in fused)  # the Casts around the statistics folded
+    onnx.checker.check_model(gs.export_onnx(graph))
+    _close(run_graph(graph, feed), before, 2e-2)
+    assert fuse_channel_layernorm(graph, FuseChannelLayerNormConfig()).matched == 0

@@ -386,3 +386,61 @@ def test_cuda_matmul_bias_gelu_matches_numpy(lead: tuple[int, ...], k: int, n: i
     """One cuBLASLt matmul with its GELU+bias epilogue (MASt3R's encoder MLP shape last)."""
     got, want = _matmul_gelu_case(lead, k, n, cuda=True)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def _channel_norm_model(dtype: int, shape: list, eps: float, gelu: int) -> bytes:
+    inputs = [helper.make_tensor_value_info("X", dtype, shape), helper.make_tensor_value_info("w", dtype, [shape[1]]),
+              helper.make_tensor_value_info("b", dtype, [shape[1]])]  # fmt: skip
+    node = helper.make_node("ChannelLayerNorm", ["X", "w", "b"], ["Y"], domain=ort_ops.DOMAIN, epsilon=eps, gelu=gelu)
+    graph = helper.make_graph([node], "channel_layer_norm", inputs, [helper.make_tensor_value_info("Y", dtype, shape)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ort_ops.DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def _channel_norm_case(dtype: type, shape: list[int], gelu: int, cuda: bool) -> None:
+    from scipy.special import erf
+
+    rng = np.random.default_rng(3)
+    feed = {"X": (rng.standard_normal(shape) * 3 + 1).astype(dtype), "w": rng.standard_normal(shape[1]).astype(dtype),
+            "b": rng.standard_normal(shape[1]).astype(dtype)}  # fmt: skip
+    x = feed["X"].astype(np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=1, keepdims=True)
+    along = (1, -1, *([1] * (len(shape) - 2)))
+    want = (x - mean) / np.sqrt(var + 1e-6) * feed["w"].astype(np.float64).reshape(along)
+    want = want + feed["b"].astype(np.float64).reshape(along)
+    if gelu:
+        want = 0.5 * want * (1 + erf(want / np.sqrt(2)))
+    onnx_type = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    (got,) = _session(_channel_norm_model(onnx_type, shape, 1e-6, gelu), cuda).run(None, feed)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 4e-3 if dtype == np.float16 else 1e-5  # float statistics, one rounding to the output type
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=tol, atol=tol)
+
+
+CHANNEL_NORM_CASES = [([2, 16, 4, 5, 3], 1), ([1, 96, 8, 8, 8], 0), ([3, 5, 7], 1), ([1, 384, 33], 0)]
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("shape", "gelu"), CHANNEL_NORM_CASES)
+def test_cpu_channel_layer_norm_matches_numpy(dtype: type, shape: list[int], gelu: int) -> None:
+    _channel_norm_case(dtype, shape, gelu, cuda=False)
+
+
+@needs_cxx
+def test_channel_layer_norm_names_bad_shapes() -> None:
+    session = _session(_channel_norm_model(TensorProto.FLOAT, ["n", "c", "s"], 1e-6, 0), cuda=False)
+    with pytest.raises(Exception, match=r"ChannelLayerNorm: weight and bias must be \(4,\) of X's type, got \(3\)"):
+        session.run(None, {"X": np.zeros((1, 4, 2), np.float32), "w": np.ones(3, np.float32),
+                           "b": np.zeros(4, np.float32)})  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
+@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("shape", "gelu"), CHANNEL_NORM_CASES)
+def test_cuda_channel_layer_norm_matches_numpy(dtype: type, shape: list[int], gelu: int) -> None:
+    """Blocks of 32 positions x 8 channel rows: fewer channels than rows, and positions past the last block."""
+    _channel_norm_case(dtype, shape, gelu, cuda=True)

@@ -23,6 +23,8 @@ measured on Hopper (bench/RESULTS.md):
 ``conv_epilogue``   a convolution's bias with the ReLU or residual Add after it as export-engine's
                     ``BiasActivation`` (one pass instead of cuDNN's bias kernel and one more; dropped where the
                     operator library cannot be built)
+``channel_norm``    LayerNorm over the channel axis of channels-first tensors (LayerNorm3d/2d, exported element by
+                    element: up to eleven kernels) as export-engine's ``ChannelLayerNorm``, with a GELU after it
 ``resize_bilinear`` bilinear align_corners ``Resize`` by whole factors as export-engine's ``ResizeBilinear``
                     (16 bytes of output a thread)
 ``nhwc_conv``       2-D convolutions as ``com.microsoft.NhwcConv`` with the layout Transposes between them moved
@@ -62,6 +64,7 @@ DEFAULT_LOWERINGS = (
     "bias_gelu",
     "matmul_gelu",
     "conv_epilogue",
+    "channel_norm",
     "resize_bilinear",
     "nhwc_conv",
 )
@@ -73,6 +76,7 @@ OWN_OP_LOWERINGS: dict[str, str | None] = {
     "conv_epilogue": None,
     "resize_bilinear": None,
     "matmul_gelu": None,
+    "channel_norm": None,
     "nhwc_conv": None,  # measured only with the channels-last forms of the two operators above
 }
 _MATRIX_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "Einsum", "FusedMatMul")
@@ -91,6 +95,7 @@ _PASSES: dict[str, tuple[str, str] | tuple[str, str, dict[str, Any]]] = {
     "bias_gelu": ("fuse_bias_gelu", "FuseBiasGeluConfig"),
     "matmul_gelu": ("fuse_matmul_gelu", "FuseMatMulGeluConfig"),
     "conv_epilogue": ("fuse_conv_epilogue", "FuseConvEpilogueConfig"),
+    "channel_norm": ("fuse_channel_layernorm", "FuseChannelLayerNormConfig"),
     "resize_bilinear": ("lower_resize", "LowerResizeConfig"),
     "nhwc_conv": ("lower_conv_nhwc", "LowerConvNhwcConfig"),
     "decompose_attention": ("decompose_attention", "DecomposeAttentionConfig"),

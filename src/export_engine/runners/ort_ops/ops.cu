@@ -51,6 +51,18 @@
 // and writes it again. On CUDA this operator is one cuBLASLt matmul whose epilogue adds the bias and applies GELU.
 // cuBLASLt is opened at run time (the libcublasLt of nvcc's CUDA major version, the one ONNX Runtime's CUDA
 // provider has already loaded), so the library links nothing beyond the CUDA runtime.
+//
+// ChannelLayerNorm: LayerNorm over the channel axis of a channels-first tensor (the LayerNorm3d / LayerNorm2d of
+// convolutional necks and upsamplers), optionally followed by exact GELU.
+//
+//   inputs   X (N, C, spatial...) T, weight (C,) T, bias (C,) T
+//   output   Y = act((X - mean_c) / sqrt(var_c + epsilon) * weight[c] + bias[c]), mean and (biased) variance over
+//            C at each (n, spatial) position, computed in float in two passes; act = identity or GELU (attr gelu)
+//   attrs    epsilon (float), gelu (int, 0 or 1)
+//
+// Exported, each such norm is a Cast to float, two ReduceMeans, Sub, Pow, Add, Sqrt, Div, a Cast back, Mul and
+// Add: eleven kernels over the tensor. Here it is one: a thread block takes 32 consecutive positions (coalesced
+// along the spatial axis) and splits the channels over its 8 rows of threads.
 
 #include <algorithm>
 #include <cmath>
@@ -303,6 +315,31 @@ void matmul_bias_gelu_cpu(const uint16_t* x, const uint16_t* w, const uint16_t* 
       for (int64_t j = 0; j < n; ++j) acc[j] += xv * wr[j];
     }
     for (int64_t j = 0; j < n; ++j) y[r * n + j] = float_to_half(gelu_tanh(acc[j] + half_to_float(bias[j])));
+  }
+}
+
+inline float gelu_erf(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f)); }
+
+template <typename T>
+void channel_layer_norm_cpu(const T* x, const T* w, const T* b, T* y, int64_t n, int64_t c, int64_t s, float eps,
+                            bool gelu) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = 0; p < s; ++p) {
+      const int64_t base = i * c * s + p;
+      float sum = 0.f;
+      for (int64_t k = 0; k < c; ++k) sum += load(x, base + k * s);
+      const float mean = sum / static_cast<float>(c);
+      float sq = 0.f;
+      for (int64_t k = 0; k < c; ++k) {
+        const float d = load(x, base + k * s) - mean;
+        sq += d * d;
+      }
+      const float inv = 1.0f / std::sqrt(sq / static_cast<float>(c) + eps);
+      for (int64_t k = 0; k < c; ++k) {
+        float v = (load(x, base + k * s) - mean) * inv * load(w, k) + load(b, k);
+        store(y, base + k * s, gelu ? gelu_erf(v) : v);
+      }
+    }
   }
 }
 
@@ -625,6 +662,61 @@ cudaError_t resize_bilinear_last_cuda(const void* x, void* y, const Resize& r, b
   return cudaGetLastError();
 }
 
+// Block (32, 8): threadIdx.x walks 32 consecutive positions, threadIdx.y the channels 8 apart; channel sums meet
+// in shared memory. Three reads of each value (mean, variance, output), the later ones mostly from L1/L2.
+template <typename T>
+__global__ void channel_layer_norm_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                                          T* __restrict__ y, int64_t c, int64_t s, int64_t blocks_per_image,
+                                          float eps, bool gelu) {
+  __shared__ float part[8][33];
+  const int64_t image = blockIdx.x / blocks_per_image;
+  const int64_t p = (blockIdx.x % blocks_per_image) * 32 + threadIdx.x;
+  const bool live = p < s;
+  const int64_t base = image * c * s + p;
+  float sum = 0.f;
+  if (live) {
+    for (int64_t k = threadIdx.y; k < c; k += 8) sum += to_float(x[base + k * s]);
+  }
+  part[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  float mean = 0.f;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) mean += part[r][threadIdx.x];
+  mean /= static_cast<float>(c);
+  __syncthreads();
+  float sq = 0.f;
+  if (live) {
+    for (int64_t k = threadIdx.y; k < c; k += 8) {
+      const float d = to_float(x[base + k * s]) - mean;
+      sq += d * d;
+    }
+  }
+  part[threadIdx.y][threadIdx.x] = sq;
+  __syncthreads();
+  float var = 0.f;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) var += part[r][threadIdx.x];
+  const float inv = rsqrtf(var / static_cast<float>(c) + eps);
+  if (!live) return;
+  for (int64_t k = threadIdx.y; k < c; k += 8) {
+    float v = (to_float(x[base + k * s]) - mean) * inv * to_float(w[k]) + to_float(b[k]);
+    if (gelu) v = 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+    y[base + k * s] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+cudaError_t channel_layer_norm_cuda(const void* x, const void* w, const void* b, void* y, int64_t n, int64_t c,
+                                    int64_t s, float eps, bool gelu, cudaStream_t stream) {
+  if (n == 0 || s == 0) return cudaSuccess;
+  const int64_t per_image = (s + 31) / 32;
+  const dim3 block(32, 8);
+  channel_layer_norm_kernel<T><<<static_cast<unsigned>(n * per_image), block, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), static_cast<T*>(y), c, s,
+      per_image, eps, gelu);
+  return cudaGetLastError();
+}
+
 // ---- cuBLASLt, opened at run time -------------------------------------------------------------------------
 
 // The slice of cuBLASLt's C API that MatMulBiasGelu uses; the values are those of its public header.
@@ -858,7 +950,7 @@ struct GemmCache {};  // the CPU build keeps no cuBLASLt state
 
 // ---- the ONNX Runtime glue --------------------------------------------------------------------------------
 
-enum class Which { kBiasRotarySplit, kBiasActivation, kResizeBilinear, kMatMulBiasGelu };
+enum class Which { kBiasRotarySplit, kBiasActivation, kResizeBilinear, kMatMulBiasGelu, kChannelLayerNorm };
 
 const char* name_of(Which which) {
   switch (which) {
@@ -868,6 +960,8 @@ const char* name_of(Which which) {
       return "BiasActivation";
     case Which::kMatMulBiasGelu:
       return "MatMulBiasGelu";
+    case Which::kChannelLayerNorm:
+      return "ChannelLayerNorm";
     default:
       return "ResizeBilinear";
   }
@@ -877,7 +971,8 @@ struct Kernel {
   Which which;
   bool cuda = false;
   Attrs attrs;                     // BiasRotarySplit
-  int64_t relu = 0;                // BiasActivation
+  int64_t relu = 0;                // BiasActivation; ChannelLayerNorm: GELU after the norm
+  float epsilon = 0.f;             // ChannelLayerNorm
   std::vector<int64_t> scale;      // ResizeBilinear: [sh, sw]
   int64_t channels_last = 0;       // BiasActivation, ResizeBilinear: (N, ..., C) layout
   std::unique_ptr<GemmCache> gemm;  // MatMulBiasGelu on CUDA: cuBLASLt plans per shape
@@ -1170,6 +1265,49 @@ OrtStatus* compute_matmul_bias_gelu(const Kernel& k, OrtKernelContext* context, 
 #endif
 }
 
+OrtStatus* compute_channel_layer_norm(const Kernel& k, OrtKernelContext* context, Tensor (&t)[4], size_t) {
+  const Which op = k.which;
+  if (!t[0].value || !t[1].value || !t[2].value) return fail(op, "inputs X, weight and bias are required");
+  const auto& xd = t[0].dims;
+  if (xd.size() < 2) return fail(op, "X must be (N, C, ...), got " + dims_text(xd));
+  if (t[0].type != kFloat16 && t[0].type != kFloat) return fail(op, "X must be float16 or float");
+  for (int i = 1; i < 3; ++i) {
+    if (t[i].type != t[0].type || t[i].dims.size() != 1 || t[i].dims[0] != xd[1]) {
+      return fail(op, "weight and bias must be (" + std::to_string(xd[1]) + ",) of X's type, got " +
+                          dims_text(t[i].dims));
+    }
+  }
+  int64_t s = 1;
+  for (size_t i = 2; i < xd.size(); ++i) s *= xd[i];
+  void* y = nullptr;
+  if (OrtStatus* st = output(context, 0, xd, &y)) return st;
+  const bool gelu = k.relu != 0;
+  if (!k.cuda) {
+    if (t[0].type == kFloat16) {
+      using H = uint16_t;
+      channel_layer_norm_cpu(static_cast<const H*>(t[0].data), static_cast<const H*>(t[1].data),
+                             static_cast<const H*>(t[2].data), static_cast<H*>(y), xd[0], xd[1], s, k.epsilon, gelu);
+    } else {
+      channel_layer_norm_cpu(static_cast<const float*>(t[0].data), static_cast<const float*>(t[1].data),
+                             static_cast<const float*>(t[2].data), static_cast<float*>(y), xd[0], xd[1], s,
+                             k.epsilon, gelu);
+    }
+    return nullptr;
+  }
+#ifdef __CUDACC__
+  cudaStream_t stream = nullptr;
+  if (OrtStatus* st = stream_of(context, &stream)) return st;
+  cudaError_t err = t[0].type == kFloat16
+                        ? channel_layer_norm_cuda<__half>(t[0].data, t[1].data, t[2].data, y, xd[0], xd[1], s,
+                                                          k.epsilon, gelu, stream)
+                        : channel_layer_norm_cuda<float>(t[0].data, t[1].data, t[2].data, y, xd[0], xd[1], s,
+                                                         k.epsilon, gelu, stream);
+  return launched(op, err);
+#else
+  return fail(op, "this build of the operator library has no CUDA kernels");
+#endif
+}
+
 // An optional int attribute: its value, or ``fallback`` where the node does not have it.
 int64_t attr_or(const OrtKernelInfo* info, const char* name, int64_t fallback) {
   int64_t value = fallback;
@@ -1184,6 +1322,12 @@ OrtStatus* read_attrs(const OrtKernelInfo* info, Kernel* k) {
   OrtStatus* st = nullptr;
   k->channels_last = attr_or(info, "channels_last", 0);
   if (k->which == Which::kMatMulBiasGelu) return nullptr;  // no attributes
+  if (k->which == Which::kChannelLayerNorm) {
+    k->relu = attr_or(info, "gelu", 0);
+    if ((st = g_api->KernelInfoGetAttribute_float(info, "epsilon", &k->epsilon))) return st;
+    if (!(k->epsilon >= 0.f)) return fail(k->which, "epsilon must be >= 0");
+    return nullptr;
+  }
   if (k->which == Which::kBiasActivation) {
     if ((st = g_api->KernelInfoGetAttribute_int64(info, "relu", &k->relu))) return st;
     return nullptr;
@@ -1229,6 +1373,7 @@ const char* op_provider(const ee_ort::CustomOp* op) {
 // BiasActivation: X, bias, residual (optional), all T; one output.
 // ResizeBilinear: X (T); one output.
 // MatMulBiasGelu: X, W, bias (float16); one output.
+// ChannelLayerNorm: X, weight, bias (T); one output.
 int op_input_type(const ee_ort::CustomOp* op, size_t index) {
   return as_op(op).which == Which::kBiasRotarySplit && index >= 2 ? kFloat : as_op(op).type;
 }
@@ -1238,6 +1383,7 @@ size_t op_input_count(const ee_ort::CustomOp* op) {
       return 4;
     case Which::kBiasActivation:
     case Which::kMatMulBiasGelu:
+    case Which::kChannelLayerNorm:
       return 3;
     default:
       return 1;
@@ -1246,7 +1392,8 @@ size_t op_input_count(const ee_ort::CustomOp* op) {
 int op_output_type(const ee_ort::CustomOp* op, size_t) { return as_op(op).type; }
 size_t op_output_count(const ee_ort::CustomOp*) { return 1; }
 int op_input_characteristic(const ee_ort::CustomOp* op, size_t index) {
-  const size_t required = as_op(op).which == Which::kMatMulBiasGelu ? 3 : 2;
+  const Which which = as_op(op).which;
+  const size_t required = which == Which::kMatMulBiasGelu || which == Which::kChannelLayerNorm ? 3 : 2;
   return index < required ? ee_ort::kRequired : ee_ort::kOptional;
 }
 int op_output_characteristic(const ee_ort::CustomOp* op, size_t) {
@@ -1259,7 +1406,7 @@ int op_start_version(const ee_ort::CustomOp*) { return 1; }
 int op_end_version(const ee_ort::CustomOp*) { return 0x7fffffff; }
 
 OrtStatus* op_create_kernel(const ee_ort::CustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
-  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0, {}, 0, nullptr};
+  auto* k = new (std::nothrow) Kernel{as_op(op).which, as_op(op).cuda, Attrs{}, 0, 0.f, {}, 0, nullptr};
   if (!k) return fail(as_op(op).which, "out of memory");
   if (k->which == Which::kMatMulBiasGelu && k->cuda) k->gemm.reset(new (std::nothrow) GemmCache);
   if (OrtStatus* st = read_attrs(info, k)) {
@@ -1282,6 +1429,8 @@ OrtStatus* op_compute(void* kernel, OrtKernelContext* context) {
       return compute_bias_activation(k, context, t, outputs);
     case Which::kMatMulBiasGelu:
       return compute_matmul_bias_gelu(k, context, t, outputs);
+    case Which::kChannelLayerNorm:
+      return compute_channel_layer_norm(k, context, t, outputs);
     default:
       return compute_resize_bilinear(k, context, t, outputs);
   }
@@ -1329,6 +1478,8 @@ Op g_ops[] = {
     make_op(Which::kResizeBilinear, false, kFloat16),  make_op(Which::kResizeBilinear, false, kFloat),
     make_op(Which::kResizeBilinear, true, kFloat16),   make_op(Which::kResizeBilinear, true, kFloat),
     make_op(Which::kMatMulBiasGelu, false, kFloat16),  make_op(Which::kMatMulBiasGelu, true, kFloat16),
+    make_op(Which::kChannelLayerNorm, false, kFloat16), make_op(Which::kChannelLayerNorm, false, kFloat),
+    make_op(Which::kChannelLayerNorm, true, kFloat16),  make_op(Which::kChannelLayerNorm, true, kFloat),
 };
 
 }  // namespace
