@@ -45,7 +45,8 @@
 //   output   Y (..., N)                        float16
 //
 //   GELU is the tanh form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the one cuBLASLt's epilogue computes;
-//   products accumulate in float and each output value is rounded once.
+//   products accumulate in float (the CPU kernel rounds each output value once; on CUDA, cuBLASLt's heuristic
+//   picks the algorithm, including how a sum split over K is reduced).
 //
 // ONNX Runtime runs the layer as a MatMul that writes the block's widest activation and a BiasGelu that reads it
 // and writes it again. On CUDA this operator is one cuBLASLt matmul whose epilogue adds the bias and applies GELU.
@@ -710,6 +711,7 @@ cudaError_t channel_layer_norm_cuda(const void* x, const void* w, const void* b,
                                     int64_t s, float eps, bool gelu, cudaStream_t stream) {
   if (n == 0 || s == 0) return cudaSuccess;
   const int64_t per_image = (s + 31) / 32;
+  if (n * per_image > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 block(32, 8);
   channel_layer_norm_kernel<T><<<static_cast<unsigned>(n * per_image), block, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), static_cast<T*>(y), c, s,
@@ -742,6 +744,7 @@ constexpr int kEpilogueGeluBias = 36;                      // cublasLtEpilogue_t
 constexpr int kPrefMaxWorkspace = 1;                       // cublasLtMatmulPreferenceAttributes_t
 constexpr int kPrefMinAlignA = 5, kPrefMinAlignB = 6, kPrefMinAlignC = 7, kPrefMinAlignD = 8;
 constexpr size_t kWorkspaceBytes = size_t{32} << 20;       // per stream
+constexpr size_t kMaxPlans = 16;                           // shapes remembered per kernel
 
 struct Library {
   std::string error;  // empty when every entry point was found
@@ -788,14 +791,41 @@ Library open_library() {
   return lib;
 }
 
+// Process-wide state lives on the heap and is never destroyed: kernels may be released after static destructors
+// have run (sessions that outlive the interpreter), and must still find it.
 const Library& library() {
-  static const Library lib = open_library();
-  return lib;
+  static const Library* lib = new Library(open_library());
+  return *lib;
 }
 
-std::mutex g_mutex;                      // guards the two tables below
-std::map<int, Handle> g_handles;         // per device
-std::map<cudaStream_t, void*> g_spaces;  // workspace per stream (a stream's work is ordered: no two matmuls share)
+// One workspace per (device, stream): a stream's work is ordered, so no two matmuls use one at once. Streams are
+// told apart by their CUDA ids, which are never reused (a destroyed stream's handle can be). A workspace goes
+// back to its device's spare list when the last kernel that used it is released, and a new stream takes a spare
+// one before allocating; a kernel is only released with its session, after the session's work is done.
+using SpaceKey = std::pair<int, unsigned long long>;
+struct Space {
+  void* ptr = nullptr;
+  int users = 0;
+};
+struct Shared {
+  std::mutex mutex;
+  std::map<int, Handle> handles;  // per device
+  std::map<SpaceKey, Space> spaces;
+  std::map<int, std::vector<void*>> spare;  // per device
+};
+Shared& shared() {
+  static Shared* state = new Shared;
+  return *state;
+}
+
+unsigned long long stream_id(cudaStream_t stream) {
+#if CUDART_VERSION >= 12000
+  unsigned long long id = 0;
+  if (cudaStreamGetId(stream, &id) == cudaSuccess) return id;
+  cudaGetLastError();
+#endif
+  return static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(stream));
+}
 
 // One shape's matmul: descriptors and the algorithm cuBLASLt's heuristic picked for it.
 struct Plan {
@@ -822,45 +852,77 @@ std::string status_text(const char* what, int status) {
 
 }  // namespace lt
 
-// A kernel's plans (one per shape it has run), guarded by its own lock; descriptors released with the kernel.
+void release(lt::Plan* p) {
+  const lt::Library& lib = lt::library();
+  if (p->a) lib.layout_destroy(p->a);
+  if (p->b) lib.layout_destroy(p->b);
+  if (p->d) lib.layout_destroy(p->d);
+  if (p->desc) lib.desc_destroy(p->desc);
+  *p = lt::Plan{};
+}
+
+// A kernel's plans (the last shapes it has run) and the workspaces it uses, guarded by its own lock; released
+// with the kernel (no CUDA call here: ONNX Runtime may release kernels from a stream callback).
 struct GemmCache {
   std::mutex mutex;
   std::vector<lt::Plan> plans;
+  std::vector<lt::SpaceKey> spaces;
+  std::map<std::string, std::string> failed;  // shape -> why: not planned again
   ~GemmCache() {
-    const lt::Library& lib = lt::library();
-    if (!lib.error.empty()) return;
-    for (lt::Plan& p : plans) {
-      if (p.a) lib.layout_destroy(p.a);
-      if (p.b) lib.layout_destroy(p.b);
-      if (p.d) lib.layout_destroy(p.d);
-      if (p.desc) lib.desc_destroy(p.desc);
+    for (lt::Plan& p : plans) release(&p);
+    if (spaces.empty()) return;
+    lt::Shared& state = lt::shared();
+    std::lock_guard<std::mutex> lock(state.mutex);
+    for (const lt::SpaceKey& key : spaces) {
+      auto it = state.spaces.find(key);
+      if (it == state.spaces.end() || --it->second.users > 0) continue;
+      state.spare[key.first].push_back(it->second.ptr);
+      state.spaces.erase(it);
     }
   }
 };
 
-// The handle for the current device and a workspace for ``stream`` (none while the stream is being captured
-// into a CUDA graph before one exists: allocation is not captured). Empty string on success.
-std::string lt_context(cudaStream_t stream, int* device, lt::Handle* handle, void** space, size_t* bytes) {
+// The handle for the current device and ``cache``'s workspace on ``stream`` (a spare one, or a new allocation; none
+// while the stream is being captured into a CUDA graph before it has one). Empty string on success.
+std::string lt_context(GemmCache* cache, cudaStream_t stream, int* device, lt::Handle* handle, void** space,
+                       size_t* bytes) {
   const lt::Library& lib = lt::library();
   if (cudaError_t err = cudaGetDevice(device)) return std::string("cudaGetDevice: ") + cudaGetErrorString(err);
-  std::lock_guard<std::mutex> lock(lt::g_mutex);
-  auto h = lt::g_handles.find(*device);
-  if (h == lt::g_handles.end()) {
+  const lt::SpaceKey key{*device, lt::stream_id(stream)};
+  lt::Shared& state = lt::shared();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  auto h = state.handles.find(*device);
+  if (h == state.handles.end()) {
     lt::Handle created = nullptr;
     if (int st = lib.create(&created)) return lt::status_text("cublasLtCreate", st);
-    h = lt::g_handles.emplace(*device, created).first;
+    h = state.handles.emplace(*device, created).first;
   }
   *handle = h->second;
-  auto w = lt::g_spaces.find(stream);
-  if (w == lt::g_spaces.end()) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone) {
-      void* created = nullptr;
-      if (cudaMalloc(&created, lt::kWorkspaceBytes) == cudaSuccess) w = lt::g_spaces.emplace(stream, created).first;
-      cudaGetLastError();  // a failed allocation leaves the workspace at none
+  auto w = state.spaces.find(key);
+  if (w == state.spaces.end()) {
+    void* ptr = nullptr;
+    std::vector<void*>& spare = state.spare[*device];
+    if (!spare.empty()) {
+      ptr = spare.back();
+      spare.pop_back();
+    } else {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone) {
+        // relaxed: an allocation on this thread must not invalidate another thread's capture
+        cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+        cudaThreadExchangeStreamCaptureMode(&mode);
+        if (cudaMalloc(&ptr, lt::kWorkspaceBytes) != cudaSuccess) ptr = nullptr;
+        cudaThreadExchangeStreamCaptureMode(&mode);
+      }
+      cudaGetLastError();  // a failed allocation or query leaves the workspace at none
     }
+    if (ptr) w = state.spaces.emplace(key, lt::Space{ptr, 0}).first;
   }
-  *space = w == lt::g_spaces.end() ? nullptr : w->second;
+  if (w != state.spaces.end() && std::find(cache->spaces.begin(), cache->spaces.end(), key) == cache->spaces.end()) {
+    cache->spaces.push_back(key);
+    ++w->second.users;
+  }
+  *space = w == state.spaces.end() ? nullptr : w->second.ptr;
   *bytes = *space ? lt::kWorkspaceBytes : 0;
   return "";
 }
@@ -904,29 +966,39 @@ std::string matmul_bias_gelu_cuda(GemmCache* cache, const void* x, const void* w
   const lt::Library& lib = lt::library();
   if (!lib.error.empty()) return lib.error;
   if (m == 0 || n == 0) return "";
+  if (k == 0) return "X's last axis (K) is empty";
+  std::lock_guard<std::mutex> lock(cache->mutex);
   int device = -1;
   lt::Handle handle = nullptr;
   void* space = nullptr;
   size_t bytes = 0;
-  std::string err = lt_context(stream, &device, &handle, &space, &bytes);
+  std::string err = lt_context(cache, stream, &device, &handle, &space, &bytes);
   if (!err.empty()) return err;
   uint32_t align = lt::alignment(x);
   for (const void* ptr : {w, bias, static_cast<const void*>(y)}) align = std::min(align, lt::alignment(ptr));
-  std::lock_guard<std::mutex> lock(cache->mutex);
   lt::Plan* plan = nullptr;
   for (lt::Plan& p : cache->plans) {
     if (p.m == m && p.n == n && p.k == k && p.device == device && p.align == align && p.space == bytes) plan = &p;
   }
   if (!plan) {
+    const std::string shape = std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + "/" +
+                              std::to_string(device) + "/" + std::to_string(align) + "/" + std::to_string(bytes);
+    auto known = cache->failed.find(shape);
+    if (known != cache->failed.end()) return known->second;
+    if (cache->plans.size() >= lt::kMaxPlans) {  // the oldest shape makes room
+      release(&cache->plans.front());
+      cache->plans.erase(cache->plans.begin());
+    }
     lt::Plan fresh;
     fresh.m = m, fresh.n = n, fresh.k = k, fresh.device = device, fresh.align = align, fresh.space = bytes;
     fresh.bias = bias;
     err = lt_plan(handle, &fresh);
-    cache->plans.push_back(fresh);  // kept even when incomplete, so the cache's destructor releases it
     if (!err.empty()) {
-      cache->plans.back().m = -1;  // never matched again
+      release(&fresh);
+      cache->failed[shape] = err;
       return err;
     }
+    cache->plans.push_back(fresh);
     plan = &cache->plans.back();
   }
   if (plan->bias != bias) {
@@ -940,8 +1012,7 @@ std::string matmul_bias_gelu_cuda(GemmCache* cache, const void* x, const void* w
                           &plan->pick.algo, space, bytes, stream)) {
     return lt::status_text("cublasLtMatmul", st);
   }
-  if (cudaError_t e = cudaGetLastError()) return std::string("cublasLtMatmul: ") + cudaGetErrorString(e);
-  return "";
+  return "";  // (cuBLASLt has a CUDA runtime of its own: its launch errors come back in its status, not ours)
 }
 
 #else
