@@ -80,15 +80,19 @@ def test_fp32_fusions_keep_the_outputs_of_the_tiny_mast3r(tiny_graphs: dict[str,
     assert [r.rewritten for r in again] == [0, 0, 0]
 
 
-@pytest.fixture(scope="module")
-def hybrid_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fusions")
-    (root / "config.json").write_text(json.dumps(TINY_CONFIG))
-    out = root / "mast3r-hybrid"
-    args = ["--model", "mast3r", "--precision", "hybrid", "--random-weights", "--backend", "onnx", "--quiet",
-            "--config", str(root / "config.json"), "--resolution", "80x48", "--out", str(out)]  # fmt: skip
+def _hybrid(root: Path, model: str, config: dict, *extra: str) -> Path:
+    """A tiny random-weight hybrid artifact of ``model`` (ONNX only)."""
+    (root / "config.json").write_text(json.dumps(config))
+    out = root / f"{model}-hybrid"
+    args = ["--model", model, "--precision", "hybrid", "--random-weights", "--backend", "onnx", "--quiet",
+            "--config", str(root / "config.json"), *extra, "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def hybrid_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _hybrid(tmp_path_factory.mktemp("fusions"), "mast3r", TINY_CONFIG, "--resolution", "80x48")
 
 
 def _feed(artifact: Path, graph: str) -> dict[str, np.ndarray]:
@@ -588,13 +592,7 @@ def test_matmul_gelu_skips_float32_and_shared_products() -> None:
 def fastsam3d_hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from export_engine.exporters.fastsam3d import TINY_CONFIG as FASTSAM3D_TINY
 
-    root = tmp_path_factory.mktemp("fusions_fastsam3d")
-    (root / "config.json").write_text(json.dumps(FASTSAM3D_TINY))
-    out = root / "fastsam3d-hybrid"
-    args = ["--model", "fastsam3d", "--precision", "hybrid", "--random-weights", "--backend", "onnx", "--quiet",
-            "--config", str(root / "config.json"), "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
-    return out
+    return _hybrid(tmp_path_factory.mktemp("fusions_fastsam3d"), "fastsam3d", FASTSAM3D_TINY)
 
 
 @pytest.mark.usefixtures("own_ops")
