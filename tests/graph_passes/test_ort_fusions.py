@@ -620,3 +620,70 @@ def test_channel_layernorms_become_one_operator(fastsam3d_hybrid: Path, name: st
     onnx.checker.check_model(gs.export_onnx(graph))
     _close(run_graph(graph, feed), before, 2e-2)
     assert fuse_channel_layernorm(graph, FuseChannelLayerNormConfig()).matched == 0
+
+
+def test_matmul_gelu_takes_tanh_gelu_and_skips_a_bias_sum_that_is_an_output() -> None:
+    from export_engine.graph_passes.fuse_matmul_gelu import FuseMatMulGeluConfig, fuse_matmul_gelu
+
+    def mlp(approximate: str, sum_out: bool) -> gs.Graph:
+        x = gs.Variable("x", dtype=np.float16, shape=("n", 8))
+        h, s, y = (gs.Variable(v, dtype=np.float16) for v in ("h", "s", "y"))
+        nodes = [gs.Node("MatMul", inputs=[x, gs.Constant("w", np.ones((8, 4), np.float16))], outputs=[h]),
+                 gs.Node("Add", inputs=[gs.Constant("b", np.ones(4, np.float16)), h], outputs=[s]),
+                 gs.Node("Gelu", attrs={"approximate": approximate}, inputs=[s], outputs=[y])]  # fmt: skip
+        return gs.Graph(nodes=nodes, inputs=[x], outputs=[y, s] if sum_out else [y], opset=20)
+
+    graph = mlp("tanh", False)
+    assert fuse_matmul_gelu(graph, FuseMatMulGeluConfig()).rewritten == 1  # the operator's own GELU
+    assert [n.op for n in graph.nodes] == ["MatMulBiasGelu"]
+    shared = fuse_matmul_gelu(mlp("none", True), FuseMatMulGeluConfig())
+    assert shared.rewritten == 0 and "graph output" in shared.skipped[0]
+
+
+def _channel_norm_graph(dtype: type = np.float32, axes: int = 1, weight_shape: tuple = (6, 1, 1),
+                        extra_output: str | None = None) -> gs.Graph:  # fmt: skip
+    """x (2, 6, 3, 4) -> LayerNorm over axis 1 written out element by element -> Mul -> Add -> Gelu."""
+    x = gs.Variable("x", dtype=dtype, shape=(2, 6, 3, 4))
+    names = ("mean", "centred", "square", "var", "var_eps", "std", "normed", "scaled", "shifted", "y")
+    t = {n: gs.Variable(n, dtype=dtype) for n in names}
+    axes_in = gs.Constant("axes", np.array([axes], np.int64))  # opset 18+: axes as an input
+    rng = np.random.default_rng(0)
+    nodes = [gs.Node("ReduceMean", attrs={"keepdims": 1}, inputs=[x, axes_in], outputs=[t["mean"]]),
+             gs.Node("Sub", inputs=[x, t["mean"]], outputs=[t["centred"]]),
+             gs.Node("Pow", inputs=[t["centred"], gs.Constant("two", np.array(2.0, dtype))], outputs=[t["square"]]),
+             gs.Node("ReduceMean", attrs={"keepdims": 1}, inputs=[t["square"], axes_in], outputs=[t["var"]]),
+             gs.Node("Add", inputs=[t["var"], gs.Constant("eps", np.array(1e-6, dtype))], outputs=[t["var_eps"]]),
+             gs.Node("Sqrt", inputs=[t["var_eps"]], outputs=[t["std"]]),
+             gs.Node("Div", inputs=[t["centred"], t["std"]], outputs=[t["normed"]]),
+             gs.Node("Mul", inputs=[t["normed"], gs.Constant("w", rng.standard_normal(weight_shape).astype(dtype))],
+                     outputs=[t["scaled"]]),
+             gs.Node("Add", inputs=[gs.Constant("b", rng.standard_normal((6, 1, 1)).astype(dtype)), t["scaled"]],
+                     outputs=[t["shifted"]]),
+             gs.Node("Gelu", inputs=[t["shifted"]], outputs=[t["y"]]),
+             gs.Node("Relu", inputs=[x], outputs=[gs.Variable("side", dtype=dtype)])]  # fmt: skip
+    outputs = [t["y"], nodes[-1].outputs[0], *([t[extra_output]] if extra_output else [])]
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=outputs, opset=20)
+
+
+@pytest.mark.usefixtures("own_ops")
+def test_channel_layernorm_pass_edges() -> None:
+    """The norm's input may have other consumers; axis 1 may be written -3; a Mul that is not per-channel ends
+    the chain before it; float64 and an intermediate graph output are skipped with the reason."""
+    from export_engine.graph_passes.fuse_channel_layernorm import (
+        FuseChannelLayerNormConfig,
+        fuse_channel_layernorm,
+    )
+
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 6, 3, 4)).astype(np.float32)}
+    unfolded = ["ChannelLayerNorm", "Mul", "Add", "Gelu", "Relu"]  # the weight runs along the last axis
+    for graph, ops in ((_channel_norm_graph(), ["ChannelLayerNorm", "Relu"]),
+                       (_channel_norm_graph(axes=-3), ["ChannelLayerNorm", "Relu"]),
+                       (_channel_norm_graph(weight_shape=(1, 1, 4)), unfolded)):  # fmt: skip
+        before = run_graph(graph, feed)
+        report = fuse_channel_layernorm(graph, FuseChannelLayerNormConfig())
+        assert report.rewritten == 1 and sorted(n.op for n in graph.nodes) == sorted(ops), report.skipped
+        _close(run_graph(graph, feed), before, 1e-5)
+    double = fuse_channel_layernorm(_channel_norm_graph(np.float64), FuseChannelLayerNormConfig())
+    assert double.rewritten == 0 and "float16 or float" in double.skipped[0]
+    exposed = fuse_channel_layernorm(_channel_norm_graph(extra_output="var"), FuseChannelLayerNormConfig())
+    assert exposed.rewritten == 0 and "graph output" in exposed.skipped[0]

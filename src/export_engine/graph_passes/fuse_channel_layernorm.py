@@ -18,13 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from export_engine.graph_passes.base import OWN_DOMAIN as DOMAIN
 from export_engine.graph_passes.base import PassReport, next_index, node_name, producer, timed
 
 PASS = "fuse_channel_layernorm"
-_FLOAT, _FLOAT16 = 1, 10  # ONNX element types (Cast's "to")
+_FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16  # Cast's "to"
+_TYPES = (np.float16, np.float32)  # what the operator takes
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,10 @@ class _Norm:
     dtype: np.dtype
     eps: float
     channels: int | None
+    last: gs.Node  # the chain's last node, whose output the new node takes over
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     gelu: bool = False
-    last: gs.Node | None = None  # the chain's last node, whose output the new node takes over
 
 
 def fuse_channel_layernorm(graph: gs.Graph, config: FuseChannelLayerNormConfig) -> PassReport:
@@ -50,7 +52,7 @@ def fuse_channel_layernorm(graph: gs.Graph, config: FuseChannelLayerNormConfig) 
         index = next_index(graph, PASS)
         outputs = {t.name for t in graph.outputs}
         for div in [n for n in graph.nodes if n.op == "Div" and n.domain in (None, "", "ai.onnx")]:
-            core = _statistics(div)
+            core = _statistics(div, outputs)
             if core is None:
                 continue  # not a normalisation's division
             report.matched += 1
@@ -58,11 +60,9 @@ def fuse_channel_layernorm(graph: gs.Graph, config: FuseChannelLayerNormConfig) 
             if isinstance(norm, str):
                 report.skipped.append(f"{div.name}: {norm}")
                 continue
-            assert norm.last is not None
             out = norm.last.outputs[0]
             norm.last.outputs.clear()
-            channels = norm.channels
-            assert channels is not None
+            channels = int(norm.channels or 0)
             weight = norm.weight if norm.weight is not None else np.ones(channels)
             bias = norm.bias if norm.bias is not None else np.zeros(channels)
             name = node_name(PASS, index)
@@ -77,11 +77,13 @@ def fuse_channel_layernorm(graph: gs.Graph, config: FuseChannelLayerNormConfig) 
     return report
 
 
-def _reduces_channels(node: gs.Node) -> bool:
+def _reduces_channels(node: gs.Node, rank: int) -> bool:
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
         axes = node.inputs[1].values.tolist()
-    return axes is not None and list(np.atleast_1d(axes)) == [1] and node.attrs.get("keepdims", 1) == 1
+    if axes is None or node.attrs.get("keepdims", 1) != 1:
+        return False
+    return [int(a) % rank for a in np.atleast_1d(axes)] == [1]
 
 
 def _constant(node: gs.Node, other: gs.Tensor) -> np.ndarray | None:
@@ -92,7 +94,7 @@ def _constant(node: gs.Node, other: gs.Tensor) -> np.ndarray | None:
     return const.values if isinstance(const, gs.Constant) else None
 
 
-def _statistics(div: gs.Node) -> _Norm | str | None:
+def _statistics(div: gs.Node, outputs: set[str]) -> _Norm | str | None:
     """The normalisation core (x - mean) / sqrt(var + eps) ending in ``div``; None where ``div`` is no such thing."""
     sub, sqrt = producer(div.inputs[0], "Sub"), producer(div.inputs[1], "Sqrt")
     if sub is None or sqrt is None:
@@ -106,18 +108,23 @@ def _statistics(div: gs.Node) -> _Norm | str | None:
     power = producer(var.inputs[0], "Pow") if var is not None else None
     if var is None or power is None or power.inputs[0] is not sub.outputs[0]:
         return None
-    exponent, eps = _constant(power, sub.outputs[0]), _constant(add, var.outputs[0])
-    if exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 2.0:
-        return "the variance is not a mean of squares"
-    if eps is None or eps.size != 1:
-        return "epsilon is not a constant scalar"
-    if not (_reduces_channels(mean) and _reduces_channels(var)):
-        return "the reductions are not over axis 1 with kept dims"
-    inner = (mean.outputs[0], sub.outputs[0], power.outputs[0], var.outputs[0], add.outputs[0], sqrt.outputs[0])
-    if any(len(t.outputs) != (2 if t is sub.outputs[0] else 1) for t in inner) or len(x.outputs) != 2:
-        return "an intermediate value has other consumers"
     if x.dtype is None or x.shape is None or len(x.shape) < 2:
         return "the input's type or rank is unknown"
+    rank = len(x.shape)
+    if not any(x.dtype == t for t in _TYPES):
+        return f"input type {x.dtype}: the operator takes float16 or float"
+    exponent, eps = _constant(power, sub.outputs[0]), _constant(add, var.outputs[0])
+    if exponent is None or exponent.size != 1 or exponent.ndim > rank or float(exponent.reshape(-1)[0]) != 2.0:
+        return "the variance is not a mean of squares by a constant exponent"
+    if eps is None or eps.size != 1 or eps.ndim > rank or not float(eps.reshape(-1)[0]) >= 0:
+        return "epsilon is not a constant scalar >= 0"
+    if not (_reduces_channels(mean, rank) and _reduces_channels(var, rank)):
+        return "the reductions are not over axis 1 with kept dims"
+    inner = (mean.outputs[0], sub.outputs[0], power.outputs[0], var.outputs[0], add.outputs[0], sqrt.outputs[0])
+    if any(len(t.outputs) != (2 if t is sub.outputs[0] else 1) for t in inner):
+        return "an intermediate value has other consumers"
+    if any(t.name in outputs for t in inner):
+        return "an intermediate value is a graph output"
     channels = x.shape[1] if isinstance(x.shape[1], int) else None
     return _Norm(x=x, dtype=np.dtype(x.dtype), eps=float(eps.reshape(-1)[0]), channels=channels, last=div)
 
@@ -153,23 +160,26 @@ def _extend(div: gs.Node, norm: _Norm, outputs: set[str]) -> _Norm | str:
             norm.x, norm.dtype, norm.last = source, np.dtype(np.float16), cast_out
             cursor = cast_out.outputs[0]
     mul = _sole_consumer(cursor, "Mul", outputs)
-    scale = _constant(mul, cursor) if mul is not None else None
-    weight = _per_channel(scale, rank) if scale is not None else None
-    if mul is not None and weight is not None:
+    weight = _channel_vector(mul, cursor, rank, norm.channels)
+    if mul is not None and weight is not None:  # (a Mul that is not per-channel ends the chain before it)
         norm.weight, norm.last, cursor = weight, mul, mul.outputs[0]
+        norm.channels = weight.size
         add = _sole_consumer(cursor, "Add", outputs)
-        bias = _constant(add, cursor) if add is not None else None
-        bias = _per_channel(bias, rank) if bias is not None else None
+        bias = _channel_vector(add, cursor, rank, norm.channels)
         if add is not None and bias is not None:
             norm.bias, norm.last, cursor = bias, add, add.outputs[0]
     gelu = _sole_consumer(cursor, "Gelu", outputs)
     if gelu is not None and gelu.attrs.get("approximate", "none") in ("none", b"none"):
         norm.gelu, norm.last = True, gelu
-    sizes = {v.size for v in (norm.weight, norm.bias) if v is not None}
-    if norm.channels is None and len(sizes) == 1:
-        norm.channels = sizes.pop()
     if norm.channels is None:
         return "the channel count is unknown"
-    if any(v is not None and v.size != norm.channels for v in (norm.weight, norm.bias)):
-        return f"weight or bias does not have {norm.channels} values"
     return norm
+
+
+def _channel_vector(node: gs.Node | None, operand: gs.Tensor, rank: int, channels: int | None) -> np.ndarray | None:
+    """The (C,) constant ``node`` multiplies or adds along axis 1 of ``operand``, or None."""
+    values = _constant(node, operand) if node is not None else None
+    vector = _per_channel(values, rank) if values is not None else None
+    if vector is None or (channels is not None and vector.size != channels):
+        return None
+    return vector

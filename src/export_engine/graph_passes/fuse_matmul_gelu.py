@@ -8,7 +8,7 @@ float16 values are 2e-3 apart); the runner's self-check compares the rewritten g
 FP32 outputs before using it.
 
 Rewritten: a float16 MatMul of a variable (..., K) by a constant (K, N) whose product feeds only a ``BiasGelu``
-(or an exact ``Gelu`` of a bias Add) with a constant (N,) bias. Others are skipped with the reason.
+(or a ``Gelu``, exact or tanh, of a bias Add) with a constant (N,) bias. Others are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import onnx_graphsurgeon as gs
 
 from export_engine.graph_passes.base import OWN_DOMAIN as DOMAIN
 from export_engine.graph_passes.base import PassReport, next_index, node_name, producer, timed
-from export_engine.graph_passes.fuse_bias_gelu import _operands as bias_gelu_operands
 
 PASS = "fuse_matmul_gelu"
 
@@ -45,8 +44,9 @@ def fuse_matmul_gelu(graph: gs.Graph, config: FuseMatMulGeluConfig) -> PassRepor
                 continue
             value, bias = operands
             matmul = producer(value, "MatMul")
-            why = _problem(matmul, bias, outputs) if matmul is not None else "the bias is not added to a MatMul"
-            if why or matmul is None:
+            assert matmul is not None  # _gelu_operands only returns products of a MatMul
+            why = _problem(matmul, bias, outputs)
+            if why:
                 report.skipped.append(f"{gelu.name}: {why}")
                 continue
             out = gelu.outputs[0]
@@ -73,9 +73,13 @@ def _gelu_operands(gelu: gs.Node) -> tuple[gs.Tensor, gs.Tensor] | str | None:
     add = producer(gelu.inputs[0], "Add")
     if add is None:
         return None
-    if producer(next((t for t in add.inputs if not isinstance(t, gs.Constant)), None), "MatMul") is None:
+    values = [t for t in add.inputs if not isinstance(t, gs.Constant)]
+    if len(values) != 1 or producer(values[0], "MatMul") is None:
         return None
-    return bias_gelu_operands(add, gelu)
+    if len(add.outputs[0].outputs) != 1:
+        return "the bias sum has other consumers"
+    bias = next(t for t in add.inputs if isinstance(t, gs.Constant))
+    return values[0], bias
 
 
 def _problem(matmul: gs.Node, bias: gs.Tensor, graph_outputs: set[str]) -> str | None:
@@ -83,15 +87,20 @@ def _problem(matmul: gs.Node, bias: gs.Tensor, graph_outputs: set[str]) -> str |
     product = matmul.outputs[0]
     if product.name in graph_outputs or len(product.outputs) != 1:
         return "the product has other consumers"
+    consumer = product.outputs[0]
+    if consumer.op == "Add" and consumer.outputs[0].name in graph_outputs:
+        return "the bias sum is a graph output"
+    if isinstance(x, gs.Constant) and not isinstance(w, gs.Constant):
+        return "the constant is the left operand"
     if not isinstance(w, gs.Constant) or w.values.ndim != 2:
         return "the weight is not a constant matrix"
     if isinstance(x, gs.Constant):
         return "the left operand is a constant"
     if not isinstance(bias, gs.Constant) or bias.values.shape != (w.values.shape[1],):
         return f"the bias is not a constant vector of {w.values.shape[1]} values"
-    types = {w.values.dtype, bias.values.dtype, *([np.dtype(x.dtype)] if x.dtype is not None else [])}
-    if types != {np.dtype(np.float16)}:
-        return f"types {sorted(str(t) for t in types)}: the operator is float16 only"
+    types = (w.values.dtype, bias.values.dtype, *([x.dtype] if x.dtype is not None else []))
+    if any(t != np.float16 for t in types):
+        return f"types {sorted({str(t) for t in types})}: the operator is float16 only"
     if x.shape is not None and isinstance(x.shape[-1], int) and x.shape[-1] != w.values.shape[0]:
         return f"the input's last axis {x.shape[-1]} is not the weight's {w.values.shape[0]} rows"
     return None
