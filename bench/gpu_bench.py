@@ -241,6 +241,12 @@ def sparse_section(report: Report, work: Path, warm: int, reps: int) -> None:
                           work / "fastsam3d-sparse-hybrid", config, warm, reps,
                           "hybrid sparse attention, default rewrites without channel_norm, CUDA graph")  # fmt: skip
     report.add(rows)
+    per_graph = {"encoder": CudaSessionConfig("decomposed", cuda_graph=True),
+                 "prompt_decoder": CudaSessionConfig("fused", cuda_graph=True)}  # fmt: skip
+    rows = report.section("ORT FastSAM3D sparse, fused attention in the prompt decoder", 10, cases.ort_fastsam3d,
+                          work / "fastsam3d-sparse-hybrid", per_graph, warm, reps,
+                          "hybrid sparse attention, prompt decoder's attention fused, CUDA graph")  # fmt: skip
+    report.add(rows)
     for own_stream in (False, True, False):  # alternated: the first rows of a section run on a colder GPU
         how = "own stream" if own_stream else "host-synchronised runs"
         rows = report.section(f"ORT FastSAM3D sparse, {how}", 10, cases.ort_fastsam3d, work / "fastsam3d-sparse-hybrid",

@@ -206,12 +206,16 @@ def end_to_end(runners: dict[str, CudaGraphRunner], images: torch.Tensor, warmup
     return {"case": f"MASt3R pair end to end + FastNN-Lite, ORT CUDA {label}", **timing, "matches": matches}
 
 
-def ort_fastsam3d(artifact: Path, config: CudaSessionConfig, warmup: int, repeats: int, label: str) -> list[dict]:
+def ort_fastsam3d(
+    artifact: Path, config: CudaSessionConfig | dict[str, CudaSessionConfig], warmup: int, repeats: int, label: str
+) -> list[dict]:
+    """Encoder and click rows; ``config`` for every graph, or per graph name."""
     meta = graph_meta(artifact)
     size = meta["encoder"]["inputs"][0]["shape"][-1]
     m = meta["prompt_decoder"]["inputs"][3]["shape"][-1]
+    configs = config if isinstance(config, dict) else dict.fromkeys(meta, config)
     with DeviceMemory() as mem:
-        runners = {name: CudaGraphRunner(artifact / g["file"], g, config) for name, g in meta.items()}
+        runners = {name: CudaGraphRunner(artifact / g["file"], g, configs[name]) for name, g in meta.items()}
         parity = gpu_parity(artifact, runners)
         image = torch.randn(1, 1, size, size, size).cuda()
         enc = time_calls(lambda: runners["encoder"].run({"image": image}, copy=False), warmup, repeats)
