@@ -30,12 +30,18 @@ from export_engine.graph_passes.lower_attention_bsh import (
 from export_engine.graph_passes.lower_rotary import LowerRotaryConfig, lower_rotary
 
 
-def _prepared(tiny: Any, attention: bool = False) -> tuple[gs.Graph, Any, list[np.ndarray]]:
-    """A tiny graph with constants folded (and attention fused), its op counts and its CPU outputs."""
+def _folded(tiny: Any, attention: bool = False) -> gs.Graph:
+    """A tiny graph with constants folded (and attention fused: one Attention node per block, as in artifacts)."""
     graph = load_graph(tiny.path)
     fold_constants(graph, FoldConstantsConfig())
     if attention:
         fuse_attention(graph, FuseAttentionConfig())
+    return graph
+
+
+def _prepared(tiny: Any, attention: bool = False) -> tuple[gs.Graph, Any, list[np.ndarray]]:
+    """A tiny graph with constants folded (and attention fused), its op counts and its CPU outputs."""
+    graph = _folded(tiny, attention)
     return graph, op_counts(graph), run_graph(graph, tiny.feeds[0])
 
 
@@ -58,8 +64,7 @@ def _close(got: list[np.ndarray], want: list[np.ndarray], rel: float) -> None:
 @pytest.mark.parametrize("key", ["mast3r.encoder", "mast3r.decoder"])
 def test_fp32_fusions_keep_the_outputs_of_the_tiny_mast3r(tiny_graphs: dict[str, Any], key: str) -> None:
     tiny = tiny_graphs[key]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
+    graph = _folded(tiny)
     before_ops = op_counts(graph)
     before = run_graph(graph, tiny.feeds[0])
 
@@ -197,9 +202,7 @@ def test_attention_blocks_in_token_major_layout_keep_the_outputs(
     tiny_graphs: dict[str, Any], key: str, max_row: int
 ) -> None:
     tiny = tiny_graphs[key]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
-    fuse_attention(graph, FuseAttentionConfig())  # as in every artifact: one Attention node per block
+    graph = _folded(tiny, attention=True)
     before_ops = op_counts(graph)
     before = run_graph(graph, tiny.feeds[0])
 
@@ -416,9 +419,7 @@ def test_fused_projection_tails_follow_the_packing_order(tiny_graphs: dict[str, 
     from export_engine.graph_passes.lower_rotary import _match as rope_match
 
     tiny = tiny_graphs["mast3r.encoder"]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
-    fuse_attention(graph, FuseAttentionConfig())
+    graph = _folded(tiny, attention=True)
     swapped = 0
     for att in [n for n in graph.nodes if n.op == "Attention"]:
         rope = rope_match(producer(att.inputs[1], "Add"), LowerRotaryConfig())
@@ -444,9 +445,7 @@ def test_fused_cross_attention_rotates_k_by_its_own_angles(tiny_graphs: dict[str
     from export_engine.graph_passes.lower_rotary import _match as rope_match
 
     tiny = tiny_graphs["mast3r.decoder"]
-    graph = load_graph(tiny.path)
-    fold_constants(graph, FoldConstantsConfig())
-    fuse_attention(graph, FuseAttentionConfig())
+    graph = _folded(tiny, attention=True)
     shifted = 0
     for att in [n for n in graph.nodes if n.op == "Attention"]:
         rope = rope_match(producer(att.inputs[1], "Add"), LowerRotaryConfig())
@@ -569,22 +568,25 @@ def test_mlp_first_layer_and_gelu_become_one_matmul(hybrid_artifact: Path, name:
     assert fuse_matmul_gelu(graph, FuseMatMulGeluConfig()).matched == 0
 
 
+def _mlp(dtype: type = np.float16, approximate: str = "none", also_output: str | None = None,
+         bias_first: bool = False) -> gs.Graph:  # fmt: skip
+    """x (n, 8) -> MatMul (8, 4) -> h -> Add bias -> s -> Gelu -> y; ``also_output`` ("h" or "s") is an output too."""
+    x = gs.Variable("x", dtype=dtype, shape=("n", 8))
+    t = {v: gs.Variable(v, dtype=dtype) for v in ("h", "s", "y")}
+    bias = gs.Constant("b", np.ones(4, dtype))
+    nodes = [gs.Node("MatMul", inputs=[x, gs.Constant("w", np.ones((8, 4), dtype))], outputs=[t["h"]]),
+             gs.Node("Add", inputs=[bias, t["h"]] if bias_first else [t["h"], bias], outputs=[t["s"]]),
+             gs.Node("Gelu", attrs={"approximate": approximate}, inputs=[t["s"]], outputs=[t["y"]])]  # fmt: skip
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[t["y"], *([t[also_output]] if also_output else [])], opset=20)
+
+
 def test_matmul_gelu_skips_float32_and_shared_products() -> None:
     from export_engine.graph_passes.fuse_matmul_gelu import FuseMatMulGeluConfig, fuse_matmul_gelu
 
-    def mlp(dtype: type, shared: bool) -> gs.Graph:
-        x = gs.Variable("x", dtype=dtype, shape=("n", 8))
-        h, s, y = (gs.Variable(v, dtype=dtype) for v in ("h", "s", "y"))
-        w = gs.Constant("w", np.ones((8, 4), dtype))
-        b = gs.Constant("b", np.ones(4, dtype))
-        nodes = [gs.Node("MatMul", inputs=[x, w], outputs=[h]), gs.Node("Add", inputs=[h, b], outputs=[s]),
-                 gs.Node("Gelu", inputs=[s], outputs=[y])]  # fmt: skip
-        return gs.Graph(nodes=nodes, inputs=[x], outputs=[y, h] if shared else [y], opset=20)
-
-    assert fuse_matmul_gelu(mlp(np.float16, False), FuseMatMulGeluConfig()).rewritten == 1  # the Gelu form too
-    fp32 = fuse_matmul_gelu(mlp(np.float32, False), FuseMatMulGeluConfig())
+    assert fuse_matmul_gelu(_mlp(), FuseMatMulGeluConfig()).rewritten == 1  # the Gelu form too
+    fp32 = fuse_matmul_gelu(_mlp(np.float32), FuseMatMulGeluConfig())
     assert fp32.rewritten == 0 and "float16 only" in fp32.skipped[0]
-    shared = fuse_matmul_gelu(mlp(np.float16, True), FuseMatMulGeluConfig())
+    shared = fuse_matmul_gelu(_mlp(also_output="h"), FuseMatMulGeluConfig())
     assert shared.rewritten == 0 and "other consumers" in shared.skipped[0]
 
 
@@ -625,18 +627,10 @@ def test_channel_layernorms_become_one_operator(fastsam3d_hybrid: Path, name: st
 def test_matmul_gelu_takes_tanh_gelu_and_skips_a_bias_sum_that_is_an_output() -> None:
     from export_engine.graph_passes.fuse_matmul_gelu import FuseMatMulGeluConfig, fuse_matmul_gelu
 
-    def mlp(approximate: str, sum_out: bool) -> gs.Graph:
-        x = gs.Variable("x", dtype=np.float16, shape=("n", 8))
-        h, s, y = (gs.Variable(v, dtype=np.float16) for v in ("h", "s", "y"))
-        nodes = [gs.Node("MatMul", inputs=[x, gs.Constant("w", np.ones((8, 4), np.float16))], outputs=[h]),
-                 gs.Node("Add", inputs=[gs.Constant("b", np.ones(4, np.float16)), h], outputs=[s]),
-                 gs.Node("Gelu", attrs={"approximate": approximate}, inputs=[s], outputs=[y])]  # fmt: skip
-        return gs.Graph(nodes=nodes, inputs=[x], outputs=[y, s] if sum_out else [y], opset=20)
-
-    graph = mlp("tanh", False)
+    graph = _mlp(approximate="tanh", bias_first=True)
     assert fuse_matmul_gelu(graph, FuseMatMulGeluConfig()).rewritten == 1  # the operator's own GELU
     assert [n.op for n in graph.nodes] == ["MatMulBiasGelu"]
-    shared = fuse_matmul_gelu(mlp("none", True), FuseMatMulGeluConfig())
+    shared = fuse_matmul_gelu(_mlp(also_output="s", bias_first=True), FuseMatMulGeluConfig())
     assert shared.rewritten == 0 and "graph output" in shared.skipped[0]
 
 
