@@ -802,6 +802,10 @@ const Library& library() {
 // told apart by their CUDA ids, which are never reused (a destroyed stream's handle can be). A workspace goes
 // back to its device's spare list when the last kernel that used it is released, and a new stream takes a spare
 // one before allocating; a kernel is only released with its session, after the session's work is done.
+// A stream's id cannot be asked for while the stream is being captured into a CUDA graph (the query is not
+// permitted there and invalidates the capture), so ids are asked for outside captures only and remembered per
+// handle; a capture uses the id its handle had at the last uncaptured run (ONNX Runtime runs a graph once before
+// it captures it), and no workspace where there was none.
 using SpaceKey = std::pair<int, unsigned long long>;
 struct Space {
   void* ptr = nullptr;
@@ -812,19 +816,32 @@ struct Shared {
   std::map<int, Handle> handles;  // per device
   std::map<SpaceKey, Space> spaces;
   std::map<int, std::vector<void*>> spare;  // per device
+  std::map<std::pair<int, uintptr_t>, unsigned long long> ids;  // (device, handle) -> id at its last uncaptured run
 };
 Shared& shared() {
   static Shared* state = new Shared;
   return *state;
 }
 
-unsigned long long stream_id(cudaStream_t stream) {
+// The stream's id, asked for outside captures only (see above); false while it is being captured with no id
+// remembered for its handle. Called with Shared::mutex held.
+bool stream_id(Shared* state, int device, cudaStream_t stream, bool capturing, unsigned long long* id) {
+  const std::pair<int, uintptr_t> handle{device, reinterpret_cast<uintptr_t>(stream)};
+  if (capturing) {
+    auto known = state->ids.find(handle);
+    if (known == state->ids.end()) return false;
+    *id = known->second;
+    return true;
+  }
+  *id = static_cast<unsigned long long>(handle.second);
 #if CUDART_VERSION >= 12000
-  unsigned long long id = 0;
-  if (cudaStreamGetId(stream, &id) == cudaSuccess) return id;
-  cudaGetLastError();
+  if (cudaStreamGetId(stream, id) != cudaSuccess) {
+    cudaGetLastError();
+    *id = static_cast<unsigned long long>(handle.second);
+  }
 #endif
-  return static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(stream));
+  state->ids[handle] = *id;
+  return true;
 }
 
 // One shape's matmul: descriptors and the algorithm cuBLASLt's heuristic picked for it.
@@ -888,7 +905,12 @@ std::string lt_context(GemmCache* cache, cudaStream_t stream, int* device, lt::H
                        size_t* bytes) {
   const lt::Library& lib = lt::library();
   if (cudaError_t err = cudaGetDevice(device)) return std::string("cudaGetDevice: ") + cudaGetErrorString(err);
-  const lt::SpaceKey key{*device, lt::stream_id(stream)};
+  // (the one query that is legal while the stream is being captured; an error, e.g. the legacy stream while
+  // another is capturing, counts as capturing)
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const bool capturing =
+      cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone;
+  if (capturing) cudaGetLastError();
   lt::Shared& state = lt::shared();
   std::lock_guard<std::mutex> lock(state.mutex);
   auto h = state.handles.find(*device);
@@ -898,6 +920,12 @@ std::string lt_context(GemmCache* cache, cudaStream_t stream, int* device, lt::H
     h = state.handles.emplace(*device, created).first;
   }
   *handle = h->second;
+  lt::SpaceKey key{*device, 0};
+  if (!lt::stream_id(&state, *device, stream, capturing, &key.second)) {  // capturing, never seen: no workspace
+    *space = nullptr;
+    *bytes = 0;
+    return "";
+  }
   auto w = state.spaces.find(key);
   if (w == state.spaces.end()) {
     void* ptr = nullptr;
@@ -905,16 +933,13 @@ std::string lt_context(GemmCache* cache, cudaStream_t stream, int* device, lt::H
     if (!spare.empty()) {
       ptr = spare.back();
       spare.pop_back();
-    } else {
-      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-      if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone) {
-        // relaxed: an allocation on this thread must not invalidate another thread's capture
-        cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-        cudaThreadExchangeStreamCaptureMode(&mode);
-        if (cudaMalloc(&ptr, lt::kWorkspaceBytes) != cudaSuccess) ptr = nullptr;
-        cudaThreadExchangeStreamCaptureMode(&mode);
-      }
-      cudaGetLastError();  // a failed allocation or query leaves the workspace at none
+    } else if (!capturing) {
+      // relaxed: an allocation on this thread must not invalidate another thread's capture
+      cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+      cudaThreadExchangeStreamCaptureMode(&mode);
+      if (cudaMalloc(&ptr, lt::kWorkspaceBytes) != cudaSuccess) ptr = nullptr;
+      cudaThreadExchangeStreamCaptureMode(&mode);
+      cudaGetLastError();  // a failed allocation leaves the workspace at none
     }
     if (ptr) w = state.spaces.emplace(key, lt::Space{ptr, 0}).first;
   }
