@@ -304,8 +304,19 @@ def _tiles_label(tiles: dict[str, Any]) -> str:
     if tiles.get("stationary"):
         return (f"query-stationary {tiles['stationary']} rows/thread {tiles['stationary_warps']}w/"
                 f"{tiles['stationary_programs']}")  # fmt: skip
-    return (f"{tiles['block_m']}x{tiles['block_n']}/{tiles['warps']}w/{tiles['target_programs']}"
+    text = (f"{tiles['block_m']}x{tiles['block_n']}/{tiles['warps']}w/{tiles['target_programs']}"
             f"{'' if tiles['tail_fma'] else '/pad32'}")  # fmt: skip
+    if tiles.get("prune_block", (0, 0))[0]:
+        bh, bw = tiles["prune_block"]
+        text += f" pruned {bh}x{bw}/{tiles['prune_pairs']}p/{tiles['prune_rows']}x{tiles['prune_range']}"
+    return text
+
+
+def _pruned_note(entry: dict[str, Any]) -> str:
+    if "pairs_kept" not in entry:
+        return ""
+    fallback = ", ran unpruned (pairs overflowed)" if entry["unpruned_fallback"] else ""
+    return f", {100 * entry['pairs_share']:.1f} % of (row, block) pairs computed{fallback}"
 
 
 def print_details(data: dict[str, Any]) -> None:
@@ -313,8 +324,8 @@ def print_details(data: dict[str, Any]) -> None:
     if fastnn:
         done = [r for r in fastnn["sweep"] if "median_ms" in r]
         sweep = ", ".join(f"{_tiles_label(r['tiles'])}: "
-                          f"{r['median_ms']:.3f} ms ({r['tflops_fp32_useful']:.1f} TFLOP/s)"
-                          f"{'' if r['identical'] else ' NOT EXACT'}" for r in done)  # fmt: skip
+                          f"{r['median_ms']:.3f} ms ({r['tflops_fp32_equivalent']:.1f} TFLOP/s equivalent"
+                          f"{_pruned_note(r)}){'' if r['identical'] else ' NOT EXACT'}" for r in done)  # fmt: skip
         print(f"FastNN-Lite kernel, 3072 x 196608 rows x keys: {sweep}")
         print(f"FastNN-Lite pair: rows per step {fastnn['rows_per_call']} ({fastnn['useful_gflop']:.1f} GFLOP), "
               f"kernel time on them {fastnn['kernel_ms_sum']:.2f} ms (best tiles {fastnn['best_tiles']})")  # fmt: skip

@@ -8,6 +8,7 @@ bracket its work); warm-up calls first.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import statistics
@@ -323,32 +324,42 @@ def fastnn(
     exact = nearest_by_dot(queries, flat2)
 
     def kernel_call(tiles: fk.Tiles, rows: int) -> tuple[Callable[[], None], fk.NearestTable]:
-        table = fk.NearestTable(queries, flat2, 3072, tiles, keys_t=keys_t)
+        # pruned where the tiles prune (the keys' map shape is given), else the whole key range per row
+        shape = (height, width) if tiles.prune_block[0] else None
+        table = fk.NearestTable(queries, flat2, 3072, tiles, keys_t=keys_t, key_shape=shape)
         ids = torch.arange(rows, dtype=torch.int32, device="cuda")
         count = torch.tensor(rows, dtype=torch.int32, device="cuda")
         return (lambda: table.compute(ids, count)), table
 
+    unpruned = dataclasses.replace(fk.DEFAULT_TILES, prune_block=(0, 0))
     sweep = []
-    for tiles in (fk.Tiles(128, 64, 8), fk.Tiles(64, 64, 4), fk.Tiles(64, 64, 4, tail_fma=False),
-                  fk.Tiles(64, 64, 4, 1056), fk.Tiles(64, 64, 4, 264), fk.Tiles(64, 64, 2), fk.Tiles(64, 64, 2, 1056),
-                  fk.Tiles(128, 64, 4), fk.Tiles(64, 32, 2), fk.Tiles(32, 64, 2), fk.Tiles(64, 128, 4, 264),
-                  fk.Tiles(128, 32, 4), fk.Tiles(64, 32, 2, 1056), fk.Tiles(64, 32, 4), fk.Tiles(32, 32, 1, 1056),
-                  fk.Tiles(128, 32, 2), fk.Tiles(stationary=8), fk.Tiles(stationary=4),
-                  fk.Tiles(stationary=4, stationary_warps=4, stationary_programs=2 * 132),
-                  fk.Tiles(stationary=8, stationary_programs=8 * 132)):  # fmt: skip
+    for tiles in (unpruned, dataclasses.replace(unpruned, block_m=64, block_n=64, warps=4),
+                  dataclasses.replace(unpruned, target_programs=1056), fk.DEFAULT_TILES,
+                  fk.Tiles(prune_block=(4, 8)), fk.Tiles(prune_block=(8, 4)), fk.Tiles(prune_block=(4, 16)),
+                  fk.Tiles(prune_pairs=64), fk.Tiles(prune_pairs=16), fk.Tiles(prune_range=256),
+                  fk.Tiles(prune_range=1024), fk.Tiles(prune_rows=32), fk.Tiles(64, 64, 4),
+                  fk.Tiles(target_programs=1056)):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)
             timing = time_calls(call, 3, 20)
             equal = bool(torch.equal(table.table[:3072].long(), exact))
-            issued = 24 if tiles.tail_fma else 32  # features the FMAs run over (padding to 32 without the tail)
             fmas = queries.shape[0] * keys_t.shape[1]
-            sweep.append({"tiles": asdict(tiles), **timing, "identical": equal,
-                          "tflops_fp32_useful": 2 * fmas * 24 / timing["median_ms"] / 1e9,
-                          "tflops_fp32_issued": 2 * fmas * issued / timing["median_ms"] / 1e9})  # fmt: skip
+            entry = {"tiles": asdict(tiles), **timing, "identical": equal,
+                     "tflops_fp32_equivalent": 2 * fmas * 24 / timing["median_ms"] / 1e9}  # fmt: skip
+            if table.pairs is not None:
+                blocks = table._blocks
+                assert blocks is not None
+                entry["pairs_kept"] = int(table.pairs)
+                entry["pairs_share"] = int(table.pairs) / (3072 * blocks.nb)
+                entry["unpruned_fallback"] = bool(int(blocks.dense))
+            sweep.append(entry)
         except Exception as err:  # a launch shape the compiler rejects is reported, not fatal
             sweep.append({"tiles": asdict(tiles), "error": f"{type(err).__name__}: {err}"[:300]})
     ranked = [r for r in sweep if "median_ms" in r and r["identical"]]
     best = fk.Tiles(**min(ranked, key=lambda r: r["median_ms"])["tiles"]) if ranked else fk.DEFAULT_TILES
+    best_unpruned = min((r for r in ranked if not r["tiles"]["prune_block"][0]), key=lambda r: r["median_ms"],
+                        default={"tiles": asdict(unpruned)})["tiles"]  # fmt: skip
+    best_unpruned = fk.Tiles(**{**best_unpruned, "prune_block": tuple(best_unpruned["prune_block"])})
 
     def reference() -> tuple:
         return reciprocal_nn_reference(d1, d2, 8, device=d1.device)
@@ -357,11 +368,19 @@ def fastnn(
         return matcher_reciprocal_nn(ReciprocalMatcher(d1, d2, config), 8)
 
     captured = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused", tiles=best))
+    captured_unpruned = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8,
+                                        MatchConfig(kernel="fused", tiles=best_unpruned))  # fmt: skip
+    # Worst case for pruning: unit maps of independent random vectors (no block's bound excludes anything).
+    noise = [torch.nn.functional.normalize(torch.randn(height, width, 24, generator=torch.Generator().manual_seed(k)),
+                                           dim=2).cuda() for k in (7, 8)]  # fmt: skip
+    expected_noise = to_numpy(captured_unpruned(*noise))
     gen = torch.Generator().manual_seed(2)
     confs = [(1 + torch.rand(height, width, generator=gen)).cuda() for _ in range(4)]
 
     captured_sym = CapturedCorrespondences(tuple(maps[0].shape), tuple(maps[1].shape), 8,
                                            MatchConfig(kernel="fused", tiles=best))  # fmt: skip
+    captured_sym_unpruned = CapturedCorrespondences(tuple(maps[0].shape), tuple(maps[1].shape), 8,
+                                                    MatchConfig(kernel="fused", tiles=best_unpruned))  # fmt: skip
 
     def symmetric(config: MatchConfig | None = None) -> tuple:
         if config is None:
@@ -370,20 +389,35 @@ def fastnn(
 
     expected = to_numpy(reference())
     expected_sym = to_numpy(symmetric())
-    name = f"tiles {best.block_m}x{best.block_n}/{best.warps}w/{best.target_programs}"
-    if best.stationary:
-        name += f" + query-stationary {best.stationary} rows/thread from {best.stationary_from} rows"
+
+    def describe(tiles: fk.Tiles) -> str:
+        text = f"tiles {tiles.block_m}x{tiles.block_n}/{tiles.warps}w/{tiles.target_programs}"
+        if tiles.prune_block[0]:
+            text += (f", pruned: {tiles.prune_block[0]}x{tiles.prune_block[1]} key blocks, {tiles.prune_pairs} "
+                     f"pairs/step, {tiles.prune_rows}x{tiles.prune_range} bound items")  # fmt: skip
+        else:
+            text += ", unpruned"
+        return text
+
+    name, name_unpruned = describe(best), describe(best_unpruned)
     cases: list[tuple[str, Callable[[], tuple], int, Any]] = [
         ("reference (upstream algorithm)", reference, ref_repeats, expected),
         ("FastNN-Lite tiles", lambda: run(MatchConfig(kernel="tiles")), repeats, expected),
         ("FastNN-Lite fused, device loop", lambda: run(MatchConfig(kernel="fused")), repeats, expected),
         (f"FastNN-Lite fused, device loop, {name}", lambda: run(MatchConfig(tiles=best)), repeats, expected),
         (f"FastNN-Lite fused, CUDA graph, {name}", lambda: captured(d1, d2), repeats, expected),
+        (f"FastNN-Lite fused, CUDA graph, {name_unpruned}", lambda: captured_unpruned(d1, d2), repeats, expected),
+        (f"FastNN-Lite fused, CUDA graph, {name}, random maps (vs unpruned)", lambda: captured(*noise), repeats,
+         expected_noise),
+        (f"FastNN-Lite fused, CUDA graph, {name_unpruned}, random maps", lambda: captured_unpruned(*noise), repeats,
+         expected_noise),
         ("symmetric reference (4 maps)", symmetric, max(2, ref_repeats // 4), expected_sym),
         (f"symmetric FastNN-Lite fused, {name} (4 maps)", lambda: symmetric(MatchConfig(tiles=best)), repeats,
          expected_sym),
         (f"symmetric FastNN-Lite fused, CUDA graph, {name} (4 maps)", lambda: captured_sym(maps, confs), repeats,
          expected_sym),
+        (f"symmetric FastNN-Lite fused, CUDA graph, {name_unpruned} (4 maps)",
+         lambda: captured_sym_unpruned(maps, confs), repeats, expected_sym),
     ]  # fmt: skip
     rows = []
     for label, fn, runs, want in cases:

@@ -7,6 +7,7 @@ device that its matches equal the cuBLAS-based reference at full size.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -285,6 +286,70 @@ def test_refresh_forgets_neighbours_and_rereads_keys() -> None:
     np.testing.assert_array_equal(table.table[:40].cpu().numpy(), nearest_by_dot(source, keys).cpu().numpy())
     with pytest.raises(ValueError, match="exceeds"):
         table.compute(torch.arange(41, dtype=torch.int32, device=DEVICE), torch.tensor(1, device=DEVICE))
+
+
+def _pruned_against_unpruned(desc1: torch.Tensor, desc2: torch.Tensor, tiles: fastnn_kernel.Tiles,
+                             step: int = 3) -> fastnn_kernel.NearestTable:  # fmt: skip
+    """The pruned table's neighbours for every `step`-th row of desc1, asserted equal to the unpruned kernel's."""
+    flat1, flat2 = (d.reshape(-1, d.shape[-1]).to(DEVICE).contiguous() for d in (desc1, desc2))
+    rows = torch.arange(0, flat1.shape[0], step, dtype=torch.int32, device=DEVICE)
+    count = torch.tensor(rows.numel(), dtype=torch.int32, device=DEVICE)
+    unpruned = dataclasses.replace(tiles, prune_block=(0, 0))
+    want = fastnn_kernel.NearestTable(flat1, flat2, rows.numel(), unpruned)
+    want.compute(rows, count)
+    got = fastnn_kernel.NearestTable(flat1, flat2, rows.numel(), tiles, key_shape=tuple(desc2.shape[:2]))
+    got.compute(rows, count)
+    np.testing.assert_array_equal(got.table[rows.long()].cpu().numpy(), want.table[rows.long()].cpu().numpy())
+    assert int(got.computed) == rows.numel()
+    return got
+
+
+# Small maps leave more pairs per key than full-size ones (fewer rows per block skipped): room for them here.
+PRUNE_TILES = fastnn_kernel.Tiles(64, 32, 2, 8, prune_range=64, prune_rows=32, prune_pairs=16, prune_capacity=64)
+
+
+@pytest.mark.parametrize("block", [(8, 8), (3, 5)])
+def test_pruned_search_equals_unpruned_and_skips_blocks(block: tuple[int, int]) -> None:
+    """Spatial key blocks (partial ones at the map's edges too) whose bound is below a row's probe similarity are
+    skipped, and the neighbours stay those of the unpruned search."""
+    desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
+    table = _pruned_against_unpruned(desc1, desc2, dataclasses.replace(PRUNE_TILES, prune_block=block), step=5)
+    blocks = table._blocks
+    assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
+    rows = -(-37 * 61 // 5)
+    assert 0 < int(table.pairs) < 0.7 * rows * blocks.nb  # pruning happened
+
+
+def test_pruned_search_keeps_ties_and_first_indices() -> None:
+    """Maps rounded to quarters: every similarity is exact in any summation order, and many rows have the same
+    maximum in several blocks (exact duplicates of the best key placed before and after it too). The first index
+    wins, as with the unpruned search and argmax (which, unlike BLAS on the CPU, gives every such pair the same
+    value: the interpreter's tl.dot rounds by column position, so only exact inputs test ties here)."""
+    desc1, desc2 = (torch.round(d * 4) / 4 for d in _smooth_pair(24, 40, noise=0.2, seed=12))
+    flat1, flat2 = desc1.reshape(-1, 24).clone(), desc2.reshape(-1, 24).clone()
+    for source, target in ((500, 3), (500, 950), (77, 78), (77, 400)):
+        flat2[target] = flat2[source]
+    flat1[:4] = torch.stack([flat2[500], flat2[77], 2 * flat2[500], 0.5 * flat2[77]])
+    table = _pruned_against_unpruned(flat1.reshape(24, 40, 24), flat2.reshape(24, 40, 24), PRUNE_TILES, step=1)
+    sim = flat1 @ flat2.T
+    assert int((sim == sim.amax(1, keepdim=True)).sum(1).gt(1).sum()) > 50  # rows with tied maxima
+    np.testing.assert_array_equal(table.table[:-1].cpu().numpy(), sim.argmax(1).numpy())
+
+
+def test_pruned_search_runs_unpruned_when_pairs_overflow() -> None:
+    """Random keys leave nothing to skip; with room for fewer pairs than kept, the launch runs unpruned."""
+    gen = torch.Generator().manual_seed(13)
+    desc1, desc2 = (torch.nn.functional.normalize(torch.randn(16, 24, 24, generator=gen), dim=2) for _ in range(2))
+    table = _pruned_against_unpruned(desc1, desc2, dataclasses.replace(PRUNE_TILES, prune_capacity=1), step=2)
+    assert table._blocks is not None and int(table._blocks.dense) > 0 and int(table.pairs or 0) == 0
+
+
+def test_pruning_settings_are_checked() -> None:
+    for bad in ({"prune_block": (9, 8)}, {"prune_block": (0, 4)}, {"prune_range": 100}, {"prune_capacity": 0}):
+        with pytest.raises(ValueError, match="prune"):
+            fastnn_kernel.Tiles(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="does not hold"):
+        fastnn_kernel.NearestTable(torch.zeros(4, 24), torch.zeros(30, 24), 4, PRUNE_TILES, key_shape=(5, 5))
 
 
 def test_captured_matcher_needs_cuda() -> None:

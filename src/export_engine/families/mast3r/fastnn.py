@@ -258,8 +258,9 @@ class ReciprocalMatcher:
         if self.config.use_fused(desc1.device):
             # Row lists hold at most one entry per seed: the grid seeds of the smaller subsample we serve (1).
             rows = max(flat1.shape[0], flat2.shape[0])
-            self._nn12 = fastnn_kernel.NearestTable(flat1, flat2, rows, self.config.tiles)
-            self._nn21 = fastnn_kernel.NearestTable(flat2, flat1, rows, self.config.tiles)
+            tiles = self.config.tiles
+            self._nn12 = fastnn_kernel.NearestTable(flat1, flat2, rows, tiles, key_shape=self.shape2)
+            self._nn21 = fastnn_kernel.NearestTable(flat2, flat1, rows, tiles, key_shape=self.shape1)
         else:
             self._nn12 = _MemoNN(flat1, flat2, self.config)
             self._nn21 = _MemoNN(flat2, flat1, self.config)

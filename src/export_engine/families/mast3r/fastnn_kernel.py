@@ -70,6 +70,22 @@ class Tiles:
     stationary_warps: int = 2
     stationary_programs: int = 4 * 132
     stationary_from: int = 1024
+    # Pruned search (NearestTable with the keys' map shape, not with the query-stationary kernel): keys in
+    # spatial blocks of prune_block pixels (64 keys at most; (0, 0): off), bound passes over prune_rows rows x
+    # prune_range blocks a work item (a multiple of 64), the exact pass prune_pairs (row, block) pairs a step, and
+    # room for prune_capacity pairs per key (a launch that keeps more runs unpruned).
+    prune_block: tuple[int, int] = (8, 8)
+    prune_rows: int = 64
+    prune_range: int = 512
+    prune_pairs: int = 32
+    prune_capacity: int = 8
+
+    def __post_init__(self) -> None:
+        bh, bw = self.prune_block
+        if bh < 0 or bw < 0 or bh * bw > 64 or (bh * bw == 0 and bh + bw > 0):
+            raise ValueError(f"prune_block must be (0, 0) or hold 1 to 64 keys, got {self.prune_block}")
+        if self.prune_range < 64 or self.prune_range % 64 or self.prune_capacity < 1:
+            raise ValueError(f"prune_range must be a multiple of 64 and prune_capacity >= 1, got {self}")
 
 
 # Among the fastest exact launch shapes on an H200 (bench/gpu_bench.py sweeps them on 3072 x 196608: 0.89 to
@@ -118,7 +134,13 @@ class NearestTable:
     """
 
     def __init__(
-        self, source: Tensor, keys: Tensor, max_rows: int, tiles: Tiles = DEFAULT_TILES, keys_t: Tensor | None = None
+        self,
+        source: Tensor,
+        keys: Tensor,
+        max_rows: int,
+        tiles: Tiles = DEFAULT_TILES,
+        keys_t: Tensor | None = None,
+        key_shape: tuple[int, int] | None = None,
     ) -> None:
         if source.shape[1] != keys.shape[1]:
             raise ValueError(f"rows have {source.shape[1]} features, keys {keys.shape[1]}")
@@ -137,6 +159,9 @@ class NearestTable:
         # Per row of a launch: the running (score, index) maximum over its key ranges, packed in 64 bits.
         self._packed = torch.full((max(max_rows, 1),), _EMPTY, dtype=torch.int64, device=source.device)
         self.max_rows = max_rows
+        self._blocks: _KeyBlocks | None = None
+        if key_shape is not None and tiles.prune_block[0] > 0 and not tiles.stationary:
+            self._blocks = _KeyBlocks(keys, key_shape, max_rows, tiles)
 
     @property
     def spare(self) -> int:
@@ -149,6 +174,8 @@ class NearestTable:
             self._keys_rows.copy_(self.keys)
         self.table[:-1].fill_(UNKNOWN)
         self.computed.zero_()
+        if self._blocks is not None:
+            self._blocks.refresh(self.keys)
 
     def compute(self, rows: Tensor, count: Tensor) -> None:
         """Neighbours of the first `count` (int32 device scalar) entries of `rows` into the table; no host sync."""
@@ -159,7 +186,10 @@ class NearestTable:
         d, n = self.source.shape[1], self.keys.shape[0]
         dot, dp, _ = _dot_features(d, t)
         limit = 2**31 - 1  # row counts from here on go to the query-stationary kernel
-        if t.stationary:
+        dense_count = count
+        if self._blocks is not None:
+            dense_count = self._blocks.search(kernels, self.source, rows, count, self._packed)
+        elif t.stationary:
             limit = t.stationary_from
             kernels.nearest_rows_stationary[(t.stationary_programs,)](
                 self.source, self._keys_rows, rows, count, self._packed, n, limit, D=d,
@@ -167,13 +197,103 @@ class NearestTable:
                 num_warps=t.stationary_warps,
             )  # fmt: skip
         kernels.nearest_rows[(t.target_programs,)](
-            self.source, self.keys_t, rows, count, self._packed, n, limit, D=d, DOT_D=dot, DP=dp,
+            self.source, self.keys_t, rows, dense_count, self._packed, n, limit, D=d, DOT_D=dot, DP=dp,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, TARGET=t.target_programs, EVEN_N=n % t.block_n == 0,
             num_warps=t.warps,
         )  # fmt: skip
         grid = (max(1, min(1024, -(-rows.numel() // 256))),)
-        kernels.finish_rows[grid](rows, count, self._packed, self.table, EMPTY=_EMPTY, BLOCK=256, num_warps=4)
+        probe = self._packed if self._blocks is None else self._blocks.probe
+        kernels.finish_rows[grid](rows, count, self._packed, self.table, probe, EMPTY=_EMPTY, BLOCK=256,
+                                  PROBE=self._blocks is not None, num_warps=4)  # fmt: skip
         self.computed += count
+
+    @property
+    def pairs(self) -> Tensor | None:
+        """(row, key block) pairs the last launch computed exactly (int32 device scalar; 0 when it ran unpruned),
+        or None without pruning."""
+        return None if self._blocks is None else self._blocks.total
+
+
+class _KeyBlocks:
+    """The keys of an (H, W) map in spatial blocks, with each block's centroid and radius, for the pruned search.
+
+    For a row q and a block with centroid c and radius r (the largest |k - c| of its keys), every key of the block
+    has q . k <= q . c + |q| r. A row's lower bound is the best similarity among the keys of its probe block (the
+    block whose centroid scores highest): a block whose upper bound is below it holds neither the row's nearest
+    key nor one tied with it, and is skipped. The stored radius carries 2e-4 |k|max, far above the fp32 rounding
+    of every term (a dot product of D = 24 terms is within 1.5e-6 |q| |k| of its exact value), so what is skipped
+    is skipped for every summation order; the pairs that remain are computed with nearest_rows's arithmetic and
+    tie rule, so the neighbours are the unpruned search's. Buffers are fixed, so a CUDA graph can record the
+    search and :meth:`refresh` (the blocks of new keys).
+    """
+
+    def __init__(self, keys: Tensor, shape: tuple[int, int], max_rows: int, tiles: Tiles) -> None:
+        height, width = shape
+        n, d = keys.shape
+        if height * width != n:
+            raise ValueError(f"key map shape {shape} does not hold {n} keys")
+        self.tiles = tiles
+        bh, bw = tiles.prune_block
+        self.bn = 1 << (bh * bw - 1).bit_length()  # block slots, a power of two (tl.arange)
+        by, bx = -(-height // bh), -(-width // bw)
+        self.nb = by * bx
+        device = keys.device
+        # Slot s of block (i, j) holds pixel (i * bh + s // bw, j * bw + s % bw), -1 outside the map or past bh * bw.
+        slot = torch.arange(self.bn, device=device)
+        y = torch.arange(by, device=device)[:, None, None] * bh + (slot // bw)[None, None, :]
+        x = torch.arange(bx, device=device)[None, :, None] * bw + (slot % bw)[None, None, :]
+        inside = (y < height) & (x < width) & (slot < bh * bw)[None, None, :]
+        self.index = torch.where(inside, y * width + x, -1).to(torch.int32).reshape(-1).contiguous()
+        self._gather = self.index.clamp(min=0).long()
+        self._valid = (self.index >= 0).to(torch.float32)[:, None]
+        self._per_block = self._valid.view(self.nb, self.bn).sum(1, keepdim=True)
+        self.dq = max(16, 1 << (d - 1).bit_length())
+        self.keys = torch.zeros(self.nb * self.bn, d, dtype=torch.float32, device=device)
+        self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)
+        self.radius = torch.zeros(self.nb, dtype=torch.float32, device=device)
+        self.probe = torch.full((max(max_rows, 1),), _EMPTY, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(self.nb, dtype=torch.int32, device=device)
+        self.cursor = torch.zeros(self.nb, dtype=torch.int32, device=device)
+        self.total = torch.zeros((), dtype=torch.int32, device=device)
+        self.dense = torch.zeros((), dtype=torch.int32, device=device)
+        self.capacity = min(tiles.prune_capacity * n, 2**31 - 1)
+        self.pair_slot = torch.empty(self.capacity, dtype=torch.int32, device=device)
+        self.pair_block = torch.empty(self.capacity, dtype=torch.int32, device=device)
+        self.refresh(keys)
+
+    def refresh(self, keys: Tensor) -> None:
+        """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
+        torch.index_select(keys.float(), 0, self._gather, out=self.keys)
+        self.keys.mul_(self._valid)
+        blocks = self.keys.view(self.nb, self.bn, -1)
+        centroid = blocks.sum(1) / self._per_block
+        spread = torch.linalg.vector_norm(blocks - centroid[:, None], dim=2) * self._valid.view(self.nb, self.bn)
+        margin = 2e-4 * torch.linalg.vector_norm(keys.float(), dim=1).amax()
+        torch.add(spread.amax(1), margin, out=self.radius)
+        self.cent_t[: centroid.shape[1]].copy_(centroid.t())
+
+    def search(self, kernels: Any, source: Tensor, rows: Tensor, count: Tensor, packed: Tensor) -> Tensor:
+        """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
+        kernel must take (0, or `count` when the kept pairs overflowed the buffers)."""
+        t, d = self.tiles, source.shape[1]
+        dot, dp, _ = _dot_features(d, t)
+        grid = (t.target_programs,)
+        bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, RANGE=t.prune_range, num_warps=4)
+        kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
+        for fill in (False, True):
+            kernels.prune_pairs[grid](
+                source, rows, count, self.cent_t, self.radius, self.probe, self.keys, self.index, self.counts,
+                self.cursor, self.total, self.pair_slot, self.pair_block, self.capacity, self.nb, BN=self.bn,
+                FILL=fill, **bound,
+            )  # fmt: skip
+            if not fill:
+                kernels.prune_scan[(1,)](self.counts, self.cursor, count, self.total, self.dense, self.nb,
+                                         self.capacity, BLOCK=1024, num_warps=4)  # fmt: skip
+        kernels.pair_rows[grid](
+            source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, packed, D=d, DOT_D=dot,
+            DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.warps,
+        )  # fmt: skip
+        return self.dense
 
 
 def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor, tiles: Tiles = DEFAULT_TILES) -> Tensor:

@@ -143,8 +143,10 @@ def finish_rows(
     count_ptr,
     packed_ptr,  # int64 per slot, reset to EMPTY for the next launch
     table_ptr,  # int32: table[rows[i]] = nearest key of row i
+    probe_ptr,  # int64 per slot: the pruned search's probe blocks, also reset (when PROBE)
     EMPTY: tl.constexpr,
     BLOCK: tl.constexpr,
+    PROBE: tl.constexpr,
 ):
     count = tl.load(count_ptr)
     for first in range(tl.program_id(0) * BLOCK, count, tl.num_programs(0) * BLOCK):
@@ -154,6 +156,8 @@ def finish_rows(
         arg = (4294967295 - (packed & 4294967295)).to(tl.int32)
         tl.store(table_ptr + tl.load(rows_ptr + slots, mask=ok, other=0), arg, mask=ok)
         tl.store(packed_ptr + slots, tl.full((BLOCK,), EMPTY, tl.int64), mask=ok)
+        if PROBE:
+            tl.store(probe_ptr + slots, tl.full((BLOCK,), EMPTY, tl.int64), mask=ok)
 
 
 @triton.jit
@@ -196,3 +200,200 @@ def advance(
         claimed = active & (old == -1)
         slot = tl.atomic_add(count_ptr + tl.zeros((BLOCK,), tl.int32), 1, mask=claimed)
         tl.store(rows_ptr + slot, key, mask=claimed)
+
+
+# --- pruned search: key blocks whose bound says they cannot hold a row's nearest neighbour are skipped ---------
+#
+# Keys are grouped into spatial blocks (NearestTable.prune). For block b with centroid c_b and radius r_b (the
+# largest |k - c_b| over its keys), every key k in it has q . k <= q . c_b + |q| r_b; the radius array carries a
+# margin that covers every fp32 rounding of both sides. A row's lower bound L is the best similarity among the
+# keys of one block (the one whose centroid scores highest), so a block whose upper bound is below L holds
+# neither the row's maximum nor a key tied with it, and the rows that remain are computed exactly as
+# nearest_rows computes them.
+
+
+@triton.jit
+def _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Work item -> (block range, slots, which slots hold a row, the rows' features (zeros past D)).
+    split, slots, slot_ok, rows = work_rows(work, row_blocks, count, rows_ptr, BLOCK_M)
+    q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=slot_ok[:, None] & (feats[None, :] < D), other=0.0)
+    return split, slots, slot_ok, q
+
+
+@triton.jit
+def _centroid_scores(q, cent_t_ptr, start, nb, feats, CB: tl.constexpr):
+    # q . c for the CB blocks from `start` ((DQ, nb) centroids, zero-padded features); -inf past the last block.
+    blocks = start + tl.arange(0, CB)
+    ok = blocks < nb
+    c = tl.load(cent_t_ptr + feats[:, None] * nb + blocks[None, :], mask=ok[None, :], other=0.0)
+    s = tl.dot(q, c, input_precision="ieee", out_dtype=tl.float32)
+    return blocks, ok, tl.where(ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def prune_probe(
+    src_ptr,  # (N, D) fp32 rows
+    rows_ptr,
+    count_ptr,
+    cent_t_ptr,  # (DQ, nb) fp32 block centroids, features past D zero
+    probe_ptr,  # int64 per slot: atomic max of (centroid score, first block), EMPTY before
+    nb,
+    D: tl.constexpr,
+    DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CB: tl.constexpr,  # blocks per dot
+    RANGE: tl.constexpr,  # blocks per work item
+):
+    # Each row's probe block: the block whose centroid scores highest (first on ties; any block would be valid).
+    count = tl.load(count_ptr)
+    row_blocks = tl.cdiv(count, BLOCK_M)
+    feats = tl.arange(0, DQ)
+    for work in range(tl.program_id(0), row_blocks * tl.cdiv(nb, RANGE), tl.num_programs(0)):
+        split, slots, slot_ok, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, BLOCK_M)
+        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        arg = tl.zeros((BLOCK_M,), tl.int32)
+        for start in range(split * RANGE, tl.minimum(split * RANGE + RANGE, nb), CB):
+            blocks, _, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
+            top = tl.max(s, axis=1)
+            first = tl.min(tl.where(s == top[:, None], blocks[None, :], 2147483647), axis=1)
+            better = top > best
+            best = tl.where(better, top, best)
+            arg = tl.where(better, first, arg)
+        tl.atomic_max(probe_ptr + slots, pack(best, arg), mask=slot_ok)
+
+
+@triton.jit
+def _lower_bound(q, slots, slot_ok, probe_ptr, kblk_ptr, kidx_ptr, feats, D: tl.constexpr, BN: tl.constexpr):
+    # Best similarity (any summation order: the radii's margin covers it) among the keys of each row's probe block.
+    packed = tl.load(probe_ptr + slots, mask=slot_ok, other=0)
+    block = (4294967295 - (packed & 4294967295)).to(tl.int64)
+    low = tl.full(slots.shape, float("-inf"), tl.float32)
+    for j in range(BN):
+        pos = block * BN + j
+        k = tl.load(kblk_ptr + pos[:, None] * D + feats[None, :], mask=slot_ok[:, None] & (feats[None, :] < D),
+                    other=0.0)  # fmt: skip
+        valid = tl.load(kidx_ptr + pos, mask=slot_ok, other=-1) >= 0
+        low = tl.where(valid, tl.maximum(low, tl.sum(q * k, axis=1)), low)
+    return low
+
+
+@triton.jit
+def prune_pairs(
+    src_ptr,
+    rows_ptr,
+    count_ptr,
+    cent_t_ptr,
+    rad_ptr,  # fp32 per block: radius plus the rounding margin
+    probe_ptr,
+    kblk_ptr,  # (nb * BN, D) fp32 keys in block order, zeros where a block has no key
+    kidx_ptr,  # int32 per block slot: the key's index, -1 for none
+    counts_ptr,  # int32 per block: rows whose bound keeps it (FILL=False adds to it)
+    cursor_ptr,  # int32 per block: next free pair of the block (FILL=True)
+    total_ptr,  # int32 scalar: pairs of this launch, 0 when they overflowed (FILL=True skips then)
+    pair_slot_ptr,
+    pair_block_ptr,
+    capacity,
+    nb,
+    D: tl.constexpr,
+    DQ: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CB: tl.constexpr,
+    RANGE: tl.constexpr,
+    FILL: tl.constexpr,
+):
+    # (row, block) pairs the bound keeps: counted per block (FILL=False), then written grouped by block (FILL=True).
+    count = tl.load(count_ptr)
+    if FILL:
+        count = tl.where(tl.load(total_ptr) > 0, count, 0)
+    row_blocks = tl.cdiv(count, BLOCK_M)
+    feats = tl.arange(0, DQ)
+    for work in range(tl.program_id(0), row_blocks * tl.cdiv(nb, RANGE), tl.num_programs(0)):
+        split, slots, slot_ok, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, BLOCK_M)
+        low = _lower_bound(q, slots, slot_ok, probe_ptr, kblk_ptr, kidx_ptr, feats, D, BN)
+        norm = tl.sqrt(tl.sum(q * q, axis=1))
+        for start in range(split * RANGE, tl.minimum(split * RANGE + RANGE, nb), CB):
+            blocks, block_ok, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
+            rad = tl.load(rad_ptr + blocks, mask=block_ok, other=0.0)
+            keep = slot_ok[:, None] & block_ok[None, :] & ((s + norm[:, None] * rad[None, :]) >= low[:, None])
+            kept = keep.to(tl.int32)
+            per_block = tl.sum(kept, axis=0)
+            if FILL:
+                base = tl.atomic_add(cursor_ptr + blocks, per_block, mask=per_block > 0)
+                pos = base[None, :] + tl.cumsum(kept, axis=0) - kept
+                put = keep & (pos < capacity)
+                tl.store(pair_slot_ptr + pos, slots[:, None] + tl.zeros_like(pos), mask=put)
+                tl.store(pair_block_ptr + pos, blocks[None, :] + tl.zeros_like(pos), mask=put)
+            else:
+                tl.atomic_add(counts_ptr + blocks, per_block, mask=per_block > 0)
+
+
+@triton.jit
+def prune_scan(
+    counts_ptr,  # int32 per block, zeroed here for the next launch
+    cursor_ptr,  # int32 per block: first pair of the block
+    count_ptr,  # the launch's row count
+    total_ptr,  # int32: pairs, or 0 when they exceed capacity
+    dense_ptr,  # int32: the row count when the pairs exceed capacity (nearest_rows takes the launch), else 0
+    nb,
+    capacity,
+    BLOCK: tl.constexpr,
+):
+    carry = tl.zeros((), tl.int64)
+    for start in range(0, nb, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < nb
+        c = tl.load(counts_ptr + offs, mask=ok, other=0).to(tl.int64)
+        first = tl.minimum(carry + tl.cumsum(c, axis=0) - c, capacity)
+        tl.store(cursor_ptr + offs, first.to(tl.int32), mask=ok)
+        tl.store(counts_ptr + offs, tl.zeros((BLOCK,), tl.int32), mask=ok)
+        carry += tl.sum(c, axis=0)
+    over = carry > capacity
+    tl.store(total_ptr, tl.where(over, 0, carry).to(tl.int32))
+    tl.store(dense_ptr, tl.where(over, tl.load(count_ptr), 0))
+
+
+@triton.jit
+def pair_rows(
+    src_ptr,
+    rows_ptr,
+    kblk_ptr,
+    kidx_ptr,
+    pair_slot_ptr,
+    pair_block_ptr,
+    total_ptr,
+    packed_ptr,  # int64 per slot, as nearest_rows
+    D: tl.constexpr,
+    DOT_D: tl.constexpr,
+    DP: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # pairs per step
+):
+    # The kept pairs, BLOCK_M at a time (grouped by block, so a step spans one block or a few): each block's keys
+    # against the step's rows that kept it, with nearest_rows's arithmetic (the same fp32 values) and tie rule.
+    total = tl.load(total_ptr)
+    feats = tl.arange(0, DP)
+    keys = tl.arange(0, BN)
+    for first in range(tl.program_id(0) * BLOCK_M, total, tl.num_programs(0) * BLOCK_M):
+        p = first + tl.arange(0, BLOCK_M)
+        p_ok = p < total
+        slots = tl.load(pair_slot_ptr + p, mask=p_ok, other=0)
+        blocks = tl.load(pair_block_ptr + p, mask=p_ok, other=2147483647)
+        rows = tl.load(rows_ptr + slots, mask=p_ok, other=0).to(tl.int64)
+        q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
+                    other=0.0)  # fmt: skip
+        block = tl.min(blocks, axis=0)
+        while block < 2147483647:
+            pos = block.to(tl.int64) * BN + keys
+            k = tl.load(kblk_ptr + pos[None, :] * D + feats[:, None], mask=feats[:, None] < DOT_D, other=0.0)
+            sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+            for t in tl.static_range(D - DOT_D):
+                q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=p_ok, other=0.0)
+                k_t = tl.load(kblk_ptr + pos * D + (DOT_D + t))
+                sim = tl.fma(q_t[:, None], k_t[None, :], sim)
+            index = tl.load(kidx_ptr + pos)
+            sim = tl.where(index[None, :] >= 0, sim, float("-inf"))
+            row_best = tl.max(sim, axis=1)
+            row_arg = tl.min(tl.where(sim == row_best[:, None], index[None, :], 2147483647), axis=1)
+            tl.atomic_max(packed_ptr + slots, pack(row_best, row_arg), mask=p_ok & (blocks == block))
+            block = tl.min(tl.where(blocks > block, blocks, 2147483647), axis=0)
