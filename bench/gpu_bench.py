@@ -308,7 +308,7 @@ def _tiles_label(tiles: dict[str, Any]) -> str:
             f"{'' if tiles['tail_fma'] else '/pad32'}")  # fmt: skip
     if tiles.get("prune_block", (0, 0))[0]:
         bh, bw = tiles["prune_block"]
-        text += f" pruned {bh}x{bw}/{tiles['prune_pairs']}p/{tiles['prune_rows']}x{tiles['prune_range']}"
+        text += f" pruned {bh}x{bw}/{tiles['prune_pairs']}p/{tiles['prune_rows']}r"
     return text
 
 
@@ -329,6 +329,10 @@ def print_details(data: dict[str, Any]) -> None:
         print(f"FastNN-Lite kernel, 3072 x 196608 rows x keys: {sweep}")
         print(f"FastNN-Lite pair: rows per step {fastnn['rows_per_call']} ({fastnn['useful_gflop']:.1f} GFLOP), "
               f"kernel time on them {fastnn['kernel_ms_sum']:.2f} ms (best tiles {fastnn['best_tiles']})")  # fmt: skip
+        for key, prof in (fastnn.get("kernel_profiles") or {}).items():
+            if "gpu_kernel_ms_per_run" in prof:
+                top = ", ".join(f"{k['kernel'][:40]} {k['ms']:.3f}" for k in prof.get("top_kernels_ms", [])[:8])
+                print(f"FastNN-Lite kernels, {key}: {prof['gpu_kernel_ms_per_run']:.3f} ms ({top})")
         ceiling = fastnn.get("fp32_ceiling") or {}
         if ceiling:
             print(f"FP32 ceiling here: cuBLAS SGEMM 8192^3 {ceiling['sgemm_8192_tflops']:.1f} TFLOP/s; "

@@ -336,8 +336,8 @@ def fastnn(
     for tiles in (unpruned, dataclasses.replace(unpruned, block_m=64, block_n=64, warps=4),
                   dataclasses.replace(unpruned, target_programs=1056), fk.DEFAULT_TILES,
                   fk.Tiles(prune_block=(4, 8)), fk.Tiles(prune_block=(8, 4)), fk.Tiles(prune_block=(4, 16)),
-                  fk.Tiles(prune_pairs=64), fk.Tiles(prune_pairs=16), fk.Tiles(prune_range=256),
-                  fk.Tiles(prune_range=1024), fk.Tiles(prune_rows=32), fk.Tiles(64, 64, 4),
+                  fk.Tiles(prune_pairs=64), fk.Tiles(prune_pairs=16), fk.Tiles(prune_rows=32),
+                  fk.Tiles(prune_rows=128), fk.Tiles(prune_rows=32, prune_block=(8, 4)), fk.Tiles(64, 64, 4),
                   fk.Tiles(target_programs=1056)):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)
@@ -394,7 +394,7 @@ def fastnn(
         text = f"tiles {tiles.block_m}x{tiles.block_n}/{tiles.warps}w/{tiles.target_programs}"
         if tiles.prune_block[0]:
             text += (f", pruned: {tiles.prune_block[0]}x{tiles.prune_block[1]} key blocks, {tiles.prune_pairs} "
-                     f"pairs/step, {tiles.prune_rows}x{tiles.prune_range} bound items")  # fmt: skip
+                     f"pairs/step, {tiles.prune_rows}-row bound items")  # fmt: skip
         else:
             text += ", unpruned"
         return text
@@ -454,7 +454,21 @@ def fastnn(
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     sym_rows = sum(int(r.sum()) for r in captured_sym.rows_per_step if r is not None)  # the last replay's
+    # Kernel time per pair by kernel (the device loop launched from Python: CUPTI sees each launch), pruned and
+    # not, and the pruned search's kernels on one large and one small launch.
+    profiles = {}
+    for key, fn in (
+        ("pair", lambda: run(MatchConfig(tiles=best))),
+        ("pair_unpruned", lambda: run(MatchConfig(tiles=best_unpruned))),
+        ("launch_3072_rows", kernel_call(best, 3072)[0]),
+        ("launch_171_rows", kernel_call(best, 171)[0]),
+    ):
+        try:
+            profiles[key] = profile(fn, top=12)
+        except Exception as err:  # the profile is a detail: its failure is reported
+            profiles[key] = {"error": f"{type(err).__name__}: {err}"[:300]}
     breakdown = {
+        "kernel_profiles": profiles,
         "symmetric_rows": sym_rows,
         "symmetric_useful_gflop": 2 * 24 * sym_rows * flat2.shape[0] / 1e9,
         "fp32_ceiling": peak,

@@ -305,7 +305,7 @@ def _pruned_against_unpruned(desc1: torch.Tensor, desc2: torch.Tensor, tiles: fa
 
 
 # Small maps leave more pairs per key than full-size ones (fewer rows per block skipped): room for them here.
-PRUNE_TILES = fastnn_kernel.Tiles(64, 32, 2, 8, prune_range=64, prune_rows=32, prune_pairs=16, prune_capacity=64)
+PRUNE_TILES = fastnn_kernel.Tiles(64, 32, 2, 8, prune_rows=32, prune_pairs=16, prune_capacity=64)
 
 
 @pytest.mark.parametrize("block", [(8, 8), (3, 5)])
@@ -345,7 +345,7 @@ def test_pruned_search_runs_unpruned_when_pairs_overflow() -> None:
 
 
 def test_pruning_settings_are_checked() -> None:
-    for bad in ({"prune_block": (9, 8)}, {"prune_block": (0, 4)}, {"prune_range": 100}, {"prune_capacity": 0}):
+    for bad in ({"prune_block": (9, 8)}, {"prune_block": (0, 4)}, {"prune_rows": 8}, {"prune_capacity": 0}):
         with pytest.raises(ValueError, match="prune"):
             fastnn_kernel.Tiles(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="does not hold"):

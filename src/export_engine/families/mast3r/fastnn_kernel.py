@@ -71,12 +71,11 @@ class Tiles:
     stationary_programs: int = 4 * 132
     stationary_from: int = 1024
     # Pruned search (NearestTable with the keys' map shape, not with the query-stationary kernel): keys in
-    # spatial blocks of prune_block pixels (64 keys at most; (0, 0): off), bound passes over prune_rows rows x
-    # prune_range blocks a work item (a multiple of 64), the exact pass prune_pairs (row, block) pairs a step, and
-    # room for prune_capacity pairs per key (a launch that keeps more runs unpruned).
+    # spatial blocks of prune_block pixels (64 keys at most; (0, 0): off), bound passes over prune_rows rows a
+    # work item (block ranges split as nearest_rows splits keys), the exact pass prune_pairs (row, block) pairs a
+    # step, and room for prune_capacity pairs per key (a launch that keeps more runs unpruned).
     prune_block: tuple[int, int] = (8, 8)
     prune_rows: int = 64
-    prune_range: int = 512
     prune_pairs: int = 32
     prune_capacity: int = 8
 
@@ -84,8 +83,8 @@ class Tiles:
         bh, bw = self.prune_block
         if bh < 0 or bw < 0 or bh * bw > 64 or (bh * bw == 0 and bh + bw > 0):
             raise ValueError(f"prune_block must be (0, 0) or hold 1 to 64 keys, got {self.prune_block}")
-        if self.prune_range < 64 or self.prune_range % 64 or self.prune_capacity < 1:
-            raise ValueError(f"prune_range must be a multiple of 64 and prune_capacity >= 1, got {self}")
+        if self.prune_rows < 16 or self.prune_pairs < 16 or self.prune_capacity < 1:
+            raise ValueError(f"prune_rows and prune_pairs must be >= 16 and prune_capacity >= 1, got {self}")
 
 
 # Among the fastest exact launch shapes on an H200 (bench/gpu_bench.py sweeps them on 3072 x 196608: 0.89 to
@@ -252,6 +251,7 @@ class _KeyBlocks:
         self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)
         self.radius = torch.zeros(self.nb, dtype=torch.float32, device=device)
         self.probe = torch.full((max(max_rows, 1),), _EMPTY, dtype=torch.int64, device=device)
+        self.low = torch.zeros(max(max_rows, 1), dtype=torch.float32, device=device)
         self.counts = torch.zeros(self.nb, dtype=torch.int32, device=device)
         self.cursor = torch.zeros(self.nb, dtype=torch.int32, device=device)
         self.total = torch.zeros((), dtype=torch.int32, device=device)
@@ -278,13 +278,14 @@ class _KeyBlocks:
         t, d = self.tiles, source.shape[1]
         dot, dp, _ = _dot_features(d, t)
         grid = (t.target_programs,)
-        bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, RANGE=t.prune_range, num_warps=4)
+        bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, TARGET=t.target_programs, num_warps=4)
         kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
+        kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
+                                  BLOCK_M=16, num_warps=4)  # fmt: skip
         for fill in (False, True):
             kernels.prune_pairs[grid](
-                source, rows, count, self.cent_t, self.radius, self.probe, self.keys, self.index, self.counts,
-                self.cursor, self.total, self.pair_slot, self.pair_block, self.capacity, self.nb, BN=self.bn,
-                FILL=fill, **bound,
+                source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.cursor, self.total,
+                self.pair_slot, self.pair_block, self.capacity, self.nb, FILL=fill, **bound,
             )  # fmt: skip
             if not fill:
                 kernels.prune_scan[(1,)](self.counts, self.cursor, count, self.total, self.dense, self.nb,

@@ -242,17 +242,17 @@ def prune_probe(
     DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CB: tl.constexpr,  # blocks per dot
-    RANGE: tl.constexpr,  # blocks per work item
+    TARGET: tl.constexpr,  # work items to aim for (row blocks x block ranges), as nearest_rows
 ):
     # Each row's probe block: the block whose centroid scores highest (first on ties; any block would be valid).
     count = tl.load(count_ptr)
-    row_blocks = tl.cdiv(count, BLOCK_M)
+    row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
     feats = tl.arange(0, DQ)
-    for work in range(tl.program_id(0), row_blocks * tl.cdiv(nb, RANGE), tl.num_programs(0)):
+    for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
         split, slots, slot_ok, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, BLOCK_M)
         best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         arg = tl.zeros((BLOCK_M,), tl.int32)
-        for start in range(split * RANGE, tl.minimum(split * RANGE + RANGE, nb), CB):
+        for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
             blocks, _, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
             top = tl.max(s, axis=1)
             first = tl.min(tl.where(s == top[:, None], blocks[None, :], 2147483647), axis=1)
@@ -263,18 +263,34 @@ def prune_probe(
 
 
 @triton.jit
-def _lower_bound(q, slots, slot_ok, probe_ptr, kblk_ptr, kidx_ptr, feats, D: tl.constexpr, BN: tl.constexpr):
-    # Best similarity (any summation order: the radii's margin covers it) among the keys of each row's probe block.
-    packed = tl.load(probe_ptr + slots, mask=slot_ok, other=0)
-    block = (4294967295 - (packed & 4294967295)).to(tl.int64)
-    low = tl.full(slots.shape, float("-inf"), tl.float32)
-    for j in range(BN):
-        pos = block * BN + j
-        k = tl.load(kblk_ptr + pos[:, None] * D + feats[None, :], mask=slot_ok[:, None] & (feats[None, :] < D),
-                    other=0.0)  # fmt: skip
-        valid = tl.load(kidx_ptr + pos, mask=slot_ok, other=-1) >= 0
-        low = tl.where(valid, tl.maximum(low, tl.sum(q * k, axis=1)), low)
-    return low
+def prune_bound(
+    src_ptr,
+    rows_ptr,
+    count_ptr,
+    probe_ptr,
+    kblk_ptr,  # (nb * BN, D) fp32 keys in block order, zeros where a block has no key
+    kidx_ptr,  # int32 per block slot: the key's index, -1 for none
+    low_ptr,  # fp32 per slot: the row's lower bound
+    D: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # Best similarity (any summation order: the radii's margin covers it) among the keys of each row's probe
+    # block, all BN keys at once, one feature a step.
+    count = tl.load(count_ptr)
+    keys = tl.arange(0, BN)
+    for first in range(tl.program_id(0) * BLOCK_M, count, tl.num_programs(0) * BLOCK_M):
+        slots = first + tl.arange(0, BLOCK_M)
+        ok = slots < count
+        rows = tl.load(rows_ptr + slots, mask=ok, other=0).to(tl.int64)
+        packed = tl.load(probe_ptr + slots, mask=ok, other=0)
+        pos = (4294967295 - (packed & 4294967295))[:, None] * BN + keys[None, :]  # int64 (rows, keys)
+        sim = tl.zeros((BLOCK_M, BN), tl.float32)
+        for f in tl.static_range(D):
+            q_f = tl.load(src_ptr + rows * D + f, mask=ok, other=0.0)
+            sim += q_f[:, None] * tl.load(kblk_ptr + pos * D + f, mask=ok[:, None], other=0.0)
+        valid = tl.load(kidx_ptr + pos, mask=ok[:, None], other=-1) >= 0
+        tl.store(low_ptr + slots, tl.max(tl.where(valid, sim, float("-inf")), axis=1), mask=ok)
 
 
 @triton.jit
@@ -284,9 +300,7 @@ def prune_pairs(
     count_ptr,
     cent_t_ptr,
     rad_ptr,  # fp32 per block: radius plus the rounding margin
-    probe_ptr,
-    kblk_ptr,  # (nb * BN, D) fp32 keys in block order, zeros where a block has no key
-    kidx_ptr,  # int32 per block slot: the key's index, -1 for none
+    low_ptr,  # fp32 per slot: the row's lower bound (prune_bound)
     counts_ptr,  # int32 per block: rows whose bound keeps it (FILL=False adds to it)
     cursor_ptr,  # int32 per block: next free pair of the block (FILL=True)
     total_ptr,  # int32 scalar: pairs of this launch, 0 when they overflowed (FILL=True skips then)
@@ -296,23 +310,22 @@ def prune_pairs(
     nb,
     D: tl.constexpr,
     DQ: tl.constexpr,
-    BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CB: tl.constexpr,
-    RANGE: tl.constexpr,
+    TARGET: tl.constexpr,
     FILL: tl.constexpr,
 ):
     # (row, block) pairs the bound keeps: counted per block (FILL=False), then written grouped by block (FILL=True).
     count = tl.load(count_ptr)
     if FILL:
         count = tl.where(tl.load(total_ptr) > 0, count, 0)
-    row_blocks = tl.cdiv(count, BLOCK_M)
+    row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
     feats = tl.arange(0, DQ)
-    for work in range(tl.program_id(0), row_blocks * tl.cdiv(nb, RANGE), tl.num_programs(0)):
+    for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
         split, slots, slot_ok, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, BLOCK_M)
-        low = _lower_bound(q, slots, slot_ok, probe_ptr, kblk_ptr, kidx_ptr, feats, D, BN)
+        low = tl.load(low_ptr + slots, mask=slot_ok, other=float("inf"))
         norm = tl.sqrt(tl.sum(q * q, axis=1))
-        for start in range(split * RANGE, tl.minimum(split * RANGE + RANGE, nb), CB):
+        for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
             blocks, block_ok, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
             rad = tl.load(rad_ptr + blocks, mask=block_ok, other=0.0)
             keep = slot_ok[:, None] & block_ok[None, :] & ((s + norm[:, None] * rad[None, :]) >= low[:, None])
