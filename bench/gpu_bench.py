@@ -308,7 +308,8 @@ def _tiles_label(tiles: dict[str, Any]) -> str:
             f"{'' if tiles['tail_fma'] else '/pad32'}")  # fmt: skip
     if tiles.get("prune_block", (0, 0))[0]:
         bh, bw = tiles["prune_block"]
-        text += f" pruned {bh}x{bw}/{tiles['prune_pairs']}p/{tiles['prune_rows']}r"
+        text += (f" pruned {bh}x{bw}/{tiles['prune_pairs']}p/{tiles['prune_rows']}r/"
+                 f"{tiles['prune_programs']}x{tiles['prune_warps']}w")  # fmt: skip
     return text
 
 

@@ -39,6 +39,9 @@ Tensor = torch.Tensor
 
 UNKNOWN, CLAIMED = -1, -2  # neighbour table entries that are not an index (yet)
 _EMPTY = -(2**63)  # packed (score, index) slot before any key range reported
+# Pruned search: bound margins, relative to |q| and the largest key concerned; an fp32 dot product of D = 24 terms
+# is within 1.5e-6 |q| |k| of its exact value, so this covers every rounding of either side many times over.
+_MARGIN = 2e-4
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -78,12 +81,14 @@ class Tiles:
     prune_rows: int = 64
     prune_pairs: int = 32
     prune_capacity: int = 8
+    prune_programs: int = 16 * 132  # the exact pass's grid: latency-bound steps, many in flight per SM
+    prune_warps: int = 2
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
         if bh < 0 or bw < 0 or bh * bw > 64 or (bh * bw == 0 and bh + bw > 0):
             raise ValueError(f"prune_block must be (0, 0) or hold 1 to 64 keys, got {self.prune_block}")
-        if self.prune_rows < 16 or self.prune_pairs < 16 or self.prune_capacity < 1:
+        if self.prune_rows < 16 or self.prune_pairs < 16 or self.prune_capacity < 1 or self.prune_programs < 1:
             raise ValueError(f"prune_rows and prune_pairs must be >= 16 and prune_capacity >= 1, got {self}")
 
 
@@ -219,8 +224,9 @@ class _KeyBlocks:
     For a row q and a block with centroid c and radius r (the largest |k - c| of its keys), every key of the block
     has q . k <= q . c + |q| r. A row's lower bound is the best similarity among the keys of its probe block (the
     block whose centroid scores highest): a block whose upper bound is below it holds neither the row's nearest
-    key nor one tied with it, and is skipped. The stored radius carries 2e-4 |k|max, far above the fp32 rounding
-    of every term (a dot product of D = 24 terms is within 1.5e-6 |q| |k| of its exact value), so what is skipped
+    key nor one tied with it, and is skipped. Both sides carry a margin far above the fp32 rounding of every
+    term (a dot product of D = 24 terms is within 1.5e-6 |q| |k| of its exact value): the upper bound adds
+    2e-4 |q| |k|max of the block, the lower bound subtracts 2e-4 |q| |k|max of the probe block, so what is skipped
     is skipped for every summation order; the pairs that remain are computed with nearest_rows's arithmetic and
     tie rule, so the neighbours are the unpruned search's. Buffers are fixed, so a CUDA graph can record the
     search and :meth:`refresh` (the blocks of new keys).
@@ -243,9 +249,6 @@ class _KeyBlocks:
         x = torch.arange(bx, device=device)[None, :, None] * bw + (slot % bw)[None, None, :]
         inside = (y < height) & (x < width) & (slot < bh * bw)[None, None, :]
         self.index = torch.where(inside, y * width + x, -1).to(torch.int32).reshape(-1).contiguous()
-        self._gather = self.index.clamp(min=0).long()
-        self._valid = (self.index >= 0).to(torch.float32)[:, None]
-        self._per_block = self._valid.view(self.nb, self.bn).sum(1, keepdim=True)
         self.dq = max(16, 1 << (d - 1).bit_length())
         self.keys = torch.zeros(self.nb * self.bn, d, dtype=torch.float32, device=device)
         self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)
@@ -263,14 +266,9 @@ class _KeyBlocks:
 
     def refresh(self, keys: Tensor) -> None:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
-        torch.index_select(keys.float(), 0, self._gather, out=self.keys)
-        self.keys.mul_(self._valid)
-        blocks = self.keys.view(self.nb, self.bn, -1)
-        centroid = blocks.sum(1) / self._per_block
-        spread = torch.linalg.vector_norm(blocks - centroid[:, None], dim=2) * self._valid.view(self.nb, self.bn)
-        margin = 2e-4 * torch.linalg.vector_norm(keys.float(), dim=1).amax()
-        torch.add(spread.amax(1), margin, out=self.radius)
-        self.cent_t[: centroid.shape[1]].copy_(centroid.t())
+        grid = (min(self.nb, 4 * 132),)
+        _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, D=keys.shape[1],
+                                    DQ=self.dq, BN=self.bn, MARGIN=_MARGIN, num_warps=2)  # fmt: skip
 
     def search(self, kernels: Any, source: Tensor, rows: Tensor, count: Tensor, packed: Tensor) -> Tensor:
         """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
@@ -281,7 +279,7 @@ class _KeyBlocks:
         bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, TARGET=t.target_programs, num_warps=4)
         kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
         kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
-                                  BLOCK_M=16, num_warps=4)  # fmt: skip
+                                  BLOCK_M=16, MARGIN=_MARGIN, num_warps=4)  # fmt: skip
         for fill in (False, True):
             kernels.prune_pairs[grid](
                 source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.cursor, self.total,
@@ -290,9 +288,9 @@ class _KeyBlocks:
             if not fill:
                 kernels.prune_scan[(1,)](self.counts, self.cursor, count, self.total, self.dense, self.nb,
                                          self.capacity, BLOCK=1024, num_warps=4)  # fmt: skip
-        kernels.pair_rows[grid](
+        kernels.pair_rows[(t.prune_programs,)](
             source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, packed, D=d, DOT_D=dot,
-            DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.warps,
+            DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.prune_warps,
         )  # fmt: skip
         return self.dense
 

@@ -274,9 +274,10 @@ def prune_bound(
     D: tl.constexpr,
     BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    MARGIN: tl.constexpr,
 ):
-    # Best similarity (any summation order: the radii's margin covers it) among the keys of each row's probe
-    # block, all BN keys at once, one feature a step.
+    # Best similarity (any summation order: the margins cover it) among the keys of each row's probe block, all
+    # BN keys at once, one feature a step.
     count = tl.load(count_ptr)
     keys = tl.arange(0, BN)
     for first in range(tl.program_id(0) * BLOCK_M, count, tl.num_programs(0) * BLOCK_M):
@@ -286,11 +287,19 @@ def prune_bound(
         packed = tl.load(probe_ptr + slots, mask=ok, other=0)
         pos = (4294967295 - (packed & 4294967295))[:, None] * BN + keys[None, :]  # int64 (rows, keys)
         sim = tl.zeros((BLOCK_M, BN), tl.float32)
+        key_sq = tl.zeros((BLOCK_M, BN), tl.float32)
+        q_sq = tl.zeros((BLOCK_M,), tl.float32)
         for f in tl.static_range(D):
             q_f = tl.load(src_ptr + rows * D + f, mask=ok, other=0.0)
-            sim += q_f[:, None] * tl.load(kblk_ptr + pos * D + f, mask=ok[:, None], other=0.0)
+            k_f = tl.load(kblk_ptr + pos * D + f, mask=ok[:, None], other=0.0)
+            sim += q_f[:, None] * k_f
+            key_sq += k_f * k_f
+            q_sq += q_f * q_f
         valid = tl.load(kidx_ptr + pos, mask=ok[:, None], other=-1) >= 0
-        tl.store(low_ptr + slots, tl.max(tl.where(valid, sim, float("-inf")), axis=1), mask=ok)
+        best = tl.max(tl.where(valid, sim, float("-inf")), axis=1)
+        # minus the margin for this sum's rounding, relative to the probe block's largest key (see block_keys)
+        margin = MARGIN * tl.sqrt(q_sq) * tl.sqrt(tl.max(key_sq, axis=1))
+        tl.store(low_ptr + slots, best - margin, mask=ok)
 
 
 @triton.jit
@@ -410,3 +419,36 @@ def pair_rows(
             row_arg = tl.min(tl.where(sim == row_best[:, None], index[None, :], 2147483647), axis=1)
             tl.atomic_max(packed_ptr + slots, pack(row_best, row_arg), mask=p_ok & (blocks == block))
             block = tl.min(tl.where(blocks > block, blocks, 2147483647), axis=0)
+
+
+@triton.jit
+def block_keys(
+    keys_ptr,  # (n, D) fp32 keys
+    kidx_ptr,  # int32 per block slot: the key's index, -1 for none
+    kblk_ptr,  # out: (nb * BN, D) fp32 keys in block order, zeros where a block has no key
+    cent_t_ptr,  # out: (DQ, nb) fp32 centroids (features past D stay zero)
+    rad_ptr,  # out: fp32 per block: radius + MARGIN x the block's largest |k|
+    nb,
+    D: tl.constexpr,
+    DQ: tl.constexpr,
+    BN: tl.constexpr,
+    MARGIN: tl.constexpr,
+):
+    # One block a step: its keys gathered, centroid, radius (largest |k - c|) and the rounding margin. The margin
+    # covers, relative to the block's largest key, the fp32 rounding of q . k, q . c, |q| and the radius.
+    feats = tl.arange(0, DQ)
+    slots = tl.arange(0, BN)
+    for block in range(tl.program_id(0), nb, tl.num_programs(0)):
+        pos = slots.to(tl.int64) + block * BN
+        index = tl.load(kidx_ptr + pos)
+        valid = index >= 0
+        inside = valid[:, None] & (feats[None, :] < D)
+        k = tl.load(keys_ptr + tl.where(valid, index, 0).to(tl.int64)[:, None] * D + feats[None, :], mask=inside,
+                    other=0.0)  # fmt: skip
+        tl.store(kblk_ptr + pos[:, None] * D + feats[None, :], k, mask=feats[None, :] < D)
+        centroid = tl.sum(k, axis=0) / tl.sum(valid.to(tl.float32), axis=0)
+        spread = tl.where(inside, k - centroid[None, :], 0.0)
+        radius = tl.sqrt(tl.max(tl.sum(spread * spread, axis=1), axis=0))
+        largest = tl.sqrt(tl.max(tl.sum(k * k, axis=1), axis=0))
+        tl.store(cent_t_ptr + feats * nb + block, centroid, mask=feats < D)
+        tl.store(rad_ptr + block, radius + MARGIN * largest)
