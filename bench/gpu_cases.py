@@ -336,10 +336,9 @@ def fastnn(
     for tiles in (unpruned, dataclasses.replace(unpruned, block_m=64, block_n=64, warps=4),
                   dataclasses.replace(unpruned, target_programs=1056), fk.DEFAULT_TILES,
                   *(dataclasses.replace(fk.DEFAULT_TILES, **change) for change in (
-                      {"prune_programs": 528}, {"prune_programs": 1056}, {"prune_programs": 4224},
-                      {"prune_programs": 8448}, {"prune_warps": 1}, {"prune_warps": 4}, {"prune_pairs": 64},
-                      {"prune_pairs": 16}, {"prune_pairs": 64, "prune_warps": 4}, {"prune_rows": 32},
-                      {"prune_rows": 128}, {"prune_block": (8, 4)},
+                      {"prune_programs": 1056}, {"prune_programs": 4224}, {"prune_warps": 2},
+                      {"prune_pairs": 64}, {"prune_pairs": 64, "prune_warps": 2}, {"prune_pairs": 16},
+                      {"prune_rows": 32}, {"prune_rows": 32, "prune_pairs": 64}, {"prune_block": (8, 4)},
                       {"prune_block": (8, 4), "prune_pairs": 16}))):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)

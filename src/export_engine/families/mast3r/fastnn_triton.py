@@ -198,8 +198,10 @@ def advance(
         key = tl.where(active, key, claim_none)
         old = tl.atomic_cas(claim_ptr + key, tl.full((BLOCK,), -1, tl.int32), tl.full((BLOCK,), -2, tl.int32))
         claimed = active & (old == -1)
-        slot = tl.atomic_add(count_ptr + tl.zeros((BLOCK,), tl.int32), 1, mask=claimed)
-        tl.store(rows_ptr + slot, key, mask=claimed)
+        # One atomic per program for its claimed rows (a per-lane atomic on the one counter serialises them).
+        taken = claimed.to(tl.int32)
+        first = tl.atomic_add(count_ptr, tl.sum(taken, axis=0))
+        tl.store(rows_ptr + first + tl.cumsum(taken, axis=0) - taken, key, mask=claimed)
 
 
 # --- pruned search: key blocks whose bound says they cannot hold a row's nearest neighbour are skipped ---------
@@ -417,7 +419,12 @@ def pair_rows(
             sim = tl.where(index[None, :] >= 0, sim, float("-inf"))
             row_best = tl.max(sim, axis=1)
             row_arg = tl.min(tl.where(sim == row_best[:, None], index[None, :], 2147483647), axis=1)
-            tl.atomic_max(packed_ptr + slots, pack(row_best, row_arg), mask=p_ok & (blocks == block))
+            mine = p_ok & (blocks == block)
+            packed = pack(row_best, row_arg)
+            # A row's pairs are spread over many programs: read its running maximum (from L2) first, and only
+            # an improvement takes the atomic (which still decides between programs that both improve).
+            seen = tl.load(packed_ptr + slots, mask=mine, other=0, cache_modifier=".cg")
+            tl.atomic_max(packed_ptr + slots, packed, mask=mine & (packed > seen))
             block = tl.min(tl.where(blocks > block, blocks, 2147483647), axis=0)
 
 
