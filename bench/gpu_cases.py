@@ -371,6 +371,9 @@ def fastnn(
     captured = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused", tiles=best))
     captured_unpruned = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8,
                                         MatchConfig(kernel="fused", tiles=best_unpruned))  # fmt: skip
+    other_blocks = dataclasses.replace(best, prune_block=(8, 8) if best.prune_block != (8, 8) else (8, 4))
+    captured_other = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused",
+                                     tiles=other_blocks))  # fmt: skip
     # Worst case for pruning: unit maps of independent random vectors (no block's bound excludes anything).
     noise = [torch.nn.functional.normalize(torch.randn(height, width, 24, generator=torch.Generator().manual_seed(k)),
                                            dim=2).cuda() for k in (7, 8)]  # fmt: skip
@@ -408,6 +411,8 @@ def fastnn(
         (f"FastNN-Lite fused, device loop, {name}", lambda: run(MatchConfig(tiles=best)), repeats, expected),
         (f"FastNN-Lite fused, CUDA graph, {name}", lambda: captured(d1, d2), repeats, expected),
         (f"FastNN-Lite fused, CUDA graph, {name_unpruned}", lambda: captured_unpruned(d1, d2), repeats, expected),
+        (f"FastNN-Lite fused, CUDA graph, {describe(other_blocks)}", lambda: captured_other(d1, d2), repeats,
+         expected),
         (f"FastNN-Lite fused, CUDA graph, {name}, random maps (vs unpruned)", lambda: captured(*noise), repeats,
          expected_noise),
         (f"FastNN-Lite fused, CUDA graph, {name_unpruned}, random maps", lambda: captured_unpruned(*noise), repeats,
