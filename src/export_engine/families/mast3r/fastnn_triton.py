@@ -215,29 +215,20 @@ def advance(
 
 
 @triton.jit
-def _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D: tl.constexpr, DOT_D: tl.constexpr,
-               BLOCK_M: tl.constexpr):  # fmt: skip
-    # Work item -> (block range, slots, which slots hold a row, the rows, their first DOT_D features).
+def _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Work item -> (block range, slots, which slots hold a row, the rows' features (zeros past D)).
     split, slots, slot_ok, rows = work_rows(work, row_blocks, count, rows_ptr, BLOCK_M)
-    q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=slot_ok[:, None] & (feats[None, :] < DOT_D),
-                other=0.0)  # fmt: skip
-    return split, slots, slot_ok, rows, q
+    q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=slot_ok[:, None] & (feats[None, :] < D), other=0.0)
+    return split, slots, slot_ok, q
 
 
 @triton.jit
-def _centroid_scores(q, rows, slot_ok, src_ptr, cent_t_ptr, start, nb, feats, D: tl.constexpr, DOT_D: tl.constexpr,
-                     CB: tl.constexpr):  # fmt: skip
-    # q . c for the CB blocks from `start` ((DQ, nb) centroids): tl.dot over the first DOT_D features, an fma a
-    # feature after them (as nearest_rows); -inf past the last block.
+def _centroid_scores(q, cent_t_ptr, start, nb, feats, CB: tl.constexpr):
+    # q . c for the CB blocks from `start` ((DQ, nb) centroids, zero-padded features); -inf past the last block.
     blocks = start + tl.arange(0, CB)
     ok = blocks < nb
-    c = tl.load(cent_t_ptr + feats[:, None] * nb + blocks[None, :], mask=ok[None, :] & (feats[:, None] < DOT_D),
-                other=0.0)  # fmt: skip
+    c = tl.load(cent_t_ptr + feats[:, None] * nb + blocks[None, :], mask=ok[None, :], other=0.0)
     s = tl.dot(q, c, input_precision="ieee", out_dtype=tl.float32)
-    for t in tl.static_range(D - DOT_D):
-        q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=slot_ok, other=0.0)
-        c_t = tl.load(cent_t_ptr + (DOT_D + t) * nb + blocks, mask=ok, other=0.0)
-        s = tl.fma(q_t[:, None], c_t[None, :], s)
     return blocks, ok, tl.where(ok[None, :], s, float("-inf"))
 
 
@@ -250,8 +241,7 @@ def prune_probe(
     probe_ptr,  # int64 per slot: atomic max of (centroid score, first block), EMPTY before
     nb,
     D: tl.constexpr,
-    DOT_D: tl.constexpr,  # features in tl.dot, as nearest_rows
-    DP: tl.constexpr,
+    DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CB: tl.constexpr,  # blocks per dot
     TARGET: tl.constexpr,  # work items to aim for (row blocks x block ranges), as nearest_rows
@@ -259,14 +249,13 @@ def prune_probe(
     # Each row's probe block: the block whose centroid scores highest (first on ties; any block would be valid).
     count = tl.load(count_ptr)
     row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
-    feats = tl.arange(0, DP)
+    feats = tl.arange(0, DQ)
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
-        split, slots, slot_ok, rows, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, DOT_D,
-                                                    BLOCK_M)  # fmt: skip
+        split, slots, slot_ok, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, BLOCK_M)
         best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         arg = tl.zeros((BLOCK_M,), tl.int32)
         for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
-            blocks, _, s = _centroid_scores(q, rows, slot_ok, src_ptr, cent_t_ptr, start, nb, feats, D, DOT_D, CB)
+            blocks, _, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
             top = tl.max(s, axis=1)
             first = tl.min(tl.where(s == top[:, None], blocks[None, :], 2147483647), axis=1)
             better = top > best
@@ -331,8 +320,7 @@ def prune_pairs(
     capacity,
     nb,
     D: tl.constexpr,
-    DOT_D: tl.constexpr,
-    DP: tl.constexpr,
+    DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CB: tl.constexpr,
     TARGET: tl.constexpr,
@@ -343,19 +331,13 @@ def prune_pairs(
     if FILL:
         count = tl.where(tl.load(total_ptr) > 0, count, 0)
     row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
-    feats = tl.arange(0, DP)
+    feats = tl.arange(0, DQ)
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
-        split, slots, slot_ok, rows, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, DOT_D,
-                                                    BLOCK_M)  # fmt: skip
+        split, slots, slot_ok, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, BLOCK_M)
         low = tl.load(low_ptr + slots, mask=slot_ok, other=float("inf"))
-        squares = tl.sum(q * q, axis=1)
-        for t in tl.static_range(D - DOT_D):
-            q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=slot_ok, other=0.0)
-            squares += q_t * q_t
-        norm = tl.sqrt(squares)
+        norm = tl.sqrt(tl.sum(q * q, axis=1))
         for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
-            blocks, block_ok, s = _centroid_scores(q, rows, slot_ok, src_ptr, cent_t_ptr, start, nb, feats, D, DOT_D,
-                                                   CB)  # fmt: skip
+            blocks, block_ok, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
             rad = tl.load(rad_ptr + blocks, mask=block_ok, other=0.0)
             keep = slot_ok[:, None] & block_ok[None, :] & ((s + norm[:, None] * rad[None, :]) >= low[:, None])
             kept = keep.to(tl.int32)
