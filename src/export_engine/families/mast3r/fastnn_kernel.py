@@ -269,7 +269,7 @@ class _KeyBlocks:
 
     def refresh(self, keys: Tensor) -> None:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
-        grid = (min(self.nb, 4 * 132),)
+        grid = (min(self.nb, self.tiles.target_programs),)
         _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, D=keys.shape[1],
                                     DQ=self.dq, BN=self.bn, MARGIN=_MARGIN, num_warps=2)  # fmt: skip
 
