@@ -7,6 +7,8 @@ Same algorithm as :mod:`export_engine.families.mast3r.matching_reference` (upstr
   (max, first argmax) per query, so memory is O(tile + pixels): no N1 x N2 matrix ever exists. On CUDA the
   fused Triton kernel of :mod:`export_engine.families.mast3r.fastnn_kernel` does the same without writing any tile
   (``MatchConfig.kernel``).
+* On CUDA, blocks of keys whose similarity bound shows they cannot hold a row's nearest neighbour (or a key
+  tied with it) are skipped (the pruned search of :mod:`export_engine.families.mast3r.fastnn_kernel`).
 * A pixel's nearest neighbour never changes, so each one is computed once and remembered in a per-pixel table
   (one per direction). Seeds whose chains meet, and the reverse run of :func:`extract_correspondences`
   (B -> A reads the same two tables as A -> B), ask for rows already known and cost nothing.

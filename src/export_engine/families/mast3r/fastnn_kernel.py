@@ -17,6 +17,12 @@ and on random and tied inputs (tests). Ties resolve to the first index, as ``tor
 ``np.argmax`` do: within a column slot a later key only wins on a strictly larger value, and across slots and
 key ranges the smallest index among equal maxima wins.
 
+Pruned search. Where a table knows its keys' map shape (``NearestTable(key_shape=...)``, as the matcher gives
+it), most keys are never compared: keys are grouped into small spatial blocks with a centroid and a radius, a
+row's lower bound comes from one probe block, and only the blocks whose upper bound reaches it are computed, with
+the same arithmetic and tie rule as above (:class:`_KeyBlocks` has the bound and its rounding margins). On smooth
+descriptor maps a few percent of the blocks remain; a launch that would keep too many runs unpruned.
+
 Round loop. :func:`chains_on_device` walks every seed 1 -> 2 -> 1 for a fixed number of rounds with per-seed
 "active" flags. Rows still unknown are claimed in the per-pixel neighbour tables by atomic compare-and-swap
 (-1 -> -2) and appended to a row list by an atomic counter, so de-duplication and compaction need no sort and
