@@ -349,6 +349,24 @@ def test_pruned_search_runs_unpruned_when_pairs_overflow() -> None:
     assert table._blocks is not None and int(table._blocks.dense) > 0 and int(table.pairs or 0) == 0
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the infinite norms
+@pytest.mark.parametrize(("q_scale", "k_scale"), [(2.0**-80, 1.0), (1.0, 2.0**-80), (2.0**80, 2.0**-80), (1e20, -1.0)])
+def test_pruned_search_claims_no_bound_where_norms_leave_fp32(q_scale: float, k_scale: float) -> None:
+    """Finite maps whose norms' squares under- or overflow fp32 (the similarities themselves stay finite): nothing
+    is skipped, the neighbours are the unpruned search's; later launches (none, then other rows) stay exact."""
+    desc1 = _smooth_pair(6, 6, noise=0.2, seed=1)[0] * q_scale
+    desc2 = _smooth_pair(12, 16, noise=0.2, seed=2)[1] * k_scale
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=(3, 5))
+    table = _pruned_against_unpruned(desc1, desc2, tiles, step=1)
+    assert table.pairs is not None and int(table.pairs) == 36 * table._blocks.nb  # type: ignore[union-attr]
+    rows = torch.arange(36, dtype=torch.int32, device=DEVICE)
+    table.compute(rows, torch.tensor(0, dtype=torch.int32, device=DEVICE))  # no rows: the table is unchanged
+    before = table.table.clone()
+    table.table[:36:2] = fastnn_kernel.UNKNOWN
+    table.compute(rows[::2].contiguous(), torch.tensor(18, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(table.table, before)
+
+
 def test_pruning_settings_are_checked() -> None:
     for bad in ({"prune_block": (9, 8)}, {"prune_block": (0, 4)}, {"prune_rows": 8}, {"prune_capacity": 0}):
         with pytest.raises(ValueError, match="prune"):

@@ -45,9 +45,16 @@ Tensor = torch.Tensor
 
 UNKNOWN, CLAIMED = -1, -2  # neighbour table entries that are not an index (yet)
 _EMPTY = -(2**63)  # packed (score, index) slot before any key range reported
-# Pruned search: bound margins, relative to |q| and the largest key concerned; an fp32 dot product of D = 24 terms
-# is within 1.5e-6 |q| |k| of its exact value, so this covers every rounding of either side many times over.
+# Pruned search: bound margins, relative to |q| and the largest key concerned; an fp32 dot product of D terms is
+# within about D 2**-24 |q| |k| of its exact value (1.5e-6 at D = 24), so 2e-4 covers every rounding of either side
+# many times over; it grows with D beyond 500 features. For norms outside (2**-50, 2**50), whose squares are not
+# normal fp32 numbers, no bound is claimed (nothing is skipped).
 _MARGIN = 2e-4
+_SMALLEST, _LARGEST = 2.0**-50, 2.0**50
+
+
+def _margin(d: int) -> float:
+    return max(_MARGIN, 8 * d * 2.0**-24)
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -172,7 +179,8 @@ class NearestTable:
         self._packed = torch.full((max(max_rows, 1),), _EMPTY, dtype=torch.int64, device=source.device)
         self.max_rows = max_rows
         self._blocks: _KeyBlocks | None = None
-        if key_shape is not None and tiles.prune_block[0] > 0 and not tiles.stationary:
+        # (the blocks re-read `keys` on refresh: only where the caller's buffer is the layout they read)
+        if key_shape is not None and tiles.prune_block[0] > 0 and not tiles.stationary and plain:
             self._blocks = _KeyBlocks(keys, key_shape, max_rows, tiles)
 
     @property
@@ -269,15 +277,16 @@ class _KeyBlocks:
         self.total = torch.zeros((), dtype=torch.int32, device=device)
         self.dense = torch.zeros((), dtype=torch.int32, device=device)
         self.capacity = min(tiles.prune_capacity * n, 2**31 - 1)
-        self.pair_slot = torch.empty(self.capacity, dtype=torch.int32, device=device)
-        self.pair_block = torch.empty(self.capacity, dtype=torch.int32, device=device)
+        self.pair_slot = torch.zeros(self.capacity, dtype=torch.int32, device=device)
+        self.pair_block = torch.zeros(self.capacity, dtype=torch.int32, device=device)
         self.refresh(keys)
 
     def refresh(self, keys: Tensor) -> None:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
         grid = (min(self.nb, self.tiles.target_programs),)
         _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, D=keys.shape[1],
-                                    DQ=self.dq, BN=self.bn, MARGIN=_MARGIN, num_warps=2)  # fmt: skip
+                                    DQ=self.dq, BN=self.bn, MARGIN=_margin(keys.shape[1]), SMALLEST=_SMALLEST,
+                                    LARGEST=_LARGEST, num_warps=2)  # fmt: skip
 
     def search(self, kernels: Any, source: Tensor, rows: Tensor, count: Tensor, packed: Tensor) -> Tensor:
         """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
@@ -290,7 +299,8 @@ class _KeyBlocks:
         bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, TARGET=t.target_programs, num_warps=4)
         kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
         kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
-                                  BLOCK_M=16, MARGIN=_MARGIN, num_warps=4)  # fmt: skip
+                                  BLOCK_M=16, MARGIN=_margin(d), SMALLEST=_SMALLEST, LARGEST=_LARGEST,
+                                  num_warps=4)  # fmt: skip
         for fill in (False, True):
             kernels.prune_pairs[grid](
                 source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.cursor, self.total,
@@ -300,8 +310,8 @@ class _KeyBlocks:
                 kernels.prune_scan[(1,)](self.counts, self.cursor, count, self.total, self.dense, self.nb,
                                          self.capacity, BLOCK=self.scan_block, num_warps=8)  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](
-            source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, packed, D=d, DOT_D=dot,
-            DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.prune_warps,
+            source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, count, packed, D=d,
+            DOT_D=dot, DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.prune_warps,
         )  # fmt: skip
         return self.dense
 

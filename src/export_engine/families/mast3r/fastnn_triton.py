@@ -227,7 +227,7 @@ def _centroid_scores(q, cent_t_ptr, start, nb, feats, CB: tl.constexpr):
     # q . c for the CB blocks from `start` ((DQ, nb) centroids, zero-padded features); -inf past the last block.
     blocks = start + tl.arange(0, CB)
     ok = blocks < nb
-    c = tl.load(cent_t_ptr + feats[:, None] * nb + blocks[None, :], mask=ok[None, :], other=0.0)
+    c = tl.load(cent_t_ptr + feats.to(tl.int64)[:, None] * nb + blocks[None, :], mask=ok[None, :], other=0.0)
     s = tl.dot(q, c, input_precision="ieee", out_dtype=tl.float32)
     return blocks, ok, tl.where(ok[None, :], s, float("-inf"))
 
@@ -277,6 +277,8 @@ def prune_bound(
     BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     MARGIN: tl.constexpr,
+    SMALLEST: tl.constexpr,  # |q| or the probe block's |k|max outside (SMALLEST, LARGEST): no lower bound
+    LARGEST: tl.constexpr,
 ):
     # Best similarity (any summation order: the margins cover it) among the keys of each row's probe block, all
     # BN keys at once, one feature a step.
@@ -300,8 +302,12 @@ def prune_bound(
         valid = tl.load(kidx_ptr + pos, mask=ok[:, None], other=-1) >= 0
         best = tl.max(tl.where(valid, sim, float("-inf")), axis=1)
         # minus the margin for this sum's rounding, relative to the probe block's largest key (see block_keys)
-        margin = MARGIN * tl.sqrt(q_sq) * tl.sqrt(tl.max(key_sq, axis=1))
-        tl.store(low_ptr + slots, best - margin, mask=ok)
+        q_norm, k_norm = tl.sqrt(q_sq), tl.sqrt(tl.max(key_sq, axis=1))
+        # Where a norm leaves (SMALLEST, LARGEST), its square is not a normal fp32 number (or products leave the
+        # range where rounding is relative): no bound is claimed, -inf keeps every block for the row.
+        sane = (q_norm > SMALLEST) & (q_norm < LARGEST) & (k_norm > SMALLEST) & (k_norm < LARGEST)
+        sane = sane & (best > float("-inf")) & (best < float("inf"))
+        tl.store(low_ptr + slots, tl.where(sane, best - MARGIN * q_norm * k_norm, float("-inf")), mask=ok)
 
 
 @triton.jit
@@ -339,7 +345,8 @@ def prune_pairs(
         for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
             blocks, block_ok, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
             rad = tl.load(rad_ptr + blocks, mask=block_ok, other=0.0)
-            keep = slot_ok[:, None] & block_ok[None, :] & ((s + norm[:, None] * rad[None, :]) >= low[:, None])
+            # (a NaN bound, from an infinite norm or radius, keeps the block)
+            keep = slot_ok[:, None] & block_ok[None, :] & ~((s + norm[:, None] * rad[None, :]) < low[:, None])
             kept = keep.to(tl.int32)
             per_block = tl.sum(kept, axis=0)
             if FILL:
@@ -386,6 +393,7 @@ def pair_rows(
     pair_slot_ptr,
     pair_block_ptr,
     total_ptr,
+    count_ptr,  # the launch's rows: a pair naming another slot is ignored
     packed_ptr,  # int64 per slot, as nearest_rows
     D: tl.constexpr,
     DOT_D: tl.constexpr,
@@ -396,12 +404,13 @@ def pair_rows(
     # The kept pairs, BLOCK_M at a time (grouped by block, so a step spans one block or a few): each block's keys
     # against the step's rows that kept it, with nearest_rows's arithmetic (the same fp32 values) and tie rule.
     total = tl.load(total_ptr)
+    count = tl.load(count_ptr)
     feats = tl.arange(0, DP)
     keys = tl.arange(0, BN)
     for first in range(tl.program_id(0) * BLOCK_M, total, tl.num_programs(0) * BLOCK_M):
         p = first + tl.arange(0, BLOCK_M)
-        p_ok = p < total
-        slots = tl.load(pair_slot_ptr + p, mask=p_ok, other=0)
+        slots = tl.load(pair_slot_ptr + p, mask=p < total, other=0)
+        p_ok = (p < total) & (slots >= 0) & (slots < count)
         blocks = tl.load(pair_block_ptr + p, mask=p_ok, other=2147483647)
         rows = tl.load(rows_ptr + slots, mask=p_ok, other=0).to(tl.int64)
         q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
@@ -418,7 +427,8 @@ def pair_rows(
             index = tl.load(kidx_ptr + pos)
             sim = tl.where(index[None, :] >= 0, sim, float("-inf"))
             row_best = tl.max(sim, axis=1)
-            row_arg = tl.min(tl.where(sim == row_best[:, None], index[None, :], 2147483647), axis=1)
+            tie = (sim == row_best[:, None]) & (index[None, :] >= 0)  # (a padding slot never wins, even on -inf)
+            row_arg = tl.min(tl.where(tie, index[None, :], 2147483647), axis=1)
             mine = p_ok & (blocks == block)
             packed = pack(row_best, row_arg)
             # A row's pairs are spread over many programs: read its running maximum (from L2) first, and only
@@ -440,6 +450,8 @@ def block_keys(
     DQ: tl.constexpr,
     BN: tl.constexpr,
     MARGIN: tl.constexpr,
+    SMALLEST: tl.constexpr,
+    LARGEST: tl.constexpr,
 ):
     # One block a step: its keys gathered, centroid, radius (largest |k - c|) and the rounding margin. The margin
     # covers, relative to the block's largest key, the fp32 rounding of q . k, q . c, |q| and the radius.
@@ -457,5 +469,7 @@ def block_keys(
         spread = tl.where(inside, k - centroid[None, :], 0.0)
         radius = tl.sqrt(tl.max(tl.sum(spread * spread, axis=1), axis=0))
         largest = tl.sqrt(tl.max(tl.sum(k * k, axis=1), axis=0))
-        tl.store(cent_t_ptr + feats * nb + block, centroid, mask=feats < D)
-        tl.store(rad_ptr + block, radius + MARGIN * largest)
+        tl.store(cent_t_ptr + feats.to(tl.int64) * nb + block, centroid, mask=feats < D)
+        # A block whose norms under- or overflow fp32 gets an infinite radius: it is never skipped.
+        sane = (largest > SMALLEST) & (largest < LARGEST) & (radius < LARGEST)
+        tl.store(rad_ptr + block, tl.where(sane, radius + MARGIN * largest, float("inf")))
