@@ -96,7 +96,7 @@ def test_each_launch_runs_one_kernel_by_its_row_count() -> None:
 
 
 def test_query_stationary_pairs_equal_the_reference() -> None:
-    desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(24, 32, noise=0.4, seed=7))
+    desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(16, 24, noise=0.4, seed=7))
     tiles = fastnn_kernel.Tiles(
         32, 32, 1, 4, stationary=1, stationary_warps=1, stationary_programs=4, stationary_from=8
     )
@@ -350,7 +350,7 @@ def test_pruned_search_runs_unpruned_when_pairs_overflow() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the infinite norms
-@pytest.mark.parametrize(("q_scale", "k_scale"), [(2.0**-80, 1.0), (1.0, 2.0**-80), (2.0**80, 2.0**-80), (1e20, -1.0)])
+@pytest.mark.parametrize(("q_scale", "k_scale"), [(2.0**-80, 1.0), (2.0**80, 2.0**-80), (1e20, -1.0)])
 def test_pruned_search_claims_no_bound_where_norms_leave_fp32(q_scale: float, k_scale: float) -> None:
     """Finite maps whose norms' squares under- or overflow fp32 (the similarities themselves stay finite): nothing
     is skipped, the neighbours are the unpruned search's; later launches (none, then other rows) stay exact."""
