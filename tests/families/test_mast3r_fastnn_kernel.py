@@ -367,6 +367,27 @@ def test_pruned_search_claims_no_bound_where_norms_leave_fp32(q_scale: float, k_
     assert torch.equal(table.table, before)
 
 
+@pytest.mark.parametrize("kernel", ["block_keys", "prune_probe"])
+def test_pruned_search_that_cannot_compile_falls_back_to_the_unpruned_kernel(
+    kernel: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from export_engine.families.mast3r import fastnn_triton
+
+    class Broken:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("PassManager::run failed")
+
+            return launch
+
+    monkeypatch.setattr(fastnn_triton, kernel, Broken())
+    desc1, desc2 = _smooth_pair(12, 16, noise=0.2, seed=3)
+    with caplog.at_level("WARNING"):
+        table = _pruned_against_unpruned(desc1, desc2, PRUNE_TILES, step=4)
+    assert table.pairs is None  # unpruned from now on
+    assert "pruned search cannot run here (PassManager::run failed)" in caplog.text
+
+
 def test_pruning_settings_are_checked() -> None:
     for bad in ({"prune_block": (9, 8)}, {"prune_block": (0, 4)}, {"prune_rows": 8}, {"prune_capacity": 0}):
         with pytest.raises(ValueError, match="prune"):

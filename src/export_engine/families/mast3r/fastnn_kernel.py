@@ -35,6 +35,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logi
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 UNKNOWN, CLAIMED = -1, -2  # neighbour table entries that are not an index (yet)
 _EMPTY = -(2**63)  # packed (score, index) slot before any key range reported
@@ -181,7 +183,12 @@ class NearestTable:
         self._blocks: _KeyBlocks | None = None
         # (the blocks re-read `keys` on refresh: only where the caller's buffer is the layout they read)
         if key_shape is not None and tiles.prune_block[0] > 0 and not tiles.stationary and plain:
-            self._blocks = _KeyBlocks(keys, key_shape, max_rows, tiles)
+            blocks = _KeyBlocks(keys, key_shape, max_rows, tiles)
+            try:
+                blocks.refresh(keys)
+                self._blocks = blocks
+            except Exception as err:  # a Triton that cannot compile the pruned search: the unpruned one is exact
+                _cannot_prune(err)
 
     @property
     def spare(self) -> int:
@@ -208,7 +215,13 @@ class NearestTable:
         limit = 2**31 - 1  # row counts from here on go to the query-stationary kernel
         dense_count = count
         if self._blocks is not None:
-            dense_count = self._blocks.search(kernels, self.source, rows, count, self._packed)
+            try:
+                dense_count = self._blocks.search(kernels, self.source, rows, count, self._packed)
+            except Exception as err:  # a Triton that cannot compile the pruned search: the unpruned one is exact too
+                if self._blocks.launched:
+                    raise
+                _cannot_prune(err)
+                self._blocks, dense_count = None, count
         elif t.stationary:
             limit = t.stationary_from
             kernels.nearest_rows_stationary[(t.stationary_programs,)](
@@ -234,6 +247,11 @@ class NearestTable:
         return None if self._blocks is None else self._blocks.total
 
 
+def _cannot_prune(err: Exception) -> None:
+    log.warning("FastNN-Lite: the pruned search cannot run here (%s); using the unpruned kernel",
+                " ".join(str(err).split())[:200])  # fmt: skip
+
+
 class _KeyBlocks:
     """The keys of an (H, W) map in spatial blocks, with each block's centroid and radius, for the pruned search.
 
@@ -245,7 +263,7 @@ class _KeyBlocks:
     2e-4 |q| |k|max of the block, the lower bound subtracts 2e-4 |q| |k|max of the probe block, so what is skipped
     is skipped for every summation order; the pairs that remain are computed with nearest_rows's arithmetic and
     tie rule, so the neighbours are the unpruned search's. Buffers are fixed, so a CUDA graph can record the
-    search and :meth:`refresh` (the blocks of new keys).
+    search and :meth:`refresh` (the blocks of new keys; the owner calls it once before the first search).
     """
 
     def __init__(self, keys: Tensor, shape: tuple[int, int], max_rows: int, tiles: Tiles) -> None:
@@ -277,9 +295,9 @@ class _KeyBlocks:
         self.total = torch.zeros((), dtype=torch.int32, device=device)
         self.dense = torch.zeros((), dtype=torch.int32, device=device)
         self.capacity = min(tiles.prune_capacity * n, 2**31 - 1)
+        self.launched = False  # a search has been launched (compile errors after that are not expected: raised)
         self.pair_slot = torch.zeros(self.capacity, dtype=torch.int32, device=device)
         self.pair_block = torch.zeros(self.capacity, dtype=torch.int32, device=device)
-        self.refresh(keys)
 
     def refresh(self, keys: Tensor) -> None:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
@@ -313,6 +331,7 @@ class _KeyBlocks:
             source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, count, packed, D=d,
             DOT_D=dot, DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.prune_warps,
         )  # fmt: skip
+        self.launched = True
         return self.dense
 
 
