@@ -260,7 +260,8 @@ class _KeyBlocks:
     block whose centroid scores highest): a block whose upper bound is below it holds neither the row's nearest
     key nor one tied with it, and is skipped. Both sides carry a margin far above the fp32 rounding of every
     term (a dot product of D = 24 terms is within 1.5e-6 |q| |k| of its exact value): the upper bound adds
-    2e-4 |q| |k|max of the block, the lower bound subtracts 2e-4 |q| |k|max of the probe block, so what is skipped
+    m |q| |k|max of the block, the lower bound subtracts m |q| |k|max of the probe block (m = 2e-4 up to about 500
+    features, see _margin; no bound where a norm leaves normal fp32), so what is skipped
     is skipped for every summation order; the pairs that remain are computed with nearest_rows's arithmetic and
     tie rule, so the neighbours are the unpruned search's. Buffers are fixed, so a CUDA graph can record the
     search and :meth:`refresh` (the blocks of new keys; the owner calls it once before the first search).
@@ -284,6 +285,7 @@ class _KeyBlocks:
         inside = (y < height) & (x < width) & (slot < bh * bw)[None, None, :]
         self.index = torch.where(inside, y * width + x, -1).to(torch.int32).reshape(-1).contiguous()
         self.dq = max(16, 1 << (d - 1).bit_length())
+        self.margins = dict(MARGIN=_margin(d), SMALLEST=_SMALLEST, LARGEST=_LARGEST)  # both sides of the bound
         self.scan_block = min(8192, max(16, 1 << (self.nb - 1).bit_length()))  # the scan in one step where it fits
         self.keys = torch.zeros(self.nb * self.bn, d, dtype=torch.float32, device=device)
         self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)
@@ -303,8 +305,7 @@ class _KeyBlocks:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
         grid = (min(self.nb, self.tiles.target_programs),)
         _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, D=keys.shape[1],
-                                    DQ=self.dq, BN=self.bn, MARGIN=_margin(keys.shape[1]), SMALLEST=_SMALLEST,
-                                    LARGEST=_LARGEST, num_warps=2)  # fmt: skip
+                                    DQ=self.dq, BN=self.bn, num_warps=2, **self.margins)  # fmt: skip
 
     def search(self, kernels: Any, source: Tensor, rows: Tensor, count: Tensor, packed: Tensor) -> Tensor:
         """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
@@ -317,8 +318,7 @@ class _KeyBlocks:
         bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, TARGET=t.target_programs, num_warps=4)
         kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
         kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
-                                  BLOCK_M=16, MARGIN=_margin(d), SMALLEST=_SMALLEST, LARGEST=_LARGEST,
-                                  num_warps=4)  # fmt: skip
+                                  BLOCK_M=16, num_warps=4, **self.margins)  # fmt: skip
         for fill in (False, True):
             kernels.prune_pairs[grid](
                 source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.cursor, self.total,

@@ -77,12 +77,8 @@ def nearest_rows(
                 sim = tl.fma(q_t[:, None], k_t[None, :], sim)
             if not EVEN_N:
                 sim = tl.where(col_ok[None, :], sim, float("-inf"))
-            better = sim > best  # strict: an earlier key in this column slot keeps a tie
-            best = tl.where(better, sim, best)
-            arg = tl.where(better, cols[None, :], arg)
-        row_best = tl.max(best, axis=1)
-        # First index among the slots holding the row maximum.
-        row_arg = tl.min(tl.where(best == row_best[:, None], arg, 2147483647), axis=1)
+            best, arg = keep_larger(best, arg, sim, cols[None, :])  # an earlier key in this column slot keeps a tie
+        row_best, row_arg = first_max(best, arg)  # first index among the slots holding the row maximum
         # Across key ranges: one 64-bit atomic max per row of (score, first index) (see pack).
         tl.atomic_max(packed_ptr + slots, pack(row_best, row_arg), mask=slot_ok)
 
@@ -95,6 +91,26 @@ def pack(score, index):
     bits = (score + 0.0).to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (ordered.to(tl.int64) << 32) | (4294967295 - index.to(tl.int64))
+
+
+@triton.jit
+def packed_index(packed):
+    # The index in a value of pack (int64).
+    return 4294967295 - (packed & 4294967295)
+
+
+@triton.jit
+def keep_larger(best, arg, value, index):
+    # Running maximum: a later value wins only on a strictly larger value, so an earlier index keeps a tie.
+    better = value > best
+    return tl.where(better, value, best), tl.where(better, index, arg)
+
+
+@triton.jit
+def first_max(values, indices):
+    # Per row (axis 1): the maximum and the smallest index among the entries holding it.
+    top = tl.max(values, axis=1)
+    return top, tl.min(tl.where(values == top[:, None], indices, 2147483647), axis=1)
 
 
 @triton.jit
@@ -131,9 +147,7 @@ def nearest_rows_stationary(
             sim = q[0] * tl.load(key)
             for f in tl.static_range(1, D):
                 sim = tl.fma(q[f], tl.load(key + f), sim)
-            better = sim > best
-            best = tl.where(better, sim, best)
-            arg = tl.where(better, j, arg)
+            best, arg = keep_larger(best, arg, sim, j)
         tl.atomic_max(packed_ptr + slots, pack(best, arg), mask=slot_ok)
 
 
@@ -153,7 +167,7 @@ def finish_rows(
         slots = first + tl.arange(0, BLOCK)
         ok = slots < count
         packed = tl.load(packed_ptr + slots, mask=ok, other=0)
-        arg = (4294967295 - (packed & 4294967295)).to(tl.int32)
+        arg = packed_index(packed).to(tl.int32)
         tl.store(table_ptr + tl.load(rows_ptr + slots, mask=ok, other=0), arg, mask=ok)
         tl.store(packed_ptr + slots, tl.full((BLOCK,), EMPTY, tl.int64), mask=ok)
         if PROBE:
@@ -256,11 +270,8 @@ def prune_probe(
         arg = tl.zeros((BLOCK_M,), tl.int32)
         for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
             blocks, _, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
-            top = tl.max(s, axis=1)
-            first = tl.min(tl.where(s == top[:, None], blocks[None, :], 2147483647), axis=1)
-            better = top > best
-            best = tl.where(better, top, best)
-            arg = tl.where(better, first, arg)
+            top, first = first_max(s, blocks[None, :])
+            best, arg = keep_larger(best, arg, top, first)
         tl.atomic_max(probe_ptr + slots, pack(best, arg), mask=slot_ok)
 
 
@@ -289,7 +300,7 @@ def prune_bound(
         ok = slots < count
         rows = tl.load(rows_ptr + slots, mask=ok, other=0).to(tl.int64)
         packed = tl.load(probe_ptr + slots, mask=ok, other=0)
-        pos = (4294967295 - (packed & 4294967295))[:, None] * BN + keys[None, :]  # int64 (rows, keys)
+        pos = packed_index(packed)[:, None] * BN + keys[None, :]  # int64 (rows, keys)
         sim = tl.zeros((BLOCK_M, BN), tl.float32)
         key_sq = tl.zeros((BLOCK_M, BN), tl.float32)
         q_sq = tl.zeros((BLOCK_M,), tl.float32)
@@ -426,9 +437,8 @@ def pair_rows(
                 sim = tl.fma(q_t[:, None], k_t[None, :], sim)
             index = tl.load(kidx_ptr + pos)
             sim = tl.where(index[None, :] >= 0, sim, float("-inf"))
-            row_best = tl.max(sim, axis=1)
-            tie = (sim == row_best[:, None]) & (index[None, :] >= 0)  # (a padding slot never wins, even on -inf)
-            row_arg = tl.min(tl.where(tie, index[None, :], 2147483647), axis=1)
+            # (a padding slot never wins, even where every similarity is -inf)
+            row_best, row_arg = first_max(sim, tl.where(index >= 0, index, 2147483647)[None, :])
             mine = p_ok & (blocks == block)
             packed = pack(row_best, row_arg)
             # A row's pairs are spread over many programs: read its running maximum (from L2) first, and only
