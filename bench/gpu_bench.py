@@ -309,7 +309,8 @@ def _tiles_label(tiles: dict[str, Any]) -> str:
     if tiles.get("prune_block", (0, 0))[0]:
         bh, bw = tiles["prune_block"]
         text += (f" pruned {bh}x{bw}/{tiles['prune_pairs']}p/{tiles['prune_rows']}r/"
-                 f"{tiles['prune_programs']}x{tiles['prune_warps']}w")  # fmt: skip
+                 f"{tiles['prune_programs']}x{tiles['prune_warps']}w"
+                 f"{'' if tiles.get('prune_tf32', False) else ' fp32-scores'}")  # fmt: skip
     return text
 
 

@@ -336,10 +336,10 @@ def fastnn(
     for tiles in (unpruned, dataclasses.replace(unpruned, block_m=64, block_n=64, warps=4),
                   dataclasses.replace(unpruned, target_programs=1056), fk.DEFAULT_TILES,
                   *(dataclasses.replace(fk.DEFAULT_TILES, **change) for change in (
-                      {"prune_programs": 1056}, {"prune_programs": 4224}, {"prune_warps": 2},
-                      {"prune_pairs": 64}, {"prune_pairs": 64, "prune_warps": 2}, {"prune_pairs": 16},
-                      {"prune_rows": 32}, {"prune_rows": 32, "prune_pairs": 64}, {"prune_block": (8, 4)},
-                      {"prune_block": (8, 4), "prune_pairs": 16}))):  # fmt: skip
+                      {"prune_tf32": not fk.DEFAULT_TILES.prune_tf32}, {"prune_programs": 4224},
+                      {"prune_pairs": 64, "prune_warps": 2}, {"prune_pairs": 16}, {"prune_rows": 32},
+                      {"prune_rows": 128}, {"prune_block": (8, 8)}, {"prune_block": (4, 8)}, {"prune_block": (4, 4)},
+                      {"prune_block": (4, 4), "prune_pairs": 64}))):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)
             timing = time_calls(call, 3, 20)
@@ -371,9 +371,11 @@ def fastnn(
     captured = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused", tiles=best))
     captured_unpruned = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8,
                                         MatchConfig(kernel="fused", tiles=best_unpruned))  # fmt: skip
-    other_blocks = dataclasses.replace(best, prune_block=(8, 8) if best.prune_block != (8, 8) else (8, 4))
-    captured_other = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused",
-                                     tiles=other_blocks))  # fmt: skip
+    # the best tiles with other key blocks, and with the other precision of the centroid scores
+    others = [dataclasses.replace(best, prune_block=(8, 8) if best.prune_block != (8, 8) else (8, 4)),
+              dataclasses.replace(best, prune_tf32=not best.prune_tf32)]  # fmt: skip
+    captured_others = [CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused", tiles=t))
+                       for t in others]  # fmt: skip
     # Worst case for pruning: unit maps of independent random vectors (no block's bound excludes anything).
     noise = [torch.nn.functional.normalize(torch.randn(height, width, 24, generator=torch.Generator().manual_seed(k)),
                                            dim=2).cuda() for k in (7, 8)]  # fmt: skip
@@ -398,7 +400,8 @@ def fastnn(
         text = f"tiles {tiles.block_m}x{tiles.block_n}/{tiles.warps}w/{tiles.target_programs}"
         if tiles.prune_block[0]:
             text += (f", pruned: {tiles.prune_block[0]}x{tiles.prune_block[1]} key blocks, {tiles.prune_pairs} "
-                     f"pairs/step, {tiles.prune_rows}-row bound items")  # fmt: skip
+                     f"pairs/step, {tiles.prune_rows}-row bound items, {'TF32' if tiles.prune_tf32 else 'FP32'} "
+                     "centroid scores")  # fmt: skip
         else:
             text += ", unpruned"
         return text
@@ -411,8 +414,8 @@ def fastnn(
         (f"FastNN-Lite fused, device loop, {name}", lambda: run(MatchConfig(tiles=best)), repeats, expected),
         (f"FastNN-Lite fused, CUDA graph, {name}", lambda: captured(d1, d2), repeats, expected),
         (f"FastNN-Lite fused, CUDA graph, {name_unpruned}", lambda: captured_unpruned(d1, d2), repeats, expected),
-        (f"FastNN-Lite fused, CUDA graph, {describe(other_blocks)}", lambda: captured_other(d1, d2), repeats,
-         expected),
+        *((f"FastNN-Lite fused, CUDA graph, {describe(t)}", lambda c=c: c(d1, d2), repeats, expected)
+          for t, c in zip(others, captured_others, strict=True)),
         (f"FastNN-Lite fused, CUDA graph, {name}, random maps (vs unpruned)", lambda: captured(*noise), repeats,
          expected_noise),
         (f"FastNN-Lite fused, CUDA graph, {name_unpruned}, random maps", lambda: captured_unpruned(*noise), repeats,

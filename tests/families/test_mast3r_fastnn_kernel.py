@@ -367,6 +367,27 @@ def test_pruned_search_claims_no_bound_where_norms_leave_fp32(q_scale: float, k_
     assert torch.equal(table.table, before)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets NaN and inf
+@pytest.mark.parametrize("case", ["all NaN", "some NaN and inf"])
+def test_pruned_search_names_a_key_for_every_row_of_maps_that_are_not_finite(case: str) -> None:
+    """The matcher reports maps with NaN or inf after its CUDA graph ran on them, so the search must still write
+    a key's index for every row (an index outside the keys would make the next round read out of bounds)."""
+    desc1 = _smooth_pair(6, 6, noise=0.2, seed=1)[0]
+    desc2 = _smooth_pair(12, 16, noise=0.2, seed=2)[1]
+    if case == "all NaN":
+        desc1, desc2 = torch.full_like(desc1, float("nan")), torch.full_like(desc2, float("nan"))
+    else:
+        desc1[0, :2], desc2[0, 0, 3], desc2[5, 9], desc2[11, 15, 0] = float("nan"), float("nan"), float("inf"), -3e38
+    flat1, flat2 = (d.reshape(-1, 24).to(DEVICE).contiguous() for d in (desc1, desc2))
+    rows = torch.arange(36, dtype=torch.int32, device=DEVICE)
+    for tiles in (dataclasses.replace(PRUNE_TILES, prune_block=(3, 5)), dataclasses.replace(PRUNE_TILES,
+                  prune_block=(0, 0))):  # fmt: skip
+        table = fastnn_kernel.NearestTable(flat1, flat2, 36, tiles, key_shape=(12, 16))
+        table.compute(rows, torch.tensor(36, dtype=torch.int32, device=DEVICE))
+        got = table.table[:36].cpu()
+        assert bool(((got >= 0) & (got < 12 * 16)).all()), (tiles.prune_block, got.tolist())
+
+
 @pytest.mark.parametrize("kernel", ["block_keys", "prune_probe"])
 def test_pruned_search_that_cannot_compile_falls_back_to_the_unpruned_kernel(
     kernel: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

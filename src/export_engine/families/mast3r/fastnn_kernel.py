@@ -53,6 +53,10 @@ _EMPTY = -(2**63)  # packed (score, index) slot before any key range reported
 # normal fp32 numbers, no bound is claimed (nothing is skipped).
 _MARGIN = 2e-4
 _SMALLEST, _LARGEST = 2.0**-50, 2.0**50
+# Centroid scores on tensor cores (TF32): each input keeps 10 of its 23 mantissa bits (truncated at worst: relative
+# error below 2**-10), so a product is within about 2**-9 of its fp32 value and q . c within 2**-9 |q| |c| (Cauchy-
+# Schwarz; |c| <= the block's largest |k|); the upper bound adds twice that, and the exact lower bound is unchanged.
+_TF32_MARGIN = 2.0**-8
 
 
 def _margin(d: int) -> float:
@@ -100,6 +104,7 @@ class Tiles:
     prune_capacity: int = 8
     prune_programs: int = 16 * 132  # the exact pass's grid (measured on the H200: 528 to 8448 alike)
     prune_warps: int = 1  # (0.51 ms for the first round's 3072 rows against 0.61 with 2 warps, 0.84 with 4)
+    prune_tf32: bool = True  # centroid scores on tensor cores, with the margin for it (see _TF32_MARGIN)
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -285,7 +290,10 @@ class _KeyBlocks:
         inside = (y < height) & (x < width) & (slot < bh * bw)[None, None, :]
         self.index = torch.where(inside, y * width + x, -1).to(torch.int32).reshape(-1).contiguous()
         self.dq = max(16, 1 << (d - 1).bit_length())
-        self.margins = dict(MARGIN=_margin(d), SMALLEST=_SMALLEST, LARGEST=_LARGEST)  # both sides of the bound
+        self.margins = dict(MARGIN=_margin(d), SMALLEST=_SMALLEST, LARGEST=_LARGEST)  # the lower bound's
+        self.precision = "tf32" if tiles.prune_tf32 else "ieee"  # of the centroid scores
+        # the upper bound's margin, carried by the radii: fp32 rounding, and TF32 inputs where the scores use them
+        self.upper_margin = _margin(d) + (_TF32_MARGIN if tiles.prune_tf32 else 0.0)
         self.scan_block = min(8192, max(16, 1 << (self.nb - 1).bit_length()))  # the scan in one step where it fits
         self.keys = torch.zeros(self.nb * self.bn, d, dtype=torch.float32, device=device)
         self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)
@@ -305,7 +313,8 @@ class _KeyBlocks:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
         grid = (min(self.nb, self.tiles.target_programs),)
         _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, D=keys.shape[1],
-                                    DQ=self.dq, BN=self.bn, num_warps=2, **self.margins)  # fmt: skip
+                                    DQ=self.dq, BN=self.bn, num_warps=2, **{**self.margins,
+                                    "MARGIN": self.upper_margin})  # fmt: skip
 
     def search(self, kernels: Any, source: Tensor, rows: Tensor, count: Tensor, packed: Tensor) -> Tensor:
         """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
@@ -315,7 +324,8 @@ class _KeyBlocks:
         grid = (t.target_programs,)
         # (the centroid scores pad the features to DQ: measured on the H200, a tl.dot over 16 and an fma tail, as
         # the exact pass does, took longer: 0.78 against 0.68 ms per pair for these passes)
-        bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, TARGET=t.target_programs, num_warps=4)
+        bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, TARGET=t.target_programs, PRECISION=self.precision,
+                     num_warps=4)  # fmt: skip
         kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
         kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
                                   BLOCK_M=16, num_warps=4, **self.margins)  # fmt: skip

@@ -237,12 +237,13 @@ def _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D: tl.constexp
 
 
 @triton.jit
-def _centroid_scores(q, cent_t_ptr, start, nb, feats, CB: tl.constexpr):
+def _centroid_scores(q, cent_t_ptr, start, nb, feats, CB: tl.constexpr, PRECISION: tl.constexpr):
     # q . c for the CB blocks from `start` ((DQ, nb) centroids, zero-padded features); -inf past the last block.
+    # In "tf32" (tensor cores) each input keeps 10 mantissa bits: the radii carry the margin for that (block_keys).
     blocks = start + tl.arange(0, CB)
     ok = blocks < nb
     c = tl.load(cent_t_ptr + feats.to(tl.int64)[:, None] * nb + blocks[None, :], mask=ok[None, :], other=0.0)
-    s = tl.dot(q, c, input_precision="ieee", out_dtype=tl.float32)
+    s = tl.dot(q, c, input_precision=PRECISION, out_dtype=tl.float32)
     return blocks, ok, tl.where(ok[None, :], s, float("-inf"))
 
 
@@ -259,6 +260,7 @@ def prune_probe(
     BLOCK_M: tl.constexpr,
     CB: tl.constexpr,  # blocks per dot
     TARGET: tl.constexpr,  # work items to aim for (row blocks x block ranges), as nearest_rows
+    PRECISION: tl.constexpr,  # of the centroid scores: "ieee" or "tf32" (any block is a valid probe)
 ):
     # Each row's probe block: the block whose centroid scores highest (first on ties; any block would be valid).
     count = tl.load(count_ptr)
@@ -269,7 +271,7 @@ def prune_probe(
         best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         arg = tl.zeros((BLOCK_M,), tl.int32)
         for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
-            blocks, _, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
+            blocks, _, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB, PRECISION)
             top, first = first_max(s, blocks[None, :])
             best, arg = keep_larger(best, arg, top, first)
         tl.atomic_max(probe_ptr + slots, pack(best, arg), mask=slot_ok)
@@ -341,6 +343,7 @@ def prune_pairs(
     BLOCK_M: tl.constexpr,
     CB: tl.constexpr,
     TARGET: tl.constexpr,
+    PRECISION: tl.constexpr,  # of the centroid scores (the radii's margin covers "tf32")
     FILL: tl.constexpr,
 ):
     # (row, block) pairs the bound keeps: counted per block (FILL=False), then written grouped by block (FILL=True).
@@ -354,7 +357,7 @@ def prune_pairs(
         low = tl.load(low_ptr + slots, mask=slot_ok, other=float("inf"))
         norm = tl.sqrt(tl.sum(q * q, axis=1))
         for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
-            blocks, block_ok, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB)
+            blocks, block_ok, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB, PRECISION)
             rad = tl.load(rad_ptr + blocks, mask=block_ok, other=0.0)
             # (a NaN bound, from an infinite norm or radius, keeps the block)
             keep = slot_ok[:, None] & block_ok[None, :] & ~((s + norm[:, None] * rad[None, :]) < low[:, None])
@@ -436,8 +439,9 @@ def pair_rows(
                 k_t = tl.load(kblk_ptr + pos * D + (DOT_D + t))
                 sim = tl.fma(q_t[:, None], k_t[None, :], sim)
             index = tl.load(kidx_ptr + pos)
-            sim = tl.where(index[None, :] >= 0, sim, float("-inf"))
-            # (a padding slot never wins, even where every similarity is -inf)
+            # (a NaN similarity, from maps that are not finite, counts as -inf, as it never wins in nearest_rows;
+            # a padding slot never wins, even where every similarity is -inf: the index stays a key's)
+            sim = tl.where((index[None, :] >= 0) & (sim == sim), sim, float("-inf"))
             row_best, row_arg = first_max(sim, tl.where(index >= 0, index, 2147483647)[None, :])
             mine = p_ok & (blocks == block)
             packed = pack(row_best, row_arg)
