@@ -51,7 +51,7 @@ STATIONARY = [
 REFERENCE_TILES = (
     fastnn_kernel.DEFAULT_TILES
     if DEVICE.type == "cuda"
-    else fastnn_kernel.Tiles(64, 32, 2, target_programs=8, prune_programs=8)
+    else fastnn_kernel.Tiles(64, 32, 2, target_programs=8, prune_programs=8, prune_bound_programs=8)
 )
 # (m, n, d) cases; the query-stationary kernel's are smaller (one interpreted step per key)
 SHAPES = [(1, 5, 3), (7, 300, 24), (70, 1000, 24), (130, 4097, 8)]
@@ -310,15 +310,19 @@ def _pruned_against_unpruned(desc1: torch.Tensor, desc2: torch.Tensor, tiles: fa
 
 
 # Small maps leave more pairs per key than full-size ones (fewer rows per block skipped): room for them here.
-PRUNE_TILES = fastnn_kernel.Tiles(64, 32, 2, 8, prune_rows=32, prune_pairs=16, prune_capacity=64, prune_programs=8)
+PRUNE_TILES = fastnn_kernel.Tiles(
+    64, 32, 2, 8, prune_rows=32, prune_pairs=16, prune_capacity=64, prune_programs=8, prune_bound_programs=8
+)
 
 
-@pytest.mark.parametrize(("block", "step"), [((8, 4), 5), ((3, 5), 19)])
-def test_pruned_search_equals_unpruned_and_skips_blocks(block: tuple[int, int], step: int) -> None:
+@pytest.mark.parametrize(("block", "step", "fma"), [((8, 4), 5, False), ((3, 5), 37, True)])
+def test_pruned_search_equals_unpruned_and_skips_blocks(block: tuple[int, int], step: int, fma: bool) -> None:
     """Spatial key blocks (partial ones at the map's edges too, and blocks of fewer keys than their slots) whose
-    bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search."""
+    bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search
+    (with the exact pass's tl.dot, or its fma steps)."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
-    table = _pruned_against_unpruned(desc1, desc2, dataclasses.replace(PRUNE_TILES, prune_block=block), step=step)
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_fma=fma, prune_cb=32 if fma else 64)
+    table = _pruned_against_unpruned(desc1, desc2, tiles, step=step)
     blocks = table._blocks
     assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
     rows = -(-37 * 61 // step)
@@ -335,7 +339,9 @@ def test_pruned_search_keeps_ties_and_first_indices() -> None:
     for source, target in ((500, 3), (500, 610), (77, 78), (77, 400)):
         flat2[target] = flat2[source]
     flat1[:4] = torch.stack([flat2[500], flat2[77], 2 * flat2[500], 0.5 * flat2[77]])
-    table = _pruned_against_unpruned(flat1.reshape(16, 40, 24), flat2.reshape(16, 40, 24), PRUNE_TILES, step=2)
+    for fma in (False, True):
+        tiles = dataclasses.replace(PRUNE_TILES, prune_fma=fma)
+        table = _pruned_against_unpruned(flat1.reshape(16, 40, 24), flat2.reshape(16, 40, 24), tiles, step=2)
     sim = flat1[::2] @ flat2.T
     assert int((sim == sim.amax(1, keepdim=True)).sum(1).gt(1).sum()) > 30  # rows with tied maxima
     np.testing.assert_array_equal(table.table[:-1:2].cpu().numpy(), sim.argmax(1).numpy())
@@ -410,7 +416,14 @@ def test_pruned_search_that_cannot_compile_falls_back_to_the_unpruned_kernel(
 
 
 def test_pruning_settings_are_checked() -> None:
-    for bad in ({"prune_block": (9, 8)}, {"prune_block": (0, 4)}, {"prune_rows": 8}, {"prune_capacity": 0}):
+    for bad in (
+        {"prune_block": (9, 8)},
+        {"prune_block": (0, 4)},
+        {"prune_rows": 8},
+        {"prune_capacity": 0},
+        {"prune_cb": 48},
+        {"prune_bound_programs": 0},
+    ):
         with pytest.raises(ValueError, match="prune"):
             fastnn_kernel.Tiles(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="does not hold"):

@@ -105,6 +105,12 @@ class Tiles:
     prune_programs: int = 16 * 132  # the exact pass's grid (measured on the H200: 528 to 8448 alike)
     prune_warps: int = 1  # (0.51 ms for the first round's 3072 rows against 0.61 with 2 warps, 0.84 with 4)
     prune_tf32: bool = True  # centroid scores on tensor cores, with the margin for it (see _TF32_MARGIN)
+    # the bound passes' grid, warps and blocks per centroid dot; the exact pass by explicit fma steps over every
+    # feature instead of tl.dot (the same fp32 chain, without tl.dot's shared-memory operand staging)
+    prune_bound_programs: int = 4 * 132
+    prune_bound_warps: int = 4
+    prune_cb: int = 64
+    prune_fma: bool = False
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -112,6 +118,8 @@ class Tiles:
             raise ValueError(f"prune_block must be (0, 0) or hold 1 to 64 keys, got {self.prune_block}")
         if self.prune_rows < 16 or self.prune_pairs < 16 or self.prune_capacity < 1 or self.prune_programs < 1:
             raise ValueError(f"prune_rows and prune_pairs must be >= 16 and prune_capacity >= 1, got {self}")
+        if self.prune_cb < 16 or self.prune_cb & (self.prune_cb - 1) or self.prune_bound_programs < 1:
+            raise ValueError(f"prune_cb must be a power of two >= 16 and prune_bound_programs >= 1, got {self}")
 
 
 # Among the fastest exact launch shapes on an H200 (bench/gpu_bench.py sweeps them on 3072 x 196608: 0.89 to
@@ -320,12 +328,13 @@ class _KeyBlocks:
         """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
         kernel must take (0, or `count` when the kept pairs overflowed the buffers)."""
         t, d = self.tiles, source.shape[1]
-        dot, dp, _ = _dot_features(d, t)  # the exact pass's (nearest_rows's) split of the features
-        grid = (t.target_programs,)
+        # the exact pass's split of the features: nearest_rows's, or every feature by fma
+        dot, dp = (0, 16) if t.prune_fma else _dot_features(d, t)[:2]
+        grid = (t.prune_bound_programs,)
         # (the centroid scores pad the features to DQ: measured on the H200, a tl.dot over 16 and an fma tail, as
         # the exact pass does, took longer: 0.78 against 0.68 ms per pair for these passes)
-        bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=64, TARGET=t.target_programs, PRECISION=self.precision,
-                     num_warps=4)  # fmt: skip
+        bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=t.prune_cb, TARGET=t.prune_bound_programs,
+                     PRECISION=self.precision, num_warps=t.prune_bound_warps)  # fmt: skip
         kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
         kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
                                   BLOCK_M=16, num_warps=4, **self.margins)  # fmt: skip

@@ -385,7 +385,8 @@ def prune_scan(
     BLOCK: tl.constexpr,
 ):
     carry = tl.zeros((), tl.int64)
-    for start in range(0, nb, BLOCK):
+    # (a launch with no rows counted nothing: the counts are still zero and nothing is read)
+    for start in range(0, tl.where(tl.load(count_ptr) > 0, nb, 0), BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < nb
         c = tl.load(counts_ptr + offs, mask=ok, other=0).to(tl.int64)
@@ -410,7 +411,7 @@ def pair_rows(
     count_ptr,  # the launch's rows: a pair naming another slot is ignored
     packed_ptr,  # int64 per slot, as nearest_rows
     D: tl.constexpr,
-    DOT_D: tl.constexpr,
+    DOT_D: tl.constexpr,  # features in tl.dot, as nearest_rows (0: every feature by fma)
     DP: tl.constexpr,
     BN: tl.constexpr,
     BLOCK_M: tl.constexpr,  # pairs per step
@@ -427,13 +428,17 @@ def pair_rows(
         p_ok = (p < total) & (slots >= 0) & (slots < count)
         blocks = tl.load(pair_block_ptr + p, mask=p_ok, other=2147483647)
         rows = tl.load(rows_ptr + slots, mask=p_ok, other=0).to(tl.int64)
-        q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
-                    other=0.0)  # fmt: skip
+        if DOT_D > 0:
+            q = tl.load(src_ptr + rows[:, None] * D + feats[None, :],
+                        mask=p_ok[:, None] & (feats[None, :] < DOT_D), other=0.0)  # fmt: skip
         block = tl.min(blocks, axis=0)
         while block < 2147483647:
             pos = block.to(tl.int64) * BN + keys
-            k = tl.load(kblk_ptr + pos[None, :] * D + feats[:, None], mask=feats[:, None] < DOT_D, other=0.0)
-            sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+            if DOT_D > 0:
+                k = tl.load(kblk_ptr + pos[None, :] * D + feats[:, None], mask=feats[:, None] < DOT_D, other=0.0)
+                sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+            else:  # (DOT_D = 0: the same chain from a zero sum, one fma a feature)
+                sim = tl.zeros((BLOCK_M, BN), tl.float32)
             for t in tl.static_range(D - DOT_D):
                 q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=p_ok, other=0.0)
                 k_t = tl.load(kblk_ptr + pos * D + (DOT_D + t))
