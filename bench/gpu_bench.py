@@ -310,7 +310,7 @@ def _tiles_label(tiles: dict[str, Any]) -> str:
         bh, bw = tiles["prune_block"]
         text += (f" pruned {bh}x{bw}/{tiles['prune_pairs']}p/{tiles['prune_rows']}r/"
                  f"{tiles['prune_programs']}x{tiles['prune_warps']}w"
-                 f"{'' if tiles.get('prune_tf32', False) else ' fp32-scores'}{' fma' if tiles.get('prune_fma') else ''}"
+                 f"{'' if tiles.get('prune_tf32', False) else ' fp32-scores'}"
                  f"/bound {tiles.get('prune_bound_programs', 528)}x{tiles.get('prune_bound_warps', 4)}w "
                  f"cb{tiles.get('prune_cb', 64)}")  # fmt: skip
     return text

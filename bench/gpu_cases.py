@@ -338,11 +338,8 @@ def fastnn(
                   *(dataclasses.replace(fk.DEFAULT_TILES, **change) for change in (
                       {"prune_tf32": not fk.DEFAULT_TILES.prune_tf32}, {"prune_programs": 4224},
                       {"prune_pairs": 64, "prune_warps": 2}, {"prune_rows": 32}, {"prune_block": (4, 8)},
-                      {"prune_fma": True}, {"prune_fma": True, "prune_pairs": 64},
-                      {"prune_fma": True, "prune_pairs": 64, "prune_warps": 2}, {"prune_fma": True, "prune_pairs": 16},
-                      {"prune_bound_warps": 2}, {"prune_bound_warps": 8}, {"prune_bound_programs": 1056},
-                      {"prune_bound_programs": 2112}, {"prune_bound_programs": 2112, "prune_bound_warps": 2},
-                      {"prune_cb": 32}, {"prune_cb": 128}, {"prune_cb": 32, "prune_rows": 32}))):  # fmt: skip
+                      {"prune_bound_warps": 2}, {"prune_bound_programs": 1056}, {"prune_cb": 32},
+                      {"prune_cb": 32, "prune_rows": 32}))):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)
             timing = time_calls(call, 3, 20)
@@ -377,7 +374,9 @@ def fastnn(
     # the best tiles with other key blocks, and with the other precision of the centroid scores
     others = [dataclasses.replace(best, prune_block=(8, 8) if best.prune_block != (8, 8) else (8, 4)),
               dataclasses.replace(best, prune_tf32=not best.prune_tf32),
-              dataclasses.replace(best, prune_fma=not best.prune_fma)]  # fmt: skip
+              dataclasses.replace(best, skip_converged_rounds=not best.skip_converged_rounds),
+              *(dataclasses.replace(best, prune_from=rows) for rows in (1, 1024) if rows != best.prune_from),
+              ]  # fmt: skip
     captured_others = [CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused", tiles=t))
                        for t in others]  # fmt: skip
     # Worst case for pruning: unit maps of independent random vectors (no block's bound excludes anything).
@@ -404,8 +403,10 @@ def fastnn(
         text = f"tiles {tiles.block_m}x{tiles.block_n}/{tiles.warps}w/{tiles.target_programs}"
         if tiles.prune_block[0]:
             text += (f", pruned: {tiles.prune_block[0]}x{tiles.prune_block[1]} key blocks, {tiles.prune_pairs} "
-                     f"pairs/step{' by fma' if tiles.prune_fma else ''}, {tiles.prune_rows}-row bound items, "
-                     f"{'TF32' if tiles.prune_tf32 else 'FP32'} centroid scores")  # fmt: skip
+                     f"pairs/step, {tiles.prune_rows}-row bound items, {'TF32' if tiles.prune_tf32 else 'FP32'} "
+                     f"centroid scores, launches from {tiles.prune_from} rows pruned")  # fmt: skip
+        if not tiles.skip_converged_rounds:
+            text += ", every round recorded"
         else:
             text += ", unpruned"
         return text

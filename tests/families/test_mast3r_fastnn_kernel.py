@@ -311,17 +311,25 @@ def _pruned_against_unpruned(desc1: torch.Tensor, desc2: torch.Tensor, tiles: fa
 
 # Small maps leave more pairs per key than full-size ones (fewer rows per block skipped): room for them here.
 PRUNE_TILES = fastnn_kernel.Tiles(
-    64, 32, 2, 8, prune_rows=32, prune_pairs=16, prune_capacity=64, prune_programs=8, prune_bound_programs=8
+    64,
+    32,
+    2,
+    8,
+    prune_rows=32,
+    prune_pairs=16,
+    prune_capacity=64,
+    prune_programs=8,
+    prune_bound_programs=8,
+    prune_from=1,
 )
 
 
-@pytest.mark.parametrize(("block", "step", "fma"), [((8, 4), 5, False), ((3, 5), 37, True)])
-def test_pruned_search_equals_unpruned_and_skips_blocks(block: tuple[int, int], step: int, fma: bool) -> None:
+@pytest.mark.parametrize(("block", "step", "cb"), [((8, 4), 5, 64), ((3, 5), 19, 32)])
+def test_pruned_search_equals_unpruned_and_skips_blocks(block: tuple[int, int], step: int, cb: int) -> None:
     """Spatial key blocks (partial ones at the map's edges too, and blocks of fewer keys than their slots) whose
-    bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search
-    (with the exact pass's tl.dot, or its fma steps)."""
+    bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
-    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_fma=fma, prune_cb=32 if fma else 64)
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb)
     table = _pruned_against_unpruned(desc1, desc2, tiles, step=step)
     blocks = table._blocks
     assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
@@ -339,12 +347,27 @@ def test_pruned_search_keeps_ties_and_first_indices() -> None:
     for source, target in ((500, 3), (500, 610), (77, 78), (77, 400)):
         flat2[target] = flat2[source]
     flat1[:4] = torch.stack([flat2[500], flat2[77], 2 * flat2[500], 0.5 * flat2[77]])
-    for fma in (False, True):
-        tiles = dataclasses.replace(PRUNE_TILES, prune_fma=fma)
-        table = _pruned_against_unpruned(flat1.reshape(16, 40, 24), flat2.reshape(16, 40, 24), tiles, step=2)
+    table = _pruned_against_unpruned(flat1.reshape(16, 40, 24), flat2.reshape(16, 40, 24), PRUNE_TILES, step=2)
     sim = flat1[::2] @ flat2.T
     assert int((sim == sim.amax(1, keepdim=True)).sum(1).gt(1).sum()) > 30  # rows with tied maxima
     np.testing.assert_array_equal(table.table[:-1:2].cpu().numpy(), sim.argmax(1).numpy())
+
+
+def test_launches_below_prune_from_run_unpruned() -> None:
+    """A launch of fewer rows than prune_from runs unpruned (the bound passes cost more than they save there); the
+    next launch of enough rows on the same table prunes again."""
+    desc1, desc2 = _smooth_pair(16, 24, noise=0.2, seed=14)
+    flat1, flat2 = (d.reshape(-1, 24).to(DEVICE).contiguous() for d in (desc1, desc2))
+    tiles = dataclasses.replace(PRUNE_TILES, prune_from=40)
+    table = fastnn_kernel.NearestTable(flat1, flat2, 48, tiles, key_shape=(16, 24))
+    assert table._blocks is not None
+    for rows, pruned in ((torch.arange(0, 384, 12), False), (torch.arange(0, 384, 8), True)):  # 32, then 48 rows
+        rows = rows.to(torch.int32).to(DEVICE)
+        table.compute(rows, torch.tensor(rows.numel(), dtype=torch.int32, device=DEVICE))
+        assert int(table._blocks.dense) == (0 if pruned else rows.numel())
+        assert (int(table.pairs or 0) > 0) == pruned
+        want = nearest_by_dot(flat1[rows.long()], flat2).cpu().numpy()
+        np.testing.assert_array_equal(table.table[rows.long()].cpu().numpy(), want)
 
 
 def test_pruned_search_runs_unpruned_when_pairs_overflow() -> None:
@@ -453,3 +476,28 @@ def test_captured_matcher_replays_pairs() -> None:
         captured(torch.zeros(96, 127, 24, device="cuda"), desc2)
     with pytest.raises(ModelInputError, match="NaN"):
         captured(torch.full((96, 128, 24), float("nan"), device="cuda"), desc2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_iter", [1, 2, 10])
+def test_captured_matcher_skips_converged_rounds_with_the_same_matches(max_iter: int) -> None:
+    """Rounds after the first are recorded in nested conditional nodes that run while a seed is active: the same
+    matches and rows per step as a graph that records every round, for loops cut short and loops that converge."""
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU: conditional nodes are part of a CUDA graph")
+    if not hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph"):
+        pytest.skip(f"torch {torch.__version__} cannot record conditional nodes (every round is recorded)")
+    plain = dataclasses.replace(fastnn_kernel.DEFAULT_TILES, skip_converged_rounds=False)
+    matchers = [CapturedMatcher((96, 128, 24), (96, 128, 24), 8, MatchConfig(max_iter=max_iter, tiles=tiles))
+                for tiles in (fastnn_kernel.DEFAULT_TILES, plain)]  # fmt: skip
+    for seed in (0, 3):
+        desc1, desc2 = (d.cuda() for d in _smooth_pair(96, 128, noise=0.4, seed=seed))
+        (got, got_rows), (want, want_rows) = ((m(desc1, desc2), m.rows_per_step.clone()) for m in matchers)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+        assert torch.equal(got_rows, want_rows)
+        ref = fast_reciprocal_nn(desc1, desc2, 8, max_iter=max_iter, kernel="tiles")
+        for g, w in zip(got, ref, strict=True):
+            assert torch.equal(g, w)
+    if max_iter == 10:
+        assert int((want_rows == 0).sum()) > 0  # the loop converged before its last round: rounds were skipped

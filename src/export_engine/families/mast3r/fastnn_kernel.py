@@ -27,7 +27,8 @@ Round loop. :func:`chains_on_device` walks every seed 1 -> 2 -> 1 for a fixed nu
 "active" flags. Rows still unknown are claimed in the per-pixel neighbour tables by atomic compare-and-swap
 (-1 -> -2) and appended to a row list by an atomic counter, so de-duplication and compaction need no sort and
 no host sync; once every seed has converged, the remaining launches find no rows and return. The whole loop
-can therefore be recorded in a CUDA graph (:class:`export_engine.families.mast3r.fastnn.CapturedMatcher`).
+can therefore be recorded in a CUDA graph (:class:`export_engine.families.mast3r.fastnn.CapturedMatcher`),
+where each round after the first sits in a conditional node that runs only while a seed is active.
 
 Triton is imported at call time (torch's CUDA builds ship it); on a CPU-only machine the kernels run under
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logic.
@@ -35,6 +36,7 @@ Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -105,12 +107,16 @@ class Tiles:
     prune_programs: int = 16 * 132  # the exact pass's grid (measured on the H200: 528 to 8448 alike)
     prune_warps: int = 1  # (0.51 ms for the first round's 3072 rows against 0.61 with 2 warps, 0.84 with 4)
     prune_tf32: bool = True  # centroid scores on tensor cores, with the margin for it (see _TF32_MARGIN)
-    # the bound passes' grid, warps and blocks per centroid dot; the exact pass by explicit fma steps over every
-    # feature instead of tl.dot (the same fp32 chain, without tl.dot's shared-memory operand staging)
+    # the bound passes' grid, warps and blocks per centroid dot (on the H200: 528 programs of 4 warps and 64
+    # blocks were as fast as any of 1056 or 2112 programs, 2 or 8 warps and 32 or 128 blocks)
     prune_bound_programs: int = 4 * 132
     prune_bound_warps: int = 4
     prune_cb: int = 64
-    prune_fma: bool = False
+    prune_from: int = 256  # launches of fewer rows run unpruned (the bound passes cost more than they save there)
+    # In a CUDA graph: each round after the first inside a conditional node that runs only while a seed is active
+    # (nested, so a converged pair skips the rest of its rounds at one check); needs CUDA 12.4 and a torch with
+    # conditional capture, else every round is recorded.
+    skip_converged_rounds: bool = True
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -118,6 +124,8 @@ class Tiles:
             raise ValueError(f"prune_block must be (0, 0) or hold 1 to 64 keys, got {self.prune_block}")
         if self.prune_rows < 16 or self.prune_pairs < 16 or self.prune_capacity < 1 or self.prune_programs < 1:
             raise ValueError(f"prune_rows and prune_pairs must be >= 16 and prune_capacity >= 1, got {self}")
+        if self.prune_from < 1:
+            raise ValueError(f"prune_from must be >= 1, got {self.prune_from}")
         if self.prune_cb < 16 or self.prune_cb & (self.prune_cb - 1) or self.prune_bound_programs < 1:
             raise ValueError(f"prune_cb must be a power of two >= 16 and prune_bound_programs >= 1, got {self}")
 
@@ -326,18 +334,19 @@ class _KeyBlocks:
 
     def search(self, kernels: Any, source: Tensor, rows: Tensor, count: Tensor, packed: Tensor) -> Tensor:
         """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
-        kernel must take (0, or `count` when the kept pairs overflowed the buffers)."""
+        kernel must take (0, or `count` when it is below prune_from or the kept pairs overflowed the buffers)."""
         t, d = self.tiles, source.shape[1]
-        # the exact pass's split of the features: nearest_rows's, or every feature by fma
-        dot, dp = (0, 16) if t.prune_fma else _dot_features(d, t)[:2]
+        # the exact pass's split of the features is nearest_rows's (on the H200 an fma step per feature instead
+        # of tl.dot took longer: 3.25 against 3.07 ms per pair)
+        dot, dp, _ = _dot_features(d, t)
         grid = (t.prune_bound_programs,)
         # (the centroid scores pad the features to DQ: measured on the H200, a tl.dot over 16 and an fma tail, as
         # the exact pass does, took longer: 0.78 against 0.68 ms per pair for these passes)
         bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=t.prune_cb, TARGET=t.prune_bound_programs,
-                     PRECISION=self.precision, num_warps=t.prune_bound_warps)  # fmt: skip
+                     PRECISION=self.precision, FROM=t.prune_from, num_warps=t.prune_bound_warps)  # fmt: skip
         kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
         kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
-                                  BLOCK_M=16, num_warps=4, **self.margins)  # fmt: skip
+                                  BLOCK_M=16, FROM=t.prune_from, num_warps=4, **self.margins)  # fmt: skip
         for fill in (False, True):
             kernels.prune_pairs[grid](
                 source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.cursor, self.total,
@@ -345,7 +354,8 @@ class _KeyBlocks:
             )  # fmt: skip
             if not fill:
                 kernels.prune_scan[(1,)](self.counts, self.cursor, count, self.total, self.dense, self.nb,
-                                         self.capacity, BLOCK=self.scan_block, num_warps=8)  # fmt: skip
+                                         self.capacity, BLOCK=self.scan_block, FROM=t.prune_from,
+                                         num_warps=8)  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](
             source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, count, packed, D=d,
             DOT_D=dot, DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.prune_warps,
@@ -369,6 +379,18 @@ def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor, tiles: Tiles = DEFAULT
     rows = torch.arange(m, dtype=torch.int32, device=queries.device)
     table.compute(rows, torch.tensor(m, dtype=torch.int32, device=queries.device))
     return table.table[:m].long()
+
+
+def _graph_with_conditionals() -> Any | None:
+    """The CUDA graph this stream is capturing, where torch can record conditional nodes into it; else None."""
+    if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+        return None
+    current = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
+    graph = current() if current is not None else None
+    if graph is None or not hasattr(graph, "begin_capture_to_if_node"):
+        log.debug("FastNN-Lite: this torch cannot record conditional nodes; every round is recorded")
+        return None
+    return graph
 
 
 def chains_on_device(
@@ -408,9 +430,15 @@ def chains_on_device(
         if claim is not None:
             claim.compute(rows, counts[index])
 
+    graph = _graph_with_conditionals() if nn12.tiles.skip_converged_rounds else None
     step(idx1, idx1, prev2, prev1, None, nn12, 0, False)  # claim every seed's row of image 1
-    for round_ in range(max_iter):
-        last = round_ == max_iter - 1
-        step(idx1, idx2, prev2, prev1, nn12, nn21, 2 * round_ + 1, False)
-        step(idx2, idx1, prev1, prev2, nn21, None if last else nn12, 2 * round_ + 2, not last)
+    with contextlib.ExitStack() as rounds:
+        for round_ in range(max_iter):
+            if graph is not None and round_ > 0:
+                # The rest runs only while a seed is active (a round without one changes nothing).
+                graph.begin_capture_to_if_node(active.any())
+                rounds.callback(graph.end_capture_to_conditional_node)
+            last = round_ == max_iter - 1
+            step(idx1, idx2, prev2, prev1, nn12, nn21, 2 * round_ + 1, False)
+            step(idx2, idx1, prev1, prev2, nn21, None if last else nn12, 2 * round_ + 2, not last)
     return idx1.long(), idx2.long(), active == 0, counts

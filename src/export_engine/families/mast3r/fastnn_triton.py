@@ -229,6 +229,13 @@ def advance(
 
 
 @triton.jit
+def pruned_count(count_ptr, FROM: tl.constexpr):
+    # The launch's rows, or 0 where there are fewer than FROM: small launches run unpruned (nearest_rows).
+    count = tl.load(count_ptr)
+    return tl.where(count >= FROM, count, 0)
+
+
+@triton.jit
 def _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D: tl.constexpr, BLOCK_M: tl.constexpr):
     # Work item -> (block range, slots, which slots hold a row, the rows' features (zeros past D)).
     split, slots, slot_ok, rows = work_rows(work, row_blocks, count, rows_ptr, BLOCK_M)
@@ -261,9 +268,10 @@ def prune_probe(
     CB: tl.constexpr,  # blocks per dot
     TARGET: tl.constexpr,  # work items to aim for (row blocks x block ranges), as nearest_rows
     PRECISION: tl.constexpr,  # of the centroid scores: "ieee" or "tf32" (any block is a valid probe)
+    FROM: tl.constexpr,  # launches of fewer rows run unpruned
 ):
     # Each row's probe block: the block whose centroid scores highest (first on ties; any block would be valid).
-    count = tl.load(count_ptr)
+    count = pruned_count(count_ptr, FROM)
     row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
     feats = tl.arange(0, DQ)
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
@@ -292,10 +300,11 @@ def prune_bound(
     MARGIN: tl.constexpr,
     SMALLEST: tl.constexpr,  # |q| or the probe block's |k|max outside (SMALLEST, LARGEST): no lower bound
     LARGEST: tl.constexpr,
+    FROM: tl.constexpr,
 ):
     # Best similarity (any summation order: the margins cover it) among the keys of each row's probe block, all
     # BN keys at once, one feature a step.
-    count = tl.load(count_ptr)
+    count = pruned_count(count_ptr, FROM)
     keys = tl.arange(0, BN)
     for first in range(tl.program_id(0) * BLOCK_M, count, tl.num_programs(0) * BLOCK_M):
         slots = first + tl.arange(0, BLOCK_M)
@@ -344,10 +353,11 @@ def prune_pairs(
     CB: tl.constexpr,
     TARGET: tl.constexpr,
     PRECISION: tl.constexpr,  # of the centroid scores (the radii's margin covers "tf32")
+    FROM: tl.constexpr,
     FILL: tl.constexpr,
 ):
     # (row, block) pairs the bound keeps: counted per block (FILL=False), then written grouped by block (FILL=True).
-    count = tl.load(count_ptr)
+    count = pruned_count(count_ptr, FROM)
     if FILL:
         count = tl.where(tl.load(total_ptr) > 0, count, 0)
     row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
@@ -379,14 +389,18 @@ def prune_scan(
     cursor_ptr,  # int32 per block: first pair of the block
     count_ptr,  # the launch's row count
     total_ptr,  # int32: pairs, or 0 when they exceed capacity
-    dense_ptr,  # int32: the row count when the pairs exceed capacity (nearest_rows takes the launch), else 0
+    dense_ptr,  # int32: the row count when it is below FROM or the pairs exceed capacity (nearest_rows takes the
+    # launch), else 0
     nb,
     capacity,
     BLOCK: tl.constexpr,
+    FROM: tl.constexpr,  # >= 1
 ):
+    count = tl.load(count_ptr)
+    small = count < FROM
     carry = tl.zeros((), tl.int64)
-    # (a launch with no rows counted nothing: the counts are still zero and nothing is read)
-    for start in range(0, tl.where(tl.load(count_ptr) > 0, nb, 0), BLOCK):
+    # (a small launch, or one with no rows, counted nothing: the counts are still zero and nothing is read)
+    for start in range(0, tl.where(small, 0, nb), BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < nb
         c = tl.load(counts_ptr + offs, mask=ok, other=0).to(tl.int64)
@@ -396,7 +410,7 @@ def prune_scan(
         carry += tl.sum(c, axis=0)
     over = carry > capacity
     tl.store(total_ptr, tl.where(over, 0, carry).to(tl.int32))
-    tl.store(dense_ptr, tl.where(over, tl.load(count_ptr), 0))
+    tl.store(dense_ptr, tl.where(over | small, count, 0))
 
 
 @triton.jit
@@ -411,7 +425,7 @@ def pair_rows(
     count_ptr,  # the launch's rows: a pair naming another slot is ignored
     packed_ptr,  # int64 per slot, as nearest_rows
     D: tl.constexpr,
-    DOT_D: tl.constexpr,  # features in tl.dot, as nearest_rows (0: every feature by fma)
+    DOT_D: tl.constexpr,
     DP: tl.constexpr,
     BN: tl.constexpr,
     BLOCK_M: tl.constexpr,  # pairs per step
@@ -428,17 +442,13 @@ def pair_rows(
         p_ok = (p < total) & (slots >= 0) & (slots < count)
         blocks = tl.load(pair_block_ptr + p, mask=p_ok, other=2147483647)
         rows = tl.load(rows_ptr + slots, mask=p_ok, other=0).to(tl.int64)
-        if DOT_D > 0:
-            q = tl.load(src_ptr + rows[:, None] * D + feats[None, :],
-                        mask=p_ok[:, None] & (feats[None, :] < DOT_D), other=0.0)  # fmt: skip
+        q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
+                    other=0.0)  # fmt: skip
         block = tl.min(blocks, axis=0)
         while block < 2147483647:
             pos = block.to(tl.int64) * BN + keys
-            if DOT_D > 0:
-                k = tl.load(kblk_ptr + pos[None, :] * D + feats[:, None], mask=feats[:, None] < DOT_D, other=0.0)
-                sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
-            else:  # (DOT_D = 0: the same chain from a zero sum, one fma a feature)
-                sim = tl.zeros((BLOCK_M, BN), tl.float32)
+            k = tl.load(kblk_ptr + pos[None, :] * D + feats[:, None], mask=feats[:, None] < DOT_D, other=0.0)
+            sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
             for t in tl.static_range(D - DOT_D):
                 q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=p_ok, other=0.0)
                 k_t = tl.load(kblk_ptr + pos * D + (DOT_D + t))
