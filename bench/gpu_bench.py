@@ -337,6 +337,8 @@ def print_details(data: dict[str, Any]) -> None:
             if "gpu_kernel_ms_per_run" in prof:
                 top = ", ".join(f"{k['kernel'][:40]} {k['ms']:.3f}" for k in prof.get("top_kernels_ms", [])[:8])
                 print(f"FastNN-Lite kernels, {key}: {prof['gpu_kernel_ms_per_run']:.3f} ms ({top})")
+        if fastnn.get("second_graph_replays"):
+            print(f"FastNN-Lite calls that replayed the second graph: {fastnn['second_graph_replays']}")
         ceiling = fastnn.get("fp32_ceiling") or {}
         if ceiling:
             print(f"FP32 ceiling here: cuBLAS SGEMM 8192^3 {ceiling['sgemm_8192_tflops']:.1f} TFLOP/s; "

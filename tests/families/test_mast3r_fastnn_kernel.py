@@ -262,6 +262,26 @@ def test_device_round_loop_equals_host_loop(max_iter: int) -> None:
         assert torch.equal(g, w)
 
 
+def test_rounds_in_parts_equal_the_whole_loop() -> None:
+    """The loop run as rounds 0-1 and then 2-9 (as the two recorded graphs run it) gives the whole loop's chains
+    and rows per step; a seed is still active after two rounds, none after ten; bad round ranges are refused."""
+    desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(48, 64, noise=0.6, seed=3))
+    seeds = ReciprocalMatcher(desc1, desc2, MatchConfig(kernel="tiles")).grid_seeds(4).to(DEVICE)
+    *want, want_rows = fastnn_kernel.chains_on_device(*_tables(desc1, desc2), seeds, 10)
+    chains = fastnn_kernel.DeviceChains(*_tables(desc1, desc2), seeds, 10)
+    chains.start()
+    chains.rounds(0, 2)
+    assert bool(chains.any_active())
+    chains.rounds(2, 10)
+    assert not bool(chains.any_active())
+    for g, w in zip(chains.outputs(), want, strict=True):
+        assert torch.equal(g, w)
+    assert torch.equal(chains.counts, want_rows)
+    for first, stop in ((3, 2), (-1, 2), (0, 11)):
+        with pytest.raises(ValueError, match="outside 0 to 10"):
+            chains.rounds(first, stop)
+
+
 def test_claims_are_unique_when_seeds_share_a_neighbour() -> None:
     """Many seeds asking for the same row in one step compute it once (compare-and-swap claim)."""
     keys = torch.nn.functional.normalize(torch.randn(200, 24, generator=torch.Generator().manual_seed(4)), dim=1)
@@ -479,25 +499,23 @@ def test_captured_matcher_replays_pairs() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("max_iter", [1, 2, 10])
-def test_captured_matcher_skips_converged_rounds_with_the_same_matches(max_iter: int) -> None:
-    """Rounds after the first are recorded in nested conditional nodes that run while a seed is active: the same
-    matches and rows per step as a graph that records every round, for loops cut short and loops that converge."""
+@pytest.mark.parametrize(("max_iter", "captured_rounds"), [(1, 6), (2, 1), (10, 1), (10, 3), (10, 10)])
+def test_captured_matcher_replays_later_rounds_only_while_seeds_are_active(max_iter: int, captured_rounds: int) -> None:
+    """The first captured_rounds rounds are one CUDA graph and the rest another, replayed only while a seed is
+    active: the matches and rows per step of the whole loop, whether the second graph ran or was skipped."""
     if DEVICE.type != "cuda":
-        pytest.skip("needs a CUDA GPU: conditional nodes are part of a CUDA graph")
-    if not hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph"):
-        pytest.skip(f"torch {torch.__version__} cannot record conditional nodes (every round is recorded)")
-    plain = dataclasses.replace(fastnn_kernel.DEFAULT_TILES, skip_converged_rounds=False)
-    matchers = [CapturedMatcher((96, 128, 24), (96, 128, 24), 8, MatchConfig(max_iter=max_iter, tiles=tiles))
-                for tiles in (fastnn_kernel.DEFAULT_TILES, plain)]  # fmt: skip
-    for seed in (0, 3):
+        pytest.skip("needs a CUDA GPU: the matcher records CUDA graphs")
+    config = MatchConfig(max_iter=max_iter, captured_rounds=captured_rounds)
+    captured = CapturedMatcher((96, 128, 24), (96, 128, 24), 8, config)
+    for call, seed in enumerate((0, 3), start=1):
         desc1, desc2 = (d.cuda() for d in _smooth_pair(96, 128, noise=0.4, seed=seed))
-        (got, got_rows), (want, want_rows) = ((m(desc1, desc2), m.rows_per_step.clone()) for m in matchers)
-        for g, w in zip(got, want, strict=True):
+        got = captured(desc1, desc2)
+        for g, w in zip(got, fast_reciprocal_nn(desc1, desc2, 8, max_iter=max_iter, kernel="tiles"), strict=True):
             assert torch.equal(g, w)
-        assert torch.equal(got_rows, want_rows)
-        ref = fast_reciprocal_nn(desc1, desc2, 8, max_iter=max_iter, kernel="tiles")
-        for g, w in zip(got, ref, strict=True):
-            assert torch.equal(g, w)
-    if max_iter == 10:
-        assert int((want_rows == 0).sum()) > 0  # the loop converged before its last round: rounds were skipped
+        matcher = ReciprocalMatcher(desc1, desc2, MatchConfig(max_iter=max_iter, kernel="fused"))
+        matcher.chains(matcher.grid_seeds(8), max_iter)
+        assert matcher.rows_per_step is not None and torch.equal(captured.rows_per_step, matcher.rows_per_step)
+        if captured_rounds >= max_iter:
+            assert captured.rest_replays == 0  # one graph holds every round
+        elif captured_rounds == 1:
+            assert captured.rest_replays == call  # seeds are still active after one round

@@ -77,10 +77,16 @@ class MatchConfig:
     # "tiles": torch matmul tiles; "auto": "fused" where it can run (CUDA with triton, fp32), else "tiles".
     kernel: Literal["auto", "fused", "tiles"] = "auto"
     tiles: fastnn_kernel.Tiles = fastnn_kernel.DEFAULT_TILES  # the fused kernel's launch shape
+    # CapturedMatcher / CapturedCorrespondences: rounds in the first CUDA graph; the rest are in a second graph,
+    # replayed only where a seed is still active after the first (a converged pair skips their launches)
+    captured_rounds: int = 6
 
     def __post_init__(self) -> None:
-        if self.max_iter < 1 or self.block_size < 1:
-            raise ModelInputError(f"max_iter and block_size must be >= 1, got {self.max_iter}, {self.block_size}")
+        if self.max_iter < 1 or self.block_size < 1 or self.captured_rounds < 1:
+            raise ModelInputError(
+                f"max_iter, block_size and captured_rounds must be >= 1, got {self.max_iter}, {self.block_size}, "
+                f"{self.captured_rounds}"
+            )
         if self.precision not in ("fp32", "fp16"):
             raise ModelInputError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
         if self.kernel not in ("auto", "fused", "tiles"):
@@ -449,14 +455,69 @@ def _capture(step: Callable[[], _Out]) -> tuple[torch.cuda.CUDAGraph, _Out]:
     return graph, outputs
 
 
-class CapturedMatcher:
-    """FastNN-Lite for one pair of map shapes recorded as a CUDA graph: every round of every seed in one replay.
+class _RecordedRounds:
+    """The device loop of some runs (matcher, seeds) recorded as two CUDA graphs over the maps in `descs`.
 
-    The maps are copied into buffers the graph owns; the replay re-reads the keys, forgets the previous pair's
-    neighbours and runs ``max_iter`` rounds of the device loop (rounds after convergence find no rows and cost
-    a few microseconds). The host syncs twice after the replay: to check the maps were finite, and for the final
-    de-duplication, whose size depends on the matches.
-    Same results as :func:`fast_reciprocal_nn` with the fused kernel.
+    The first graph re-reads the keys, forgets the previous maps' neighbours, checks the maps are finite and runs
+    the first ``captured_rounds`` rounds of every run; the second runs the remaining rounds up to ``max_iter``
+    and is replayed only when a seed of some run is still active after the first (a round without an active seed
+    changes nothing, so skipping them is exact). The host reads both flags in one sync.
+    """
+
+    def __init__(self, matchers: Sequence[ReciprocalMatcher], runs: Sequence[tuple[ReciprocalMatcher, Tensor]],
+                 descs: Sequence[Tensor]) -> None:  # fmt: skip
+        self._matchers, self._runs, self._descs = matchers, runs, descs
+        config = matchers[0].config
+        self.split = min(config.captured_rounds, config.max_iter)
+        self.chains: list[fastnn_kernel.DeviceChains] = []
+        self._first, (self._outputs, self._flags) = _capture(self._record_first)
+        self._rest: torch.cuda.CUDAGraph | None = None
+        if self.split < config.max_iter:
+            self._first.replay()  # the second graph's warm-up run reads the state the first leaves
+            self._rest = _capture(self._record_rest)[0]
+        self.rest_replays = 0  # how often the second graph ran
+
+    def _record_first(self) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
+        for matcher in self._matchers:
+            _refresh_tables(matcher)
+        finite = torch.stack([torch.isfinite(d).all() for d in self._descs]).all()
+        self.chains = []
+        for matcher, seeds in self._runs:
+            nn12, nn21 = matcher._nn12, matcher._nn21
+            assert isinstance(nn12, fastnn_kernel.NearestTable) and isinstance(nn21, fastnn_kernel.NearestTable)
+            chains = fastnn_kernel.DeviceChains(nn12, nn21, seeds, matcher.config.max_iter)
+            chains.start()
+            chains.rounds(0, self.split)
+            self.chains.append(chains)
+        active = torch.stack([chains.any_active() for chains in self.chains]).any()
+        return [chains.outputs() for chains in self.chains], torch.stack([finite, active])
+
+    def _record_rest(self) -> None:
+        for chains, outputs in zip(self.chains, self._outputs, strict=True):
+            chains.rounds(self.split, chains.max_iter)
+            for output, new in zip(outputs, chains.outputs(), strict=True):
+                output.copy_(new)
+
+    def replay(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(idx1, idx2, converged) of every run on the maps now in `descs` (ModelInputError if not finite)."""
+        self._first.replay()
+        finite, active = self._flags.tolist()
+        if not finite:
+            raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
+        if active and self._rest is not None:
+            self._rest.replay()
+            self.rest_replays += 1
+        return self._outputs
+
+
+class CapturedMatcher:
+    """FastNN-Lite for one pair of map shapes recorded as CUDA graphs: every round of every seed in one replay,
+    or two where seeds are still active after ``config.captured_rounds`` rounds.
+
+    The maps are copied into buffers the graphs own; the replay re-reads the keys, forgets the previous pair's
+    neighbours and runs up to ``max_iter`` rounds of the device loop. The host syncs twice: after the first
+    graph, to check the maps were finite and whether the second is needed, and for the final de-duplication,
+    whose size depends on the matches. Same results as :func:`fast_reciprocal_nn` with the fused kernel.
     """
 
     def __init__(
@@ -472,18 +533,17 @@ class CapturedMatcher:
         self._desc2 = torch.zeros(shape2, dtype=torch.float32, device=device)
         self._matcher = ReciprocalMatcher(self._desc1, self._desc2, config)
         self._seeds = self._matcher.grid_seeds(subsample)
-        self._graph, self._outputs = _capture(self._once)
-
-    def _once(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        _refresh_tables(self._matcher)
-        finite = torch.isfinite(self._desc1).all() & torch.isfinite(self._desc2).all()
-        idx1, idx2, converged = self._matcher.chains(self._seeds, self._matcher.config.max_iter)
-        return idx1, idx2, converged, finite
+        self._recorded = _RecordedRounds([self._matcher], [(self._matcher, self._seeds)], [self._desc1, self._desc2])
 
     @property
-    def rows_per_step(self) -> Tensor | None:
+    def rows_per_step(self) -> Tensor:
         """Rows computed at each step of the last replay (device tensor; see ReciprocalMatcher.rows_per_step)."""
-        return self._matcher.rows_per_step
+        return self._recorded.chains[0].counts
+
+    @property
+    def rest_replays(self) -> int:
+        """How many calls needed the rounds after ``captured_rounds`` (a seed was still active)."""
+        return self._recorded.rest_replays
 
     def __call__(self, desc1: Tensor, desc2: Tensor, ret_xy: bool = True) -> tuple[Tensor, Tensor]:
         """Matches of two maps of the recorded shapes, as :func:`fast_reciprocal_nn` returns them."""
@@ -492,10 +552,7 @@ class CapturedMatcher:
                 got = tuple(desc.shape) if isinstance(desc, Tensor) else type(desc).__name__
                 raise ModelInputError(f"{name} must be a tensor of the recorded shape {tuple(buffer.shape)}, got {got}")
             buffer.copy_(desc)
-        self._graph.replay()
-        idx1, idx2, converged, finite = self._outputs
-        if not bool(finite):
-            raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
+        ((idx1, idx2, converged),) = self._recorded.replay()
         keys = torch.unique(pack_pairs(idx1[converged], idx2[converged]))
         return _unpack(keys, self._matcher.shape1, self._matcher.shape2, ret_xy)
 
@@ -578,10 +635,11 @@ def extract_correspondences(
 
 
 class CapturedCorrespondences:
-    """:func:`extract_correspondences` for one pair of image shapes recorded as one CUDA graph: both map pairs,
-    both directions, every round, in one replay (the tables of a map pair are shared by its two directions, as
-    in the eager path). After the replay the host synchronises only to check the maps were finite and for the
-    merge (sorting and de-duplication, whose sizes depend on the matches). Same results as
+    """:func:`extract_correspondences` for one pair of image shapes recorded as CUDA graphs: both map pairs, both
+    directions, every round, in one replay, or two where seeds are still active after ``config.captured_rounds``
+    rounds (the tables of a map pair are shared by its two directions, as in the eager path). The host
+    synchronises only after the first graph (maps finite, second graph needed) and for the merge (sorting and
+    de-duplication, whose sizes depend on the matches). Same results as
     :func:`extract_correspondences` with the fused kernel.
     """
 
@@ -599,18 +657,17 @@ class CapturedCorrespondences:
         d11, d21, d22, d12 = self._descs
         self._matchers = [ReciprocalMatcher(d11, d21, config), ReciprocalMatcher(d12, d22, config)]
         self._runs = [run for m in self._matchers for run in _directions(m, subsample)]
-        self._graph, self._outputs = _capture(self._once)
-
-    def _once(self) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
-        for matcher in self._matchers:
-            _refresh_tables(matcher)
-        finite = torch.stack([torch.isfinite(d).all() for d in self._descs]).all()
-        return [matcher.chains(seeds, matcher.config.max_iter) for matcher, seeds in self._runs], finite
+        self._recorded = _RecordedRounds(self._matchers, self._runs, self._descs)
 
     @property
-    def rows_per_step(self) -> list[Tensor | None]:
+    def rows_per_step(self) -> list[Tensor]:
         """Rows computed at each step of each of the four runs in the last replay (device tensors)."""
-        return [matcher.rows_per_step for matcher, _ in self._runs]
+        return [chains.counts for chains in self._recorded.chains]
+
+    @property
+    def rest_replays(self) -> int:
+        """How many calls needed the rounds after ``captured_rounds`` (a seed was still active)."""
+        return self._recorded.rest_replays
 
     def __call__(self, descs: Sequence[Tensor], qconfs: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Correspondences of four maps of the recorded shapes, as :func:`extract_correspondences` returns them."""
@@ -621,10 +678,7 @@ class CapturedCorrespondences:
                     f"descs[{i}] must have the recorded shape {tuple(buffer.shape)}, got {tuple(desc.shape)}"
                 )
             buffer.copy_(desc)
-        self._graph.replay()
-        runs, finite = self._outputs
-        if not bool(finite):
-            raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
+        runs = self._recorded.replay()
         return _merge(runs, (_hw(self._descs[0]), _hw(self._descs[1])), [c.to(self._descs[0].device) for c in confs])
 
 

@@ -27,8 +27,8 @@ Round loop. :func:`chains_on_device` walks every seed 1 -> 2 -> 1 for a fixed nu
 "active" flags. Rows still unknown are claimed in the per-pixel neighbour tables by atomic compare-and-swap
 (-1 -> -2) and appended to a row list by an atomic counter, so de-duplication and compaction need no sort and
 no host sync; once every seed has converged, the remaining launches find no rows and return. The whole loop
-can therefore be recorded in a CUDA graph (:class:`export_engine.families.mast3r.fastnn.CapturedMatcher`),
-where each round after the first sits in a conditional node that runs only while a seed is active.
+can therefore be recorded in CUDA graphs (:class:`export_engine.families.mast3r.fastnn.CapturedMatcher`): the first
+rounds in one, the rest in a second that is replayed only where a seed is still active after the first.
 
 Triton is imported at call time (torch's CUDA builds ship it); on a CPU-only machine the kernels run under
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logic.
@@ -36,7 +36,6 @@ Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -113,10 +112,6 @@ class Tiles:
     prune_bound_warps: int = 4
     prune_cb: int = 64
     prune_from: int = 256  # launches of fewer rows run unpruned (the bound passes cost more than they save there)
-    # In a CUDA graph: each round after the first inside a conditional node that runs only while a seed is active
-    # (nested, so a converged pair skips the rest of its rounds at one check); needs CUDA 12.4 and a torch with
-    # conditional capture, else every round is recorded.
-    skip_converged_rounds: bool = True
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -381,16 +376,64 @@ def nearest_by_dot_fused(queries: Tensor, keys_t: Tensor, tiles: Tiles = DEFAULT
     return table.table[:m].long()
 
 
-def _graph_with_conditionals() -> Any | None:
-    """The CUDA graph this stream is capturing, where torch can record conditional nodes into it; else None."""
-    if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
-        return None
-    current = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
-    graph = current() if current is not None else None
-    if graph is None or not hasattr(graph, "begin_capture_to_if_node"):
-        log.debug("FastNN-Lite: this torch cannot record conditional nodes; every round is recorded")
-        return None
-    return graph
+class DeviceChains:
+    """The round loop's state on the device: each seed walked 1 -> 2 -> 1 until reciprocal, without a host sync.
+
+    Same per-seed rule as the host loop of :meth:`export_engine.families.mast3r.fastnn.ReciprocalMatcher.chains`:
+    a seed stops when its image-2 point is unchanged since the previous round or its image-1 point is back where
+    the round started. :meth:`start` claims the seeds' rows, :meth:`rounds` runs rounds `first` to `stop` - 1 (a
+    CUDA graph can record some rounds and another graph the rest), :meth:`outputs` reads the result.
+    """
+
+    def __init__(self, nn12: NearestTable, nn21: NearestTable, seeds: Tensor, max_iter: int) -> None:
+        n = seeds.numel()
+        if n > min(nn12.max_rows, nn21.max_rows):
+            raise ValueError(f"{n} seeds exceed the {min(nn12.max_rows, nn21.max_rows)} rows the tables were sized for")
+        self.nn12, self.nn21, self.n, self.max_iter = nn12, nn21, n, max_iter
+        device = seeds.device
+        self.idx1 = seeds.to(torch.int32)
+        self.prev1 = self.idx1.clone()
+        self.idx2 = torch.full_like(self.idx1, -1)
+        self.prev2 = self.idx2.clone()
+        self.active = torch.ones(n, dtype=torch.int8, device=device)
+        # rows computed at each step: image 1's seeds, then per round image 2's rows and image 1's
+        self.counts = torch.zeros(2 * max_iter + 1, dtype=torch.int32, device=device)
+        self.rows = torch.empty(max(n, 1), dtype=torch.int32, device=device)
+
+    def _step(self, src: Tensor, dst: Tensor, prev_dst: Tensor, prev_src: Tensor, look: NearestTable | None,
+              claim: NearestTable | None, index: int, update_prev: bool) -> None:  # fmt: skip
+        table = (look or claim or self.nn12).table
+        target = claim or self.nn12
+        _kernels().advance[(-(-self.n // 1024),)](
+            src, dst, prev_dst, prev_src, self.active, table, target.table, self.rows, self.counts[index], self.n,
+            target.spare, LOOKUP=look is not None, UPDATE_PREV=update_prev, CLAIM=claim is not None, BLOCK=1024,
+            num_warps=4,
+        )  # fmt: skip
+        if claim is not None:
+            claim.compute(self.rows, self.counts[index])
+
+    def start(self) -> None:
+        """Claim and compute every seed's row of image 1."""
+        if self.n:
+            self._step(self.idx1, self.idx1, self.prev2, self.prev1, None, self.nn12, 0, False)
+
+    def rounds(self, first: int, stop: int) -> None:
+        """Rounds `first` to `stop` - 1 (of 0 to max_iter - 1)."""
+        if not (0 <= first <= stop <= self.max_iter):
+            raise ValueError(f"rounds {first} to {stop} are outside 0 to {self.max_iter}")
+        for round_ in range(first, stop if self.n else first):
+            last = round_ == self.max_iter - 1
+            self._step(self.idx1, self.idx2, self.prev2, self.prev1, self.nn12, self.nn21, 2 * round_ + 1, False)
+            self._step(self.idx2, self.idx1, self.prev1, self.prev2, self.nn21, None if last else self.nn12,
+                       2 * round_ + 2, not last)  # fmt: skip
+
+    def outputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(idx1, idx2, converged) per seed: int64, int64, bool."""
+        return self.idx1.long(), self.idx2.long(), self.active == 0
+
+    def any_active(self) -> Tensor:
+        """Whether a seed has not converged yet (bool device scalar)."""
+        return self.active.any()
 
 
 def chains_on_device(
@@ -399,46 +442,9 @@ def chains_on_device(
     """Walk each seed 1 -> 2 -> 1 until reciprocal, `max_iter` rounds at most, without a host sync.
 
     Returns (idx1, idx2, converged) per seed (int64, int64, bool) and the rows computed at each step (int32,
-    2 * max_iter + 1 steps: image 1's seeds, then per round image 2's rows and image 1's). Same per-seed rule
-    as the host loop of :meth:`export_engine.families.mast3r.fastnn.ReciprocalMatcher.chains`: a seed stops
-    when its image-2 point is unchanged since the previous round or its image-1 point is back where the round
-    started.
+    2 * max_iter + 1 steps). See :class:`DeviceChains`.
     """
-    n = seeds.numel()
-    device = seeds.device
-    if n > min(nn12.max_rows, nn21.max_rows):
-        raise ValueError(f"{n} seeds exceed the {min(nn12.max_rows, nn21.max_rows)} rows the tables were sized for")
-    idx1 = seeds.to(torch.int32)
-    prev1 = idx1.clone()
-    idx2 = torch.full_like(idx1, -1)
-    prev2 = idx2.clone()
-    active = torch.ones(n, dtype=torch.int8, device=device)
-    counts = torch.zeros(2 * max_iter + 1, dtype=torch.int32, device=device)
-    if n == 0:
-        return idx1.long(), idx2.long(), torch.ones(0, dtype=torch.bool, device=device), counts
-    rows = torch.empty(n, dtype=torch.int32, device=device)
-    advance = _kernels().advance
-    grid = (-(-n // 1024),)
-
-    def step(src: Tensor, dst: Tensor, prev_dst: Tensor, prev_src: Tensor, look: NearestTable | None,
-             claim: NearestTable | None, index: int, update_prev: bool) -> None:  # fmt: skip
-        table = (look or claim or nn12).table
-        target = claim or nn12
-        advance[grid](src, dst, prev_dst, prev_src, active, table, target.table, rows, counts[index], n, target.spare,
-                      LOOKUP=look is not None, UPDATE_PREV=update_prev, CLAIM=claim is not None, BLOCK=1024,
-                      num_warps=4)  # fmt: skip
-        if claim is not None:
-            claim.compute(rows, counts[index])
-
-    graph = _graph_with_conditionals() if nn12.tiles.skip_converged_rounds else None
-    step(idx1, idx1, prev2, prev1, None, nn12, 0, False)  # claim every seed's row of image 1
-    with contextlib.ExitStack() as rounds:
-        for round_ in range(max_iter):
-            if graph is not None and round_ > 0:
-                # The rest runs only while a seed is active (a round without one changes nothing).
-                graph.begin_capture_to_if_node(active.any())
-                rounds.callback(graph.end_capture_to_conditional_node)
-            last = round_ == max_iter - 1
-            step(idx1, idx2, prev2, prev1, nn12, nn21, 2 * round_ + 1, False)
-            step(idx2, idx1, prev1, prev2, nn21, None if last else nn12, 2 * round_ + 2, not last)
-    return idx1.long(), idx2.long(), active == 0, counts
+    chains = DeviceChains(nn12, nn21, seeds, max_iter)
+    chains.start()
+    chains.rounds(0, max_iter)
+    return (*chains.outputs(), chains.counts)
