@@ -178,20 +178,29 @@ def test_captured_correspondences_reproduce_the_symmetric_reference(mast3r_ref: 
 
 
 @pytest.mark.gpu
-def test_captured_correspondences_equal_the_reference_on_synthetic_maps() -> None:
+@pytest.mark.parametrize("captured_rounds", [6, 1])
+def test_captured_correspondences_equal_the_reference_on_synthetic_maps(captured_rounds: int) -> None:
+    """The two map pairs run on streams of their own (parallel branches of the graphs), each pair's two
+    directions in order on its stream; the same correspondences as the reference, with one recorded graph or
+    with the later rounds replayed from the second."""
     if DEVICE.type != "cuda":
         pytest.skip("needs a CUDA GPU: CapturedCorrespondences records a CUDA graph")
     gen = torch.Generator().manual_seed(3)
     maps = [*_smooth_pair(96, 128, noise=0.4, seed=5), *_smooth_pair(96, 128, noise=0.4, seed=6)]
     maps = [m.cuda() for m in (maps[0], maps[1], maps[3], maps[2])]  # 11, 21, 22, 12
     confs = [1 + torch.rand(96, 128, generator=gen) for _ in range(4)]
-    captured = CapturedCorrespondences((96, 128, 24), (96, 128, 24))
-    got = captured(maps, confs)
+    captured = CapturedCorrespondences(
+        (96, 128, 24), (96, 128, 24), config=MatchConfig(captured_rounds=captured_rounds)
+    )
+    assert captured._recorded._groups == [[0, 1], [2, 3]] and len(captured._recorded._streams) == 2
     want = extract_correspondences_reference([m.cpu() for m in maps], confs, 8)
-    assert len(got[0]) > 100
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_array_equal(g.cpu().numpy(), np.asarray(w))
+    for _ in range(2):
+        got = captured(maps, confs)
+        assert len(got[0]) > 100
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.cpu().numpy(), np.asarray(w))
     assert sum(int(r.sum()) for r in captured.rows_per_step if r is not None) > 0
+    assert captured.rest_replays == (2 if captured_rounds == 1 else 0)
 
 
 def test_captured_correspondences_need_cuda() -> None:

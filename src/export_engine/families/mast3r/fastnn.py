@@ -469,6 +469,14 @@ class _RecordedRounds:
         self._matchers, self._runs, self._descs = matchers, runs, descs
         config = matchers[0].config
         self.split = min(config.captured_rounds, config.max_iter)
+        # Runs that share neighbour tables (a map pair's two directions) run in order; groups that share none
+        # (the two map pairs of the symmetric mode) run on streams of their own, so that they overlap.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (matcher, _) in enumerate(runs):
+            a, b = id(matcher._nn12), id(matcher._nn21)
+            groups.setdefault((min(a, b), max(a, b)), []).append(i)
+        self._groups = list(groups.values())
+        self._streams = [torch.cuda.Stream() for _ in self._groups] if len(self._groups) > 1 else []
         self.chains: list[fastnn_kernel.DeviceChains] = []
         self._first, (self._outputs, self._flags) = _capture(self._record_first)
         self._rest: torch.cuda.CUDAGraph | None = None
@@ -481,22 +489,47 @@ class _RecordedRounds:
         for matcher in self._matchers:
             _refresh_tables(matcher)
         finite = torch.stack([torch.isfinite(d).all() for d in self._descs]).all()
-        self.chains = []
-        for matcher, seeds in self._runs:
+        started: dict[int, tuple[fastnn_kernel.DeviceChains, tuple[Tensor, Tensor, Tensor]]] = {}
+
+        def first(i: int) -> None:
+            matcher, seeds = self._runs[i]
             nn12, nn21 = matcher._nn12, matcher._nn21
             assert isinstance(nn12, fastnn_kernel.NearestTable) and isinstance(nn21, fastnn_kernel.NearestTable)
             chains = fastnn_kernel.DeviceChains(nn12, nn21, seeds, matcher.config.max_iter)
             chains.start()
             chains.rounds(0, self.split)
-            self.chains.append(chains)
+            started[i] = chains, chains.outputs()
+
+        self._per_group(first)
+        self.chains = [started[i][0] for i in range(len(self._runs))]
         active = torch.stack([chains.any_active() for chains in self.chains]).any()
-        return [chains.outputs() for chains in self.chains], torch.stack([finite, active])
+        return [started[i][1] for i in range(len(self._runs))], torch.stack([finite, active])
 
     def _record_rest(self) -> None:
-        for chains, outputs in zip(self.chains, self._outputs, strict=True):
+        def rest(i: int) -> None:
+            chains = self.chains[i]
             chains.rounds(self.split, chains.max_iter)
-            for output, new in zip(outputs, chains.outputs(), strict=True):
+            for output, new in zip(self._outputs[i], chains.outputs(), strict=True):
                 output.copy_(new)
+
+        self._per_group(rest)
+
+    def _per_group(self, work: Callable[[int], None]) -> None:
+        """work(i) for every run, in order within a group; each group on its own stream where there are several
+        (forked from the current stream and joined back, which a CUDA graph records as parallel branches)."""
+        if not self._streams:
+            for group in self._groups:
+                for i in group:
+                    work(i)
+            return
+        main = torch.cuda.current_stream()
+        for group, stream in zip(self._groups, self._streams, strict=True):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                for i in group:
+                    work(i)
+        for stream in self._streams:
+            main.wait_stream(stream)
 
     def replay(self) -> list[tuple[Tensor, Tensor, Tensor]]:
         """(idx1, idx2, converged) of every run on the maps now in `descs` (ModelInputError if not finite)."""
