@@ -16,10 +16,15 @@ from export_engine.families.mast3r import fastnn
 from export_engine.families.mast3r.fastnn import (
     MatchConfig,
     ReciprocalMatcher,
+    _merge,
+    _merge_on_device,
+    _merged_pairs,
     extract_correspondences,
     fast_reciprocal_nn,
     matcher_reciprocal_nn,
     nearest_by_dot,
+    pack_pairs,
+    sorted_unique,
 )
 from export_engine.families.mast3r.matching_reference import (
     bruteforce_nn,
@@ -351,3 +356,37 @@ def test_bad_symmetric_inputs_raise() -> None:
         extract_correspondences([desc1, desc2, desc2, desc1], [torch.rand(8, 7), conf, conf, conf])
     with pytest.raises(ModelInputError, match="image 2 maps disagree"):
         extract_correspondences([desc1, torch.rand(6, 8, 4), desc2, desc1], [conf] * 4)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 500])
+def test_sorted_unique_without_a_sync_equals_unique_with_first_positions(n: int) -> None:
+    """The fixed-size de-duplication a CUDA graph records: torch.unique's keys and np.unique's first indices."""
+    gen = torch.Generator().manual_seed(n)
+    keys = pack_pairs(torch.randint(0, 30, (n,), generator=gen), torch.randint(0, 4, (n,), generator=gen))
+    valid = torch.rand(n, generator=gen) < 0.7
+    unique, first, count = sorted_unique(keys, valid)
+    assert unique.shape == (n + 1,) and first.shape == (n + 1,)
+    want, want_first = np.unique(keys[valid].numpy(), return_index=True)
+    assert int(count) == len(want)
+    np.testing.assert_array_equal(unique[: int(count)].numpy(), want)
+    np.testing.assert_array_equal(first[: int(count)].numpy(), np.flatnonzero(valid.numpy())[want_first])
+    assert bool((unique[int(count) :] == torch.iinfo(torch.int64).max).all())
+
+
+def test_merge_without_a_sync_equals_the_merge() -> None:
+    """The symmetric mode's merge as the recorded graphs run it (fixed-size buffers, then one count) gives the
+    eager merge's pairs and confidences, on runs with repeated and unconverged chains."""
+    gen = torch.Generator().manual_seed(21)
+    shape1, shape2 = (6, 7), (5, 9)
+    runs = []
+    for seeds_in, others_in, count in ((shape1, shape2, 40), (shape2, shape1, 30)) * 2:
+        seeds = torch.randint(0, seeds_in[0] * seeds_in[1], (count,), generator=gen)
+        others = torch.randint(0, others_in[0] * others_in[1], (count,), generator=gen)
+        runs.append((seeds, others, torch.rand(count, generator=gen) < 0.8))
+    confs = [1 + torch.rand(shape, generator=gen) for shape in (shape1, shape2, shape2, shape1)]
+    want = _merge(runs, (shape1, shape2), confs)
+    *merged, count = _merge_on_device(runs)
+    got = _merged_pairs(merged, int(count), [r[0].numel() + 1 for r in runs], (shape1, shape2), confs)
+    assert len(want[0]) > 50
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

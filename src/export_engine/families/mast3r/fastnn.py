@@ -374,6 +374,30 @@ def _unpack(keys: Tensor, shape1: tuple[int, int], shape2: tuple[int, int], ret_
     )
 
 
+_NO_PAIR = torch.iinfo(torch.int64).max  # a key no pair packs to (both indices < 2**31): sorts after every pair
+
+
+def sorted_unique(keys: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.unique(keys[valid])`` without a host sync, so that a CUDA graph can record it.
+
+    Returns a buffer of ``len(keys) + 1`` entries whose first ``count`` hold the sorted distinct keys (the rest
+    hold a key no pair has), each one's first position in `keys` (like ``np.unique``'s index), and ``count``
+    (int64 device scalar). A stable sort keeps equal keys in their order, so the first of each run of equal
+    keys is their first occurrence.
+    """
+    n = keys.numel()
+    ordered, order = torch.sort(torch.where(valid, keys, _NO_PAIR), stable=True)
+    first = torch.ones_like(valid)
+    first[1:] = ordered[1:] != ordered[:-1]
+    keep = first & (ordered != _NO_PAIR)
+    slot = torch.where(keep, torch.cumsum(keep, 0) - 1, n)  # dropped entries all write the spare last slot
+    unique = torch.full((n + 1,), _NO_PAIR, dtype=torch.int64, device=keys.device)
+    unique.scatter_(0, slot, torch.where(keep, ordered, _NO_PAIR))
+    position = torch.full((n + 1,), n, dtype=torch.int64, device=keys.device)
+    position.scatter_(0, slot, torch.where(keep, order, n))
+    return unique, position, keep.sum()
+
+
 def fast_reciprocal_nn(
     desc1: Tensor,
     desc2: Tensor,
@@ -461,12 +485,14 @@ class _RecordedRounds:
     The first graph re-reads the keys, forgets the previous maps' neighbours, checks the maps are finite and runs
     the first ``captured_rounds`` rounds of every run; the second runs the remaining rounds up to ``max_iter``
     and is replayed only when a seed of some run is still active after the first (a round without an active seed
-    changes nothing, so skipping them is exact). The host reads both flags in one sync.
+    changes nothing, so skipping them is exact). Both end with `finish` on the runs' (idx1, idx2, converged),
+    whose tensors (sizes fixed) end with a count; the host reads the flags and that count in one sync.
     """
 
     def __init__(self, matchers: Sequence[ReciprocalMatcher], runs: Sequence[tuple[ReciprocalMatcher, Tensor]],
-                 descs: Sequence[Tensor]) -> None:  # fmt: skip
-        self._matchers, self._runs, self._descs = matchers, runs, descs
+                 descs: Sequence[Tensor], finish: Callable[[list[tuple[Tensor, Tensor, Tensor]]], tuple[Tensor, ...]]
+                 ) -> None:  # fmt: skip
+        self._matchers, self._runs, self._descs, self._finish = matchers, runs, descs, finish
         config = matchers[0].config
         self.split = min(config.captured_rounds, config.max_iter)
         # Runs that share neighbour tables (a map pair's two directions) run in order; groups that share none
@@ -503,7 +529,9 @@ class _RecordedRounds:
         self._per_group(first)
         self.chains = [started[i][0] for i in range(len(self._runs))]
         active = torch.stack([chains.any_active() for chains in self.chains]).any()
-        return [started[i][1] for i in range(len(self._runs))], torch.stack([finite, active])
+        outputs = [started[i][1] for i in range(len(self._runs))]
+        self.finished = self._finish(outputs)
+        return outputs, torch.stack([finite.long(), active.long(), self.finished[-1].long()])
 
     def _record_rest(self) -> None:
         def rest(i: int) -> None:
@@ -513,6 +541,8 @@ class _RecordedRounds:
                 output.copy_(new)
 
         self._per_group(rest)
+        for done, new in zip(self.finished, self._finish(self._outputs), strict=True):
+            done.copy_(new)
 
     def _per_group(self, work: Callable[[int], None]) -> None:
         """work(i) for every run, in order within a group; each group on its own stream where there are several
@@ -531,16 +561,24 @@ class _RecordedRounds:
         for stream in self._streams:
             main.wait_stream(stream)
 
-    def replay(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(idx1, idx2, converged) of every run on the maps now in `descs` (ModelInputError if not finite)."""
+    def replay(self) -> tuple[tuple[Tensor, ...], int]:
+        """`finish`'s tensors for the maps now in `descs` and their count (ModelInputError if not finite)."""
         self._first.replay()
-        finite, active = self._flags.tolist()
+        finite, active, count = self._flags.tolist()
         if not finite:
             raise ModelInputError("descriptor maps contain NaN or inf; nearest neighbours would be meaningless")
         if active and self._rest is not None:
             self._rest.replay()
             self.rest_replays += 1
-        return self._outputs
+            count = int(self.finished[-1])
+        return self.finished, count
+
+
+def _pair_keys(runs: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The one run's distinct converged (idx1, idx2) keys, sorted (the first `count`), and `count`."""
+    idx1, idx2, converged = runs[0]
+    keys, _, count = sorted_unique(pack_pairs(idx1, idx2), converged)
+    return keys, count
 
 
 class CapturedMatcher:
@@ -566,7 +604,8 @@ class CapturedMatcher:
         self._desc2 = torch.zeros(shape2, dtype=torch.float32, device=device)
         self._matcher = ReciprocalMatcher(self._desc1, self._desc2, config)
         self._seeds = self._matcher.grid_seeds(subsample)
-        self._recorded = _RecordedRounds([self._matcher], [(self._matcher, self._seeds)], [self._desc1, self._desc2])
+        self._recorded = _RecordedRounds([self._matcher], [(self._matcher, self._seeds)], [self._desc1, self._desc2],
+                                         _pair_keys)  # fmt: skip
 
     @property
     def rows_per_step(self) -> Tensor:
@@ -585,9 +624,8 @@ class CapturedMatcher:
                 got = tuple(desc.shape) if isinstance(desc, Tensor) else type(desc).__name__
                 raise ModelInputError(f"{name} must be a tensor of the recorded shape {tuple(buffer.shape)}, got {got}")
             buffer.copy_(desc)
-        ((idx1, idx2, converged),) = self._recorded.replay()
-        keys = torch.unique(pack_pairs(idx1[converged], idx2[converged]))
-        return _unpack(keys, self._matcher.shape1, self._matcher.shape2, ret_xy)
+        (keys, _), count = self._recorded.replay()
+        return _unpack(keys[:count], self._matcher.shape1, self._matcher.shape2, ret_xy)
 
 
 def _check_symmetric(descs: Sequence[Tensor], qconfs: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -648,6 +686,41 @@ def _merge(runs: Sequence[tuple[Tensor, Tensor, Tensor]], shapes: Sequence[tuple
     return xy1, xy2, sqrt_rounded(torch.cat(conf1)[first] * torch.cat(conf2)[first])
 
 
+def _merge_on_device(runs: Sequence[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_merge`'s pairs without a host sync (a CUDA graph records it): the merged keys (sorted, the first
+    `count` entries of the buffer), each one's first position in the concatenation of the four runs' pairs, that
+    concatenation's image-1 and image-2 indices (entries that hold no pair point at index 0) and `count`.
+    Each run's pairs are its distinct converged chains in a buffer of fixed size, so a pair's first occurrence
+    in the padded concatenation is its first occurrence in the runs' pairs."""
+    idx1, idx2, valid = [], [], []
+    for k in range(2):
+        for run, forward in ((runs[2 * k], True), (runs[2 * k + 1], False)):
+            seeds, others, converged = run
+            keys = sorted_unique(pack_pairs(seeds, others), converged)[0]
+            ok = keys != _NO_PAIR
+            a, b = (torch.where(ok, part, 0) for part in (keys >> 32, keys & 0xFFFFFFFF))
+            idx1.append(a if forward else b)
+            idx2.append(b if forward else a)
+            valid.append(ok)
+    all1, all2, ok_all = torch.cat(idx1), torch.cat(idx2), torch.cat(valid)
+    keys, first, count = sorted_unique(pack_pairs(all1, all2), ok_all)
+    return keys, first, torch.stack([all1, all2]), count
+
+
+def _merged_pairs(merged: Sequence[Tensor], count: int, segments: Sequence[int], shapes: Sequence[tuple[int, int]],
+                  qconfs: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """:func:`_merge`'s result from :func:`_merge_on_device`'s tensors, its `count` and the runs' buffer sizes
+    (seeds + 1 each): xy1, xy2 and each pair's confidence sqrt(qconf1 * qconf2) at its first occurrence, taken
+    from the map pair its run matched ((11, 21) for runs 0 and 1, (12, 22) for runs 2 and 3)."""
+    keys, first, pairs = merged[0][:count], merged[1][:count], merged[2]
+    q11, q21, q22, q12 = (q.reshape(-1) for q in qconfs)
+    part1, part2 = (torch.split(p, list(segments)) for p in pairs)
+    conf1 = torch.cat([q[i] for q, i in zip((q11, q11, q12, q12), part1, strict=True)])
+    conf2 = torch.cat([q[i] for q, i in zip((q21, q21, q22, q22), part2, strict=True)])
+    xy1, xy2 = _unpack(keys, shapes[0], shapes[1], True)
+    return xy1, xy2, sqrt_rounded(conf1[first] * conf2[first])
+
+
 def extract_correspondences(
     descs: Sequence[Tensor],
     qconfs: Sequence[Tensor],
@@ -690,7 +763,8 @@ class CapturedCorrespondences:
         d11, d21, d22, d12 = self._descs
         self._matchers = [ReciprocalMatcher(d11, d21, config), ReciprocalMatcher(d12, d22, config)]
         self._runs = [run for m in self._matchers for run in _directions(m, subsample)]
-        self._recorded = _RecordedRounds(self._matchers, self._runs, self._descs)
+        self._recorded = _RecordedRounds(self._matchers, self._runs, self._descs, _merge_on_device)
+        self._segments = [seeds.numel() + 1 for _, seeds in self._runs]  # each run's share of the merged pairs
 
     @property
     def rows_per_step(self) -> list[Tensor]:
@@ -711,8 +785,9 @@ class CapturedCorrespondences:
                     f"descs[{i}] must have the recorded shape {tuple(buffer.shape)}, got {tuple(desc.shape)}"
                 )
             buffer.copy_(desc)
-        runs = self._recorded.replay()
-        return _merge(runs, (_hw(self._descs[0]), _hw(self._descs[1])), [c.to(self._descs[0].device) for c in confs])
+        merged, count = self._recorded.replay()
+        shapes = (_hw(self._descs[0]), _hw(self._descs[1]))
+        return _merged_pairs(merged, count, self._segments, shapes, [c.to(self._descs[0].device) for c in confs])
 
 
 def sqrt_rounded(values: Tensor) -> Tensor:
