@@ -15,11 +15,13 @@ Same algorithm as :mod:`export_engine.families.mast3r.matching_reference` (upstr
 * With the fused kernel the whole round loop runs on the device with no host sync
   (:func:`export_engine.families.mast3r.fastnn_kernel.chains_on_device`): ``max_iter`` rounds of per-seed
   flags, where only the rows still unknown are claimed and computed, so converged seeds cost nothing and the
-  loop can be recorded in a CUDA graph (:class:`CapturedMatcher`; :class:`CapturedCorrespondences` for the
-  symmetric pass). The torch-tile path (CPU) compacts the
-  active seeds and unknown rows each round instead, a few host syncs per round and none per tile.
+  loop can be recorded in CUDA graphs (:class:`CapturedMatcher`; :class:`CapturedCorrespondences` for the
+  symmetric pass): the first rounds in one, the rest in a second replayed only while a seed is still active.
+  The torch-tile path (CPU) compacts the active seeds and unknown rows each round instead, a few host syncs per
+  round and none per tile.
 * De-duplication and the (idx1, idx2) order come from ``torch.unique`` on packed int64 keys, as upstream's
-  ``np.unique`` on the same packing.
+  ``np.unique`` on the same packing; the recorded graphs do the same with fixed-size buffers
+  (:func:`sorted_unique`), so a call syncs once.
 
 Ties: upstream takes ``torch.max(dim=1)`` over the similarity row (blocked: a running maximum that moves only
 on a strictly larger value), i.e. the first index among equal maxima, which is also what ``np.argmax`` does.
