@@ -275,10 +275,11 @@ def test_device_round_loop_equals_host_loop(max_iter: int) -> None:
 def test_rounds_in_parts_equal_the_whole_loop() -> None:
     """The loop run as rounds 0-1 and then 2-9 (as the two recorded graphs run it) gives the whole loop's chains
     and rows per step; a seed is still active after two rounds, none after ten; bad round ranges are refused."""
-    desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(48, 64, noise=0.6, seed=3))
+    desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(24, 40, noise=0.6, seed=3))
     seeds = ReciprocalMatcher(desc1, desc2, MatchConfig(kernel="tiles")).grid_seeds(4).to(DEVICE)
-    *want, want_rows = fastnn_kernel.chains_on_device(*_tables(desc1, desc2), seeds, 10)
-    chains = fastnn_kernel.DeviceChains(*_tables(desc1, desc2), seeds, 10)
+    tiles = fastnn_kernel.Tiles(32, 128, 4, 8)  # a small persistent grid: quick under the interpreter
+    *want, want_rows = fastnn_kernel.chains_on_device(*_tables(desc1, desc2, tiles), seeds, 10)
+    chains = fastnn_kernel.DeviceChains(*_tables(desc1, desc2, tiles), seeds, 10)
     chains.start()
     chains.rounds(0, 2)
     assert bool(chains.any_active())
