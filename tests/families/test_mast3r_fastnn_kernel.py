@@ -244,7 +244,11 @@ def _smooth_pair(height: int, width: int, noise: float, seed: int) -> list[torch
     return [torch.nn.functional.normalize(m, dim=2) for m in maps]
 
 
-def _tables(desc1: torch.Tensor, desc2: torch.Tensor, tiles: fastnn_kernel.Tiles = TILES[1]) -> tuple:
+# the round loop's tests: a small persistent grid keeps them quick under the interpreter
+LOOP_TILES = fastnn_kernel.Tiles(32, 128, 4, 8)
+
+
+def _tables(desc1: torch.Tensor, desc2: torch.Tensor, tiles: fastnn_kernel.Tiles = LOOP_TILES) -> tuple:
     flat1, flat2 = desc1.reshape(-1, desc1.shape[-1]), desc2.reshape(-1, desc2.shape[-1])
     rows = max(flat1.shape[0], flat2.shape[0])
     return fastnn_kernel.NearestTable(flat1, flat2, rows, tiles), fastnn_kernel.NearestTable(flat2, flat1, rows, tiles)
@@ -277,9 +281,8 @@ def test_rounds_in_parts_equal_the_whole_loop() -> None:
     and rows per step; a seed is still active after two rounds, none after ten; bad round ranges are refused."""
     desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(24, 40, noise=0.6, seed=3))
     seeds = ReciprocalMatcher(desc1, desc2, MatchConfig(kernel="tiles")).grid_seeds(4).to(DEVICE)
-    tiles = fastnn_kernel.Tiles(32, 128, 4, 8)  # a small persistent grid: quick under the interpreter
-    *want, want_rows = fastnn_kernel.chains_on_device(*_tables(desc1, desc2, tiles), seeds, 10)
-    chains = fastnn_kernel.DeviceChains(*_tables(desc1, desc2, tiles), seeds, 10)
+    *want, want_rows = fastnn_kernel.chains_on_device(*_tables(desc1, desc2), seeds, 10)
+    chains = fastnn_kernel.DeviceChains(*_tables(desc1, desc2), seeds, 10)
     chains.start()
     chains.rounds(0, 2)
     assert bool(chains.any_active())
