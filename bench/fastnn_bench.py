@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +101,23 @@ def cpu_name() -> str:
 
 def to_numpy(outputs: tuple) -> Outputs:
     return tuple(o.cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs)
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
+    """Wall time of `repeats` calls of `fn`, each until the GPU is idle, after `warmup` calls (CUDA): median,
+    minimum, 10th and 90th percentiles in ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "min_ms": times[0], "p10_ms": times[len(times) // 10],
+            "p90_ms": times[(9 * len(times)) // 10], "runs": repeats}  # fmt: skip
 
 
 def timed_runs(fn: Callable[[], tuple], device: torch.device, warmup: Callable[[], tuple], repeats: int) -> dict:

@@ -14,33 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
-from fastnn_bench import smooth_maps
+from fastnn_bench import smooth_maps, time_calls
 
 from export_engine.families.mast3r.fastnn import CapturedMatcher, MatchConfig
 
 HERE = Path(__file__).resolve().parent
-
-
-def _spread(fn: Callable[[], Any], calls: int) -> dict[str, float]:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
-            "p90_ms": times[(9 * len(times)) // 10], "min_ms": times[0]}  # fmt: skip
 
 
 def main() -> int:
@@ -58,7 +39,7 @@ def main() -> int:
         "first graph's replay": recorded._first.replay,
         "first graph's replay and the flags read back": lambda: (recorded._first.replay(), recorded._flags.tolist()),
     }
-    rows = [{"case": name, **_spread(fn, args.calls)} for name, fn in parts.items()]
+    rows = [{"case": name, **time_calls(fn, 10, args.calls)} for name, fn in parts.items()]
     rows.append({"case": "second graph replays during the whole calls", "count": captured.rest_replays})
     print(f"{torch.cuda.get_device_name()}, {args.calls} calls each")
     print(f"{'case':50} {'median':>8} {'p10':>8} {'p90':>8} {'min':>8}  (ms)")

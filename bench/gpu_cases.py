@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import re
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastnn_bench import time_calls
 
 from export_engine.exporters.registry import get_family
 from export_engine.families.mast3r.match import MatchConfig as PairConfig
@@ -27,19 +27,6 @@ from export_engine.families.mast3r.match import pair_matches
 from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig
 
 GiB = 2**30
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": repeats}
 
 
 def device_used() -> int:
