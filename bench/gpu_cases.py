@@ -358,7 +358,6 @@ def fastnn(
     captured = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8, MatchConfig(kernel="fused", tiles=best))
     captured_unpruned = CapturedMatcher(tuple(d1.shape), tuple(d2.shape), 8,
                                         MatchConfig(kernel="fused", tiles=best_unpruned))  # fmt: skip
-    # the best tiles with other key blocks, and with the other precision of the centroid scores
     # the best tiles with other key blocks, the other precision of the centroid scores, other row counts from
     # which launches prune, and other rounds in the first of the two recorded graphs
     others = [MatchConfig(kernel="fused", tiles=t) for t in (
@@ -455,7 +454,7 @@ def fastnn(
         peak["sgemm_k24_tflops"] = 2 * 24 * queries.shape[0] * keys_t.shape[1] / k24 / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    sym_rows = sum(int(r.sum()) for r in captured_sym.rows_per_step if r is not None)  # the last replay's
+    sym_rows = sum(int(r.sum()) for r in captured_sym.rows_per_step)  # the last replay's
     # Kernel time per pair by kernel (the device loop launched from Python: CUPTI sees each launch), pruned and
     # not, and the pruned search's kernels on one large and one small launch.
     profiles = {}

@@ -368,8 +368,13 @@ def pack_pairs(idx1: Tensor, idx2: Tensor) -> Tensor:
     return (idx1.long() << 32) | idx2.long()
 
 
+def _split_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """The (idx1, idx2) halves of keys from :func:`pack_pairs`."""
+    return keys >> 32, keys & 0xFFFFFFFF
+
+
 def _unpack(keys: Tensor, shape1: tuple[int, int], shape2: tuple[int, int], ret_xy: bool) -> tuple[Tensor, Tensor]:
-    idx1, idx2 = keys >> 32, keys & 0xFFFFFFFF
+    idx1, idx2 = _split_keys(keys)
     if not ret_xy:
         return idx1.int(), idx2.int()
     return (
@@ -590,9 +595,10 @@ class CapturedMatcher:
     or two where seeds are still active after ``config.captured_rounds`` rounds.
 
     The maps are copied into buffers the graphs own; the replay re-reads the keys, forgets the previous pair's
-    neighbours and runs up to ``max_iter`` rounds of the device loop. The host syncs twice: after the first
-    graph, to check the maps were finite and whether the second is needed, and for the final de-duplication,
-    whose size depends on the matches. Same results as :func:`fast_reciprocal_nn` with the fused kernel.
+    neighbours, runs up to ``max_iter`` rounds of the device loop and de-duplicates the matches into a buffer
+    of fixed size. The host syncs once after the first graph (maps finite, second graph needed, number of
+    matches), and again only where the second graph ran. Same results as :func:`fast_reciprocal_nn` with the
+    fused kernel.
     """
 
     def __init__(
@@ -702,7 +708,7 @@ def _merge_on_device(runs: Sequence[tuple[Tensor, Tensor, Tensor]]) -> tuple[Ten
             seeds, others, converged = run
             keys = sorted_unique(pack_pairs(seeds, others), converged)[0]
             ok = keys != _NO_PAIR
-            a, b = (torch.where(ok, part, 0) for part in (keys >> 32, keys & 0xFFFFFFFF))
+            a, b = (torch.where(ok, part, 0) for part in _split_keys(keys))
             idx1.append(a if forward else b)
             idx2.append(b if forward else a)
             valid.append(ok)
@@ -747,9 +753,9 @@ def extract_correspondences(
 class CapturedCorrespondences:
     """:func:`extract_correspondences` for one pair of image shapes recorded as CUDA graphs: both map pairs, both
     directions, every round, in one replay, or two where seeds are still active after ``config.captured_rounds``
-    rounds (the tables of a map pair are shared by its two directions, as in the eager path). The host
-    synchronises only after the first graph (maps finite, second graph needed) and for the merge (sorting and
-    de-duplication, whose sizes depend on the matches). Same results as
+    rounds (the tables of a map pair are shared by its two directions, as in the eager path). The merge of the
+    four runs is recorded too; the host synchronises once after the first graph (maps finite, second graph
+    needed, number of pairs), and again only where the second graph ran. Same results as
     :func:`extract_correspondences` with the fused kernel.
     """
 

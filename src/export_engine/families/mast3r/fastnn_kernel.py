@@ -305,10 +305,11 @@ class _KeyBlocks:
         inside = (y < height) & (x < width) & (slot < bh * bw)[None, None, :]
         self.index = torch.where(inside, y * width + x, -1).to(torch.int32).reshape(-1).contiguous()
         self.dq = max(16, 1 << (d - 1).bit_length())
-        self.margins = dict(MARGIN=_margin(d), SMALLEST=_SMALLEST, LARGEST=_LARGEST)  # the lower bound's
+        margin = _margin(d)
+        self.margins = dict(MARGIN=margin, SMALLEST=_SMALLEST, LARGEST=_LARGEST)  # the lower bound's
         self.precision = "tf32" if tiles.prune_tf32 else "ieee"  # of the centroid scores
         # the upper bound's margin, carried by the radii: fp32 rounding, and TF32 inputs where the scores use them
-        self.upper_margin = _margin(d) + (_TF32_MARGIN if tiles.prune_tf32 else 0.0)
+        self.upper_margin = margin + (_TF32_MARGIN if tiles.prune_tf32 else 0.0)
         self.scan_block = min(8192, max(16, 1 << (self.nb - 1).bit_length()))  # the scan in one step where it fits
         self.keys = torch.zeros(self.nb * self.bn, d, dtype=torch.float32, device=device)
         self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)

@@ -483,7 +483,8 @@ def block_keys(
     LARGEST: tl.constexpr,
 ):
     # One block a step: its keys gathered, centroid, radius (largest |k - c|) and the rounding margin. The margin
-    # covers, relative to the block's largest key, the fp32 rounding of q . k, q . c, |q| and the radius.
+    # covers, relative to the block's largest key, the fp32 rounding of q . k, q . c, |q| and the radius, and the
+    # TF32 rounding of q . c's inputs where the centroid scores use it.
     feats = tl.arange(0, DQ)
     slots = tl.arange(0, BN)
     for block in range(tl.program_id(0), nb, tl.num_programs(0)):
