@@ -103,9 +103,9 @@ def to_numpy(outputs: tuple) -> Outputs:
     return tuple(o.cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs)
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, keep_all: bool = False) -> dict[str, Any]:
     """Wall time of `repeats` calls of `fn`, each until the GPU is idle, after `warmup` calls (CUDA): median,
-    minimum, 10th and 90th percentiles in ms."""
+    minimum, 10th and 90th percentiles in ms (and every call's time, sorted, under "all_ms" with `keep_all`)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -116,8 +116,9 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, An
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
-    return {"median_ms": statistics.median(times), "min_ms": times[0], "p10_ms": times[len(times) // 10],
-            "p90_ms": times[(9 * len(times)) // 10], "runs": repeats}  # fmt: skip
+    summary = {"median_ms": statistics.median(times), "min_ms": times[0], "p10_ms": times[len(times) // 10],
+               "p90_ms": times[(9 * len(times)) // 10], "runs": repeats}  # fmt: skip
+    return {**summary, "all_ms": times} if keep_all else summary
 
 
 def timed_runs(fn: Callable[[], tuple], device: torch.device, warmup: Callable[[], tuple], repeats: int) -> dict:

@@ -358,17 +358,58 @@ PRUNE_TILES = fastnn_kernel.Tiles(
 )
 
 
-@pytest.mark.parametrize(("block", "step", "cb"), [((8, 4), 5, 64), ((3, 5), 19, 32)])
-def test_pruned_search_equals_unpruned_and_skips_blocks(block: tuple[int, int], step: int, cb: int) -> None:
+@pytest.mark.parametrize(
+    ("block", "step", "cb", "group", "sem"),
+    [((8, 4), 5, 64, 2, "relaxed"), ((3, 5), 19, 32, 4, "relaxed"), ((3, 5), 23, 32, 1, "acq_rel")],
+)
+def test_pruned_search_equals_unpruned_and_skips_blocks(
+    block: tuple[int, int], step: int, cb: int, group: int, sem: str
+) -> None:
     """Spatial key blocks (partial ones at the map's edges too, and blocks of fewer keys than their slots) whose
-    bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search."""
+    bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search;
+    probes of one block or of groups (169 blocks in groups of 4: the last group is padded), either atomics."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
-    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb)
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem)
     table = _pruned_against_unpruned(desc1, desc2, tiles, step=step)
     blocks = table._blocks
     assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
     rows = -(-37 * 61 // step)
     assert 0 < int(table.pairs) < 0.7 * rows * blocks.nb  # pruning happened
+
+
+def test_kept_pairs_are_grouped_by_block_and_the_buffers_reset() -> None:
+    """The bound pass writes the kept (row, block) pairs as they come and counts them per block; the placing pass
+    groups exactly those pairs by block, in block order; counts and the write cursor are zero for the next launch."""
+    desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
+    table = _pruned_against_unpruned(desc1, desc2, dataclasses.replace(PRUNE_TILES, prune_block=(3, 5)), step=7)
+    blocks = table._blocks
+    assert blocks is not None
+    total = int(blocks.total)
+    assert total > 0 and int(blocks.dense) == 0
+    found = torch.stack([blocks.found_slot[:total], blocks.found_block[:total]], dim=1).cpu()
+    grouped = torch.stack([blocks.pair_slot[:total], blocks.pair_block[:total]], dim=1).cpu()
+    assert bool((grouped[1:, 1] >= grouped[:-1, 1]).all())  # grouped by block, blocks in order
+    as_keys = [pairs[:, 0].long() * blocks.nb + pairs[:, 1].long() for pairs in (found, grouped)]
+    assert torch.equal(torch.sort(as_keys[0]).values, torch.sort(as_keys[1]).values)  # the same pairs
+    assert torch.unique(as_keys[0]).numel() == total  # each once
+    assert int(blocks.counts.abs().sum()) == 0 and int(blocks.emitted) == 0
+
+
+def test_probe_groups_score_the_mean_of_their_keys() -> None:
+    """A probe group's centroid is the mean of its blocks' keys (blocks weighted by their key counts); the last
+    group of 169 blocks in groups of 4 holds one block and three empty ones."""
+    _, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
+    flat2 = desc2.reshape(-1, 24).to(DEVICE).contiguous()
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=(3, 5), prune_probe_group=4)
+    table = fastnn_kernel.NearestTable(flat2[:4], flat2, 4, tiles, key_shape=(37, 61))
+    blocks = table._blocks
+    assert blocks is not None and (blocks.nb, blocks.ng) == (169, 43)
+    index = blocks.index.view(blocks.ng, -1).cpu()
+    for g in (0, 17, 42):
+        members = index[g][index[g] >= 0].long()
+        want = flat2.cpu()[members].mean(dim=0)
+        torch.testing.assert_close(blocks.group_cent_t[:24, g].cpu(), want, rtol=1e-5, atol=1e-6)
+    assert index[42][index[42] >= 0].tolist() == [37 * 61 - 1]  # the corner block alone, its one pixel
 
 
 def test_pruned_search_keeps_ties_and_first_indices() -> None:
@@ -480,9 +521,13 @@ def test_pruning_settings_are_checked() -> None:
         {"prune_capacity": 0},
         {"prune_cb": 48},
         {"prune_bound_programs": 0},
+        {"prune_probe_group": 3},
+        {"prune_probe_group": 16},
     ):
         with pytest.raises(ValueError, match="prune"):
             fastnn_kernel.Tiles(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="atomic_sem"):
+        fastnn_kernel.Tiles(atomic_sem="seq_cst")
     with pytest.raises(ValueError, match="does not hold"):
         fastnn_kernel.NearestTable(torch.zeros(4, 24), torch.zeros(30, 24), 4, PRUNE_TILES, key_shape=(5, 5))
 

@@ -102,7 +102,7 @@ class Tiles:
     prune_block: tuple[int, int] = (8, 4)
     prune_rows: int = 64
     prune_pairs: int = 32
-    prune_capacity: int = 8
+    prune_capacity: int = 6
     prune_programs: int = 16 * 132  # the exact pass's grid (measured on the H200: 528 to 8448 alike)
     prune_warps: int = 1  # (0.51 ms for the first round's 3072 rows against 0.61 with 2 warps, 0.84 with 4)
     # centroid scores on tensor cores, with the margin for it (see _TF32_MARGIN); on the H200 the pair took 2.46
@@ -116,6 +116,12 @@ class Tiles:
     # launches of fewer rows run unpruned: the bound passes cost more than they save there (on the H200 a 171-row
     # launch took 0.071 ms unpruned against 0.092 pruned; the pair 2.75 ms from 256 rows against 3.05 from 1)
     prune_from: int = 256
+    # each row's lower bound comes from a probe group of this many adjacent blocks (the probe scores the groups'
+    # centroids, then the bound takes the best of the group's keys): a power of two, 1 to 8
+    prune_probe_group: int = 2
+    # memory order of the kernels' atomics: "relaxed" is enough (they only need atomicity, kernel boundaries order
+    # the rest); "acq_rel" is Triton's default
+    atomic_sem: str = "relaxed"
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -127,6 +133,11 @@ class Tiles:
             raise ValueError(f"prune_from must be >= 1, got {self.prune_from}")
         if self.prune_cb < 16 or self.prune_cb & (self.prune_cb - 1) or self.prune_bound_programs < 1:
             raise ValueError(f"prune_cb must be a power of two >= 16 and prune_bound_programs >= 1, got {self}")
+        group = self.prune_probe_group
+        if not 1 <= group <= 8 or group & (group - 1):
+            raise ValueError(f"prune_probe_group must be 1, 2, 4 or 8, got {group}")
+        if self.atomic_sem not in ("relaxed", "acq_rel"):
+            raise ValueError(f"atomic_sem must be 'relaxed' or 'acq_rel', got {self.atomic_sem!r}")
 
 
 # Among the fastest exact launch shapes on an H200 (bench/gpu_bench.py sweeps them on 3072 x 196608: 0.89 to
@@ -246,13 +257,13 @@ class NearestTable:
             limit = t.stationary_from
             kernels.nearest_rows_stationary[(t.stationary_programs,)](
                 self.source, self._keys_rows, rows, count, self._packed, n, limit, D=d,
-                BLOCK_M=32 * t.stationary_warps * t.stationary, TARGET=t.stationary_programs,
+                BLOCK_M=32 * t.stationary_warps * t.stationary, TARGET=t.stationary_programs, SEM=t.atomic_sem,
                 num_warps=t.stationary_warps,
             )  # fmt: skip
         kernels.nearest_rows[(t.target_programs,)](
             self.source, self.keys_t, rows, dense_count, self._packed, n, limit, D=d, DOT_D=dot, DP=dp,
             BLOCK_M=t.block_m, BLOCK_N=t.block_n, TARGET=t.target_programs, EVEN_N=n % t.block_n == 0,
-            num_warps=t.warps,
+            SEM=t.atomic_sem, num_warps=t.warps,
         )  # fmt: skip
         grid = (max(1, min(1024, -(-rows.numel() // 256))),)
         probe = self._packed if self._blocks is None else self._blocks.probe
@@ -297,13 +308,18 @@ class _KeyBlocks:
         self.bn = 1 << (bh * bw - 1).bit_length()  # block slots, a power of two (tl.arange)
         by, bx = -(-height // bh), -(-width // bw)
         self.nb = by * bx
+        # probe groups: G blocks adjacent in block order; the last group is padded with empty blocks
+        self.group = tiles.prune_probe_group
+        self.ng = -(-self.nb // self.group)
+        padded = self.ng * self.group
         device = keys.device
         # Slot s of block (i, j) holds pixel (i * bh + s // bw, j * bw + s % bw), -1 outside the map or past bh * bw.
         slot = torch.arange(self.bn, device=device)
         y = torch.arange(by, device=device)[:, None, None] * bh + (slot // bw)[None, None, :]
         x = torch.arange(bx, device=device)[None, :, None] * bw + (slot % bw)[None, None, :]
         inside = (y < height) & (x < width) & (slot < bh * bw)[None, None, :]
-        self.index = torch.where(inside, y * width + x, -1).to(torch.int32).reshape(-1).contiguous()
+        index = torch.where(inside, y * width + x, -1).to(torch.int32).reshape(-1)
+        self.index = torch.cat([index, index.new_full(((padded - self.nb) * self.bn,), -1)]).contiguous()
         self.dq = max(16, 1 << (d - 1).bit_length())
         margin = _margin(d)
         self.margins = dict(MARGIN=margin, SMALLEST=_SMALLEST, LARGEST=_LARGEST)  # the lower bound's
@@ -311,26 +327,39 @@ class _KeyBlocks:
         # the upper bound's margin, carried by the radii: fp32 rounding, and TF32 inputs where the scores use them
         self.upper_margin = margin + (_TF32_MARGIN if tiles.prune_tf32 else 0.0)
         self.scan_block = min(8192, max(16, 1 << (self.nb - 1).bit_length()))  # the scan in one step where it fits
-        self.keys = torch.zeros(self.nb * self.bn, d, dtype=torch.float32, device=device)
+        self.keys = torch.zeros(padded * self.bn, d, dtype=torch.float32, device=device)
         self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)
         self.radius = torch.zeros(self.nb, dtype=torch.float32, device=device)
-        self.probe = torch.full((max(max_rows, 1),), _EMPTY, dtype=torch.int64, device=device)
-        self.low = torch.zeros(max(max_rows, 1), dtype=torch.float32, device=device)
+        # A group's centroid: its blocks' centroids weighted by their keys (a group holds at least its first block).
+        sizes = (self.index.view(padded, self.bn) >= 0).sum(dim=1).float().view(self.ng, self.group)
+        self._group_weights = (sizes / sizes.sum(dim=1, keepdim=True)).view(1, self.ng, self.group)
+        self._cent_padded = torch.zeros(self.dq, padded, dtype=torch.float32, device=device)
+        self.group_cent_t = self.cent_t if self.group == 1 else torch.zeros(self.dq, self.ng, device=device)
+        rows = max(max_rows, 1)
+        self.probe = torch.full((rows,), _EMPTY, dtype=torch.int64, device=device)
+        self.low = torch.zeros(rows, dtype=torch.float32, device=device)
         self.counts = torch.zeros(self.nb, dtype=torch.int32, device=device)
         self.cursor = torch.zeros(self.nb, dtype=torch.int32, device=device)
+        self.emitted = torch.zeros((), dtype=torch.int64, device=device)
         self.total = torch.zeros((), dtype=torch.int32, device=device)
         self.dense = torch.zeros((), dtype=torch.int32, device=device)
         self.capacity = min(tiles.prune_capacity * n, 2**31 - 1)
         self.launched = False  # a search has been launched (compile errors after that are not expected: raised)
-        self.pair_slot = torch.zeros(self.capacity, dtype=torch.int32, device=device)
-        self.pair_block = torch.zeros(self.capacity, dtype=torch.int32, device=device)
+        # the kept pairs as the bound pass writes them, then grouped by block for the exact pass
+        self.found_slot, self.found_block, self.pair_slot, self.pair_block = (
+            torch.zeros(self.capacity, dtype=torch.int32, device=device) for _ in range(4)
+        )
 
     def refresh(self, keys: Tensor) -> None:
-        """Re-read the keys into blocks: centroids, radii (with the rounding margin)."""
+        """Re-read the keys into blocks: centroids, radii (with the rounding margin), the probe groups' centroids."""
         grid = (min(self.nb, self.tiles.target_programs),)
         _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, D=keys.shape[1],
                                     DQ=self.dq, BN=self.bn, num_warps=2, **{**self.margins,
                                     "MARGIN": self.upper_margin})  # fmt: skip
+        if self.group > 1:
+            self._cent_padded[:, : self.nb].copy_(self.cent_t)
+            grouped = self._cent_padded.view(self.dq, self.ng, self.group)
+            torch.sum(grouped * self._group_weights, dim=2, out=self.group_cent_t)
 
     def search(self, kernels: Any, source: Tensor, rows: Tensor, count: Tensor, packed: Tensor) -> Tensor:
         """Launch the pruned search of the first `count` rows into `packed`; returns the row count the unpruned
@@ -343,22 +372,22 @@ class _KeyBlocks:
         # (the centroid scores pad the features to DQ: measured on the H200, a tl.dot over 16 and an fma tail, as
         # the exact pass does, took longer: 0.78 against 0.68 ms per pair for these passes)
         bound = dict(D=d, DQ=self.dq, BLOCK_M=t.prune_rows, CB=t.prune_cb, TARGET=t.prune_bound_programs,
-                     PRECISION=self.precision, FROM=t.prune_from, num_warps=t.prune_bound_warps)  # fmt: skip
-        kernels.prune_probe[grid](source, rows, count, self.cent_t, self.probe, self.nb, **bound)
-        kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d, BN=self.bn,
-                                  BLOCK_M=16, FROM=t.prune_from, num_warps=4, **self.margins)  # fmt: skip
-        for fill in (False, True):
-            kernels.prune_pairs[grid](
-                source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.cursor, self.total,
-                self.pair_slot, self.pair_block, self.capacity, self.nb, FILL=fill, **bound,
-            )  # fmt: skip
-            if not fill:
-                kernels.prune_scan[(1,)](self.counts, self.cursor, count, self.total, self.dense, self.nb,
-                                         self.capacity, BLOCK=self.scan_block, FROM=t.prune_from,
-                                         num_warps=8)  # fmt: skip
+                     PRECISION=self.precision, FROM=t.prune_from, SEM=t.atomic_sem,
+                     num_warps=t.prune_bound_warps)  # fmt: skip
+        kernels.prune_probe[grid](source, rows, count, self.group_cent_t, self.probe, self.ng, **bound)
+        kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d,
+                                  GN=self.bn * self.group, BLOCK_M=16, FROM=t.prune_from, num_warps=4,
+                                  **self.margins)  # fmt: skip
+        kernels.prune_pairs[grid](source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.emitted,
+                                  self.found_slot, self.found_block, self.capacity, self.nb, **bound)  # fmt: skip
+        kernels.prune_scan[(1,)](self.counts, self.cursor, self.emitted, count, self.total, self.dense, self.nb,
+                                 self.capacity, BLOCK=self.scan_block, FROM=t.prune_from, num_warps=8)  # fmt: skip
+        kernels.place_pairs[(t.prune_bound_programs,)](self.found_slot, self.found_block, self.total, self.cursor,
+                                                       self.pair_slot, self.pair_block, BLOCK=1024, SEM=t.atomic_sem,
+                                                       num_warps=4)  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](
             source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, count, packed, D=d,
-            DOT_D=dot, DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, num_warps=t.prune_warps,
+            DOT_D=dot, DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, SEM=t.atomic_sem, num_warps=t.prune_warps,
         )  # fmt: skip
         self.launched = True
         return self.dense
@@ -412,7 +441,7 @@ class DeviceChains:
         _kernels().advance[(-(-self.n // 1024),)](
             src, dst, prev_dst, prev_src, self.active, table, target.table, self.rows, self.counts[index], self.n,
             target.spare, LOOKUP=look is not None, UPDATE_PREV=update_prev, CLAIM=claim is not None, BLOCK=1024,
-            num_warps=4,
+            SEM=self.nn12.tiles.atomic_sem, num_warps=4,
         )  # fmt: skip
         if claim is not None:
             claim.compute(self.rows, self.counts[index])

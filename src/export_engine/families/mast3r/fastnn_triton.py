@@ -46,6 +46,7 @@ def nearest_rows(
     BLOCK_N: tl.constexpr,
     TARGET: tl.constexpr,
     EVEN_N: tl.constexpr,  # n is a multiple of BLOCK_N: no key masks
+    SEM: tl.constexpr,  # memory order of the atomics: "relaxed" (kernel boundaries order everything else)
 ):
     count = tl.load(count_ptr)
     count = tl.where(count < limit, count, 0)
@@ -80,7 +81,7 @@ def nearest_rows(
             best, arg = keep_larger(best, arg, sim, cols[None, :])  # an earlier key in this column slot keeps a tie
         row_best, row_arg = first_max(best, arg)  # first index among the slots holding the row maximum
         # Across key ranges: one 64-bit atomic max per row of (score, first index) (see pack).
-        tl.atomic_max(packed_ptr + slots, pack(row_best, row_arg), mask=slot_ok)
+        tl.atomic_max(packed_ptr + slots, pack(row_best, row_arg), mask=slot_ok, sem=SEM)
 
 
 @triton.jit
@@ -125,6 +126,7 @@ def nearest_rows_stationary(
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per program: 32 x warps x rows per thread
     TARGET: tl.constexpr,
+    SEM: tl.constexpr,
 ):
     # Query-stationary: each thread keeps its rows' D features in registers for a whole key range and reads
     # each key once, as scalars every lane of the warp loads alike (one cached transaction a feature), so a
@@ -148,7 +150,7 @@ def nearest_rows_stationary(
             for f in tl.static_range(1, D):
                 sim = tl.fma(q[f], tl.load(key + f), sim)
             best, arg = keep_larger(best, arg, sim, j)
-        tl.atomic_max(packed_ptr + slots, pack(best, arg), mask=slot_ok)
+        tl.atomic_max(packed_ptr + slots, pack(best, arg), mask=slot_ok, sem=SEM)
 
 
 @triton.jit
@@ -191,6 +193,7 @@ def advance(
     UPDATE_PREV: tl.constexpr,
     CLAIM: tl.constexpr,
     BLOCK: tl.constexpr,
+    SEM: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_seeds
@@ -210,11 +213,12 @@ def advance(
     if CLAIM:
         # Inactive lanes compare-and-swap the spare entry (never UNKNOWN) and so claim nothing.
         key = tl.where(active, key, claim_none)
-        old = tl.atomic_cas(claim_ptr + key, tl.full((BLOCK,), -1, tl.int32), tl.full((BLOCK,), -2, tl.int32))
+        old = tl.atomic_cas(claim_ptr + key, tl.full((BLOCK,), -1, tl.int32), tl.full((BLOCK,), -2, tl.int32),
+                             sem=SEM)  # fmt: skip
         claimed = active & (old == -1)
         # One atomic per program for its claimed rows (a per-lane atomic on the one counter serialises them).
         taken = claimed.to(tl.int32)
-        first = tl.atomic_add(count_ptr, tl.sum(taken, axis=0))
+        first = tl.atomic_add(count_ptr, tl.sum(taken, axis=0), sem=SEM)
         tl.store(rows_ptr + first + tl.cumsum(taken, axis=0) - taken, key, mask=claimed)
 
 
@@ -259,30 +263,31 @@ def prune_probe(
     src_ptr,  # (N, D) fp32 rows
     rows_ptr,
     count_ptr,
-    cent_t_ptr,  # (DQ, nb) fp32 block centroids, features past D zero
-    probe_ptr,  # int64 per slot: atomic max of (centroid score, first block), EMPTY before
-    nb,
+    cent_t_ptr,  # (DQ, ng) fp32 centroids of the probe groups (G consecutive blocks), features past D zero
+    probe_ptr,  # int64 per slot: atomic max of (centroid score, first group), EMPTY before
+    ng,
     D: tl.constexpr,
     DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    CB: tl.constexpr,  # blocks per dot
-    TARGET: tl.constexpr,  # work items to aim for (row blocks x block ranges), as nearest_rows
-    PRECISION: tl.constexpr,  # of the centroid scores: "ieee" or "tf32" (any block is a valid probe)
+    CB: tl.constexpr,  # groups per dot
+    TARGET: tl.constexpr,  # work items to aim for (row blocks x group ranges), as nearest_rows
+    PRECISION: tl.constexpr,  # of the centroid scores: "ieee" or "tf32" (any group is a valid probe)
     FROM: tl.constexpr,  # launches of fewer rows run unpruned
+    SEM: tl.constexpr,
 ):
-    # Each row's probe block: the block whose centroid scores highest (first on ties; any block would be valid).
+    # Each row's probe: the group of blocks whose centroid scores highest (first on ties; any group would be valid).
     count = pruned_count(count_ptr, FROM)
-    row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
+    row_blocks, splits, per_split = plan(count, ng, BLOCK_M, CB, TARGET)
     feats = tl.arange(0, DQ)
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
         split, slots, slot_ok, q = _row_block(work, row_blocks, count, rows_ptr, src_ptr, feats, D, BLOCK_M)
         best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         arg = tl.zeros((BLOCK_M,), tl.int32)
-        for start in range(split * per_split, tl.minimum(split * per_split + per_split, nb), CB):
-            blocks, _, s = _centroid_scores(q, cent_t_ptr, start, nb, feats, CB, PRECISION)
-            top, first = first_max(s, blocks[None, :])
+        for start in range(split * per_split, tl.minimum(split * per_split + per_split, ng), CB):
+            groups, _, s = _centroid_scores(q, cent_t_ptr, start, ng, feats, CB, PRECISION)
+            top, first = first_max(s, groups[None, :])
             best, arg = keep_larger(best, arg, top, first)
-        tl.atomic_max(probe_ptr + slots, pack(best, arg), mask=slot_ok)
+        tl.atomic_max(probe_ptr + slots, pack(best, arg), mask=slot_ok, sem=SEM)
 
 
 @triton.jit
@@ -291,29 +296,29 @@ def prune_bound(
     rows_ptr,
     count_ptr,
     probe_ptr,
-    kblk_ptr,  # (nb * BN, D) fp32 keys in block order, zeros where a block has no key
+    kblk_ptr,  # (ng * GN, D) fp32 keys in block order, zeros where a block has no key
     kidx_ptr,  # int32 per block slot: the key's index, -1 for none
     low_ptr,  # fp32 per slot: the row's lower bound
     D: tl.constexpr,
-    BN: tl.constexpr,
+    GN: tl.constexpr,  # key slots of a probe group (its G blocks' slots, adjacent in block order)
     BLOCK_M: tl.constexpr,
     MARGIN: tl.constexpr,
-    SMALLEST: tl.constexpr,  # |q| or the probe block's |k|max outside (SMALLEST, LARGEST): no lower bound
+    SMALLEST: tl.constexpr,  # |q| or the probe group's |k|max outside (SMALLEST, LARGEST): no lower bound
     LARGEST: tl.constexpr,
     FROM: tl.constexpr,
 ):
-    # Best similarity (any summation order: the margins cover it) among the keys of each row's probe block, all
-    # BN keys at once, one feature a step.
+    # Best similarity (any summation order: the margins cover it) among the keys of each row's probe group, all
+    # GN keys at once, one feature a step.
     count = pruned_count(count_ptr, FROM)
-    keys = tl.arange(0, BN)
+    keys = tl.arange(0, GN)
     for first in range(tl.program_id(0) * BLOCK_M, count, tl.num_programs(0) * BLOCK_M):
         slots = first + tl.arange(0, BLOCK_M)
         ok = slots < count
         rows = tl.load(rows_ptr + slots, mask=ok, other=0).to(tl.int64)
         packed = tl.load(probe_ptr + slots, mask=ok, other=0)
-        pos = packed_index(packed)[:, None] * BN + keys[None, :]  # int64 (rows, keys)
-        sim = tl.zeros((BLOCK_M, BN), tl.float32)
-        key_sq = tl.zeros((BLOCK_M, BN), tl.float32)
+        pos = packed_index(packed)[:, None] * GN + keys[None, :]  # int64 (rows, keys)
+        sim = tl.zeros((BLOCK_M, GN), tl.float32)
+        key_sq = tl.zeros((BLOCK_M, GN), tl.float32)
         q_sq = tl.zeros((BLOCK_M,), tl.float32)
         for f in tl.static_range(D):
             q_f = tl.load(src_ptr + rows * D + f, mask=ok, other=0.0)
@@ -323,7 +328,7 @@ def prune_bound(
             q_sq += q_f * q_f
         valid = tl.load(kidx_ptr + pos, mask=ok[:, None], other=-1) >= 0
         best = tl.max(tl.where(valid, sim, float("-inf")), axis=1)
-        # minus the margin for this sum's rounding, relative to the probe block's largest key (see block_keys)
+        # minus the margin for this sum's rounding, relative to the probe group's largest key (see block_keys)
         q_norm, k_norm = tl.sqrt(q_sq), tl.sqrt(tl.max(key_sq, axis=1))
         # Where a norm leaves (SMALLEST, LARGEST), its square is not a normal fp32 number (or products leave the
         # range where rounding is relative): no bound is claimed, -inf keeps every block for the row.
@@ -337,14 +342,13 @@ def prune_pairs(
     src_ptr,
     rows_ptr,
     count_ptr,
-    cent_t_ptr,
+    cent_t_ptr,  # (DQ, nb) fp32 block centroids
     rad_ptr,  # fp32 per block: radius plus the rounding margin
     low_ptr,  # fp32 per slot: the row's lower bound (prune_bound)
-    counts_ptr,  # int32 per block: rows whose bound keeps it (FILL=False adds to it)
-    cursor_ptr,  # int32 per block: next free pair of the block (FILL=True)
-    total_ptr,  # int32 scalar: pairs of this launch, 0 when they overflowed (FILL=True skips then)
-    pair_slot_ptr,
-    pair_block_ptr,
+    counts_ptr,  # int32 per block: rows whose bound keeps it (added to; prune_scan zeroes it)
+    emitted_ptr,  # int64 scalar: pairs written so far (prune_scan zeroes it)
+    out_slot_ptr,  # int32 per pair: the row's slot, in the order written
+    out_block_ptr,  # int32 per pair: the block
     capacity,
     nb,
     D: tl.constexpr,
@@ -354,12 +358,11 @@ def prune_pairs(
     TARGET: tl.constexpr,
     PRECISION: tl.constexpr,  # of the centroid scores (the radii's margin covers "tf32")
     FROM: tl.constexpr,
-    FILL: tl.constexpr,
+    SEM: tl.constexpr,
 ):
-    # (row, block) pairs the bound keeps: counted per block (FILL=False), then written grouped by block (FILL=True).
+    # The (row, block) pairs the bound keeps, in one pass: counted per block and written as they come (one atomic
+    # a step reserves the step's room, in block order within the step); place_pairs groups them by block.
     count = pruned_count(count_ptr, FROM)
-    if FILL:
-        count = tl.where(tl.load(total_ptr) > 0, count, 0)
     row_blocks, splits, per_split = plan(count, nb, BLOCK_M, CB, TARGET)
     feats = tl.arange(0, DQ)
     for work in range(tl.program_id(0), row_blocks * splits, tl.num_programs(0)):
@@ -373,20 +376,22 @@ def prune_pairs(
             keep = slot_ok[:, None] & block_ok[None, :] & ~((s + norm[:, None] * rad[None, :]) < low[:, None])
             kept = keep.to(tl.int32)
             per_block = tl.sum(kept, axis=0)
-            if FILL:
-                base = tl.atomic_add(cursor_ptr + blocks, per_block, mask=per_block > 0)
-                pos = base[None, :] + tl.cumsum(kept, axis=0) - kept
+            tl.atomic_add(counts_ptr + blocks, per_block, mask=per_block > 0, sem=SEM)
+            step = tl.sum(per_block, axis=0)
+            if step > 0:
+                base = tl.atomic_add(emitted_ptr, step.to(tl.int64), sem=SEM)
+                column = (tl.cumsum(per_block, axis=0) - per_block).to(tl.int64)
+                pos = base + column[None, :] + (tl.cumsum(kept, axis=0) - kept).to(tl.int64)
                 put = keep & (pos < capacity)
-                tl.store(pair_slot_ptr + pos, slots[:, None] + tl.zeros_like(pos), mask=put)
-                tl.store(pair_block_ptr + pos, blocks[None, :] + tl.zeros_like(pos), mask=put)
-            else:
-                tl.atomic_add(counts_ptr + blocks, per_block, mask=per_block > 0)
+                tl.store(out_slot_ptr + pos, slots[:, None] + tl.zeros_like(kept), mask=put)
+                tl.store(out_block_ptr + pos, blocks[None, :] + tl.zeros_like(kept), mask=put)
 
 
 @triton.jit
 def prune_scan(
     counts_ptr,  # int32 per block, zeroed here for the next launch
     cursor_ptr,  # int32 per block: first pair of the block
+    emitted_ptr,  # int64 scalar, zeroed here for the next launch
     count_ptr,  # the launch's row count
     total_ptr,  # int32: pairs, or 0 when they exceed capacity
     dense_ptr,  # int32: the row count when it is below FROM or the pairs exceed capacity (nearest_rows takes the
@@ -411,6 +416,28 @@ def prune_scan(
     over = carry > capacity
     tl.store(total_ptr, tl.where(over, 0, carry).to(tl.int32))
     tl.store(dense_ptr, tl.where(over | small, count, 0))
+    tl.store(emitted_ptr, tl.zeros((), tl.int64))
+
+
+@triton.jit
+def place_pairs(
+    in_slot_ptr,  # the pairs as prune_pairs wrote them
+    in_block_ptr,
+    total_ptr,  # int32: how many (0 when they overflowed)
+    cursor_ptr,  # int32 per block: the block's next free place (prune_scan's starts, advanced here)
+    pair_slot_ptr,  # out: the pairs grouped by block
+    pair_block_ptr,
+    BLOCK: tl.constexpr,
+    SEM: tl.constexpr,
+):
+    total = tl.load(total_ptr)
+    for first in range(tl.program_id(0) * BLOCK, total, tl.num_programs(0) * BLOCK):
+        i = first + tl.arange(0, BLOCK)
+        ok = i < total
+        block = tl.load(in_block_ptr + i, mask=ok, other=0)
+        pos = tl.atomic_add(cursor_ptr + block, tl.full((BLOCK,), 1, tl.int32), mask=ok, sem=SEM)
+        tl.store(pair_slot_ptr + pos, tl.load(in_slot_ptr + i, mask=ok, other=0), mask=ok)
+        tl.store(pair_block_ptr + pos, block, mask=ok)
 
 
 @triton.jit
@@ -429,6 +456,7 @@ def pair_rows(
     DP: tl.constexpr,
     BN: tl.constexpr,
     BLOCK_M: tl.constexpr,  # pairs per step
+    SEM: tl.constexpr,
 ):
     # The kept pairs, BLOCK_M at a time (grouped by block, so a step spans one block or a few): each block's keys
     # against the step's rows that kept it, with nearest_rows's arithmetic (the same fp32 values) and tie rule.
@@ -463,7 +491,7 @@ def pair_rows(
             # A row's pairs are spread over many programs: read its running maximum (from L2) first, and only
             # an improvement takes the atomic (which still decides between programs that both improve).
             seen = tl.load(packed_ptr + slots, mask=mine, other=0, cache_modifier=".cg")
-            tl.atomic_max(packed_ptr + slots, packed, mask=mine & (packed > seen))
+            tl.atomic_max(packed_ptr + slots, packed, mask=mine & (packed > seen), sem=SEM)
             block = tl.min(tl.where(blocks > block, blocks, 2147483647), axis=0)
 
 
