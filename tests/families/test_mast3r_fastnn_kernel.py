@@ -359,17 +359,18 @@ PRUNE_TILES = fastnn_kernel.Tiles(
 
 
 @pytest.mark.parametrize(
-    ("block", "step", "cb", "group", "sem"),
-    [((8, 4), 5, 64, 2, "relaxed"), ((3, 5), 19, 32, 4, "relaxed"), ((3, 5), 23, 32, 1, "acq_rel")],
+    ("block", "step", "cb", "group", "sem", "row_order"),
+    [((8, 4), 5, 64, 2, "relaxed", True), ((3, 5), 19, 32, 4, "relaxed", False), ((3, 5), 23, 32, 1, "acq_rel", True)],
 )
 def test_pruned_search_equals_unpruned_and_skips_blocks(
-    block: tuple[int, int], step: int, cb: int, group: int, sem: str
+    block: tuple[int, int], step: int, cb: int, group: int, sem: str, row_order: bool
 ) -> None:
     """Spatial key blocks (partial ones at the map's edges too, and blocks of fewer keys than their slots) whose
     bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search;
     probes of one block or of groups (169 blocks in groups of 4: the last group is padded), either atomics."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
-    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem)
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem,
+                                prune_row_order=row_order)  # fmt: skip
     table = _pruned_against_unpruned(desc1, desc2, tiles, step=step)
     blocks = table._blocks
     assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
@@ -377,21 +378,34 @@ def test_pruned_search_equals_unpruned_and_skips_blocks(
     assert 0 < int(table.pairs) < 0.7 * rows * blocks.nb  # pruning happened
 
 
-def test_kept_pairs_are_grouped_by_block_and_the_buffers_reset() -> None:
+def test_kept_pairs_are_grouped_by_block_in_chunks_and_the_buffers_reset() -> None:
     """The bound pass writes the kept (row, block) pairs as they come and counts them per block; the placing pass
-    groups exactly those pairs by block, in block order; counts and the write cursor are zero for the next launch."""
+    groups exactly those pairs by block, in block order, and names each chunk's block (a chunk: up to prune_pairs
+    pairs of one block); counts and the write cursor are zero for the next launch."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
     table = _pruned_against_unpruned(desc1, desc2, dataclasses.replace(PRUNE_TILES, prune_block=(3, 5)), step=7)
     blocks = table._blocks
     assert blocks is not None
-    total = int(blocks.total)
+    total, chunk = int(blocks.total), PRUNE_TILES.prune_pairs
     assert total > 0 and int(blocks.dense) == 0
-    found = torch.stack([blocks.found_slot[:total], blocks.found_block[:total]], dim=1).cpu()
-    grouped = torch.stack([blocks.pair_slot[:total], blocks.pair_block[:total]], dim=1).cpu()
-    assert bool((grouped[1:, 1] >= grouped[:-1, 1]).all())  # grouped by block, blocks in order
-    as_keys = [pairs[:, 0].long() * blocks.nb + pairs[:, 1].long() for pairs in (found, grouped)]
-    assert torch.equal(torch.sort(as_keys[0]).values, torch.sort(as_keys[1]).values)  # the same pairs
-    assert torch.unique(as_keys[0]).numel() == total  # each once
+    starts = blocks.starts.long().cpu()
+    assert int(starts[0]) == 0 and int(starts[-1]) == total and bool((starts[1:] >= starts[:-1]).all())
+    sizes = starts[1:] - starts[:-1]
+    grouped_block = torch.repeat_interleave(torch.arange(blocks.nb), sizes)
+    as_key = [
+        slot.cpu().long() * blocks.nb + block.cpu().long()
+        for slot, block in (
+            (blocks.found_slot[:total], blocks.found_block[:total]),
+            (blocks.pair_slot[:total], grouped_block),
+        )
+    ]
+    assert torch.equal(torch.sort(as_key[0]).values, torch.sort(as_key[1]).values)  # the same pairs
+    assert torch.unique(as_key[0]).numel() == total  # each once
+    per_block = -(-sizes // chunk)
+    assert int(blocks.chunks) == int(per_block.sum())
+    assert torch.equal(blocks.chunk_first.long().cpu(), torch.cumsum(per_block, 0) - per_block)
+    want = torch.repeat_interleave(torch.arange(blocks.nb), per_block)
+    assert torch.equal(blocks.chunk_block[: int(blocks.chunks)].long().cpu(), want)
     assert int(blocks.counts.abs().sum()) == 0 and int(blocks.emitted) == 0
 
 

@@ -122,6 +122,8 @@ class Tiles:
     # memory order of the kernels' atomics: "relaxed" is enough (they only need atomicity, kernel boundaries order
     # the rest); "acq_rel" is Triton's default
     atomic_sem: str = "relaxed"
+    # the bound pass writes a step's kept pairs row by row (True) or block by block
+    prune_row_order: bool = True
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -340,15 +342,21 @@ class _KeyBlocks:
         self.low = torch.zeros(rows, dtype=torch.float32, device=device)
         self.counts = torch.zeros(self.nb, dtype=torch.int32, device=device)
         self.cursor = torch.zeros(self.nb, dtype=torch.int32, device=device)
+        self.starts = torch.zeros(self.nb + 1, dtype=torch.int32, device=device)
+        self.chunk_first = torch.zeros(self.nb, dtype=torch.int32, device=device)
         self.emitted = torch.zeros((), dtype=torch.int64, device=device)
         self.total = torch.zeros((), dtype=torch.int32, device=device)
+        self.chunks = torch.zeros((), dtype=torch.int32, device=device)
         self.dense = torch.zeros((), dtype=torch.int32, device=device)
         self.capacity = min(tiles.prune_capacity * n, 2**31 - 1)
         self.launched = False  # a search has been launched (compile errors after that are not expected: raised)
-        # the kept pairs as the bound pass writes them, then grouped by block for the exact pass
-        self.found_slot, self.found_block, self.pair_slot, self.pair_block = (
-            torch.zeros(self.capacity, dtype=torch.int32, device=device) for _ in range(4)
+        # the kept pairs as the bound pass writes them, then their slots grouped by block for the exact pass, which
+        # takes them in chunks of up to prune_pairs pairs of one block (a block's pairs open one chunk more at most)
+        self.found_slot, self.found_block, self.pair_slot = (
+            torch.zeros(self.capacity, dtype=torch.int32, device=device) for _ in range(3)
         )
+        self.chunk_block = torch.zeros(self.nb + self.capacity // tiles.prune_pairs + 1, dtype=torch.int32,
+                                       device=device)  # fmt: skip
 
     def refresh(self, keys: Tensor) -> None:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin), the probe groups' centroids."""
@@ -379,15 +387,19 @@ class _KeyBlocks:
                                   GN=self.bn * self.group, BLOCK_M=16, FROM=t.prune_from, num_warps=4,
                                   **self.margins)  # fmt: skip
         kernels.prune_pairs[grid](source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.emitted,
-                                  self.found_slot, self.found_block, self.capacity, self.nb, **bound)  # fmt: skip
-        kernels.prune_scan[(1,)](self.counts, self.cursor, self.emitted, count, self.total, self.dense, self.nb,
-                                 self.capacity, BLOCK=self.scan_block, FROM=t.prune_from, num_warps=8)  # fmt: skip
-        kernels.place_pairs[(t.prune_bound_programs,)](self.found_slot, self.found_block, self.total, self.cursor,
-                                                       self.pair_slot, self.pair_block, BLOCK=1024, SEM=t.atomic_sem,
-                                                       num_warps=4)  # fmt: skip
+                                  self.found_slot, self.found_block, self.capacity, self.nb,
+                                  ROW_ORDER=t.prune_row_order, **bound)  # fmt: skip
+        kernels.prune_scan[(1,)](self.counts, self.starts, self.cursor, self.chunk_first, self.chunks, self.total,
+                                 self.emitted, count, self.dense, self.nb, self.capacity, BLOCK=self.scan_block,
+                                 FROM=t.prune_from, CH=t.prune_pairs, num_warps=8)  # fmt: skip
+        kernels.place_pairs[(t.prune_bound_programs,)](
+            self.found_slot, self.found_block, self.starts, self.cursor, self.chunk_first, self.total, self.pair_slot,
+            self.chunk_block, BLOCK=1024, CH=t.prune_pairs, SEM=t.atomic_sem, num_warps=4,
+        )  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](
-            source, rows, self.keys, self.index, self.pair_slot, self.pair_block, self.total, count, packed, D=d,
-            DOT_D=dot, DP=dp, BN=self.bn, BLOCK_M=t.prune_pairs, SEM=t.atomic_sem, num_warps=t.prune_warps,
+            source, rows, self.keys, self.index, self.pair_slot, self.starts, self.chunk_first, self.chunk_block,
+            self.chunks, count, packed, D=d, DOT_D=dot, DP=dp, BN=self.bn, CH=t.prune_pairs, SEM=t.atomic_sem,
+            num_warps=t.prune_warps,
         )  # fmt: skip
         self.launched = True
         return self.dense

@@ -359,6 +359,7 @@ def prune_pairs(
     PRECISION: tl.constexpr,  # of the centroid scores (the radii's margin covers "tf32")
     FROM: tl.constexpr,
     SEM: tl.constexpr,
+    ROW_ORDER: tl.constexpr,  # the order of a step's pairs in the output (place_pairs regroups them anyway)
 ):
     # The (row, block) pairs the bound keeps, in one pass: counted per block and written as they come (one atomic
     # a step reserves the step's room, in block order within the step); place_pairs groups them by block.
@@ -380,8 +381,13 @@ def prune_pairs(
             step = tl.sum(per_block, axis=0)
             if step > 0:
                 base = tl.atomic_add(emitted_ptr, step.to(tl.int64), sem=SEM)
-                column = (tl.cumsum(per_block, axis=0) - per_block).to(tl.int64)
-                pos = base + column[None, :] + (tl.cumsum(kept, axis=0) - kept).to(tl.int64)
+                if ROW_ORDER:  # a row's pairs together (the running count along the blocks, within a warp)
+                    per_row = tl.sum(kept, axis=1)
+                    before = (tl.cumsum(per_row, axis=0) - per_row).to(tl.int64)
+                    pos = base + before[:, None] + (tl.cumsum(kept, axis=1) - kept).to(tl.int64)
+                else:  # a block's pairs together
+                    before = (tl.cumsum(per_block, axis=0) - per_block).to(tl.int64)
+                    pos = base + before[None, :] + (tl.cumsum(kept, axis=0) - kept).to(tl.int64)
                 put = keep & (pos < capacity)
                 tl.store(out_slot_ptr + pos, slots[:, None] + tl.zeros_like(kept), mask=put)
                 tl.store(out_block_ptr + pos, blocks[None, :] + tl.zeros_like(kept), mask=put)
@@ -390,30 +396,41 @@ def prune_pairs(
 @triton.jit
 def prune_scan(
     counts_ptr,  # int32 per block, zeroed here for the next launch
-    cursor_ptr,  # int32 per block: first pair of the block
+    starts_ptr,  # out: int32 per block and one more: where each block's pairs start, then the number of pairs
+    cursor_ptr,  # out: int32 per block, the same starts (place_pairs advances them)
+    chunk_first_ptr,  # out: int32 per block: its first chunk (a chunk: up to CH of a block's pairs)
+    chunks_ptr,  # out: int32 scalar: chunks of this launch, 0 when the pairs exceed capacity
+    total_ptr,  # out: int32 scalar: pairs of this launch, 0 when they exceed capacity
     emitted_ptr,  # int64 scalar, zeroed here for the next launch
     count_ptr,  # the launch's row count
-    total_ptr,  # int32: pairs, or 0 when they exceed capacity
-    dense_ptr,  # int32: the row count when it is below FROM or the pairs exceed capacity (nearest_rows takes the
-    # launch), else 0
+    dense_ptr,  # out: int32: the row count when it is below FROM or the pairs exceed capacity (nearest_rows takes
+    # the launch), else 0
     nb,
     capacity,
     BLOCK: tl.constexpr,
     FROM: tl.constexpr,  # >= 1
+    CH: tl.constexpr,
 ):
     count = tl.load(count_ptr)
     small = count < FROM
     carry = tl.zeros((), tl.int64)
+    chunks = tl.zeros((), tl.int32)
     # (a small launch, or one with no rows, counted nothing: the counts are still zero and nothing is read)
     for start in range(0, tl.where(small, 0, nb), BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < nb
-        c = tl.load(counts_ptr + offs, mask=ok, other=0).to(tl.int64)
-        first = tl.minimum(carry + tl.cumsum(c, axis=0) - c, capacity)
-        tl.store(cursor_ptr + offs, first.to(tl.int32), mask=ok)
+        c = tl.load(counts_ptr + offs, mask=ok, other=0)
+        first = tl.minimum(carry + tl.cumsum(c.to(tl.int64), axis=0) - c, capacity).to(tl.int32)
+        tl.store(starts_ptr + offs, first, mask=ok)
+        tl.store(cursor_ptr + offs, first, mask=ok)
+        per = (c + CH - 1) // CH
+        tl.store(chunk_first_ptr + offs, chunks + tl.cumsum(per, axis=0) - per, mask=ok)
         tl.store(counts_ptr + offs, tl.zeros((BLOCK,), tl.int32), mask=ok)
-        carry += tl.sum(c, axis=0)
+        carry += tl.sum(c.to(tl.int64), axis=0)
+        chunks += tl.sum(per, axis=0)
     over = carry > capacity
+    tl.store(starts_ptr + nb, tl.minimum(carry, capacity).to(tl.int32))
+    tl.store(chunks_ptr, tl.where(over, 0, chunks))
     tl.store(total_ptr, tl.where(over, 0, carry).to(tl.int32))
     tl.store(dense_ptr, tl.where(over | small, count, 0))
     tl.store(emitted_ptr, tl.zeros((), tl.int64))
@@ -423,11 +440,14 @@ def prune_scan(
 def place_pairs(
     in_slot_ptr,  # the pairs as prune_pairs wrote them
     in_block_ptr,
-    total_ptr,  # int32: how many (0 when they overflowed)
-    cursor_ptr,  # int32 per block: the block's next free place (prune_scan's starts, advanced here)
-    pair_slot_ptr,  # out: the pairs grouped by block
-    pair_block_ptr,
+    starts_ptr,  # prune_scan's
+    cursor_ptr,  # int32 per block: the block's next free place (the starts, advanced here)
+    chunk_first_ptr,
+    total_ptr,  # int32: how many pairs (0 when they overflowed)
+    pair_slot_ptr,  # out: the pairs' slots grouped by block
+    chunk_block_ptr,  # out: int32 per chunk: its block
     BLOCK: tl.constexpr,
+    CH: tl.constexpr,
     SEM: tl.constexpr,
 ):
     total = tl.load(total_ptr)
@@ -437,7 +457,10 @@ def place_pairs(
         block = tl.load(in_block_ptr + i, mask=ok, other=0)
         pos = tl.atomic_add(cursor_ptr + block, tl.full((BLOCK,), 1, tl.int32), mask=ok, sem=SEM)
         tl.store(pair_slot_ptr + pos, tl.load(in_slot_ptr + i, mask=ok, other=0), mask=ok)
-        tl.store(pair_block_ptr + pos, block, mask=ok)
+        # the pair that opens a chunk names the chunk's block
+        at = pos - tl.load(starts_ptr + block, mask=ok, other=0)
+        chunk = tl.load(chunk_first_ptr + block, mask=ok, other=0) + at // CH
+        tl.store(chunk_block_ptr + chunk, block, mask=ok & (at % CH == 0))
 
 
 @triton.jit
@@ -446,53 +469,53 @@ def pair_rows(
     rows_ptr,
     kblk_ptr,
     kidx_ptr,
-    pair_slot_ptr,
-    pair_block_ptr,
-    total_ptr,
+    pair_slot_ptr,  # the kept pairs' slots, grouped by block (place_pairs)
+    starts_ptr,
+    chunk_first_ptr,
+    chunk_block_ptr,
+    chunks_ptr,
     count_ptr,  # the launch's rows: a pair naming another slot is ignored
     packed_ptr,  # int64 per slot, as nearest_rows
     D: tl.constexpr,
     DOT_D: tl.constexpr,
     DP: tl.constexpr,
     BN: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # pairs per step
+    CH: tl.constexpr,  # pairs per chunk
     SEM: tl.constexpr,
 ):
-    # The kept pairs, BLOCK_M at a time (grouped by block, so a step spans one block or a few): each block's keys
-    # against the step's rows that kept it, with nearest_rows's arithmetic (the same fp32 values) and tie rule.
-    total = tl.load(total_ptr)
+    # The kept pairs, a chunk at a time (up to CH pairs of one block): the block's keys against the chunk's rows,
+    # with nearest_rows's arithmetic (the same fp32 values) and tie rule.
+    chunks = tl.load(chunks_ptr)
     count = tl.load(count_ptr)
     feats = tl.arange(0, DP)
     keys = tl.arange(0, BN)
-    for first in range(tl.program_id(0) * BLOCK_M, total, tl.num_programs(0) * BLOCK_M):
-        p = first + tl.arange(0, BLOCK_M)
-        slots = tl.load(pair_slot_ptr + p, mask=p < total, other=0)
-        p_ok = (p < total) & (slots >= 0) & (slots < count)
-        blocks = tl.load(pair_block_ptr + p, mask=p_ok, other=2147483647)
+    for chunk in range(tl.program_id(0), chunks, tl.num_programs(0)):
+        block = tl.load(chunk_block_ptr + chunk)
+        pos = block.to(tl.int64) * BN + keys
+        k = tl.load(kblk_ptr + pos[None, :] * D + feats[:, None], mask=feats[:, None] < DOT_D, other=0.0)
+        index = tl.load(kidx_ptr + pos)
+        first = tl.load(starts_ptr + block) + (chunk - tl.load(chunk_first_ptr + block)) * CH
+        p = first + tl.arange(0, CH)
+        p_ok = p < tl.load(starts_ptr + block + 1)
+        slots = tl.load(pair_slot_ptr + p, mask=p_ok, other=0)
+        p_ok = p_ok & (slots >= 0) & (slots < count)
         rows = tl.load(rows_ptr + slots, mask=p_ok, other=0).to(tl.int64)
         q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
                     other=0.0)  # fmt: skip
-        block = tl.min(blocks, axis=0)
-        while block < 2147483647:
-            pos = block.to(tl.int64) * BN + keys
-            k = tl.load(kblk_ptr + pos[None, :] * D + feats[:, None], mask=feats[:, None] < DOT_D, other=0.0)
-            sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
-            for t in tl.static_range(D - DOT_D):
-                q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=p_ok, other=0.0)
-                k_t = tl.load(kblk_ptr + pos * D + (DOT_D + t))
-                sim = tl.fma(q_t[:, None], k_t[None, :], sim)
-            index = tl.load(kidx_ptr + pos)
-            # (a NaN similarity, from maps that are not finite, counts as -inf, as it never wins in nearest_rows;
-            # a padding slot never wins, even where every similarity is -inf: the index stays a key's)
-            sim = tl.where((index[None, :] >= 0) & (sim == sim), sim, float("-inf"))
-            row_best, row_arg = first_max(sim, tl.where(index >= 0, index, 2147483647)[None, :])
-            mine = p_ok & (blocks == block)
-            packed = pack(row_best, row_arg)
-            # A row's pairs are spread over many programs: read its running maximum (from L2) first, and only
-            # an improvement takes the atomic (which still decides between programs that both improve).
-            seen = tl.load(packed_ptr + slots, mask=mine, other=0, cache_modifier=".cg")
-            tl.atomic_max(packed_ptr + slots, packed, mask=mine & (packed > seen), sem=SEM)
-            block = tl.min(tl.where(blocks > block, blocks, 2147483647), axis=0)
+        sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+        for t in tl.static_range(D - DOT_D):
+            q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=p_ok, other=0.0)
+            k_t = tl.load(kblk_ptr + pos * D + (DOT_D + t))
+            sim = tl.fma(q_t[:, None], k_t[None, :], sim)
+        # (a NaN similarity, from maps that are not finite, counts as -inf, as it never wins in nearest_rows;
+        # a padding slot never wins, even where every similarity is -inf: the index stays a key's)
+        sim = tl.where((index[None, :] >= 0) & (sim == sim), sim, float("-inf"))
+        row_best, row_arg = first_max(sim, tl.where(index >= 0, index, 2147483647)[None, :])
+        packed = pack(row_best, row_arg)
+        # A row's pairs are spread over many programs: read its running maximum (from L2) first, and only an
+        # improvement takes the atomic (which still decides between programs that both improve).
+        seen = tl.load(packed_ptr + slots, mask=p_ok, other=0, cache_modifier=".cg")
+        tl.atomic_max(packed_ptr + slots, packed, mask=p_ok & (packed > seen), sem=SEM)
 
 
 @triton.jit
