@@ -359,18 +359,17 @@ PRUNE_TILES = fastnn_kernel.Tiles(
 
 
 @pytest.mark.parametrize(
-    ("block", "step", "cb", "group", "sem", "row_order"),
-    [((8, 4), 5, 64, 2, "relaxed", True), ((3, 5), 19, 32, 4, "relaxed", False), ((3, 5), 23, 32, 1, "acq_rel", True)],
+    ("block", "step", "cb", "group", "sem"),
+    [((8, 4), 5, 64, 2, "relaxed"), ((3, 5), 19, 32, 4, "relaxed"), ((3, 5), 23, 16, 1, "acq_rel")],
 )
 def test_pruned_search_equals_unpruned_and_skips_blocks(
-    block: tuple[int, int], step: int, cb: int, group: int, sem: str, row_order: bool
+    block: tuple[int, int], step: int, cb: int, group: int, sem: str
 ) -> None:
     """Spatial key blocks (partial ones at the map's edges too, and blocks of fewer keys than their slots) whose
     bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search;
     probes of one block or of groups (169 blocks in groups of 4: the last group is padded), either atomics."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
-    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem,
-                                prune_row_order=row_order)  # fmt: skip
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem)
     table = _pruned_against_unpruned(desc1, desc2, tiles, step=step)
     blocks = table._blocks
     assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
@@ -379,9 +378,10 @@ def test_pruned_search_equals_unpruned_and_skips_blocks(
 
 
 def test_kept_pairs_are_grouped_by_block_in_chunks_and_the_buffers_reset() -> None:
-    """The bound pass writes the kept (row, block) pairs as they come and counts them per block; the placing pass
-    groups exactly those pairs by block, in block order, and names each chunk's block (a chunk: up to prune_pairs
-    pairs of one block); counts and the write cursor are zero for the next launch."""
+    """The bound pass counts the kept (row, block) pairs per block and writes them as entries (a row, a step's first
+    block, a bit per block kept); the placing pass groups exactly those pairs by block, in block order, and names
+    each chunk's block (a chunk: up to prune_pairs pairs of one block); counts and the entry cursor are zero for
+    the next launch."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
     table = _pruned_against_unpruned(desc1, desc2, dataclasses.replace(PRUNE_TILES, prune_block=(3, 5)), step=7)
     blocks = table._blocks
@@ -392,13 +392,15 @@ def test_kept_pairs_are_grouped_by_block_in_chunks_and_the_buffers_reset() -> No
     assert int(starts[0]) == 0 and int(starts[-1]) == total and bool((starts[1:] >= starts[:-1]).all())
     sizes = starts[1:] - starts[:-1]
     grouped_block = torch.repeat_interleave(torch.arange(blocks.nb), sizes)
-    as_key = [
-        slot.cpu().long() * blocks.nb + block.cpu().long()
-        for slot, block in (
-            (blocks.found_slot[:total], blocks.found_block[:total]),
-            (blocks.pair_slot[:total], grouped_block),
-        )
-    ]
+    entries = int(blocks.entries)
+    assert 0 < entries <= total
+    bits = blocks.entry_bits[:entries].cpu()
+    kept = ((bits[:, None] >> torch.arange(64)) & 1).bool()  # (entries, 64): the blocks each entry keeps
+    assert bool(kept.any(dim=1).all())  # an entry keeps one block at least
+    entry_rows, offsets = kept.nonzero(as_tuple=True)
+    found_slot = blocks.entry_slot[:entries].cpu().long()[entry_rows]
+    found_block = blocks.entry_first[:entries].cpu().long()[entry_rows] + offsets
+    as_key = [found_slot * blocks.nb + found_block, blocks.pair_slot[:total].cpu().long() * blocks.nb + grouped_block]
     assert torch.equal(torch.sort(as_key[0]).values, torch.sort(as_key[1]).values)  # the same pairs
     assert torch.unique(as_key[0]).numel() == total  # each once
     per_block = -(-sizes // chunk)
@@ -534,6 +536,7 @@ def test_pruning_settings_are_checked() -> None:
         {"prune_rows": 8},
         {"prune_capacity": 0},
         {"prune_cb": 48},
+        {"prune_cb": 128},
         {"prune_bound_programs": 0},
         {"prune_probe_group": 3},
         {"prune_probe_group": 16},

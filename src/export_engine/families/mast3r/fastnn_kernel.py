@@ -122,8 +122,6 @@ class Tiles:
     # memory order of the kernels' atomics: "relaxed" is enough (they only need atomicity, kernel boundaries order
     # the rest); "acq_rel" is Triton's default
     atomic_sem: str = "relaxed"
-    # the bound pass writes a step's kept pairs row by row (True) or block by block
-    prune_row_order: bool = True
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -133,8 +131,8 @@ class Tiles:
             raise ValueError(f"prune_rows and prune_pairs must be >= 16 and prune_capacity >= 1, got {self}")
         if self.prune_from < 1:
             raise ValueError(f"prune_from must be >= 1, got {self.prune_from}")
-        if self.prune_cb < 16 or self.prune_cb & (self.prune_cb - 1) or self.prune_bound_programs < 1:
-            raise ValueError(f"prune_cb must be a power of two >= 16 and prune_bound_programs >= 1, got {self}")
+        if self.prune_cb not in (16, 32, 64) or self.prune_bound_programs < 1:
+            raise ValueError(f"prune_cb must be 16, 32 or 64 and prune_bound_programs >= 1, got {self}")
         group = self.prune_probe_group
         if not 1 <= group <= 8 or group & (group - 1):
             raise ValueError(f"prune_probe_group must be 1, 2, 4 or 8, got {group}")
@@ -329,7 +327,8 @@ class _KeyBlocks:
         # the upper bound's margin, carried by the radii: fp32 rounding, and TF32 inputs where the scores use them
         self.upper_margin = margin + (_TF32_MARGIN if tiles.prune_tf32 else 0.0)
         self.scan_block = min(8192, max(16, 1 << (self.nb - 1).bit_length()))  # the scan in one step where it fits
-        self.keys = torch.zeros(padded * self.bn, d, dtype=torch.float32, device=device)
+        self.slots = padded * self.bn
+        self.keys = torch.zeros(d, self.slots, dtype=torch.float32, device=device)  # one feature a row
         self.cent_t = torch.zeros(self.dq, self.nb, dtype=torch.float32, device=device)
         self.radius = torch.zeros(self.nb, dtype=torch.float32, device=device)
         # A group's centroid: its blocks' centroids weighted by their keys (a group holds at least its first block).
@@ -346,22 +345,28 @@ class _KeyBlocks:
         self.chunk_first = torch.zeros(self.nb, dtype=torch.int32, device=device)
         self.emitted = torch.zeros((), dtype=torch.int64, device=device)
         self.total = torch.zeros((), dtype=torch.int32, device=device)
+        self.entries = torch.zeros((), dtype=torch.int32, device=device)
         self.chunks = torch.zeros((), dtype=torch.int32, device=device)
         self.dense = torch.zeros((), dtype=torch.int32, device=device)
         self.capacity = min(tiles.prune_capacity * n, 2**31 - 1)
         self.launched = False  # a search has been launched (compile errors after that are not expected: raised)
-        # the kept pairs as the bound pass writes them, then their slots grouped by block for the exact pass, which
-        # takes them in chunks of up to prune_pairs pairs of one block (a block's pairs open one chunk more at most)
-        self.found_slot, self.found_block, self.pair_slot = (
-            torch.zeros(self.capacity, dtype=torch.int32, device=device) for _ in range(3)
-        )
+        # The kept pairs as the bound pass writes them: an entry per row and step of blocks that keeps any (a bit per
+        # block; an entry holds one pair at least, so half the pairs' room, which the benchmark maps leave ample).
+        self.entry_capacity = max(1, self.capacity // 2)
+        self.entry_slot = torch.zeros(self.entry_capacity, dtype=torch.int32, device=device)
+        self.entry_first = torch.zeros(self.entry_capacity, dtype=torch.int32, device=device)
+        self.entry_bits = torch.zeros(self.entry_capacity, dtype=torch.int64, device=device)
+        # Then their slots grouped by block for the exact pass, which takes them in chunks of up to prune_pairs pairs
+        # of one block (a block's pairs open one chunk more at most).
+        self.pair_slot = torch.zeros(self.capacity, dtype=torch.int32, device=device)
         self.chunk_block = torch.zeros(self.nb + self.capacity // tiles.prune_pairs + 1, dtype=torch.int32,
                                        device=device)  # fmt: skip
 
     def refresh(self, keys: Tensor) -> None:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin), the probe groups' centroids."""
         grid = (min(self.nb, self.tiles.target_programs),)
-        _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, D=keys.shape[1],
+        _kernels().block_keys[grid](keys, self.index, self.keys, self.cent_t, self.radius, self.nb, self.slots,
+                                    D=keys.shape[1],
                                     DQ=self.dq, BN=self.bn, num_warps=2, **{**self.margins,
                                     "MARGIN": self.upper_margin})  # fmt: skip
         if self.group > 1:
@@ -383,23 +388,25 @@ class _KeyBlocks:
                      PRECISION=self.precision, FROM=t.prune_from, SEM=t.atomic_sem,
                      num_warps=t.prune_bound_warps)  # fmt: skip
         kernels.prune_probe[grid](source, rows, count, self.group_cent_t, self.probe, self.ng, **bound)
-        kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, D=d,
+        kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, self.slots, D=d,
                                   GN=self.bn * self.group, BLOCK_M=16, FROM=t.prune_from, num_warps=4,
                                   **self.margins)  # fmt: skip
         kernels.prune_pairs[grid](source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.emitted,
-                                  self.found_slot, self.found_block, self.capacity, self.nb,
-                                  ROW_ORDER=t.prune_row_order, **bound)  # fmt: skip
+                                  self.entry_slot, self.entry_first, self.entry_bits, self.entry_capacity, self.nb,
+                                  **bound)  # fmt: skip
         kernels.prune_scan[(1,)](self.counts, self.starts, self.cursor, self.chunk_first, self.chunks, self.total,
-                                 self.emitted, count, self.dense, self.nb, self.capacity, BLOCK=self.scan_block,
-                                 FROM=t.prune_from, CH=t.prune_pairs, num_warps=8)  # fmt: skip
+                                 self.emitted, self.entries, count, self.dense, self.nb, self.capacity,
+                                 self.entry_capacity, BLOCK=self.scan_block, FROM=t.prune_from, CH=t.prune_pairs,
+                                 num_warps=8)  # fmt: skip
         kernels.place_pairs[(t.prune_bound_programs,)](
-            self.found_slot, self.found_block, self.starts, self.cursor, self.chunk_first, self.total, self.pair_slot,
-            self.chunk_block, BLOCK=1024, CH=t.prune_pairs, SEM=t.atomic_sem, num_warps=4,
+            self.entry_slot, self.entry_first, self.entry_bits, self.entries, self.starts, self.cursor,
+            self.chunk_first, self.pair_slot, self.chunk_block, BLOCK=256, CB=t.prune_cb, CH=t.prune_pairs,
+            SEM=t.atomic_sem, num_warps=4,
         )  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](
             source, rows, self.keys, self.index, self.pair_slot, self.starts, self.chunk_first, self.chunk_block,
-            self.chunks, count, packed, D=d, DOT_D=dot, DP=dp, BN=self.bn, CH=t.prune_pairs, SEM=t.atomic_sem,
-            num_warps=t.prune_warps,
+            self.chunks, count, packed, self.slots, D=d, DOT_D=dot, DP=dp, BN=self.bn, CH=t.prune_pairs,
+            SEM=t.atomic_sem, num_warps=t.prune_warps,
         )  # fmt: skip
         self.launched = True
         return self.dense
