@@ -411,6 +411,33 @@ def test_kept_pairs_are_grouped_by_block_in_chunks_and_the_buffers_reset() -> No
     assert int(blocks.counts.abs().sum()) == 0 and int(blocks.emitted) == 0
 
 
+def test_placing_expands_every_bit_of_an_entry_including_the_sign_bit() -> None:
+    """Entries whose bits include bit 63 (a negative int64) and several bits each: every pair lands in its block's
+    range once, and each chunk (up to CH pairs of a block) names its block."""
+    from export_engine.families.mast3r import fastnn_triton
+
+    nb, chunk = 130, 2
+    slots = torch.tensor([5, 6, 7, 8], dtype=torch.int32)
+    first = torch.tensor([0, 64, 0, 66], dtype=torch.int32)
+    bits = torch.tensor([-(2**63) | 1, 0b101, 2**62 | 1, -(2**63) | 2**40], dtype=torch.int64)
+    pairs = [(int(s), int(f) + b) for s, f, m in zip(slots, first, bits, strict=True) for b in range(64)
+             if (int(m) >> b) & 1 and int(f) + b < nb]  # fmt: skip
+    counts = torch.bincount(torch.tensor([b for _, b in pairs]), minlength=nb)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]).to(torch.int32)
+    per = -(-counts // chunk)
+    chunk_first = (torch.cumsum(per, 0) - per).to(torch.int32)
+    pair_slot = torch.full((len(pairs),), -1, dtype=torch.int32)
+    chunk_block = torch.full((int(per.sum()),), -1, dtype=torch.int32)
+    args = [t.to(DEVICE) for t in (slots, first, bits, torch.tensor(4, dtype=torch.int32), starts, starts[:-1].clone(),
+                                   chunk_first, torch.tensor(int(per.sum()), dtype=torch.int32), pair_slot,
+                                   chunk_block)]  # fmt: skip
+    fastnn_triton.place_pairs[(2,)](*args, nb, BLOCK=16, CH=chunk, SEM="relaxed", num_warps=1)
+    got_slot, got_chunks = args[8].cpu(), args[9].cpu()
+    placed = sorted((int(s), int(b)) for b in range(nb) for s in got_slot[int(starts[b]) : int(starts[b + 1])])
+    assert placed == sorted(pairs) and len(pairs) == 8  # the last one at block 66 + 63 = 129
+    assert torch.equal(got_chunks.long(), torch.repeat_interleave(torch.arange(nb), per))
+
+
 def test_probe_groups_score_the_mean_of_their_keys() -> None:
     """A probe group's centroid is the mean of its blocks' keys (blocks weighted by their key counts); the last
     group of 169 blocks in groups of 4 holds one block and three empty ones."""

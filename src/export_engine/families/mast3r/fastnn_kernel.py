@@ -112,7 +112,7 @@ class Tiles:
     # blocks were as fast as any of 1056 or 2112 programs, 2 or 8 warps and 32 or 128 blocks)
     prune_bound_programs: int = 4 * 132
     prune_bound_warps: int = 4
-    prune_cb: int = 64
+    prune_cb: int = 32
     # launches of fewer rows run unpruned: the bound passes cost more than they save there (on the H200 a 171-row
     # launch took 0.071 ms unpruned against 0.092 pruned; the pair 2.75 ms from 256 rows against 3.05 from 1)
     prune_from: int = 256
@@ -400,7 +400,7 @@ class _KeyBlocks:
                                  num_warps=8)  # fmt: skip
         kernels.place_pairs[(t.prune_bound_programs,)](
             self.entry_slot, self.entry_first, self.entry_bits, self.entries, self.starts, self.cursor,
-            self.chunk_first, self.pair_slot, self.chunk_block, BLOCK=256, CB=t.prune_cb, CH=t.prune_pairs,
+            self.chunk_first, self.chunks, self.pair_slot, self.chunk_block, self.nb, BLOCK=128, CH=t.prune_pairs,
             SEM=t.atomic_sem, num_warps=4,
         )  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](

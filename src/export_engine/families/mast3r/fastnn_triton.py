@@ -449,14 +449,16 @@ def place_pairs(
     starts_ptr,  # prune_scan's
     cursor_ptr,  # int32 per block: the block's next free place (the starts, advanced here)
     chunk_first_ptr,
+    chunks_ptr,
     pair_slot_ptr,  # out: the pairs' slots grouped by block
     chunk_block_ptr,  # out: int32 per chunk: its block
+    nb,
     BLOCK: tl.constexpr,
-    CB: tl.constexpr,
     CH: tl.constexpr,
     SEM: tl.constexpr,
 ):
-    # Each entry's pairs (a bit each) to their block's next free places.
+    # Each entry's pairs to their block's next free places, one kept block (the lowest bit left) a step, as long as
+    # any entry of the step has one left.
     entries = tl.load(entries_ptr)
     for first in range(tl.program_id(0) * BLOCK, entries, tl.num_programs(0) * BLOCK):
         i = first + tl.arange(0, BLOCK)
@@ -464,15 +466,24 @@ def place_pairs(
         slot = tl.load(entry_slot_ptr + i, mask=ok, other=0)
         start = tl.load(entry_first_ptr + i, mask=ok, other=0)
         bits = tl.load(entry_bits_ptr + i, mask=ok, other=0)
-        for b in tl.static_range(CB):
-            kept = ok & (((bits >> b) & 1) != 0)
-            block = start + b
+        while tl.max((bits != 0).to(tl.int32), axis=0) > 0:
+            kept = bits != 0
+            lowest = bits & -bits  # a power of two (-2**63 for bit 63): its float64 exponent is the bit
+            bit = ((lowest.to(tl.float64).to(tl.int64, bitcast=True) >> 52) & 2047) - 1023
+            block = start + bit.to(tl.int32)
             pos = tl.atomic_add(cursor_ptr + block, tl.full((BLOCK,), 1, tl.int32), mask=kept, sem=SEM)
             tl.store(pair_slot_ptr + pos, slot, mask=kept)
-            # the pair that opens a chunk names the chunk's block
-            at = pos - tl.load(starts_ptr + block, mask=kept, other=0)
-            chunk = tl.load(chunk_first_ptr + block, mask=kept, other=0) + at // CH
-            tl.store(chunk_block_ptr + chunk, block, mask=kept & (at % CH == 0))
+            bits = bits ^ lowest
+    # Each chunk's block (a block's chunks are numbered from chunk_first, one per CH of its pairs).
+    if tl.load(chunks_ptr) > 0:
+        for first in range(tl.program_id(0) * BLOCK, nb, tl.num_programs(0) * BLOCK):
+            blocks = first + tl.arange(0, BLOCK)
+            ok = blocks < nb
+            pairs = tl.load(starts_ptr + blocks + 1, mask=ok, other=0) - tl.load(starts_ptr + blocks, mask=ok, other=0)
+            per = (pairs + CH - 1) // CH
+            at = tl.load(chunk_first_ptr + blocks, mask=ok, other=0)
+            for j in range(0, tl.max(per, axis=0)):
+                tl.store(chunk_block_ptr + at + j, blocks, mask=ok & (j < per))
 
 
 @triton.jit
