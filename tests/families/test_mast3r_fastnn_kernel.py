@@ -359,17 +359,19 @@ PRUNE_TILES = fastnn_kernel.Tiles(
 
 
 @pytest.mark.parametrize(
-    ("block", "step", "cb", "group", "sem"),
-    [((8, 4), 5, 64, 2, "relaxed"), ((3, 5), 19, 32, 4, "relaxed"), ((3, 5), 23, 16, 1, "acq_rel")],
+    ("block", "step", "cb", "group", "sem", "exact_fma"),
+    [((8, 4), 5, 64, 2, "relaxed", False), ((3, 5), 19, 32, 4, "relaxed", True), ((3, 5), 23, 16, 1, "acq_rel", False)],
 )
 def test_pruned_search_equals_unpruned_and_skips_blocks(
-    block: tuple[int, int], step: int, cb: int, group: int, sem: str
+    block: tuple[int, int], step: int, cb: int, group: int, sem: str, exact_fma: bool
 ) -> None:
     """Spatial key blocks (partial ones at the map's edges too, and blocks of fewer keys than their slots) whose
     bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search;
-    probes of one block or of groups (169 blocks in groups of 4: the last group is padded), either atomics."""
+    probes of one block or of groups (169 blocks in groups of 4: the last group is padded), either atomics, the
+    exact pass with tl.dot or with an fma step per feature."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
-    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem)
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem,
+                                prune_exact_fma=exact_fma)  # fmt: skip
     table = _pruned_against_unpruned(desc1, desc2, tiles, step=step)
     blocks = table._blocks
     assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
@@ -407,7 +409,12 @@ def test_kept_pairs_are_grouped_by_block_in_chunks_and_the_buffers_reset() -> No
     assert int(blocks.chunks) == int(per_block.sum())
     assert torch.equal(blocks.chunk_first.long().cpu(), torch.cumsum(per_block, 0) - per_block)
     want = torch.repeat_interleave(torch.arange(blocks.nb), per_block)
-    assert torch.equal(blocks.chunk_block[: int(blocks.chunks)].long().cpu(), want)
+    n_chunks = int(blocks.chunks)
+    assert torch.equal(blocks.chunk_block[:n_chunks].long().cpu(), want)
+    within = torch.arange(n_chunks) - torch.repeat_interleave(blocks.chunk_first.long().cpu(), per_block)
+    begin = starts[:-1][want] + within * chunk
+    assert torch.equal(blocks.chunk_start[:n_chunks].long().cpu(), begin)
+    assert torch.equal(blocks.chunk_stop[:n_chunks].long().cpu(), torch.minimum(begin + chunk, starts[1:][want]))
     assert int(blocks.counts.abs().sum()) == 0 and int(blocks.emitted) == 0
 
 
@@ -427,10 +434,10 @@ def test_placing_expands_every_bit_of_an_entry_including_the_sign_bit() -> None:
     per = -(-counts // chunk)
     chunk_first = (torch.cumsum(per, 0) - per).to(torch.int32)
     pair_slot = torch.full((len(pairs),), -1, dtype=torch.int32)
-    chunk_block = torch.full((int(per.sum()),), -1, dtype=torch.int32)
+    chunk_block, chunk_start, chunk_stop = (torch.full((int(per.sum()),), -1, dtype=torch.int32) for _ in range(3))
     args = [t.to(DEVICE) for t in (slots, first, bits, torch.tensor(4, dtype=torch.int32), starts, starts[:-1].clone(),
                                    chunk_first, torch.tensor(int(per.sum()), dtype=torch.int32), pair_slot,
-                                   chunk_block)]  # fmt: skip
+                                   chunk_block, chunk_start, chunk_stop)]  # fmt: skip
     fastnn_triton.place_pairs[(2,)](*args, nb, BLOCK=16, CH=chunk, SEM="relaxed", num_warps=1)
     got_slot, got_chunks = args[8].cpu(), args[9].cpu()
     placed = sorted((int(s), int(b)) for b in range(nb) for s in got_slot[int(starts[b]) : int(starts[b + 1])])

@@ -122,6 +122,8 @@ class Tiles:
     # memory order of the kernels' atomics: "relaxed" is enough (they only need atomicity, kernel boundaries order
     # the rest); "acq_rel" is Triton's default
     atomic_sem: str = "relaxed"
+    # the exact pass's similarities by an fma step per feature (no tl.dot, fewer registers)
+    prune_exact_fma: bool = False
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -359,8 +361,10 @@ class _KeyBlocks:
         # Then their slots grouped by block for the exact pass, which takes them in chunks of up to prune_pairs pairs
         # of one block (a block's pairs open one chunk more at most).
         self.pair_slot = torch.zeros(self.capacity, dtype=torch.int32, device=device)
-        self.chunk_block = torch.zeros(self.nb + self.capacity // tiles.prune_pairs + 1, dtype=torch.int32,
-                                       device=device)  # fmt: skip
+        most = self.nb + self.capacity // tiles.prune_pairs + 1
+        self.chunk_block, self.chunk_start, self.chunk_stop = (
+            torch.zeros(most, dtype=torch.int32, device=device) for _ in range(3)
+        )
 
     def refresh(self, keys: Tensor) -> None:
         """Re-read the keys into blocks: centroids, radii (with the rounding margin), the probe groups' centroids."""
@@ -400,13 +404,13 @@ class _KeyBlocks:
                                  num_warps=8)  # fmt: skip
         kernels.place_pairs[(t.prune_bound_programs,)](
             self.entry_slot, self.entry_first, self.entry_bits, self.entries, self.starts, self.cursor,
-            self.chunk_first, self.chunks, self.pair_slot, self.chunk_block, self.nb, BLOCK=128, CH=t.prune_pairs,
-            SEM=t.atomic_sem, num_warps=4,
+            self.chunk_first, self.chunks, self.pair_slot, self.chunk_block, self.chunk_start, self.chunk_stop, self.nb,
+            BLOCK=128, CH=t.prune_pairs, SEM=t.atomic_sem, num_warps=4,
         )  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](
-            source, rows, self.keys, self.index, self.pair_slot, self.starts, self.chunk_first, self.chunk_block,
-            self.chunks, count, packed, self.slots, D=d, DOT_D=dot, DP=dp, BN=self.bn, CH=t.prune_pairs,
-            SEM=t.atomic_sem, num_warps=t.prune_warps,
+            source, rows, self.keys, self.index, self.pair_slot, self.chunk_block, self.chunk_start, self.chunk_stop,
+            self.chunks, count, packed, self.slots, D=d, DOT_D=0 if t.prune_exact_fma else dot, DP=dp, BN=self.bn,
+            CH=t.prune_pairs, SEM=t.atomic_sem, num_warps=t.prune_warps,
         )  # fmt: skip
         self.launched = True
         return self.dense

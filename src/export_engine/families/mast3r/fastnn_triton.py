@@ -452,6 +452,8 @@ def place_pairs(
     chunks_ptr,
     pair_slot_ptr,  # out: the pairs' slots grouped by block
     chunk_block_ptr,  # out: int32 per chunk: its block
+    chunk_start_ptr,  # out: int32 per chunk: its first pair
+    chunk_stop_ptr,  # out: int32 per chunk: past its last pair
     nb,
     BLOCK: tl.constexpr,
     CH: tl.constexpr,
@@ -474,16 +476,20 @@ def place_pairs(
             pos = tl.atomic_add(cursor_ptr + block, tl.full((BLOCK,), 1, tl.int32), mask=kept, sem=SEM)
             tl.store(pair_slot_ptr + pos, slot, mask=kept)
             bits = bits ^ lowest
-    # Each chunk's block (a block's chunks are numbered from chunk_first, one per CH of its pairs).
+    # Each chunk's block and pairs (a block's chunks are numbered from chunk_first, one per CH of its pairs).
     if tl.load(chunks_ptr) > 0:
         for first in range(tl.program_id(0) * BLOCK, nb, tl.num_programs(0) * BLOCK):
             blocks = first + tl.arange(0, BLOCK)
             ok = blocks < nb
-            pairs = tl.load(starts_ptr + blocks + 1, mask=ok, other=0) - tl.load(starts_ptr + blocks, mask=ok, other=0)
-            per = (pairs + CH - 1) // CH
+            begin = tl.load(starts_ptr + blocks, mask=ok, other=0)
+            end = tl.load(starts_ptr + blocks + 1, mask=ok, other=0)
+            per = (end - begin + CH - 1) // CH
             at = tl.load(chunk_first_ptr + blocks, mask=ok, other=0)
             for j in range(0, tl.max(per, axis=0)):
-                tl.store(chunk_block_ptr + at + j, blocks, mask=ok & (j < per))
+                mine = ok & (j < per)
+                tl.store(chunk_block_ptr + at + j, blocks, mask=mine)
+                tl.store(chunk_start_ptr + at + j, begin + j * CH, mask=mine)
+                tl.store(chunk_stop_ptr + at + j, tl.minimum(begin + (j + 1) * CH, end), mask=mine)
 
 
 @triton.jit
@@ -493,40 +499,50 @@ def pair_rows(
     kblk_ptr,
     kidx_ptr,
     pair_slot_ptr,  # the kept pairs' slots, grouped by block (place_pairs)
-    starts_ptr,
-    chunk_first_ptr,
-    chunk_block_ptr,
+    chunk_block_ptr,  # int32 per chunk: its block
+    chunk_start_ptr,  # int32 per chunk: its first pair
+    chunk_stop_ptr,  # int32 per chunk: past its last pair
     chunks_ptr,
     count_ptr,  # the launch's rows: a pair naming another slot is ignored
     packed_ptr,  # int64 per slot, as nearest_rows
     nslots,
     D: tl.constexpr,
-    DOT_D: tl.constexpr,
+    DOT_D: tl.constexpr,  # features in tl.dot, the rest by fma steps (0: every feature by an fma step)
     DP: tl.constexpr,
     BN: tl.constexpr,
     CH: tl.constexpr,  # pairs per chunk
     SEM: tl.constexpr,
 ):
     # The kept pairs, a chunk at a time (up to CH pairs of one block): the block's keys against the chunk's rows,
-    # with nearest_rows's arithmetic (the same fp32 values) and tie rule.
+    # with nearest_rows's arithmetic (the same fp32 values) and tie rule. The next chunk's description is read
+    # while this one computes (its loads wait on nothing of this chunk's).
     chunks = tl.load(chunks_ptr)
     count = tl.load(count_ptr)
     feats = tl.arange(0, DP)
     keys = tl.arange(0, BN)
-    for chunk in range(tl.program_id(0), chunks, tl.num_programs(0)):
-        block = tl.load(chunk_block_ptr + chunk)
-        pos = block.to(tl.int64) * BN + keys
-        k = tl.load(kblk_ptr + feats[:, None] * nslots + pos[None, :], mask=feats[:, None] < DOT_D, other=0.0)
-        index = tl.load(kidx_ptr + pos)
-        first = tl.load(starts_ptr + block) + (chunk - tl.load(chunk_first_ptr + block)) * CH
-        p = first + tl.arange(0, CH)
-        p_ok = p < tl.load(starts_ptr + block + 1)
+    chunk = tl.program_id(0)
+    block = tl.load(chunk_block_ptr + chunk, mask=chunk < chunks, other=0)
+    start = tl.load(chunk_start_ptr + chunk, mask=chunk < chunks, other=0)
+    stop = tl.load(chunk_stop_ptr + chunk, mask=chunk < chunks, other=0)
+    for _ in range(tl.program_id(0), chunks, tl.num_programs(0)):
+        p = start + tl.arange(0, CH)
+        p_ok = p < stop
         slots = tl.load(pair_slot_ptr + p, mask=p_ok, other=0)
+        following = chunk + tl.num_programs(0)
+        next_block = tl.load(chunk_block_ptr + following, mask=following < chunks, other=0)
+        next_start = tl.load(chunk_start_ptr + following, mask=following < chunks, other=0)
+        next_stop = tl.load(chunk_stop_ptr + following, mask=following < chunks, other=0)
+        pos = block.to(tl.int64) * BN + keys
+        index = tl.load(kidx_ptr + pos)
         p_ok = p_ok & (slots >= 0) & (slots < count)
         rows = tl.load(rows_ptr + slots, mask=p_ok, other=0).to(tl.int64)
-        q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
-                    other=0.0)  # fmt: skip
-        sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+        if DOT_D > 0:
+            k = tl.load(kblk_ptr + feats[:, None] * nslots + pos[None, :], mask=feats[:, None] < DOT_D, other=0.0)
+            q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
+                        other=0.0)  # fmt: skip
+            sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
+        else:
+            sim = tl.zeros((CH, BN), tl.float32)
         for t in tl.static_range(D - DOT_D):
             q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=p_ok, other=0.0)
             k_t = tl.load(kblk_ptr + (DOT_D + t) * nslots + pos)
@@ -540,6 +556,7 @@ def pair_rows(
         # improvement takes the atomic (which still decides between programs that both improve).
         seen = tl.load(packed_ptr + slots, mask=p_ok, other=0, cache_modifier=".cg")
         tl.atomic_max(packed_ptr + slots, packed, mask=p_ok & (packed > seen), sem=SEM)
+        chunk, block, start, stop = following, next_block, next_start, next_stop
 
 
 @triton.jit
