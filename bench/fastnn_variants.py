@@ -7,9 +7,9 @@
 Each variant is the default ``Tiles`` with some fields changed (``--variant relaxed:atomic_sem=acq_rel``;
 values are Python literals, e.g. ``prune_block=(8,8)``). On the 512x384 smooth benchmark maps (subsample 8)
 every variant records a ``CapturedMatcher`` and a ``CapturedCorrespondences``; their results must equal the
-upstream algorithm's (computed once). The variants are timed in turns (``--rounds`` turns of ``--calls`` calls
-each), so that a machine whose speed drifts treats them alike; the table gives the median and percentiles over
-all of a variant's calls. ``--profile`` adds each variant's kernel time per symmetric pass by kernel (the device
+upstream algorithm's (computed once, and timed: ``--reference-calls``). The variants are timed in turns
+(``--rounds`` turns of ``--calls`` calls each), so that a machine whose speed drifts treats them alike; the table
+gives the median and percentiles over all of a variant's calls. ``--profile`` adds each variant's kernel time per symmetric pass by kernel (the device
 loop launched from Python, so that the profiler sees every launch). Writes fastnn_variants.json.
 """
 
@@ -82,6 +82,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="turns over the variants")
     parser.add_argument("--variant", action="append", help="NAME:FIELD=VALUE,... (repeatable)")
     parser.add_argument("--profile", action="store_true", help="kernel time per symmetric pass, by kernel")
+    parser.add_argument("--reference-calls", type=int, default=10,
+                        help="timed upstream calls (pair; a quarter as many symmetric), 0: none")  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -91,8 +93,18 @@ def main() -> int:
     gen = torch.Generator().manual_seed(2)
     confs = [(1 + torch.rand(384, 512, generator=gen)).cuda() for _ in range(4)]
     d1, d2 = maps[:2]
-    want_pair = to_numpy(reciprocal_nn_reference(d1, d2, 8, device=d1.device))
-    want_sym = to_numpy(extract_correspondences_reference(maps, confs, 8, device=d1.device))
+
+    def reference_pair() -> tuple:
+        return reciprocal_nn_reference(d1, d2, 8, device=d1.device)
+
+    def reference_sym() -> tuple:
+        return extract_correspondences_reference(maps, confs, 8, device=d1.device)
+
+    want_pair, want_sym = to_numpy(reference_pair()), to_numpy(reference_sym())
+    upstream = {}
+    if args.reference_calls:
+        upstream = {"pair": time_calls(reference_pair, 1, args.reference_calls),
+                    "symmetric": time_calls(reference_sym, 1, max(1, args.reference_calls // 4))}  # fmt: skip
     shape = tuple(d1.shape)
     cases: dict[str, dict[str, Any]] = {}
     calls: dict[tuple[str, str], Callable[[], Any]] = {}
@@ -123,6 +135,13 @@ def main() -> int:
         ok = "yes" if case["pair_identical"] and case["symmetric_identical"] else "NO"
         print(f"{name:28} {p['median_ms']:9.3f} {p['p10_ms']:7.3f} {p['p90_ms']:7.3f} {s['median_ms']:9.3f} "
               f"{s['p10_ms']:7.3f} {s['p90_ms']:7.3f}  {ok}")  # fmt: skip
+    if upstream:
+        pair_ms, sym_ms = upstream["pair"]["median_ms"], upstream["symmetric"]["median_ms"]
+        first = next(iter(cases.values()))
+        print(
+            f"{'upstream algorithm':28} {pair_ms:9.3f} {'':7} {'':7} {sym_ms:9.3f}   (first variant: "
+            f"{pair_ms / first['pair']['median_ms']:.1f}x, {sym_ms / first['symmetric']['median_ms']:.1f}x faster)"
+        )
     for name, case in cases.items():
         prof = case.get("symmetric_kernels")
         if prof:
@@ -131,7 +150,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "fastnn_variants.json"
     path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rounds": args.rounds, "calls": args.calls,
-                                "variants": cases}, indent=1))  # fmt: skip
+                                "upstream": upstream, "variants": cases}, indent=1))  # fmt: skip
     print(f"written: {path}")
     return 0
 
