@@ -9,8 +9,9 @@ values are Python literals, e.g. ``prune_block=(8,8)``). On the 512x384 smooth b
 every variant records a ``CapturedMatcher`` and a ``CapturedCorrespondences``; their results must equal the
 upstream algorithm's (computed once, and timed: ``--reference-calls``). The variants are timed in turns
 (``--rounds`` turns of ``--calls`` calls each), so that a machine whose speed drifts treats them alike; the table
-gives the median and percentiles over all of a variant's calls. ``--profile`` adds each variant's kernel time per symmetric pass by kernel (the device
-loop launched from Python, so that the profiler sees every launch). Writes fastnn_variants.json.
+gives the median and percentiles over all of a variant's calls. ``--profile`` adds each variant's kernel time per
+symmetric pass by kernel (the device loop launched from Python, so that the profiler sees every launch). Writes
+fastnn_variants.json.
 """
 
 from __future__ import annotations
