@@ -124,6 +124,8 @@ class Tiles:
     atomic_sem: str = "relaxed"
     # the exact pass's similarities by an fma step per feature (no tl.dot, fewer registers)
     prune_exact_fma: bool = False
+    # rows per step of the lower bounds' pass
+    prune_bound_rows: int = 16
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -393,7 +395,7 @@ class _KeyBlocks:
                      num_warps=t.prune_bound_warps)  # fmt: skip
         kernels.prune_probe[grid](source, rows, count, self.group_cent_t, self.probe, self.ng, **bound)
         kernels.prune_bound[grid](source, rows, count, self.probe, self.keys, self.index, self.low, self.slots, D=d,
-                                  GN=self.bn * self.group, BLOCK_M=16, FROM=t.prune_from, num_warps=4,
+                                  GN=self.bn * self.group, BLOCK_M=t.prune_bound_rows, FROM=t.prune_from, num_warps=4,
                                   **self.margins)  # fmt: skip
         kernels.prune_pairs[grid](source, rows, count, self.cent_t, self.radius, self.low, self.counts, self.emitted,
                                   self.entry_slot, self.entry_first, self.entry_bits, self.entry_capacity, self.nb,
