@@ -296,6 +296,32 @@ def test_rounds_in_parts_equal_the_whole_loop() -> None:
             chains.rounds(first, stop)
 
 
+@pytest.mark.parametrize(("max_iter", "split"), [(10, 2), (3, 3), (1, 0)])
+def test_paired_walks_equal_the_two_walks_in_turn(max_iter: int, split: int) -> None:
+    """A map pair's forward and backward walks in lockstep (the backward one a step behind, one launch per step for
+    both), run in two parts as the recorded graphs run them, give each walk's chains as the two walks one after
+    the other do, computing each row once (the same rows in all); bad step ranges are refused."""
+    desc1, desc2 = (d.to(DEVICE) for d in _smooth_pair(24, 40, noise=0.6, seed=3))
+    host = ReciprocalMatcher(desc1, desc2, MatchConfig(kernel="tiles"))
+    seeds1, seeds2 = host.grid_seeds(4).to(DEVICE), host.swapped().grid_seeds(4).to(DEVICE)
+    nn12, nn21 = _tables(desc1, desc2)
+    *want_fwd, _ = fastnn_kernel.chains_on_device(nn12, nn21, seeds1, max_iter)
+    *want_bwd, _ = fastnn_kernel.chains_on_device(nn21, nn12, seeds2, max_iter)
+    want_rows = int(nn12.computed + nn21.computed)
+    nn12, nn21 = _tables(desc1, desc2)
+    paired = fastnn_kernel.PairedChains(nn12, nn21, seeds1, seeds2, max_iter)
+    middle = 2 * split + 1 if split < max_iter else paired.steps
+    paired.run(0, middle)
+    paired.run(middle, paired.steps)
+    for got, want in zip(paired.outputs(), (want_fwd, want_bwd), strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    assert int(paired.counts.sum()) == int(nn12.computed + nn21.computed) == want_rows
+    assert paired.counts.shape == (2 * max_iter + 2,) and int(paired.counts[0]) == seeds1.numel()
+    with pytest.raises(ValueError, match="outside 0 to"):
+        paired.run(1, paired.steps + 1)
+
+
 def test_claims_are_unique_when_seeds_share_a_neighbour() -> None:
     """Many seeds asking for the same row in one step compute it once (compare-and-swap claim)."""
     keys = torch.nn.functional.normalize(torch.randn(200, 24, generator=torch.Generator().manual_seed(4)), dim=1)

@@ -488,6 +488,44 @@ def _capture(step: Callable[[], _Out]) -> tuple[torch.cuda.CUDAGraph, _Out]:
     return graph, outputs
 
 
+class _Walk:
+    """One group's runs on the device: a single run (:class:`fastnn_kernel.DeviceChains`), or a map pair's two
+    directions in lockstep (:class:`fastnn_kernel.PairedChains`), split after `split` rounds."""
+
+    def __init__(self, runs: Sequence[tuple[ReciprocalMatcher, Tensor]], split: int) -> None:
+        matcher, seeds = runs[0]
+        nn12, nn21 = matcher._nn12, matcher._nn21
+        assert isinstance(nn12, fastnn_kernel.NearestTable) and isinstance(nn21, fastnn_kernel.NearestTable)
+        max_iter = matcher.config.max_iter
+        self.walk: fastnn_kernel.DeviceChains | fastnn_kernel.PairedChains
+        if len(runs) == 2 and runs[1][0]._nn12 is nn21 and runs[1][0]._nn21 is nn12:
+            self.walk = fastnn_kernel.PairedChains(nn12, nn21, seeds, runs[1][1], max_iter)
+            # the first graph's steps: the forward walk's first `split` rounds (the backward walk is a step behind)
+            self._first_stop = 2 * split + 1 if split < max_iter else self.walk.steps
+        elif len(runs) == 1:
+            self.walk = fastnn_kernel.DeviceChains(nn12, nn21, seeds, max_iter)
+        else:
+            raise ValueError(f"a walk holds one run or a map pair's two directions, got {len(runs)} runs")
+        self.split, self.max_iter = split, max_iter
+
+    def first(self) -> None:
+        if isinstance(self.walk, fastnn_kernel.PairedChains):
+            self.walk.run(0, self._first_stop)
+        else:
+            self.walk.start()
+            self.walk.rounds(0, self.split)
+
+    def rest(self) -> None:
+        if isinstance(self.walk, fastnn_kernel.PairedChains):
+            self.walk.run(self._first_stop, self.walk.steps)
+        else:
+            self.walk.rounds(self.split, self.max_iter)
+
+    def outputs(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        walk = self.walk
+        return walk.outputs() if isinstance(walk, fastnn_kernel.PairedChains) else [walk.outputs()]
+
+
 class _RecordedRounds:
     """The device loop of some runs (matcher, seeds) recorded as two CUDA graphs over the maps in `descs`.
 
@@ -504,15 +542,17 @@ class _RecordedRounds:
         self._matchers, self._runs, self._descs, self._finish = matchers, runs, descs, finish
         config = matchers[0].config
         self.split = min(config.captured_rounds, config.max_iter)
-        # Runs that share neighbour tables (a map pair's two directions) run in order; groups that share none
-        # (the two map pairs of the symmetric mode) run on streams of their own, so that they overlap.
+        # Runs that share neighbour tables (a map pair's two directions) walk together, in lockstep; groups that
+        # share none (the two map pairs of the symmetric mode) run on streams of their own, so that they overlap.
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (matcher, _) in enumerate(runs):
             a, b = id(matcher._nn12), id(matcher._nn21)
             groups.setdefault((min(a, b), max(a, b)), []).append(i)
         self._groups = list(groups.values())
+        if [i for group in self._groups for i in group] != list(range(len(runs))):
+            raise ValueError("runs that share neighbour tables must be adjacent")
         self._streams = [torch.cuda.Stream() for _ in self._groups] if len(self._groups) > 1 else []
-        self.chains: list[fastnn_kernel.DeviceChains] = []
+        self.walks: list[_Walk] = []
         self._first, (self._outputs, self._flags) = _capture(self._record_first)
         self._rest: torch.cuda.CUDAGraph | None = None
         if self.split < config.max_iter:
@@ -524,49 +564,36 @@ class _RecordedRounds:
         for matcher in self._matchers:
             _refresh_tables(matcher)
         finite = torch.stack([torch.isfinite(d).all() for d in self._descs]).all()
-        started: dict[int, tuple[fastnn_kernel.DeviceChains, tuple[Tensor, Tensor, Tensor]]] = {}
-
-        def first(i: int) -> None:
-            matcher, seeds = self._runs[i]
-            nn12, nn21 = matcher._nn12, matcher._nn21
-            assert isinstance(nn12, fastnn_kernel.NearestTable) and isinstance(nn21, fastnn_kernel.NearestTable)
-            chains = fastnn_kernel.DeviceChains(nn12, nn21, seeds, matcher.config.max_iter)
-            chains.start()
-            chains.rounds(0, self.split)
-            started[i] = chains, chains.outputs()
-
-        self._per_group(first)
-        self.chains = [started[i][0] for i in range(len(self._runs))]
-        active = torch.stack([chains.any_active() for chains in self.chains]).any()
-        outputs = [started[i][1] for i in range(len(self._runs))]
+        self.walks = [_Walk([self._runs[i] for i in group], self.split) for group in self._groups]
+        self._per_group(lambda g: self.walks[g].first())
+        active = torch.stack([walk.walk.any_active() for walk in self.walks]).any()
+        outputs = [output for walk in self.walks for output in walk.outputs()]
         self.finished = self._finish(outputs)
         return outputs, torch.stack([finite.long(), active.long(), self.finished[-1].long()])
 
     def _record_rest(self) -> None:
-        def rest(i: int) -> None:
-            chains = self.chains[i]
-            chains.rounds(self.split, chains.max_iter)
-            for output, new in zip(self._outputs[i], chains.outputs(), strict=True):
-                output.copy_(new)
+        def rest(g: int) -> None:
+            self.walks[g].rest()
+            for i, new in zip(self._groups[g], self.walks[g].outputs(), strict=True):
+                for output, value in zip(self._outputs[i], new, strict=True):
+                    output.copy_(value)
 
         self._per_group(rest)
         for done, new in zip(self.finished, self._finish(self._outputs), strict=True):
             done.copy_(new)
 
     def _per_group(self, work: Callable[[int], None]) -> None:
-        """work(i) for every run, in order within a group; each group on its own stream where there are several
-        (forked from the current stream and joined back, which a CUDA graph records as parallel branches)."""
+        """work(g) for every group; each group on its own stream where there are several (forked from the current
+        stream and joined back, which a CUDA graph records as parallel branches)."""
         if not self._streams:
-            for group in self._groups:
-                for i in group:
-                    work(i)
+            for g in range(len(self._groups)):
+                work(g)
             return
         main = torch.cuda.current_stream()
-        for group, stream in zip(self._groups, self._streams, strict=True):
+        for g, stream in enumerate(self._streams):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                for i in group:
-                    work(i)
+                work(g)
         for stream in self._streams:
             main.wait_stream(stream)
 
@@ -620,7 +647,7 @@ class CapturedMatcher:
     @property
     def rows_per_step(self) -> Tensor:
         """Rows computed at each step of the last replay (device tensor; see ReciprocalMatcher.rows_per_step)."""
-        return self._recorded.chains[0].counts
+        return self._recorded.walks[0].walk.counts
 
     @property
     def rest_replays(self) -> int:
@@ -778,8 +805,10 @@ class CapturedCorrespondences:
 
     @property
     def rows_per_step(self) -> list[Tensor]:
-        """Rows computed at each step of each of the four runs in the last replay (device tensors)."""
-        return [chains.counts for chains in self._recorded.chains]
+        """Rows computed at each step of the last replay, per map pair ((11, 21), then (12, 22)); a pair's two
+        directions walk in lockstep, so step s holds the forward walk's step s and the backward's s - 1 (device
+        tensors)."""
+        return [walk.walk.counts for walk in self._recorded.walks]
 
     @property
     def rest_replays(self) -> int:

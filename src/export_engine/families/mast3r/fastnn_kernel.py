@@ -125,7 +125,7 @@ class Tiles:
     # the exact pass's similarities by an fma step per feature (no tl.dot, fewer registers)
     prune_exact_fma: bool = False
     # rows per step of the lower bounds' pass
-    prune_bound_rows: int = 16
+    prune_bound_rows: int = 8
 
     def __post_init__(self) -> None:
         bh, bw = self.prune_block
@@ -442,9 +442,12 @@ class DeviceChains:
     a seed stops when its image-2 point is unchanged since the previous round or its image-1 point is back where
     the round started. :meth:`start` claims the seeds' rows, :meth:`rounds` runs rounds `first` to `stop` - 1 (a
     CUDA graph can record some rounds and another graph the rest), :meth:`outputs` reads the result.
+    :meth:`advance_step` runs one step's lookups and claims only, appending the claimed rows to `rows` (which
+    another walk over the same tables may share: :class:`PairedChains`).
     """
 
-    def __init__(self, nn12: NearestTable, nn21: NearestTable, seeds: Tensor, max_iter: int) -> None:
+    def __init__(self, nn12: NearestTable, nn21: NearestTable, seeds: Tensor, max_iter: int,
+                 rows: Tensor | None = None) -> None:  # fmt: skip
         n = seeds.numel()
         if n > min(nn12.max_rows, nn21.max_rows):
             raise ValueError(f"{n} seeds exceed the {min(nn12.max_rows, nn21.max_rows)} rows the tables were sized for")
@@ -457,34 +460,56 @@ class DeviceChains:
         self.active = torch.ones(n, dtype=torch.int8, device=device)
         # rows computed at each step: image 1's seeds, then per round image 2's rows and image 1's
         self.counts = torch.zeros(2 * max_iter + 1, dtype=torch.int32, device=device)
-        self.rows = torch.empty(max(n, 1), dtype=torch.int32, device=device)
+        self.rows = torch.empty(max(n, 1), dtype=torch.int32, device=device) if rows is None else rows
 
-    def _step(self, src: Tensor, dst: Tensor, prev_dst: Tensor, prev_src: Tensor, look: NearestTable | None,
-              claim: NearestTable | None, index: int, update_prev: bool) -> None:  # fmt: skip
+    @property
+    def steps(self) -> int:
+        """Steps of the walk: the seeds' rows, then two a round."""
+        return 2 * self.max_iter + 1
+
+    def advance_step(self, step: int, count: Tensor) -> NearestTable | None:
+        """Step `step`'s lookups and claims (0: the seeds' rows of image 1; then per round image 2's rows and image
+        1's): the rows it claims are appended to `rows`, counted by `count` (an int32 device scalar); returns the
+        table they belong to (None for the last step, which claims nothing)."""
+        if step == 0:
+            self._advance(self.idx1, self.idx1, self.prev2, self.prev1, None, self.nn12, count, False)
+            return self.nn12
+        round_, half = divmod(step - 1, 2)
+        if half == 0:
+            self._advance(self.idx1, self.idx2, self.prev2, self.prev1, self.nn12, self.nn21, count, False)
+            return self.nn21
+        last = round_ == self.max_iter - 1
+        claim = None if last else self.nn12
+        self._advance(self.idx2, self.idx1, self.prev1, self.prev2, self.nn21, claim, count, not last)
+        return claim
+
+    def _advance(self, src: Tensor, dst: Tensor, prev_dst: Tensor, prev_src: Tensor, look: NearestTable | None,
+                 claim: NearestTable | None, count: Tensor, update_prev: bool) -> None:  # fmt: skip
+        if not self.n:
+            return
         table = (look or claim or self.nn12).table
         target = claim or self.nn12
         _kernels().advance[(-(-self.n // 1024),)](
-            src, dst, prev_dst, prev_src, self.active, table, target.table, self.rows, self.counts[index], self.n,
-            target.spare, LOOKUP=look is not None, UPDATE_PREV=update_prev, CLAIM=claim is not None, BLOCK=1024,
+            src, dst, prev_dst, prev_src, self.active, table, target.table, self.rows, count, self.n, target.spare,
+            LOOKUP=look is not None, UPDATE_PREV=update_prev, CLAIM=claim is not None, BLOCK=1024,
             SEM=self.nn12.tiles.atomic_sem, num_warps=4,
         )  # fmt: skip
-        if claim is not None:
-            claim.compute(self.rows, self.counts[index])
+
+    def _step(self, step: int) -> None:
+        claim = self.advance_step(step, self.counts[step])
+        if claim is not None and self.n:
+            claim.compute(self.rows, self.counts[step])
 
     def start(self) -> None:
         """Claim and compute every seed's row of image 1."""
-        if self.n:
-            self._step(self.idx1, self.idx1, self.prev2, self.prev1, None, self.nn12, 0, False)
+        self._step(0)
 
     def rounds(self, first: int, stop: int) -> None:
         """Rounds `first` to `stop` - 1 (of 0 to max_iter - 1)."""
         if not (0 <= first <= stop <= self.max_iter):
             raise ValueError(f"rounds {first} to {stop} are outside 0 to {self.max_iter}")
-        for round_ in range(first, stop if self.n else first):
-            last = round_ == self.max_iter - 1
-            self._step(self.idx1, self.idx2, self.prev2, self.prev1, self.nn12, self.nn21, 2 * round_ + 1, False)
-            self._step(self.idx2, self.idx1, self.prev1, self.prev2, self.nn21, None if last else self.nn12,
-                       2 * round_ + 2, not last)  # fmt: skip
+        for step in range(2 * first + 1, 2 * stop + 1):
+            self._step(step)
 
     def outputs(self) -> tuple[Tensor, Tensor, Tensor]:
         """(idx1, idx2, converged) per seed: int64, int64, bool."""
@@ -493,6 +518,49 @@ class DeviceChains:
     def any_active(self) -> Tensor:
         """Whether a seed has not converged yet (bool device scalar)."""
         return self.active.any()
+
+
+class PairedChains:
+    """A map pair's two walks (seeds on image 1's grid over (nn12, nn21), and on image 2's over (nn21, nn12)) in
+    lockstep, the second one step behind, so that each step's rows of both walks belong to one table and are
+    computed in one launch: 2 * max_iter + 2 steps instead of two walks of 2 * max_iter + 1 one after the other
+    (on the H200 the symmetric pass's small late steps cost about as much as their launches). Each seed follows
+    the same rule as in :class:`DeviceChains`, and a row is computed once whichever walk claims it first, so the
+    results are those of the two walks in turn.
+    """
+
+    def __init__(self, nn12: NearestTable, nn21: NearestTable, seeds1: Tensor, seeds2: Tensor, max_iter: int) -> None:
+        rows = torch.empty(max(seeds1.numel() + seeds2.numel(), 1), dtype=torch.int32, device=seeds1.device)
+        self.forward = DeviceChains(nn12, nn21, seeds1, max_iter, rows)
+        self.backward = DeviceChains(nn21, nn12, seeds2, max_iter, rows)
+        self.rows, self.max_iter = rows, max_iter
+        self.counts = torch.zeros(self.steps, dtype=torch.int32, device=seeds1.device)  # rows computed per step
+
+    @property
+    def steps(self) -> int:
+        return self.forward.steps + 1
+
+    def run(self, first: int, stop: int) -> None:
+        """Steps `first` to `stop` - 1 of both walks: step s is the forward walk's step s and the backward's s - 1."""
+        if not (0 <= first <= stop <= self.steps):
+            raise ValueError(f"steps {first} to {stop} are outside 0 to {self.steps}")
+        for step in range(first, stop):
+            claims = []
+            if step < self.forward.steps:
+                claims.append(self.forward.advance_step(step, self.counts[step]))
+            if step >= 1:
+                claims.append(self.backward.advance_step(step - 1, self.counts[step]))
+            tables = {id(t): t for t in claims if t is not None}
+            assert len(tables) <= 1, "both walks claim rows of the same table at each step"
+            for table in tables.values():
+                table.compute(self.rows, self.counts[step])
+
+    def outputs(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Each walk's (idx1, idx2, converged), forward first."""
+        return [self.forward.outputs(), self.backward.outputs()]
+
+    def any_active(self) -> Tensor:
+        return self.forward.any_active() | self.backward.any_active()
 
 
 def chains_on_device(
