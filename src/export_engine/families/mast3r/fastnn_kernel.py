@@ -102,7 +102,7 @@ class Tiles:
     prune_block: tuple[int, int] = (8, 4)
     prune_rows: int = 64
     prune_pairs: int = 32
-    prune_capacity: int = 6
+    prune_capacity: int = 9
     prune_programs: int = 16 * 132  # the exact pass's grid (measured on the H200: 528 to 8448 alike)
     prune_warps: int = 1  # (0.51 ms for the first round's 3072 rows against 0.61 with 2 warps, 0.84 with 4)
     # centroid scores on tensor cores, with the margin for it (see _TF32_MARGIN); on the H200 the pair took 2.46
