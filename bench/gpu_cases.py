@@ -325,8 +325,8 @@ def fastnn(
                   *(dataclasses.replace(fk.DEFAULT_TILES, **change) for change in (
                       {"prune_tf32": not fk.DEFAULT_TILES.prune_tf32}, {"prune_programs": 4224},
                       {"prune_pairs": 64, "prune_warps": 2}, {"prune_rows": 32}, {"prune_block": (4, 8)},
-                      {"prune_bound_warps": 2}, {"prune_bound_programs": 1056}, {"prune_cb": 32},
-                      {"prune_cb": 32, "prune_rows": 32}))):  # fmt: skip
+                      {"prune_bound_warps": 2}, {"prune_bound_programs": 1056}, {"prune_cb": 64},
+                      {"prune_bound_rows": 16}, {"prune_probe_group": 1}))):  # fmt: skip
         try:
             call, table = kernel_call(tiles, 3072)
             timing = time_calls(call, 3, 20)

@@ -275,8 +275,9 @@ def test_cuda_memory_is_linear_in_pixels() -> None:
 
     small, large = extra(192, 256), extra(384, 512)
     print(f"extra CUDA memory: {small / 2**20:.1f} MiB at 192x256, {large / 2**20:.1f} MiB at 384x512")
-    # Per pixel and direction: the keys transposed (96 B), the pruned search's keys in blocks (96 B) and its pair
-    # buffers (64 B), neighbour tables and per-row state (~30 B): ~290 B, nowhere near an N1 x N2 matrix (155 GB).
+    # Per pixel and direction: the keys transposed (96 B), the pruned search's keys in blocks (96 B), its kept pairs
+    # (36 B) and entries (72 B), neighbour tables and per-row state (~30 B): ~330 B, nowhere near an N1 x N2 matrix
+    # (155 GB).
     assert large < 360 * 2 * 384 * 512
     assert large < 5 * small  # four times the pixels: about four times the memory (quadratic would be 16)
 

@@ -385,19 +385,17 @@ PRUNE_TILES = fastnn_kernel.Tiles(
 
 
 @pytest.mark.parametrize(
-    ("block", "step", "cb", "group", "sem", "exact_fma"),
-    [((8, 4), 5, 64, 2, "relaxed", False), ((3, 5), 19, 32, 4, "relaxed", True), ((3, 5), 23, 16, 1, "acq_rel", False)],
+    ("block", "step", "cb", "group", "sem"),
+    [((8, 4), 5, 64, 2, "relaxed"), ((3, 5), 19, 32, 4, "relaxed"), ((3, 5), 23, 16, 1, "acq_rel")],
 )
 def test_pruned_search_equals_unpruned_and_skips_blocks(
-    block: tuple[int, int], step: int, cb: int, group: int, sem: str, exact_fma: bool
+    block: tuple[int, int], step: int, cb: int, group: int, sem: str
 ) -> None:
     """Spatial key blocks (partial ones at the map's edges too, and blocks of fewer keys than their slots) whose
     bound is below a row's probe similarity are skipped, and the neighbours stay those of the unpruned search;
-    probes of one block or of groups (169 blocks in groups of 4: the last group is padded), either atomics, the
-    exact pass with tl.dot or with an fma step per feature."""
+    probes of one block or of groups (169 blocks in groups of 4: the last group is padded), either atomics."""
     desc1, desc2 = _smooth_pair(37, 61, noise=0.2, seed=11)
-    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem,
-                                prune_exact_fma=exact_fma)  # fmt: skip
+    tiles = dataclasses.replace(PRUNE_TILES, prune_block=block, prune_cb=cb, prune_probe_group=group, atomic_sem=sem)
     table = _pruned_against_unpruned(desc1, desc2, tiles, step=step)
     blocks = table._blocks
     assert blocks is not None and table.pairs is not None and int(blocks.dense) == 0
@@ -600,6 +598,7 @@ def test_pruning_settings_are_checked() -> None:
         {"prune_bound_programs": 0},
         {"prune_probe_group": 3},
         {"prune_probe_group": 16},
+        {"prune_bound_rows": 12},
     ):
         with pytest.raises(ValueError, match="prune"):
             fastnn_kernel.Tiles(**bad)  # type: ignore[arg-type]

@@ -16,7 +16,8 @@ Same algorithm as :mod:`export_engine.families.mast3r.matching_reference` (upstr
   (:func:`export_engine.families.mast3r.fastnn_kernel.chains_on_device`): ``max_iter`` rounds of per-seed
   flags, where only the rows still unknown are claimed and computed, so converged seeds cost nothing and the
   loop can be recorded in CUDA graphs (:class:`CapturedMatcher`; :class:`CapturedCorrespondences` for the
-  symmetric pass): the first rounds in one, the rest in a second replayed only while a seed is still active.
+  symmetric pass, whose map pairs walk both directions in lockstep): the first rounds in one, the rest in a
+  second replayed only while a seed is still active.
   The torch-tile path (CPU) compacts the active seeds and unknown rows each round instead, a few host syncs per
   round and none per tile.
 * De-duplication and the (idx1, idx2) order come from ``torch.unique`` on packed int64 keys, as upstream's
@@ -780,9 +781,10 @@ def extract_correspondences(
 class CapturedCorrespondences:
     """:func:`extract_correspondences` for one pair of image shapes recorded as CUDA graphs: both map pairs, both
     directions, every round, in one replay, or two where seeds are still active after ``config.captured_rounds``
-    rounds (the tables of a map pair are shared by its two directions, as in the eager path). The merge of the
-    four runs is recorded too; the host synchronises once after the first graph (maps finite, second graph
-    needed, number of pairs), and again only where the second graph ran. Same results as
+    rounds. The tables of a map pair are shared by its two directions, as in the eager path, and the two walk in
+    lockstep (:class:`fastnn_kernel.PairedChains`: one launch per step for both; the map pairs on two streams).
+    The merge of the four runs is recorded too; the host synchronises once after the first graph (maps finite,
+    second graph needed, number of pairs), and again only where the second graph ran. Same results as
     :func:`extract_correspondences` with the fused kernel.
     """
 

@@ -19,16 +19,21 @@ key ranges the smallest index among equal maxima wins.
 
 Pruned search. Where a table knows its keys' map shape (``NearestTable(key_shape=...)``, as the matcher gives
 it), most keys are never compared: keys are grouped into small spatial blocks with a centroid and a radius, a
-row's lower bound comes from one probe block, and only the blocks whose upper bound reaches it are computed, with
-the same arithmetic and tie rule as above (:class:`_KeyBlocks` has the bound and its rounding margins). On smooth
-descriptor maps a few percent of the blocks remain; a launch that would keep too many runs unpruned.
+row's lower bound comes from one probe group of blocks, and only the blocks whose upper bound reaches it are
+computed, with the same arithmetic and tie rule as above (:class:`_KeyBlocks` has the bound and its rounding
+margins). On smooth descriptor maps a few percent of the blocks remain; a launch that would keep too many runs
+unpruned. A launch is six kernels: probe (each row's best group centroid), lower bound (the best key of that
+group), bound pass (every block's upper bound against it; kept pairs counted per block and written as one entry
+per row and step of blocks, a bit per block kept), scan (each block's place and its chunks of pairs), placing
+(the pairs grouped by block) and the exact pass (a chunk of one block's pairs at a time).
 
 Round loop. :func:`chains_on_device` walks every seed 1 -> 2 -> 1 for a fixed number of rounds with per-seed
 "active" flags. Rows still unknown are claimed in the per-pixel neighbour tables by atomic compare-and-swap
 (-1 -> -2) and appended to a row list by an atomic counter, so de-duplication and compaction need no sort and
 no host sync; once every seed has converged, the remaining launches find no rows and return. The whole loop
 can therefore be recorded in CUDA graphs (:class:`export_engine.families.mast3r.fastnn.CapturedMatcher`): the first
-rounds in one, the rest in a second that is replayed only where a seed is still active after the first.
+rounds in one, the rest in a second that is replayed only where a seed is still active after the first. A map
+pair's two directions (the symmetric mode) walk in lockstep (:class:`PairedChains`), one launch per step for both.
 
 Triton is imported at call time (torch's CUDA builds ship it); on a CPU-only machine the kernels run under
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logic.
@@ -95,21 +100,25 @@ class Tiles:
     stationary_from: int = 1024
     # Pruned search (NearestTable with the keys' map shape, not with the query-stationary kernel): keys in
     # spatial blocks of prune_block pixels (64 keys at most; (0, 0): off), bound passes over prune_rows rows a
-    # work item (block ranges split as nearest_rows splits keys), the exact pass prune_pairs (row, block) pairs a
-    # step, and room for prune_capacity pairs per key (a launch that keeps more runs unpruned).
-    # (8 x 4 keys: on the H200 the first round's 3072 rows took 0.47 ms (3.6 % of (row, block) pairs computed)
-    # against 0.48 with 8 x 8 (7.8 %) and 0.88 unpruned; the pair 3.11 ms against 3.86 unpruned.)
+    # work item (block ranges split as nearest_rows splits keys), the exact pass in chunks of up to prune_pairs
+    # (row, block) pairs of one block, and room for prune_capacity pairs per key (a launch that keeps more runs
+    # unpruned). Timings below are kernel time per symmetric pass on the H200 (512x384, subsample 8) unless said.
+    # (8 x 4 keys: the first round's 3072 rows took 0.47 ms (3.6 % of (row, block) pairs computed) against 0.48
+    # with 8 x 8 (7.8 %) and 0.88 unpruned; 4 x 4 keeps a third of the keys to compute, but the exact pass costs
+    # by the chunk, not the key (1.18 against 1.15 ms) and the bound pass doubles (1.50 against 0.89 ms).)
     prune_block: tuple[int, int] = (8, 4)
     prune_rows: int = 64
-    prune_pairs: int = 32
+    prune_pairs: int = 32  # (chunks of 16 pairs: 1.55 against 1.11 ms for the exact pass; 64 on 2 warps: slower)
+    # A step of the symmetric pass holds both walks' rows of a map pair (6139 at 512x384, about 1.1 M kept pairs):
+    # with room for 6 pairs per key its launches overflowed and ran unpruned (8.1 against 4.1 ms a pass).
     prune_capacity: int = 9
     prune_programs: int = 16 * 132  # the exact pass's grid (measured on the H200: 528 to 8448 alike)
     prune_warps: int = 1  # (0.51 ms for the first round's 3072 rows against 0.61 with 2 warps, 0.84 with 4)
     # centroid scores on tensor cores, with the margin for it (see _TF32_MARGIN); on the H200 the pair took 2.46
     # against 2.57 ms with FP32 scores in the final run, and less in five of six runs (3.7 against 3.6 % of pairs kept)
     prune_tf32: bool = True
-    # the bound passes' grid, warps and blocks per centroid dot (on the H200: 528 programs of 4 warps and 64
-    # blocks were as fast as any of 1056 or 2112 programs, 2 or 8 warps and 32 or 128 blocks)
+    # the bound passes' grid, warps and blocks per step (528 programs of 4 warps were as fast as 1056 or 2112
+    # programs, 2 or 8 warps; 32 blocks a step: 5.68 ms a symmetric pass against 5.87 with 64 and 5.91 with 16)
     prune_bound_programs: int = 4 * 132
     prune_bound_warps: int = 4
     prune_cb: int = 32
@@ -117,14 +126,13 @@ class Tiles:
     # launch took 0.071 ms unpruned against 0.092 pruned; the pair 2.75 ms from 256 rows against 3.05 from 1)
     prune_from: int = 256
     # each row's lower bound comes from a probe group of this many adjacent blocks (the probe scores the groups'
-    # centroids, then the bound takes the best of the group's keys): a power of two, 1 to 8
+    # centroids, then the bound takes the best of the group's keys): a power of two, 1 to 8 (1 and 2 alike:
+    # 4.81 and 4.78 ms a symmetric pass as recorded graphs)
     prune_probe_group: int = 2
     # memory order of the kernels' atomics: "relaxed" is enough (they only need atomicity, kernel boundaries order
-    # the rest); "acq_rel" is Triton's default
+    # the rest); "acq_rel", Triton's default, took 8.91 against 8.40 ms
     atomic_sem: str = "relaxed"
-    # the exact pass's similarities by an fma step per feature (no tl.dot, fewer registers)
-    prune_exact_fma: bool = False
-    # rows per step of the lower bounds' pass
+    # rows per step of the lower bounds' pass, a power of two (16: 0.50 against 0.34 ms)
     prune_bound_rows: int = 8
 
     def __post_init__(self) -> None:
@@ -140,6 +148,8 @@ class Tiles:
         group = self.prune_probe_group
         if not 1 <= group <= 8 or group & (group - 1):
             raise ValueError(f"prune_probe_group must be 1, 2, 4 or 8, got {group}")
+        if not 1 <= self.prune_bound_rows <= 64 or self.prune_bound_rows & (self.prune_bound_rows - 1):
+            raise ValueError(f"prune_bound_rows must be a power of two from 1 to 64, got {self.prune_bound_rows}")
         if self.atomic_sem not in ("relaxed", "acq_rel"):
             raise ValueError(f"atomic_sem must be 'relaxed' or 'acq_rel', got {self.atomic_sem!r}")
 
@@ -291,11 +301,12 @@ class _KeyBlocks:
     """The keys of an (H, W) map in spatial blocks, with each block's centroid and radius, for the pruned search.
 
     For a row q and a block with centroid c and radius r (the largest |k - c| of its keys), every key of the block
-    has q . k <= q . c + |q| r. A row's lower bound is the best similarity among the keys of its probe block (the
-    block whose centroid scores highest): a block whose upper bound is below it holds neither the row's nearest
-    key nor one tied with it, and is skipped. Both sides carry a margin far above the fp32 rounding of every
+    has q . k <= q . c + |q| r. A row's lower bound is the best similarity among the keys of its probe group (the
+    group of prune_probe_group adjacent blocks whose centroid scores highest; any group gives a valid bound): a
+    block whose upper bound is below it holds neither the row's nearest key nor one tied with it, and is skipped.
+    Both sides carry a margin far above the fp32 rounding of every
     term (a dot product of D = 24 terms is within 1.5e-6 |q| |k| of its exact value): the upper bound adds
-    m |q| |k|max of the block, the lower bound subtracts m |q| |k|max of the probe block (m = 2e-4 up to about 500
+    m |q| |k|max of the block, the lower bound subtracts m |q| |k|max of the probe group (m = 2e-4 up to about 500
     features, see _margin; no bound where a norm leaves normal fp32), so what is skipped
     is skipped for every summation order; the pairs that remain are computed with nearest_rows's arithmetic and
     tie rule, so the neighbours are the unpruned search's. Buffers are fixed, so a CUDA graph can record the
@@ -411,7 +422,7 @@ class _KeyBlocks:
         )  # fmt: skip
         kernels.pair_rows[(t.prune_programs,)](
             source, rows, self.keys, self.index, self.pair_slot, self.chunk_block, self.chunk_start, self.chunk_stop,
-            self.chunks, count, packed, self.slots, D=d, DOT_D=0 if t.prune_exact_fma else dot, DP=dp, BN=self.bn,
+            self.chunks, count, packed, self.slots, D=d, DOT_D=dot, DP=dp, BN=self.bn,
             CH=t.prune_pairs, SEM=t.atomic_sem, num_warps=t.prune_warps,
         )  # fmt: skip
         self.launched = True

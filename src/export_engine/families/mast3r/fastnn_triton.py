@@ -507,7 +507,7 @@ def pair_rows(
     packed_ptr,  # int64 per slot, as nearest_rows
     nslots,
     D: tl.constexpr,
-    DOT_D: tl.constexpr,  # features in tl.dot, the rest by fma steps (0: every feature by an fma step)
+    DOT_D: tl.constexpr,  # features in tl.dot, the rest by fma steps
     DP: tl.constexpr,
     BN: tl.constexpr,
     CH: tl.constexpr,  # pairs per chunk
@@ -536,13 +536,10 @@ def pair_rows(
         index = tl.load(kidx_ptr + pos)
         p_ok = p_ok & (slots >= 0) & (slots < count)
         rows = tl.load(rows_ptr + slots, mask=p_ok, other=0).to(tl.int64)
-        if DOT_D > 0:
-            k = tl.load(kblk_ptr + feats[:, None] * nslots + pos[None, :], mask=feats[:, None] < DOT_D, other=0.0)
-            q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
-                        other=0.0)  # fmt: skip
-            sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
-        else:
-            sim = tl.zeros((CH, BN), tl.float32)
+        k = tl.load(kblk_ptr + feats[:, None] * nslots + pos[None, :], mask=feats[:, None] < DOT_D, other=0.0)
+        q = tl.load(src_ptr + rows[:, None] * D + feats[None, :], mask=p_ok[:, None] & (feats[None, :] < DOT_D),
+                    other=0.0)  # fmt: skip
+        sim = tl.dot(q, k, input_precision="ieee", out_dtype=tl.float32)
         for t in tl.static_range(D - DOT_D):
             q_t = tl.load(src_ptr + rows * D + (DOT_D + t), mask=p_ok, other=0.0)
             k_t = tl.load(kblk_ptr + (DOT_D + t) * nslots + pos)
