@@ -116,9 +116,15 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, keep_all: bool 
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
-    summary = {"median_ms": statistics.median(times), "min_ms": times[0], "p10_ms": times[len(times) // 10],
-               "p90_ms": times[(9 * len(times)) // 10], "runs": repeats}  # fmt: skip
+    summary = {**percentiles(times), "runs": repeats}
     return {**summary, "all_ms": times} if keep_all else summary
+
+
+def percentiles(times: list[float]) -> dict[str, float]:
+    """Median, minimum, 10th and 90th percentiles of call times in ms."""
+    times = sorted(times)
+    return {"median_ms": statistics.median(times), "min_ms": times[0], "p10_ms": times[len(times) // 10],
+            "p90_ms": times[(9 * len(times)) // 10]}  # fmt: skip
 
 
 def timed_runs(fn: Callable[[], tuple], device: torch.device, warmup: Callable[[], tuple], repeats: int) -> dict:

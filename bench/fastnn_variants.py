@@ -20,13 +20,12 @@ import argparse
 import ast
 import dataclasses
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastnn_bench import same, smooth_maps, time_calls, to_numpy
+from fastnn_bench import percentiles, same, smooth_maps, time_calls, to_numpy
 
 from export_engine.families.mast3r import fastnn_kernel as fk
 from export_engine.families.mast3r.fastnn import (
@@ -69,12 +68,6 @@ def _split_top_level(text: str) -> list[str]:
         else:
             current += char
     return [*parts, current]
-
-
-def summary(times: list[float]) -> dict[str, float]:
-    times = sorted(times)
-    return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
-            "p90_ms": times[(9 * len(times)) // 10], "min_ms": times[0], "calls": len(times)}  # fmt: skip
 
 
 def main() -> int:
@@ -131,7 +124,8 @@ def main() -> int:
     print(f"{'variant':28} {'pair med':>9} {'p10':>7} {'p90':>7} {'sym med':>9} {'p10':>7} {'p90':>7}  identical")
     for name, case in cases.items():
         for key in ("pair", "symmetric"):
-            case[key] = summary(case["times"].pop(key))
+            times = case["times"].pop(key)
+            case[key] = {**percentiles(times), "calls": len(times)}
         p, s = case["pair"], case["symmetric"]
         ok = "yes" if case["pair_identical"] and case["symmetric_identical"] else "NO"
         print(f"{name:28} {p['median_ms']:9.3f} {p['p10_ms']:7.3f} {p['p90_ms']:7.3f} {s['median_ms']:9.3f} "
