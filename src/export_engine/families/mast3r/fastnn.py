@@ -491,7 +491,7 @@ def _capture(step: Callable[[], _Out]) -> tuple[torch.cuda.CUDAGraph, _Out]:
 
 class _Walk:
     """One group's runs on the device: a single run (:class:`fastnn_kernel.DeviceChains`), or a map pair's two
-    directions in lockstep (:class:`fastnn_kernel.PairedChains`), split after `split` rounds."""
+    directions in lockstep (:class:`fastnn_kernel.PairedChains`), its steps split after `split` rounds."""
 
     def __init__(self, runs: Sequence[tuple[ReciprocalMatcher, Tensor]], split: int) -> None:
         matcher, seeds = runs[0]
@@ -501,26 +501,19 @@ class _Walk:
         self.walk: fastnn_kernel.DeviceChains | fastnn_kernel.PairedChains
         if len(runs) == 2 and runs[1][0]._nn12 is nn21 and runs[1][0]._nn21 is nn12:
             self.walk = fastnn_kernel.PairedChains(nn12, nn21, seeds, runs[1][1], max_iter)
-            # the first graph's steps: the forward walk's first `split` rounds (the backward walk is a step behind)
-            self._first_stop = 2 * split + 1 if split < max_iter else self.walk.steps
         elif len(runs) == 1:
             self.walk = fastnn_kernel.DeviceChains(nn12, nn21, seeds, max_iter)
         else:
             raise ValueError(f"a walk holds one run or a map pair's two directions, got {len(runs)} runs")
-        self.split, self.max_iter = split, max_iter
+        # the first graph's steps: the seeds' rows and the first `split` rounds (a paired backward walk is a step
+        # behind and finishes its last of them in the second graph), or every step
+        self.middle = 2 * split + 1 if split < max_iter else self.walk.steps
 
     def first(self) -> None:
-        if isinstance(self.walk, fastnn_kernel.PairedChains):
-            self.walk.run(0, self._first_stop)
-        else:
-            self.walk.start()
-            self.walk.rounds(0, self.split)
+        self.walk.run(0, self.middle)
 
     def rest(self) -> None:
-        if isinstance(self.walk, fastnn_kernel.PairedChains):
-            self.walk.run(self._first_stop, self.walk.steps)
-        else:
-            self.walk.rounds(self.split, self.max_iter)
+        self.walk.run(self.middle, self.walk.steps)
 
     def outputs(self) -> list[tuple[Tensor, Tensor, Tensor]]:
         walk = self.walk

@@ -511,16 +511,22 @@ class DeviceChains:
         if claim is not None and self.n:
             claim.compute(self.rows, self.counts[step])
 
+    def run(self, first: int, stop: int) -> None:
+        """Steps `first` to `stop` - 1 (of 0 to steps - 1)."""
+        if not (0 <= first <= stop <= self.steps):
+            raise ValueError(f"steps {first} to {stop} are outside 0 to {self.steps}")
+        for step in range(first, stop):
+            self._step(step)
+
     def start(self) -> None:
         """Claim and compute every seed's row of image 1."""
-        self._step(0)
+        self.run(0, 1)
 
     def rounds(self, first: int, stop: int) -> None:
         """Rounds `first` to `stop` - 1 (of 0 to max_iter - 1)."""
         if not (0 <= first <= stop <= self.max_iter):
             raise ValueError(f"rounds {first} to {stop} are outside 0 to {self.max_iter}")
-        for step in range(2 * first + 1, 2 * stop + 1):
-            self._step(step)
+        self.run(2 * first + 1, 2 * stop + 1)
 
     def outputs(self) -> tuple[Tensor, Tensor, Tensor]:
         """(idx1, idx2, converged) per seed: int64, int64, bool."""
