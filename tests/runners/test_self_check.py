@@ -209,3 +209,29 @@ def test_unknown_lowerings_are_refused_with_the_valid_names() -> None:
     with pytest.raises(ModelInputError, match=r"unknown ONNX Runtime lowering.*valid"):
         check_lowerings(("rotary", "warp_speed"))
     assert check_lowerings(("bias_gelu", "rotary")) == ("rotary", "bias_gelu")  # one canonical order
+
+
+def test_a_verdict_holds_per_context_only(hybrid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A verdict is reused for the same graph, rewrites and context (GPU, session options) and checked again
+    for another: a runner on another GPU or with other options never runs a rewrite unchecked."""
+    monkeypatch.setattr(self_check, "_CHECKED", {})
+    meta = _graph(hybrid, "encoder")
+    path = hybrid / meta["file"]
+    checks: list[tuple[str, ...]] = []
+
+    def open_fn(names: tuple[str, ...], tf32: bool) -> Any:
+        runner = ort_cpu_runner(path, meta, names, check=False)
+
+        def counted(feed: Any) -> Any:
+            checks.append(names)
+            return runner(feed)
+
+        return counted
+
+    gpu_a = (("NVIDIA H100 80GB HBM3", 9, 0), "1.31.1", False, True, False, ())
+    gpu_b = (("NVIDIA H200", 9, 0), "1.31.1", False, True, False, ())
+    options = (("NVIDIA H100 80GB HBM3", 9, 0), "1.31.1", True, True, False, ())
+    for context in (gpu_a, gpu_a, gpu_b, options, gpu_b):
+        _, outcome = open_checked(open_fn, path, meta, ("rotary",), False, context=context)
+        assert outcome.lowerings == ("rotary",) and outcome.check is not None and outcome.check.passed
+    assert len(checks) == 3  # gpu_a once, gpu_b once, the other options once: the repeats reused their verdicts

@@ -16,6 +16,7 @@ Everything heavy is imported at call time.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -57,6 +58,7 @@ class EngineRunner(BaseRunner):
         self.cuda_graph = cuda_graph
         self._state: dict[str, Any] = {}
         self._graphs: dict[tuple, _Captured | None] = {}  # per input signature; None: runs without a graph
+        self.lock = threading.RLock()  # calls from several threads are serialised (see run)
 
     def activate_impl(self) -> None:
         import torch
@@ -103,13 +105,32 @@ class EngineRunner(BaseRunner):
         """numpy in and out: the generic runner interface (:data:`export_engine.core.types.GraphRunner`)."""
         import torch
 
-        outputs = self.run({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}, copy=False)
-        return {name: value.cpu().numpy() for name, value in outputs.items()}
+        from export_engine.runners import gpu_gate
+
+        with self.lock:
+            outputs = self.run({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}, copy=False)
+            with gpu_gate.shared():
+                return {name: value.cpu().numpy() for name, value in outputs.items()}
 
     def run(self, feeds: Mapping[str, Any], copy: bool = True) -> dict[str, Any]:
         """Torch tensors in (moved to the GPU if needed), torch CUDA tensors out, ordered with torch's current
         stream. With a CUDA graph and ``copy=False`` the outputs are the graph's buffers, overwritten by the
-        next run with the same input shapes."""
+        next run with the same input shapes.
+
+        Threads: calls are serialised by ``lock``; a capture runs alone on the device (``gpu_gate``)."""
+        from export_engine.runners import gpu_gate
+
+        with gpu_gate.gate().suspended():  # never wait for this runner while holding the gate
+            self.lock.acquire()
+        try:
+            key = tuple((n, tuple(feeds[n].shape), feeds[n].dtype) for n in self._state.get("inputs", ()) if n in feeds)
+            capturing = self.cuda_graph and key not in self._graphs
+            with gpu_gate.exclusive() if capturing else gpu_gate.shared():
+                return self._run_locked(feeds, copy)
+        finally:
+            self.lock.release()
+
+    def _run_locked(self, feeds: Mapping[str, Any], copy: bool) -> dict[str, Any]:
         import torch
 
         if not self._state:

@@ -45,8 +45,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
+import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +58,7 @@ from typing import Any, Literal
 import numpy as np
 
 from export_engine.errors import BackendError, ModelInputError
+from export_engine.runners import gpu_gate
 from export_engine.runners.ort_lowering import (
     ATTENTION_LOWERINGS,
     DEFAULT_LOWERINGS,
@@ -123,11 +127,23 @@ class _Signature:
     binding: Any
     graph_id: int | None = None
     options: Any = None  # the RunOptions of this signature's runs
+    runs: int = 0  # completed runs: a CUDA-graph signature may capture during its first CAPTURE_RUNS
 
 
-@dataclass
+# ONNX Runtime runs a graph id uncaptured a few times before it captures it (one or two runs, depending on the
+# release); every run up to this count is treated as a possible capture (alone on the device, see gpu_gate).
+CAPTURE_RUNS = 4
+_LIVE: weakref.WeakSet[CudaGraphRunner] = weakref.WeakSet()
+
+
+@dataclass(eq=False)
 class CudaGraphRunner:
-    """One ONNX graph in an ONNX Runtime CUDA session, I/O as torch CUDA tensors (see the module docstring)."""
+    """One ONNX graph in an ONNX Runtime CUDA session, I/O as torch CUDA tensors (see the module docstring).
+
+    Threads: a runner may be shared. Its calls are serialised by ``lock`` (re-entrant; a call holds it only
+    while queueing work, not while the GPU computes), a run that may capture a CUDA graph runs alone on the device
+    (:mod:`export_engine.runners.gpu_gate`), and each caller gets its own outputs (``copy=True``). ``close()``
+    (or dropping the last reference) finishes the runner's queued work before its session goes."""
 
     path: Path
     graph_meta: Mapping[str, Any]  # the manifest's graph entry: inputs/outputs with names, shapes, dtypes
@@ -136,6 +152,11 @@ class CudaGraphRunner:
     def __post_init__(self) -> None:
         import onnxruntime as ort
 
+        self.lock = threading.RLock()
+        self.session: Any = None
+        self._stream: Any = None
+        self._last_caller: Any = None  # the stream of the previous run's caller (see run)
+        self._signatures: dict[tuple, _Signature] = {}
         ok, why = cuda_available()
         if not ok:
             raise BackendError(f"cannot run {self.path.name} on CUDA: {why}")
@@ -144,26 +165,60 @@ class CudaGraphRunner:
         self._ort = ort
         self._inputs = {i["name"]: i for i in self.graph_meta["inputs"]}
         self._outputs = {o["name"]: o for o in self.graph_meta["outputs"]}
-        self._signatures: dict[tuple, _Signature] = {}
         c = self.config
-        self._stream = None
         if c.own_stream:
             import torch
 
             self._stream = torch.cuda.Stream(device=_device(c.device_id))
         names = with_own_ops(c.lowering_names(), cuda=True, strict=c.strict)
         _, self.outcome = open_checked(self._open, self.path, self.graph_meta, names, self._tf32_choice(), c.check,
-                                       c.strict)  # fmt: skip
+                                       c.strict, context=self._check_context())  # fmt: skip
+        _LIVE.add(self)
+
+    def close(self) -> None:
+        """Finish this runner's queued work, then release its session, CUDA graphs and buffers. Idempotent; a
+        closed runner refuses further runs.
+
+        Without a CUDA graph ONNX Runtime frees a run's pinned host staging buffers from a host function queued on
+        the compute stream, and that function holds a reference to the session's pinned-memory arena. Runs on the
+        own stream return before the GPU (and so that function) is done: a session destroyed in between leaves the
+        function holding the arena's last reference, and the arena's cudaFreeHost then runs inside the host
+        function, where CUDA forbids it (error 800), and the process aborts. So the stream is drained first."""
+        with self.lock:
+            if self.session is None:
+                return
+            with gpu_gate.shared(self.config.device_id):
+                self._drain()
+                self._signatures = {}
+                self._last_caller = None
+                self.session = None  # the session, its arenas and captured graphs go here, with no work pending
 
     def __del__(self) -> None:
-        # Without a CUDA graph ONNX Runtime frees a run's host staging buffers from a callback queued on the
-        # stream, holding its allocator; a session dropped while such a callback is pending would be destroyed
-        # inside it, where CUDA forbids freeing pinned memory (the process aborts). Runs on the own stream return
-        # before the GPU finishes, so let them finish while the session is alive.
-        # Not at interpreter exit: CUDA may already be torn down, and the process ends anyway.
-        stream = getattr(self, "_stream", None)
-        if stream is not None and getattr(self, "session", None) is not None and not sys.is_finalizing():
-            stream.synchronize()
+        # Not at interpreter exit: CUDA may already be torn down and the process ends anyway (close_all ran at exit).
+        if not sys.is_finalizing() and getattr(self, "session", None) is not None:
+            self.close()
+
+    def __enter__(self) -> CudaGraphRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _drain(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+        if self._last_caller is not None:
+            self._last_caller.synchronize()
+
+    def _check_context(self) -> tuple:
+        """What a rewrite's check holds for besides the graph and rewrites: this GPU and the session options."""
+        import torch
+
+        c = self.config
+        index = _device(c.device_id)
+        props = torch.cuda.get_device_properties(index)
+        gpu = (props.name, props.major, props.minor, getattr(props, "uuid", None) and str(props.uuid))
+        return (gpu, self._ort.__version__, c.cuda_graph, c.own_stream, c.nhwc, c.provider_options)
 
     def _tf32_choice(self) -> bool:
         if self.config.tf32 is not None:
@@ -176,8 +231,6 @@ class CudaGraphRunner:
     def _open(self, lowerings: tuple[str, ...], tf32: bool) -> CudaGraphRunner:
         """(Re)open the session on the graph rewritten by ``lowerings``; captured shapes start afresh."""
         source = lowered_graph(self.path, lowerings)
-        if self._stream is not None:
-            self._stream.synchronize()  # a session this replaces may have host callbacks pending (see __del__)
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
         register_own_ops(options, source, cuda=True)
@@ -190,35 +243,69 @@ class CudaGraphRunner:
         if self.config.nhwc:
             provider["prefer_nhwc"] = "1"
         provider.update(dict(self.config.provider_options))
-        try:
-            self.session = self._ort.InferenceSession(
-                str(source), options, providers=[("CUDAExecutionProvider", provider)]
-            )
-        except Exception as err:  # onnxruntime raises its own untyped exceptions
-            hint = (
-                " (a CUDA graph needs every node on CUDA: retry with cuda_graph=False)"
-                if self.config.cuda_graph
-                else ""
-            )
-            raise BackendError(f"ONNX Runtime CUDA cannot load {self.path.name}: {_short(err)}{hint}") from err
-        self._signatures = {}
+        with self.lock, gpu_gate.shared(self.config.device_id):  # a session's allocations stay out of captures
+            self._drain()  # a session this replaces may have host functions pending (see close)
+            self._signatures = {}
+            self.session = None
+            try:
+                self.session = self._ort.InferenceSession(
+                    str(source), options, providers=[("CUDAExecutionProvider", provider)]
+                )
+            except Exception as err:  # onnxruntime raises its own untyped exceptions
+                hint = (
+                    " (a CUDA graph needs every node on CUDA: retry with cuda_graph=False)"
+                    if self.config.cuda_graph
+                    else ""
+                )
+                raise BackendError(f"ONNX Runtime CUDA cannot load {self.path.name}: {_short(err)}{hint}") from err
         return self
 
     # --- running -------------------------------------------------------------------------------------------
 
     def run(self, feeds: Mapping[str, Any], copy: bool = True) -> dict[str, Any]:
-        """Outputs as torch CUDA tensors. With ``copy=False`` they are this runner's buffers, overwritten by the
-        next run with the same input shapes (no extra device copy)."""
-        import torch
+        """Outputs as torch CUDA tensors, ready for work queued on the caller's current stream.
 
+        Inputs are torch tensors (CUDA, or CPU: copied to the GPU) or numpy arrays of the graph's dtypes and
+        shapes; a wrong name, dtype or shape, an empty dimension or (for inputs that come from the host) a NaN or
+        infinity raises ModelInputError and leaves the runner as it was.
+
+        ``copy=True`` (default): tensors of the caller's own. ``copy=False``: this runner's output buffers, with
+        no device copy; they stay valid until the runner's next run (from any thread), which first waits (on the
+        device) for the work that the previous caller had queued on its stream by then. A caller that shares the
+        runner with other threads and keeps such buffers holds ``lock`` until it has queued its reads."""
+        device = self.config.device_id
         tensors = self._check(feeds)
         key = tuple((name, tuple(t.shape)) for name, t in tensors.items())
-        sig = self._signatures.get(key) or self._new_signature(key, tensors)
+        with gpu_gate.gate(device).suspended():  # never wait for this runner while holding the gate
+            self.lock.acquire()
+        try:
+            if self.session is None:
+                raise BackendError(f"{self.path.name}: the runner is closed; load the artifact again")
+            sig = self._signatures.get(key)
+            capturing = self.config.cuda_graph and (sig is None or sig.runs < CAPTURE_RUNS)
+            with gpu_gate.exclusive(device) if capturing else gpu_gate.shared(device):
+                tensors = self._upload(tensors)
+                if sig is None:
+                    sig = self._new_signature(key, tensors)
+                outputs = self._run_signature(sig, tensors, copy)
+            sig.runs += 1
+            return outputs
+        finally:
+            self.lock.release()
+
+    def _run_signature(self, sig: _Signature, tensors: dict[str, Any], copy: bool) -> dict[str, Any]:
+        import torch
+
         caller = torch.cuda.current_stream(_device(self.config.device_id))
+        previous, self._last_caller = self._last_caller, caller
         if self._stream is not None:
-            # The previous run's buffers are rewritten below and by ONNX Runtime: whatever stream the caller
-            # now runs on waits (on the device) for that run, not only the stream it ran from.
+            # The buffers are rewritten below and by ONNX Runtime: the caller's copies wait (on the device) for the
+            # previous run, and ONNX Runtime for what the previous caller queued on its stream (its reads).
             caller.wait_stream(self._stream)
+            if previous is not None and previous != caller:
+                self._stream.wait_stream(previous)
+        elif previous is not None and previous != caller:
+            previous.synchronize()
         if self.config.cuda_graph:
             for name, tensor in tensors.items():
                 sig.inputs[name].copy_(tensor)
@@ -236,29 +323,48 @@ class CudaGraphRunner:
             self.session.run_with_iobinding(sig.binding, sig.options)
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             raise BackendError(f"ONNX Runtime CUDA failed running {self.path.name}: {_short(err)}") from err
+        if not copy:
+            if self._stream is not None:
+                caller.wait_stream(self._stream)  # the caller's next kernels see the outputs
+            return dict(sig.outputs)
+        # The copies are allocated on the caller's stream (its to keep) and written on the runner's, before the
+        # next run can touch the buffers (that run queues behind them on the same stream).
+        copies = {name: torch.empty_like(t) for name, t in sig.outputs.items()}
         if self._stream is not None:
-            caller.wait_stream(self._stream)  # the caller's next kernels see the outputs
-        return {name: (t.clone() if copy else t) for name, t in sig.outputs.items()}
+            with torch.cuda.stream(self._stream):
+                for name, t in sig.outputs.items():
+                    copies[name].copy_(t)
+            caller.wait_stream(self._stream)
+        else:
+            for name, t in sig.outputs.items():
+                copies[name].copy_(t)
+        return copies
 
     def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The :data:`GraphRunner` interface (numpy in and out), for the generic artifact code."""
-        import torch
-
-        device = _device(self.config.device_id)
-        outputs = self.run({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feed.items()})
-        return {name: t.cpu().numpy() for name, t in outputs.items()}
+        with self.lock:
+            outputs = self.run(feed, copy=False)
+            with gpu_gate.shared(self.config.device_id):  # a copy to the host synchronises: never inside a capture
+                return {name: t.cpu().numpy() for name, t in outputs.items()}
 
     def _check(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """The inputs as torch tensors (still where they were), checked against the graph's inputs."""
         import torch
 
+        if not isinstance(feeds, Mapping):
+            raise ModelInputError(f"{self.path.stem} takes a mapping of input names to tensors, got "
+                                  f"{type(feeds).__name__}")  # fmt: skip
         missing = [n for n in self._inputs if n not in feeds]
         if missing:
             raise ModelInputError(f"graph {self.path.stem} needs inputs {missing} (got {sorted(feeds)})")
         tensors = {}
         for name, meta in self._inputs.items():
             value = feeds[name]
-            if not isinstance(value, torch.Tensor):
+            if isinstance(value, np.ndarray):
                 value = torch.from_numpy(np.ascontiguousarray(value))
+            elif not isinstance(value, torch.Tensor):
+                raise ModelInputError(f"{self.path.stem} input {name}: a torch tensor or numpy array, got "
+                                      f"{type(value).__name__}")  # fmt: skip
             want = _torch_dtype(meta["dtype"])
             if value.dtype != want:
                 raise ModelInputError(f"{self.path.stem} input {name}: dtype {value.dtype}, expected {want}")
@@ -267,8 +373,21 @@ class CudaGraphRunner:
                 isinstance(d, int) and d != s for d, s in zip(shape, value.shape, strict=True)
             ):
                 raise ModelInputError(f"{self.path.stem} input {name}: shape {tuple(value.shape)}, expected {shape}")
-            tensors[name] = value.to(_device(self.config.device_id), non_blocking=True).contiguous()
+            if value.numel() == 0:
+                raise ModelInputError(f"{self.path.stem} input {name}: shape {tuple(value.shape)} is empty "
+                                      "(a batch needs at least one item)")  # fmt: skip
+            if value.is_cuda and value.device.index != self.config.device_id:
+                raise ModelInputError(f"{self.path.stem} input {name} is on {value.device}; this runner runs on "
+                                      f"cuda:{self.config.device_id}")  # fmt: skip
+            if not value.is_cuda and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise ModelInputError(f"{self.path.stem} input {name} holds {bad} NaN or infinite values")
+            tensors[name] = value
         return tensors
+
+    def _upload(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        device = _device(self.config.device_id)
+        return {n: t.to(device, non_blocking=True).contiguous() for n, t in tensors.items()}
 
     def _new_signature(self, key: tuple, tensors: dict[str, Any]) -> _Signature:
         import torch
@@ -278,6 +397,11 @@ class CudaGraphRunner:
             for d, s in zip(meta["shape"], tensors[name].shape, strict=True):
                 if isinstance(d, str) and dims.setdefault(d, int(s)) != int(s):
                     raise ModelInputError(f"{self.path.stem}: dimension {d!r} differs between inputs ({dims[d]}, {s})")
+        if self.config.cuda_graph and len(self._signatures) >= MAX_CAPTURED_SHAPES:
+            raise ModelInputError(
+                f"{self.path.stem}: more than {MAX_CAPTURED_SHAPES} input shapes with CUDA graphs; "
+                "use a runner without cuda_graph for varying shapes"
+            )
         device = _device(self.config.device_id)
         outputs = {}
         for name, meta in self._outputs.items():
@@ -292,14 +416,7 @@ class CudaGraphRunner:
             self._bind(binding.bind_input, name, tensor)
         for name, tensor in outputs.items():
             self._bind(binding.bind_output, name, tensor)
-        graph_id = None
-        if self.config.cuda_graph:
-            if len(self._signatures) >= MAX_CAPTURED_SHAPES:
-                raise ModelInputError(
-                    f"{self.path.stem}: more than {MAX_CAPTURED_SHAPES} input shapes with CUDA graphs; "
-                    "use a runner without cuda_graph for varying shapes"
-                )
-            graph_id = len(self._signatures)
+        graph_id = len(self._signatures) if self.config.cuda_graph else None
         options = None
         if graph_id is not None or self._stream is not None:
             options = self._ort.RunOptions()
@@ -314,6 +431,18 @@ class CudaGraphRunner:
     def _bind(self, bind: Any, name: str, tensor: Any) -> None:
         element = _DTYPES[str(tensor.dtype).removeprefix("torch.")]
         bind(name, "cuda", self.config.device_id, element, list(tensor.shape), tensor.data_ptr())
+
+
+def close_all() -> None:
+    """Close every live runner (finishing its queued work first); runs at interpreter exit, before CUDA goes."""
+    for runner in list(_LIVE):
+        try:
+            runner.close()
+        except Exception as err:  # at exit: report, never raise
+            log.debug("closing %s at exit: %s", getattr(runner, "path", "?"), err)
+
+
+atexit.register(close_all)
 
 
 def _device(device_id: int) -> Any:

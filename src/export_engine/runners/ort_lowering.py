@@ -43,6 +43,7 @@ import functools
 import importlib
 import logging
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,7 @@ def graph_key(path: Path) -> tuple[str, int, int]:
 
 _LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
 _OWN_OP_GRAPHS: set[Path] = set()  # rewritten graphs with nodes of export-engine's operator domain
+_LOWERING_LOCK = threading.Lock()
 
 
 def lowered_graph(path: Path, names: Sequence[str]) -> Path:
@@ -167,6 +169,11 @@ def lowered_graph(path: Path, names: Sequence[str]) -> Path:
     if not names:
         return path
     graph_id = graph_key(path)
+    with _LOWERING_LOCK:  # artifacts may be loaded from several threads
+        return _lowered_locked(path, graph_id, names)
+
+
+def _lowered_locked(path: Path, graph_id: tuple[str, int, int], names: tuple[str, ...]) -> Path:
     if (*graph_id, names) not in _LOWERED:
         from export_engine.graph_passes.base import load_graph, save_graph
 

@@ -10,6 +10,7 @@ whether this runner computes what the artifact promises.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,25 +74,32 @@ class RewriteOutcome:
 
 
 def open_checked(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, graph_meta: Mapping[str, Any],
-                 lowerings: tuple[str, ...], tf32: bool, check: bool = True,
-                 strict: bool = False) -> tuple[R, RewriteOutcome]:  # fmt: skip
+                 lowerings: tuple[str, ...], tf32: bool, check: bool = True, strict: bool = False,
+                 context: tuple = ()) -> tuple[R, RewriteOutcome]:  # fmt: skip
     """Open ``path`` with the rewrites (``open_fn(lowerings, tf32)``), check the result against the artifact's
     reference, and fall back to the graph as stored (or, ``strict``, refuse) when it fails.
+
+    A verdict is remembered for the process, per graph file, rewrites and ``context`` (what else the result
+    depends on: the runner passes the GPU and its session options), so another GPU or other options are checked
+    again.
 
     On failure each rewrite is tried alone, so that the message names the one that broke and by how much; that
     costs one session and inference per rewrite, on the failure path only."""
     if not (lowerings or tf32) or not check:
         return open_fn(lowerings, tf32), RewriteOutcome(lowerings, tf32)
-    key = (*graph_key(path), lowerings, tf32, getattr(open_fn, "__qualname__", ""))
-    if key in _CHECKED:  # checked once per process: later sessions of the same graph and rewrites reuse the verdict
-        known = _CHECKED[key]
+    key = (*graph_key(path), lowerings, tf32, getattr(open_fn, "__qualname__", ""), context)
+    with _CHECKED_LOCK:
+        known = _CHECKED.get(key)
+    if known is not None:  # later sessions of the same graph, rewrites and context reuse the verdict
         return open_fn(known.lowerings, known.tf32), known
     runner, outcome = _open_and_check(open_fn, path, graph_meta, lowerings, tf32, strict)
-    _CHECKED[key] = outcome
+    with _CHECKED_LOCK:
+        _CHECKED[key] = outcome
     return runner, outcome
 
 
 _CHECKED: dict[tuple, RewriteOutcome] = {}
+_CHECKED_LOCK = threading.Lock()  # sessions may be opened from several threads
 
 
 def _open_and_check(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, graph_meta: Mapping[str, Any],

@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ArtifactSession:
-    """A loaded artifact: ``session.run({"view1_img": ..., ...})`` returns the outputs by name."""
+    """A loaded artifact: ``session.run({"view1_img": ..., ...})`` returns the outputs by name.
+
+    Threads: ``run`` may be called from several threads at once; each graph's runner serialises its own calls
+    (ONNX Runtime CUDA and engine runners hold a lock while queueing work; a CPU session runs concurrent calls
+    itself), and every call gets outputs of its own. ``close()`` (or leaving a ``with`` block) finishes queued
+    GPU work and releases the sessions; a closed session refuses to run."""
 
     path: Path
     manifest: dict[str, Any]
@@ -37,6 +42,19 @@ class ArtifactSession:
     @property
     def input_names(self) -> tuple[str, ...]:
         return self.family.run_input_names
+
+    def close(self) -> None:
+        """Release every graph's session and device memory (after its queued work); idempotent."""
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None) or getattr(runner, "deactivate", None)
+            if close is not None and getattr(runner, "is_active", True):
+                close()
+
+    def __enter__(self) -> ArtifactSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[str, ...] = (), check: bool = True,
@@ -63,19 +81,35 @@ def _cpu_session(path: Path, source: Path) -> GraphRunner:
         session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own untyped exceptions
         raise BackendError(f"ONNX Runtime cannot load {path.name}: {' '.join(str(err).split())[:300]}") from err
-    declared = {i.name: i for i in session.get_inputs()}
+    return CpuRunner(path, session)
 
-    def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [n for n in declared if n not in feed]
+
+class CpuRunner:
+    """ONNX Runtime on the CPU, numpy in and out. ONNX Runtime runs concurrent calls of one session itself, so
+    threads may share it; ``close()`` releases the session, after which a call raises BackendError."""
+
+    def __init__(self, path: Path, session: Any):
+        self.path, self.session = path, session
+        self._declared = [i.name for i in session.get_inputs()]
+        self._outputs = [o.name for o in session.get_outputs()]
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.session
+        if session is None:
+            raise BackendError(f"{self.path.name}: the runner is closed; load the artifact again")
+        missing = [n for n in self._declared if n not in feed]
         if missing:
-            raise ModelInputError(f"graph {path.stem} needs inputs {missing}")
+            raise ModelInputError(f"graph {self.path.stem} needs inputs {missing}")
         try:
-            outputs = session.run(None, {n: feed[n] for n in declared})
+            outputs = session.run(None, {n: feed[n] for n in self._declared})
         except Exception as err:  # invalid shapes and types surface here as onnxruntime errors
-            raise ModelInputError(f"graph {path.stem} rejected its inputs: {' '.join(str(err).split())[:300]}") from err
-        return {o.name: v for o, v in zip(session.get_outputs(), outputs, strict=True)}
+            raise ModelInputError(
+                f"graph {self.path.stem} rejected its inputs: {' '.join(str(err).split())[:300]}"
+            ) from err
+        return dict(zip(self._outputs, outputs, strict=True))
 
-    return run
+    def close(self) -> None:
+        self.session = None
 
 
 def _engine_runner(path: Path, backend: str, cuda_graph: bool = False) -> GraphRunner:
