@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from export_engine.cli import main
 from export_engine.errors import BackendError, ModelInputError
 from export_engine.exporters.fastsam3d import TINY_CONFIG as FASTSAM3D_TINY
 from export_engine.exporters.mast3r import TINY_CONFIG as MAST3R_TINY
+from export_engine.runners import gpu_gate
 from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig, cuda_available
 from export_engine.runners.ort_lowering import DEFAULT_LOWERINGS
 from export_engine.runtime.session import load
@@ -170,3 +172,134 @@ def test_a_runner_dropped_right_after_a_run_does_not_abort(tiny_artifacts: dict[
             del runner
             gc.collect()
     torch.cuda.synchronize()
+
+
+def _reference_feed(artifact: Path, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    graph = next(g for g in json.loads((artifact / "manifest.json").read_text())["graphs"] if g["name"] == name)
+    with np.load(artifact / graph["reference_check"]["inputs"]) as data:
+        return graph, {k: torch.from_numpy(data[k]).cuda() for k in data.files}
+
+
+def _variants(feed: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` distinct feeds of the same shapes (float inputs scaled and shifted; others as they are)."""
+    out = []
+    for i in range(count):
+        out.append({k: (v * (1 - 0.05 * i) + 0.01 * i if v.is_floating_point() else v) for k, v in feed.items()})
+    return out
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("threads", [4, 8])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_runner_shared_by_threads_answers_each_caller(tiny_artifacts: dict[str, Path], threads: int,
+                                                        cuda_graph: bool) -> None:  # fmt: skip
+    """One runner called from several threads (captures included): no error, no hang, and every call gets the
+    outputs of its own inputs, equal to the same inputs run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    artifact = tiny_artifacts["mast3r"]
+    graph, feed = _reference_feed(artifact, "decoder")
+    feeds = _variants(feed, 6)
+    alone_runner = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(cuda_graph=False))
+    alone = [{k: v.cpu() for k, v in alone_runner.run(f).items()} for f in feeds]
+    shared = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(cuda_graph=cuda_graph))
+
+    def call(i: int) -> tuple[int, dict[str, torch.Tensor]]:
+        stream = torch.cuda.Stream()  # each thread on a stream of its own, as a server's workers are
+        with torch.cuda.stream(stream):
+            out = shared.run(feeds[i % len(feeds)])
+            with gpu_gate.shared():  # a caller's own copies stay out of another thread's capture
+                return i, {k: v.cpu() for k, v in out.items()}
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(call, range(threads * 12), timeout=120))
+    for i, got in results:
+        want = alone[i % len(feeds)]
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=2e-3, rtol=2e-3, msg=f"call {i} output {name}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_kept_buffers_are_safe_for_work_the_previous_caller_queued(tiny_artifacts: dict[str, Path]) -> None:
+    """copy=False: a read the previous caller queued on its stream (behind slow work) still sees its own
+    outputs when another stream runs the runner next."""
+    artifact = tiny_artifacts["mast3r"]
+    graph, feed = _reference_feed(artifact, "encoder")
+    first, second = _variants(feed, 2)
+    runner = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(cuda_graph=True))
+    want = runner.run(first)["tokens"].cpu()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(s1):
+        kept = runner.run(first, copy=False)["tokens"]
+        torch.cuda._sleep(100_000_000)  # the read below queues behind ~50 ms of GPU time
+        read = kept.clone()
+    with torch.cuda.stream(s2):
+        runner.run(second, copy=False)  # overwrites the buffers only after s1's queued read
+    torch.cuda.synchronize()
+    torch.testing.assert_close(read.cpu(), want)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bad_inputs_raise_clearly_and_the_runner_stays_correct(tiny_artifacts: dict[str, Path]) -> None:
+    artifact = tiny_artifacts["mast3r"]
+    graph, feed = _reference_feed(artifact, "encoder")
+    runner = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(cuda_graph=True))
+    want = runner.run(feed)["tokens"].cpu()
+    images = feed["images"]
+    nan = images.cpu().clone()
+    nan[0, 0, 0, 0] = float("nan")
+    bad = {
+        "shape": ({"images": images[:, :, :16]}, "shape"),
+        "dtype": ({"images": images.half()}, "dtype"),
+        "nan": ({"images": nan}, "NaN or infinite"),
+        "empty": ({"images": images[:0]}, "empty"),
+        "missing": ({}, "needs inputs"),
+        "type": ({"images": [1, 2, 3]}, "torch tensor or numpy array"),
+    }
+    for label, (value, message) in bad.items():
+        with pytest.raises(ModelInputError, match=message):
+            runner.run(value)
+        torch.testing.assert_close(runner.run(feed)["tokens"].cpu(), want, msg=f"after {label}")
+    torch.testing.assert_close(runner.run({"images": images.cpu()})["tokens"].cpu(), want)  # CPU tensors move
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_load_and_close_cycles_do_not_grow_gpu_memory(tiny_artifacts: dict[str, Path]) -> None:
+    """Every session releases what it took: 12 load -> run -> close cycles (CUDA graphs on) leave device memory
+    where the second cycle left it (the first one builds process-wide state: kernels, handles)."""
+    import gc
+
+    def used() -> int:
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    from export_engine.families import runtime_family
+
+    artifact = tiny_artifacts["fastsam3d"]
+    graphs = {g["name"]: g for g in json.loads((artifact / "manifest.json").read_text())["graphs"]}
+    sample = runtime_family("fastsam3d").sample_inputs(graphs, 0)
+    levels = []
+    for _ in range(12):
+        with load(artifact, cuda_graph=True) as session:
+            for _ in range(3):
+                session.run(sample)
+        gc.collect()
+        torch.cuda.synchronize()
+        levels.append(used())
+    growth = (levels[-1] - levels[1]) / 2**20
+    assert growth < 16, f"device memory grew by {growth:.1f} MiB over 10 cycles: {[x >> 20 for x in levels]}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_closed_runner_refuses(tiny_artifacts: dict[str, Path]) -> None:
+    artifact = tiny_artifacts["mast3r"]
+    graph, feed = _reference_feed(artifact, "encoder")
+    with CudaGraphRunner(artifact / graph["file"], graph) as runner:
+        runner.run(feed)
+    with pytest.raises(BackendError, match="closed"):
+        runner.run(feed)
