@@ -330,6 +330,9 @@ def cached_libraries(cache: Path) -> list[Path]:
 def faults(artifacts: dict[str, Path], work: Path) -> dict[str, Any]:
     """Each fault in a process of its own (a library, once loaded, stays loaded in a process)."""
     base = work / "ops-cache-good"
+    default = Path(os.environ.get("EXPORT_ENGINE_CACHE") or Path.home() / ".cache" / "export-engine") / "ort-ops"
+    if not cached_libraries(base) and default.is_dir() and cached_libraries(default.parent):
+        shutil.copytree(default.parent, base, dirs_exist_ok=True)  # the build this machine already made
     if not cached_libraries(base):
         done = fault_child(artifacts["mast3r"], base, strict=False)
         if done["rc"] != 0:
