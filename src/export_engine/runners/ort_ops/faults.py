@@ -37,13 +37,21 @@ def unwritable_cache(where: Path) -> Path:
     return blocker / "cache"
 
 
+def _replace(library: Path, data: bytes) -> None:
+    """A new file renamed over the old one: a process that has the old one mapped keeps it intact (writing into a
+    mapped library, or truncating it, would crash that process with SIGBUS instead of showing the fault)."""
+    scratch = library.with_name(f".{library.name}.fault")
+    scratch.write_bytes(data)
+    os.replace(scratch, library)
+
+
 def _patch_record(library: Path, pattern: bytes, replace: bytes) -> None:
     """Rewrite a field of the library's embedded build record (same length), and its build.json to match."""
     data = library.read_bytes()
     found = re.search(pattern, data)
     if found is None or len(found.group(0)) != len(replace):
         raise ValueError(f"{library}: no {pattern!r} of that length in its build record")
-    library.write_bytes(data[: found.start()] + replace + data[found.end() :])
+    _replace(library, data[: found.start()] + replace + data[found.end() :])
     record = json.loads((library.parent / fit.RECORD_NAME).read_text())
     record.update({k: v for k, v in fit.embedded_info_from_bytes(library.read_bytes()).items() if k in fit.EMBEDDED})
     record.update(sha256=fit.sha256(library), bytes=library.stat().st_size)
@@ -52,15 +60,14 @@ def _patch_record(library: Path, pattern: bytes, replace: bytes) -> None:
 
 def provoke(kind: str, library: Path) -> None:
     """Damage ``library`` (a library file with its ``build.json``) in place in the way ``kind`` names."""
-    size = library.stat().st_size
+    data = library.read_bytes()
+    middle = len(data) // 2
     if kind == "truncated":
-        os.truncate(library, size // 2)
+        _replace(library, data[:middle])
     elif kind == "zero-length":
-        os.truncate(library, 0)
+        _replace(library, b"")
     elif kind == "corrupt":
-        with library.open("r+b") as f:
-            f.seek(size // 2)
-            f.write(bytes(b ^ 0xFF for b in f.read(4096)) or b"\xff")
+        _replace(library, data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4096]) + data[middle + 4096 :])
     elif kind == "other-cuda":
         runtime = int(fit.embedded_info_from_bytes(library.read_bytes()).get("cuda_runtime", 0))
         if not runtime:

@@ -92,7 +92,10 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 
 def embedded_info(path: Path) -> dict[str, Any]:
-    """What a (checked, whole) library says about its build. OSError / AttributeError / ValueError if it can't."""
+    """What a (checked, whole) library says about its build. OSError / AttributeError / ValueError if it can't.
+
+    dlopen hands back a library already loaded from the same path, whatever the file holds now: a library is
+    replaced by a rename (a new file), never rewritten in place, and checked under a path of its own first."""
     lib = ctypes.CDLL(str(path))
     lib.ExportEngineOpsBuildInfo.restype = ctypes.c_char_p
     info = json.loads(lib.ExportEngineOpsBuildInfo().decode())
@@ -247,7 +250,7 @@ def problem(path: Path, cuda: bool, machine: Machine | None = None) -> str | Non
 
 def write_record(library: Path, compiler: str) -> dict[str, Any]:
     """Write ``build.json`` beside a freshly built library: what it says about itself, its hash and size."""
-    record = {k: embedded_info(library)[k] for k in EMBEDDED}
+    record = {k: embedded_info_from_bytes(library.read_bytes()).get(k) for k in EMBEDDED}
     record.update(sha256=sha256(library), bytes=library.stat().st_size, compiler=compiler)
     scratch = library.parent / f".{RECORD_NAME}.{os.getpid()}"
     scratch.write_text(json.dumps(record, indent=1) + "\n")
