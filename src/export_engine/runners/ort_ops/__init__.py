@@ -158,7 +158,7 @@ def build_here(cuda: bool) -> Path:
 def forget() -> None:
     """Forget chosen and failed libraries of this process (the files stay): the next use looks again."""
     choose.cache_clear()
-    fit.this_machine.cache_clear()
+    fit.forget_machine()
     _FAILED.clear()
 
 
@@ -208,6 +208,6 @@ def status(cuda: bool) -> str:
     damaged = fit.problem(target, cuda) if target.is_file() else None
     if target.is_file() and damaged is None:
         return Choice(target, "cached build").describe() + after
-    compiler = nvcc() if cuda else cxx()
+    compiler = build.nvcc() if cuda else build.cxx()
     again = f"rebuilt ({damaged}) " if damaged else "built "
     return f"{again}on first use by {compiler} into {target.parent}{after}"

@@ -190,12 +190,18 @@ def _driver() -> tuple[int | None, tuple[str, ...]]:
     return version.value, tuple(found)
 
 
-@functools.lru_cache(maxsize=2)
+_MACHINES: dict[bool, Machine] = {}  # looked up once per process (forget_machine: again)
+
+
 def this_machine(cuda: bool) -> Machine:
-    if not cuda:
-        return Machine(_ort_api())
-    driver, capabilities = _driver()
-    return Machine(_ort_api(), _ort_cuda_major(), driver, capabilities)
+    if cuda not in _MACHINES:
+        driver, capabilities = _driver() if cuda else (None, ())
+        _MACHINES[cuda] = Machine(_ort_api(), _ort_cuda_major() if cuda else None, driver, capabilities)
+    return _MACHINES[cuda]
+
+
+def forget_machine() -> None:
+    _MACHINES.clear()
 
 
 def _archs(record: dict[str, Any]) -> list[int]:
