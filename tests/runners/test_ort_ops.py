@@ -4,6 +4,7 @@ CPU provider and (marker gpu) on the CUDA provider, clear errors, and the fallba
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -460,3 +461,45 @@ def test_channel_layer_norm_names_bad_shapes() -> None:
 def test_cuda_channel_layer_norm_matches_numpy(dtype: type, shape: list[int], gelu: int) -> None:
     """Blocks of 32 positions x 8 channel rows: fewer channels than rows, and positions past the last block."""
     _channel_norm_case(dtype, shape, gelu, cuda=True)
+
+
+PREBUILT_CUDA = [p for f in ort_ops.prebuilt_folders() for p in f.glob(f"cuda*/{ort_ops.LIBRARY_NAME}")]
+
+
+@pytest.mark.skipif(not ort_ops.prebuilt_folders(), reason="no prebuilt library here (CI builds one)")
+def test_sessions_here_use_the_prebuilt_library() -> None:
+    """Where a prebuilt library is installed (CI: built before the tests), the CPU kernels checked against numpy
+    in this file are its: nothing was compiled for them."""
+    ort_ops.forget()
+    choice = ort_ops.choose(cuda=False)
+    assert choice.source == "prebuilt" and not choice.refused and ort_ops.providers(choice.path)[0] == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
+@pytest.mark.skipif(not PREBUILT_CUDA, reason="needs the prebuilt CUDA library (scripts/build_ort_ops.py)")
+def test_cuda_kernels_of_the_prebuilt_library_with_no_nvcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every operator's CUDA kernels, from the prebuilt library, on a machine where nothing can compile them."""
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not (Path(p) / "nvcc").exists()]
+    monkeypatch.setenv("PATH", os.pathsep.join(path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(ort_ops.build, "nvcc", lambda: None)  # /usr/local/cuda/bin/nvcc too
+    monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
+    ort_ops.forget()
+    try:
+        choice = ort_ops.choose(cuda=True)
+        assert choice.source == "prebuilt" and ort_ops.providers(choice.path) == ("cpu", "cuda"), choice
+        for rotate, head_dim in CASES:
+            test_cuda_kernel_matches_numpy(np.float16, rotate, head_dim)
+        for shape, residual, relu in BIAS_ACTIVATION_CASES:
+            test_cuda_bias_activation_matches_numpy(np.float16, shape, residual, relu)
+        for shape, scale in RESIZE_CASES:
+            _resize_case(np.float16, shape, scale, cuda=True)
+        for lead, k, n in MATMUL_GELU_CASES:
+            test_cuda_matmul_bias_gelu_matches_numpy(lead, k, n)
+        for shape, gelu in CHANNEL_NORM_CASES:
+            _channel_norm_case(np.float16, shape, gelu, cuda=True)
+        assert ort_ops.library(cuda=True) == choice.path and not any(tmp_path.iterdir())  # nothing was built
+    finally:
+        ort_ops.forget()

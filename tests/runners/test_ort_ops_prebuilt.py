@@ -236,3 +236,33 @@ def test_faults_name_the_valid_kinds(cpu_build: Path, tmp_path: Path) -> None:
         faults.provoke("other-cuda", library)
     with pytest.raises(ValueError, match=r"unknown fault 'melted'; valid: \['truncated'"):
         faults.provoke("melted", library)
+
+
+def _wheel() -> Path | None:
+    folders = [Path(os.environ[ort_ops.PREBUILT_ENV]).parent] if os.environ.get(ort_ops.PREBUILT_ENV) else []
+    found = [w for f in [*folders, ROOT / "build" / "ort-ops"] for w in sorted(f.glob("dist/export_engine_ops-*.whl"))]
+    return found[0] if found else None
+
+
+def test_the_wheel_installs_and_serves_with_no_compiler(tmp_path: Path) -> None:
+    """What ``pip install 'export-engine[gpu]'`` brings: the export-engine-ops wheel, found with no compiler, no
+    environment variable and an empty cache."""
+    wheel = _wheel()
+    if wheel is None:
+        pytest.skip("no export-engine-ops wheel: python3 scripts/build_ort_ops.py (CI builds it)")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True)  # fmt: skip
+    script = (
+        "from export_engine.runners import ort_ops\n"
+        "c = ort_ops.choose(cuda=False)\n"
+        "print(c.source, c.path, ort_ops.providers(c.path), ort_ops.cxx(), ort_ops.nvcc() is None)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (ort_ops.PREBUILT_ENV, "CXX", "CUDA_HOME", "CUDA_PATH")}
+    env.update(PYTHONPATH=f"{site}{os.pathsep}{SRC}", PATH="", EXPORT_ENGINE_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    source, path, providers, compiler, _ = done.stdout.split(" ", 4)
+    assert source == "prebuilt" and Path(path).is_relative_to(site / "export_engine_ops" / "cpu")
+    assert providers == "('cpu',)" and compiler == "None"
+    assert not (tmp_path / "cache").exists()
