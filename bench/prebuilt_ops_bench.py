@@ -63,7 +63,7 @@ def child(kind: str, artifact: Path, warm: int, reps: int, modes: tuple[str, ...
     ok, why = ort_ops.available(cuda=True)
     choose_s = time.perf_counter() - start
     rows.append({"case": f"operator library, first use ({kind})", "available": ok, "library": why,
-                 "choose_s": round(choose_s, 4), "nvcc": ort_ops.nvcc()})  # fmt: skip
+                 "choose_s": round(choose_s, 4), "nvcc": ort_ops.build.nvcc()})  # fmt: skip
     start = time.perf_counter()
     session = ee.load(artifact)
     load_s = time.perf_counter() - start

@@ -103,7 +103,7 @@ def test_a_prebuilt_library_that_does_not_fit_is_refused_with_one_line(
     here: Path, cpu_build: Path, kind: str, says: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     faults.provoke(kind, _install(cpu_build, here / "prebuilt" / "cpu"))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="export_engine"):
         names = ort_lowering.with_own_ops(("conv_epilogue", "rotary"), cuda=False, strict=False)
     assert names == ("rotary",)  # conv_epilogue has no stock form: dropped
     (line,) = _warnings(caplog)
@@ -118,7 +118,7 @@ def test_an_unfitting_prebuilt_library_is_built_on_first_use_where_a_compiler_is
 ) -> None:
     faults.provoke("old-ort", _install(cpu_build, here / "prebuilt" / "cpu"))
     monkeypatch.setattr(build, "cxx", lambda: shutil.which("c++") or shutil.which("g++"))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="export_engine"):
         choice = ort_ops.choose(cuda=False)
     assert choice.source == "built now" and choice.path.is_relative_to(here / "cache")
     assert any("needs ONNX Runtime API 99" in r.getMessage() and "using the built now" in r.getMessage()
@@ -140,7 +140,7 @@ def test_another_cuda_major_is_refused_and_its_own_is_taken(here: Path, monkeypa
     shutil.rmtree(library.parent)
     faults.provoke("other-cuda", _install(cuda, here / "prebuilt" / f"cuda{major}-other"))  # a path not loaded yet
     ort_ops.forget()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="export_engine"):
         assert ort_lowering.with_own_ops(("attention_fused",), cuda=True, strict=False) == ("attention_bsh",)
     (line,) = _warnings(caplog)
     assert f"built for CUDA {major - 1}, ONNX Runtime's CUDA provider uses CUDA {major}" in line and "nvcc" in line
@@ -153,7 +153,7 @@ def test_an_unwritable_cache_falls_back_with_one_line(here: Path, monkeypatch: p
     cache = faults.unwritable_cache(here / "blocked")
     monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(cache))
     monkeypatch.setattr(build, "cxx", lambda: shutil.which("c++") or shutil.which("g++"))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="export_engine"):
         assert ort_lowering.with_own_ops(("conv_epilogue", "rotary"), cuda=False, strict=False) == ("rotary",)
     (line,) = _warnings(caplog)
     assert f"operator cache {cache}/ort-ops is not writable (NotADirectoryError" in line
@@ -172,7 +172,7 @@ def test_a_damaged_cached_library_is_rebuilt(here: Path, monkeypatch: pytest.Mon
     assert first.source == "built now"
     faults.provoke(kind, first.path)
     ort_ops.forget()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="export_engine"):
         again = ort_ops.choose(cuda=False)
     assert again.source == "built now" and again.path == first.path
     (line,) = _warnings(caplog)
