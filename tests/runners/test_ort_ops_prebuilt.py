@@ -164,12 +164,12 @@ def test_an_unwritable_cache_falls_back_with_one_line(here: Path, monkeypatch: p
         ort_ops.build_here(cuda=False)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "zero-length", "corrupt"])
+@pytest.mark.parametrize("kind", ["truncated", "zero-length", "corrupt", "old-ort"])
 def test_a_damaged_cached_library_is_rebuilt(here: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     monkeypatch.setattr(build, "cxx", lambda: shutil.which("c++") or shutil.which("g++"))
     first = ort_ops.choose(cuda=False)
-    assert first.source == "built now"
+    assert first.source == "built now" and faults.cached_library(cuda=False) == first.path
     faults.provoke(kind, first.path)
     ort_ops.forget()
     with caplog.at_level(logging.INFO, logger="export_engine"):
@@ -266,3 +266,18 @@ def test_the_wheel_installs_and_serves_with_no_compiler(tmp_path: Path) -> None:
     assert source == "prebuilt" and Path(path).is_relative_to(site / "export_engine_ops" / "cpu")
     assert providers == "('cpu',)" and compiler == "None"
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_older_onnx_runtime_refuses_every_library_and_builds_none(
+    here: Path, cpu_build: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime 1.16 (OrtApi 16) against libraries that need 17: the prebuilt one is refused, and no build is
+    tried, since none of these sources could fit."""
+    _install(cpu_build, here / "prebuilt" / "cpu")
+    monkeypatch.setattr(fit, "this_machine", lambda cuda: fit.Machine(ort_api=16))
+    monkeypatch.setattr(build, "cxx", lambda: shutil.which("c++") or shutil.which("g++"))
+    with caplog.at_level(logging.INFO, logger="export_engine"):
+        assert ort_lowering.with_own_ops(("conv_epilogue", "rotary"), cuda=False, strict=False) == ("rotary",)
+    (line,) = _warnings(caplog)
+    assert "needs ONNX Runtime API 17 (onnxruntime >= 1.17), the installed one has API 16" in line
+    assert "upgrade onnxruntime" in line and not (here / "cache").exists()

@@ -129,7 +129,8 @@ def compile_into(folder: Path, cuda: bool, archs: Sequence[str] | None = None) -
     lines = (version.stdout or "").strip().splitlines() or [""]
     said = next((line for line in lines if "release" in line), lines[0])  # nvcc: "... release 13.0, V13.0.88"
     fit.write_record(output, f"{Path(command[0]).name}: {said}")
-    why, _ = fit.whole_problem(output)
+    why, record = fit.whole_problem(output)
+    why = why or fit.load_problem(output, record)  # loaded under the build's own (staging) path
     if why:
         raise BackendError(f"{failed}: the new library {why}")
     return output
@@ -174,19 +175,30 @@ def _locked(path: Path, wait_s: float) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _problem(library: Path, cuda: bool) -> str | None:
+    """Why a cached build cannot serve (None: it can): not whole, or made for another machine than this one (a
+    toolkit or ONNX Runtime replaced in place since); either way a new build may."""
+    return fit.problem(library, cuda)
+
+
 def cached(cuda: bool) -> tuple[Path, str]:
     """The first-use build for this machine: (path, "cached build" or "built now"). A cached library that is not
-    whole (truncated, empty, changed) is rebuilt with one log line; BackendError where none can be had."""
+    whole (truncated, empty, changed) or does not fit is rebuilt with one log line; BackendError where none can
+    be had."""
     library = target(cuda)
     root = library.parent.parent
-    if library.is_file() and fit.whole_problem(library)[0] is None:
+    have = fit.this_machine(cuda).ort_api
+    if have is not None and have < fit.source_api():  # no build of these sources can fit: none is tried
+        raise BackendError(f"export-engine's operators need ONNX Runtime API {fit.source_api()} (onnxruntime >= "
+                           f"1.{fit.source_api()}), the installed one has API {have}: upgrade onnxruntime")  # fmt: skip
+    if library.is_file() and _problem(library, cuda) is None:
         return library, "cached build"
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = root / f"{library.parent.name}.lock"
         with _locked(lock, BUILD_TIMEOUT_S):
             if library.parent.exists():
-                why, _ = fit.whole_problem(library)
+                why = _problem(library, cuda)
                 if why is None:  # another process built it while this one waited
                     return library, "cached build"
                 log.warning("cached operator library %s refused (%s): rebuilding it", library, why)

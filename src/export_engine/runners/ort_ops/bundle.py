@@ -58,7 +58,8 @@ def bundle_into(folder: Path) -> list[dict[str, Any]]:
         target.mkdir(parents=True)
         shutil.copy2(choice.path, target / build.LIBRARY_NAME)
         shutil.copy2(choice.path.parent / fit.RECORD_NAME, target / fit.RECORD_NAME)
-        why_not = fit.whole_problem(target / build.LIBRARY_NAME)[0]
+        why_not, record = fit.whole_problem(target / build.LIBRARY_NAME)
+        why_not = why_not or fit.load_problem(target / build.LIBRARY_NAME, record)
         if why_not:
             raise BackendError(f"--bundle-operators: the copy of {choice.path} {why_not}")
         _validated(target / build.LIBRARY_NAME)

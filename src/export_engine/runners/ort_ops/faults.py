@@ -2,8 +2,9 @@
 
 Every fault leaves the runner on ONNX Runtime's own operators with one log line (or a BackendError under
 ``strict``), except ``corrupt``, ``truncated`` and ``zero-length`` on a cached build, which is rebuilt where a
-compiler is found. ``provoke(kind, library)`` damages the library file ``library`` (a cached build, a copy of a
-prebuilt one, a bundled one) in place; ``unwritable_cache(where)`` returns a cache path that cannot be created.
+compiler is found (``other-cuda`` and ``old-ort`` on a cached build too: a new build fits). ``provoke(kind,
+library)`` damages the library file ``library`` (a cached build: ``cached_library(cuda)``, a copy of a prebuilt
+one, a bundled one); ``unwritable_cache(where)`` returns a cache path that cannot be created.
 
 =================  ==========================================================================================
 ``truncated``      the file cut to half its size (mapped as is, it would crash the process with SIGBUS)
@@ -27,6 +28,14 @@ from export_engine.runners.ort_ops import fit
 
 LIBRARY_FAULTS = ("truncated", "zero-length", "corrupt", "other-cuda", "old-ort")  # provoke(kind, library)
 KINDS = (*LIBRARY_FAULTS, "unwritable-cache")  # the last: unwritable_cache(where)
+
+
+def cached_library(cuda: bool) -> Path:
+    """Where this machine's first-use build lives (it exists once a session or ``doctor --build-ops`` built it);
+    BackendError where no compiler is found."""
+    from export_engine.runners.ort_ops import build
+
+    return build.target(cuda)
 
 
 def unwritable_cache(where: Path) -> Path:

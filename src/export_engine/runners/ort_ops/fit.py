@@ -46,6 +46,13 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def source_api() -> int:
+    """The ONNX Runtime API version a library built from these sources needs (ort_abi.h's two versions)."""
+    text = (_HERE / "ort_abi.h").read_text()
+    return max(int(v) for v in re.findall(r"#define EE_ORT_(?:API|CUSTOM_OP)_VERSION (\d+)", text))
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -114,7 +121,7 @@ def embedded_info_from_bytes(data: bytes) -> dict[str, Any]:
 
 
 def whole_problem(path: Path) -> tuple[str | None, dict[str, Any]]:
-    """(why the file cannot be used as a library, None if it can; its build record)."""
+    """(why the file is not a whole library of ours, None if it is; its build record), without loading it."""
     if not path.is_file():
         return "missing", {}
     problem = elf_problem(path)
@@ -125,14 +132,23 @@ def whole_problem(path: Path) -> tuple[str | None, dict[str, Any]]:
         return f"no readable {RECORD_NAME} beside it", {}
     if record.get("sha256") != sha256(path):
         return f"its sha256 is not the one {RECORD_NAME} records (the file was changed or damaged)", record
+    return _differs(embedded_info_from_bytes(path.read_bytes()), record), record
+
+
+def _differs(info: dict[str, Any], record: dict[str, Any]) -> str | None:
+    differs = [k for k in EMBEDDED if info.get(k) != record.get(k)]
+    return f"{RECORD_NAME} does not describe it ({', '.join(differs)} differ)" if differs else None
+
+
+def load_problem(path: Path, record: dict[str, Any]) -> str | None:
+    """Why a whole, fitting library does not load here (None: it loads and says what its record says). Loaded
+    last, once everything that can be read from the file says it fits: a library a process has loaded stays the
+    one it gets for that path (see :func:`embedded_info`)."""
     try:
         info = embedded_info(path)
     except (OSError, AttributeError, ValueError) as err:
-        return f"does not load as export-engine's operator library ({' '.join(str(err).split())[:160]})", record
-    differs = [k for k in EMBEDDED if info.get(k) != record.get(k)]
-    if differs:
-        return f"{RECORD_NAME} does not describe it ({', '.join(differs)} differ)", record
-    return None, record
+        return f"does not load as export-engine's operator library ({' '.join(str(err).split())[:160]})"
+    return _differs(info, record)
 
 
 @dataclass(frozen=True)
@@ -251,7 +267,7 @@ def problem(path: Path, cuda: bool, machine: Machine | None = None) -> str | Non
     why, record = whole_problem(path)
     if why:
         return why
-    return misfit(record, machine or this_machine(cuda), cuda)
+    return misfit(record, machine or this_machine(cuda), cuda) or load_problem(path, record)
 
 
 def write_record(library: Path, compiler: str) -> dict[str, Any]:
