@@ -5,8 +5,9 @@
         [--out DIR] [--repeats 50] [--compile-modes reduce-overhead]
 
 The MASt3R hybrid artifact is ``DIR/mast3r-hybrid`` (exported first, as bench/gpu_bench.py does, when absent).
-Each measurement runs in a fresh process with a fresh ``$EXPORT_ENGINE_CACHE``, ``nvcc`` off ``PATH``,
-``CUDA_HOME`` unset and the runtime's fixed-path lookup of nvcc answered "none", so nothing can be compiled:
+Each ONNX Runtime measurement runs in a fresh process with a fresh ``$EXPORT_ENGINE_CACHE``, ``nvcc`` off
+``PATH``, ``CUDA_HOME`` unset and the runtime's fixed-path lookup of nvcc answered "none", so nothing can be
+compiled:
 
 1. ``prebuilt``: ``$EXPORT_ENGINE_OPS_PREBUILT`` names the library built by scripts/build_ort_ops.py. The time to
    choose (check) the library, ``ee.load`` of the artifact (first load in the process), then the pair on ONNX
@@ -78,7 +79,7 @@ def child(kind: str, artifact: Path, warm: int, reps: int, modes: tuple[str, ...
 
 
 def run_child(kind: str, args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
-    env = _without_nvcc(dict(os.environ))
+    env = dict(os.environ) if kind == "compile" else _without_nvcc(dict(os.environ))  # inductor keeps its tools
     env["EXPORT_ENGINE_CACHE"] = str(scratch / f"cache-{kind}")  # fresh: nothing built before
     env.pop("EXPORT_ENGINE_OPS_PREBUILT", None)
     if kind == "prebuilt":
