@@ -281,3 +281,4 @@ def test_an_older_onnx_runtime_refuses_every_library_and_builds_none(
     (line,) = _warnings(caplog)
     assert "needs ONNX Runtime API 17 (onnxruntime >= 1.17), the installed one has API 16" in line
     assert "upgrade onnxruntime" in line and not (here / "cache").exists()
+    assert ort_ops.status(cuda=False).startswith("none: the operators need ONNX Runtime API 17, the installed one")

@@ -204,6 +204,9 @@ def status(cuda: bool) -> str:
             return Choice(path, source).describe() + (f" ({'; '.join(refused)})" if refused else "")
         refused.append(f"{source} {path} refused: {why}")
     after = f" ({'; '.join(refused)})" if refused else " (no prebuilt library installed: export-engine-ops)"
+    have = fit.this_machine(cuda).ort_api
+    if have is not None and have < fit.source_api():
+        return f"none: the operators need ONNX Runtime API {fit.source_api()}, the installed one has API {have}{after}"
     try:
         target = build.target(cuda)
     except BackendError as err:
