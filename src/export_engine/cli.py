@@ -83,6 +83,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-data", type=Path, help="folder of your images (png/jpg) or volumes (.npy/.nii[.gz])")
     p.add_argument("--precision-plan", type=Path, help="reuse a precision_plan.json instead of calibrating")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME", help="skip a graph pass (repeatable)")
+    p.add_argument("--bundle-operators", action="store_true",
+                   help="the artifact carries export-engine's ONNX Runtime operator libraries (CPU, and CUDA where "
+                        "one is to be had), hashed in the manifest; loading prefers them")  # fmt: skip
     _common(p)
     return p
 
@@ -260,6 +263,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         compute_capabilities=tuple(args.compute_capability),
         hardware_compatibility=args.hardware_compatibility,
         version_compatible=args.version_compatible,
+        bundle_operators=args.bundle_operators,
     )
     result = export(config)
     print(result.artifact)
@@ -409,7 +413,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     if args.build_ops:
         from export_engine.runners import ort_ops
 
-        path = ort_ops.library(cuda=ort_ops.nvcc() is not None)  # BackendError (exit 8) says why it failed
+        path = ort_ops.build_here(cuda=ort_ops.nvcc() is not None)  # BackendError (exit 8) says why it failed
         log.info("export-engine's ONNX Runtime operators (%s): %s", ",".join(ort_ops.providers(path)), path)
     report = diagnose(args.artifact)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())

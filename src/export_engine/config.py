@@ -87,6 +87,7 @@ class ExportConfig:
     precision_plan: Path | None = None  # reuse a precision_plan.json instead of calibrating
     calibration_data: Path | None = None  # folder of the user's images / volumes for calibration
     attention: str = "dense"  # FastSAM3D encoder: "dense" (released) or "sparse" (3D sparse flash attention)
+    bundle_operators: bool = False  # the artifact carries the ONNX Runtime operator libraries (operators/)
     extra: dict[str, str] = field(default_factory=dict)
 
 

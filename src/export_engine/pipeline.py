@@ -149,6 +149,10 @@ def export(config: ExportConfig) -> ExportResult:
     config_json = read_config_file(config.config_file)
     writer = ArtifactWriter(config.out, force=config.force)
     writer.check_target()  # fail before minutes of work, not after
+    if config.bundle_operators:  # the same: no operator library to bundle is said now
+        from export_engine.runners import ort_ops
+
+        ort_ops.choose(cuda=False)
     run = ExportRun(family, config)
     backend, why = choose_backend(config.backend.value)
     run.backend, run.backend_reason = backend, why
@@ -210,6 +214,10 @@ def export(config: ExportConfig) -> ExportResult:
         _write_parity(staging, run)
         shutil.rmtree(work)
         manifest = build_manifest(staging, run, weights, resolved_config)
+        if config.bundle_operators:
+            from export_engine.runners.ort_ops.bundle import bundle_into
+
+            manifest["operators"] = bundle_into(staging)  # hashed with every other file by commit
         writer.commit(manifest)
     log.info("artifact written to %s", writer.target)
     return ExportResult(writer.target, manifest, run.final_parity, run.timings, run.passes)

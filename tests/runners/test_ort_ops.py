@@ -4,6 +4,7 @@ CPU provider and (marker gpu) on the CUDA provider, clear errors, and the fallba
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,17 @@ from export_engine.errors import BackendError
 from export_engine.runners import ort_lowering, ort_ops
 from export_engine.runners.ort_cuda import cuda_available
 
-CPU_OK, CPU_WHY = ort_ops.cxx() is not None, "no C++ compiler (g++, c++ or $CXX) on this machine"
-needs_cxx = pytest.mark.skipif(not CPU_OK, reason=f"builds the CPU operators: {CPU_WHY}")
+CPU_OK = ort_ops.cxx() is not None or any(ort_ops.prebuilt_folders())
+needs_cxx = pytest.mark.skipif(not CPU_OK, reason="needs the CPU operators: no C++ compiler and no prebuilt library")
 CUDA, CUDA_WHY = cuda_available()
+CUDA_OPS, CUDA_OPS_WHY = ort_ops.available(cuda=True) if CUDA else (False, "no GPU")
+
+
+@pytest.fixture
+def no_prebuilt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests of first-use builds: no prebuilt library (CI installs one) is looked at."""
+    monkeypatch.setattr(ort_ops, "prebuilt_folders", lambda: [])
+    ort_ops.forget()
 
 
 def _model(dtype: int, batch: int, tokens: int, width: int, rotate: list[int], head_dim: int,
@@ -151,6 +160,7 @@ def test_bad_inputs_are_named() -> None:
 
 
 @needs_cxx
+@pytest.mark.usefixtures("no_prebuilt")
 def test_library_is_built_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
     ort_ops.forget()
@@ -160,29 +170,33 @@ def test_library_is_built_once_and_cached(tmp_path: Path, monkeypatch: pytest.Mo
         stamp = path.stat().st_mtime_ns
         ort_ops.forget()
         assert ort_ops.library(cuda=False) == path and path.stat().st_mtime_ns == stamp  # no rebuild
-        assert [p.name for p in path.parent.iterdir()] == [ort_ops.LIBRARY_NAME]  # no scratch left
+        assert sorted(p.name for p in path.parent.iterdir()) == ["build.json", ort_ops.LIBRARY_NAME]  # no scratch
+        assert not [p for p in path.parent.parent.iterdir() if p.name.startswith(".")]
     finally:
         ort_ops.forget()
 
 
+@pytest.mark.usefixtures("no_prebuilt")
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
-    monkeypatch.setattr(ort_ops, "cxx", lambda: "/bin/false")
+    monkeypatch.setattr(ort_ops.build, "cxx", lambda: "/bin/false")
     ort_ops.forget()
     try:
         with pytest.raises(BackendError, match="building export-engine's ONNX Runtime operators failed"):
             ort_ops.library(cuda=False)
-        assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+        # nothing but the (empty) lock file that serialises builds of this library across processes
+        assert [p.suffix for p in tmp_path.rglob("*") if p.is_file() or p.parent != tmp_path] == [".lock"]
         ok, why = ort_ops.available(cuda=False)
         assert not ok and "failed" in why
     finally:
         ort_ops.forget()
 
 
+@pytest.mark.usefixtures("no_prebuilt")
 def test_without_a_compiler_the_stock_operators_are_used(monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    monkeypatch.setattr(ort_ops, "nvcc", lambda: None)
+    monkeypatch.setattr(ort_ops.build, "nvcc", lambda: None)
     ort_ops.forget()
     try:
         names = ("patch_conv", "attention_fused", "rotary")
@@ -199,7 +213,7 @@ def test_without_a_compiler_the_stock_operators_are_used(monkeypatch: pytest.Mon
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
-@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.skipif(not CUDA_OPS, reason=f"needs export-engine's CUDA operators: {CUDA_OPS_WHY}")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize(("rotate", "head_dim"), CASES)
 def test_cuda_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int) -> None:
@@ -219,7 +233,7 @@ def test_cuda_kernel_matches_numpy(dtype: type, rotate: list[int], head_dim: int
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
-@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.skipif(not CUDA_OPS, reason=f"needs export-engine's CUDA operators: {CUDA_OPS_WHY}")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize(("shape", "residual", "relu"), BIAS_ACTIVATION_CASES)
 def test_cuda_bias_activation_matches_numpy(dtype: type, shape: list[int], residual: bool, relu: int) -> None:
@@ -228,10 +242,12 @@ def test_cuda_bias_activation_matches_numpy(dtype: type, shape: list[int], resid
     _bias_activation_case(dtype, shape, residual, relu, cuda=True, last=1)
 
 
+@pytest.mark.usefixtures("no_prebuilt")
 def test_status_says_what_applies_without_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
-    monkeypatch.setattr(ort_ops, "nvcc", lambda: None)
-    assert ort_ops.status(cuda=True).startswith("not available:") and "nvcc" in ort_ops.status(cuda=True)
+    monkeypatch.setattr(ort_ops.build, "nvcc", lambda: None)
+    assert ort_ops.status(cuda=True).startswith("none:") and "nvcc" in ort_ops.status(cuda=True)
+    monkeypatch.setattr(ort_ops.build, "nvcc", lambda: "/opt/cuda/bin/nvcc")
     monkeypatch.setattr(ort_ops, "nvcc", lambda: "/opt/cuda/bin/nvcc")
     assert ort_ops.status(cuda=True).startswith("built on first use by /opt/cuda/bin/nvcc")
     assert not any(tmp_path.iterdir())  # nothing was built or created
@@ -294,7 +310,7 @@ def _resize_case(dtype: type, shape: list[int], scale: list[int], cuda: bool) ->
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
-@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.skipif(not CUDA_OPS, reason=f"needs export-engine's CUDA operators: {CUDA_OPS_WHY}")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize(("shape", "scale"), RESIZE_CASES)
 def test_cuda_resize_bilinear_matches_onnx_resize(dtype: type, shape: list[int], scale: list[int]) -> None:
@@ -302,6 +318,7 @@ def test_cuda_resize_bilinear_matches_onnx_resize(dtype: type, shape: list[int],
     _resize_case(dtype, shape, scale, cuda=True)
 
 
+@pytest.mark.usefixtures("no_prebuilt")
 def test_a_failed_build_is_not_retried_in_the_same_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
 
@@ -310,8 +327,8 @@ def test_a_failed_build_is_not_retried_in_the_same_process(tmp_path: Path, monke
         raise OSError("exec format error")
 
     monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
-    monkeypatch.setattr(ort_ops, "cxx", lambda: "/usr/bin/g++")
-    monkeypatch.setattr(ort_ops.subprocess, "run", failing_run)
+    monkeypatch.setattr(ort_ops.build, "cxx", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(ort_ops.build.subprocess, "run", failing_run)
     ort_ops.forget()
     try:
         for _ in range(3):
@@ -324,15 +341,15 @@ def test_a_failed_build_is_not_retried_in_the_same_process(tmp_path: Path, monke
 
 def test_the_cuda_build_targets_the_same_architectures_with_or_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """A library built ahead of time where no GPU is visible is the one a GPU machine's runner looks for."""
-    monkeypatch.setattr(ort_ops, "_supported", lambda compiler: frozenset({"75", "80", "86", "89", "90", "100"}))
+    monkeypatch.setattr(ort_ops.build, "supported", lambda compiler: frozenset({"75", "80", "86", "89", "90", "100"}))
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    without = ort_ops._archs("nvcc")
+    without = ort_ops.build.archs_for("nvcc")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert ort_ops._archs("nvcc") == without == ("80", "86", "89", "90", "100")  # 120: not in this nvcc
+    assert ort_ops.build.archs_for("nvcc") == without == ("80", "86", "89", "90", "100")  # 120: not in this nvcc
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    assert ort_ops._archs("nvcc") == ("75", *without)  # a GPU outside the list gets its own code too
+    assert ort_ops.build.archs_for("nvcc") == ("75", *without)  # a GPU outside the list gets its own code too
 
 
 def _matmul_gelu_model(x_shape: list, k: int, n: int) -> bytes:
@@ -380,7 +397,7 @@ def test_matmul_bias_gelu_names_bad_shapes() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
-@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.skipif(not CUDA_OPS, reason=f"needs export-engine's CUDA operators: {CUDA_OPS_WHY}")
 @pytest.mark.parametrize(("lead", "k", "n"), [*MATMUL_GELU_CASES, ((2, 768), 1024, 4096)])
 def test_cuda_matmul_bias_gelu_matches_numpy(lead: tuple[int, ...], k: int, n: int) -> None:
     """One cuBLASLt matmul with its GELU+bias epilogue (MASt3R's encoder MLP shape last)."""
@@ -438,9 +455,51 @@ def test_channel_layer_norm_names_bad_shapes() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
-@pytest.mark.skipif(ort_ops.nvcc() is None, reason="builds the CUDA operators: no nvcc on this machine")
+@pytest.mark.skipif(not CUDA_OPS, reason=f"needs export-engine's CUDA operators: {CUDA_OPS_WHY}")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize(("shape", "gelu"), CHANNEL_NORM_CASES)
 def test_cuda_channel_layer_norm_matches_numpy(dtype: type, shape: list[int], gelu: int) -> None:
     """Blocks of 32 positions x 8 channel rows: fewer channels than rows, and positions past the last block."""
     _channel_norm_case(dtype, shape, gelu, cuda=True)
+
+
+PREBUILT_CUDA = [p for f in ort_ops.prebuilt_folders() for p in f.glob(f"cuda*/{ort_ops.LIBRARY_NAME}")]
+
+
+@pytest.mark.skipif(not ort_ops.prebuilt_folders(), reason="no prebuilt library here (CI builds one)")
+def test_sessions_here_use_the_prebuilt_library() -> None:
+    """Where a prebuilt library is installed (CI: built before the tests), the CPU kernels checked against numpy
+    in this file are its: nothing was compiled for them."""
+    ort_ops.forget()
+    choice = ort_ops.choose(cuda=False)
+    assert choice.source == "prebuilt" and not choice.refused and ort_ops.providers(choice.path)[0] == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=f"needs ONNX Runtime CUDA and a GPU: {CUDA_WHY}")
+@pytest.mark.skipif(not PREBUILT_CUDA, reason="needs the prebuilt CUDA library (scripts/build_ort_ops.py)")
+def test_cuda_kernels_of_the_prebuilt_library_with_no_nvcc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every operator's CUDA kernels, from the prebuilt library, on a machine where nothing can compile them."""
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not (Path(p) / "nvcc").exists()]
+    monkeypatch.setenv("PATH", os.pathsep.join(path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(ort_ops.build, "nvcc", lambda: None)  # /usr/local/cuda/bin/nvcc too
+    monkeypatch.setenv("EXPORT_ENGINE_CACHE", str(tmp_path))
+    ort_ops.forget()
+    try:
+        choice = ort_ops.choose(cuda=True)
+        assert choice.source == "prebuilt" and ort_ops.providers(choice.path) == ("cpu", "cuda"), choice
+        for rotate, head_dim in CASES:
+            test_cuda_kernel_matches_numpy(np.float16, rotate, head_dim)
+        for shape, residual, relu in BIAS_ACTIVATION_CASES:
+            test_cuda_bias_activation_matches_numpy(np.float16, shape, residual, relu)
+        for shape, scale in RESIZE_CASES:
+            _resize_case(np.float16, shape, scale, cuda=True)
+        for lead, k, n in MATMUL_GELU_CASES:
+            test_cuda_matmul_bias_gelu_matches_numpy(lead, k, n)
+        for shape, gelu in CHANNEL_NORM_CASES:
+            _channel_norm_case(np.float16, shape, gelu, cuda=True)
+        assert ort_ops.library(cuda=True) == choice.path and not any(tmp_path.iterdir())  # nothing was built
+    finally:
+        ort_ops.forget()

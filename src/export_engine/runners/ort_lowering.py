@@ -9,7 +9,7 @@ measured on Hopper (bench/RESULTS.md):
 ``patch_conv``      kernel == stride (transposed) convolutions as MatMuls (cuDNN's direct kernels were slow)
 ``attention_fused`` as ``attention_bsh``, but each projection's bias add, q/k rotation and q/k/v split run as one
                     kernel of export-engine's own (``BiasRotarySplit``, :mod:`export_engine.runners.ort_ops`,
-                    built with nvcc on first use; without a compiler the runner uses ``attention_bsh``)
+                    prebuilt or built on first use; where no library fits, the runner uses ``attention_bsh``)
 ``attention_gqa``   attention blocks as ``GroupQueryAttention`` (non-causal) on the packed q/k/v projection,
                     RoPE inside the op (q/k projection columns permuted as for ``attention_bsh``)
 ``attention_bsh``   attention blocks kept in (B, N, C): Split, RotaryEmbedding and ``MultiHeadAttention``
@@ -123,8 +123,9 @@ def check_lowerings(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def with_own_ops(names: Sequence[str], cuda: bool, strict: bool) -> tuple[str, ...]:
-    """``names`` where export-engine's operator library can be had (built now if needed); elsewhere each lowering
-    that needs it is replaced by its stock-operator form, with one log line, or refused under ``strict``."""
+    """``names`` where export-engine's operator library can be had (bundled, prebuilt, cached, or built now);
+    elsewhere (no library fits, the cache is not writable, nothing can build one) each lowering that needs it is
+    replaced by its stock-operator form, with one log line saying why, or refused under ``strict`` (BackendError)."""
     names = check_lowerings(names)
     wanted = [n for n in names if n in OWN_OP_LOWERINGS]
     if not wanted:

@@ -94,7 +94,11 @@ def diagnose(artifact: Path | None = None) -> DoctorReport:
 
     runnable, why = cuda_available()
     report.add("runtime", "ONNX Runtime on CUDA", "yes" if runnable else f"no: {why}")
+    if artifact is not None and (Path(artifact) / "operators").is_dir():
+        ort_ops.use_bundled(Path(artifact))  # what a load of this artifact would prefer
+    # which library a session would use: bundled, prebuilt, cached build, built on first use, or none, and why
     report.add("runtime", "export-engine's CUDA operators", ort_ops.status(cuda=True))
+    report.add("runtime", "export-engine's CPU operators", ort_ops.status(cuda=False))
     if artifact is not None:
         _artifact_rows(report, Path(artifact), runnable)
     return report

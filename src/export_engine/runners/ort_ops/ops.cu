@@ -1598,3 +1598,29 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
 extern "C" __attribute__((visibility("default"))) const char* ExportEngineOpsProviders() {
   return kHasCuda ? "cpu,cuda" : "cpu";
 }
+
+// What this build was made against, as one JSON object, for the Python side to check before ONNX Runtime loads
+// the library (export_engine.runners.ort_ops.fit): the CUDA runtime it links (0: none), the OrtApi and OrtCustomOp
+// versions it needs, the GPU architectures it has code for and the hash of its sources (the build command passes
+// the last two). One string literal, so the record reads the same in the file as through this function.
+#ifndef EE_SOURCE_HASH
+#define EE_SOURCE_HASH unknown
+#endif
+#ifndef EE_ARCHS
+#define EE_ARCHS none
+#endif
+#ifdef __CUDACC__
+#define EE_CUDART CUDART_VERSION
+#define EE_PROVIDERS "cpu,cuda"
+#else
+#define EE_CUDART 0
+#define EE_PROVIDERS "cpu"
+#endif
+#define EE_TEXT(x) #x
+#define EE_STRING(x) EE_TEXT(x)
+
+extern "C" __attribute__((visibility("default"))) const char* ExportEngineOpsBuildInfo() {
+  return "{\"format\": 1, \"providers\": \"" EE_PROVIDERS "\", \"cuda_runtime\": " EE_STRING(EE_CUDART)
+         ", \"ort_api\": " EE_STRING(EE_ORT_API_VERSION) ", \"custom_op_version\": " EE_STRING(EE_ORT_CUSTOM_OP_VERSION)
+         ", \"archs\": \"" EE_STRING(EE_ARCHS) "\", \"source_hash\": \"" EE_STRING(EE_SOURCE_HASH) "\"}";
+}

@@ -20,10 +20,14 @@ struct OrtSessionOptions;
 struct OrtShapeInferContext;
 struct OrtApi;  // opaque here: reached through ee_ort::Api
 
+// Macros as well as constants: the library's build record (ExportEngineOpsBuildInfo in ops.cu) spells them out.
+#define EE_ORT_API_VERSION 17        // the OrtApi version requested (any ONNX Runtime >= 1.17 has it)
+#define EE_ORT_CUSTOM_OP_VERSION 17  // the OrtCustomOp layout version filled in
+
 namespace ee_ort {
 
-constexpr uint32_t kApiVersion = 17;       // the OrtApi version requested (any ONNX Runtime >= 1.17 has it)
-constexpr uint32_t kCustomOpVersion = 17;  // the OrtCustomOp layout version filled in
+constexpr uint32_t kApiVersion = EE_ORT_API_VERSION;
+constexpr uint32_t kCustomOpVersion = EE_ORT_CUSTOM_OP_VERSION;
 constexpr int kFail = 1;                   // OrtErrorCode ORT_FAIL
 constexpr int kTypeUndefined = 0;          // ONNXTensorElementDataType: any type, fixed per node
 constexpr int kRequired = 0, kOptional = 1, kVariadic = 2;  // OrtCustomOpInputOutputCharacteristic
