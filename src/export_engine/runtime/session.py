@@ -195,6 +195,9 @@ def load(
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
+    from export_engine.runners import ort_ops
+
+    ort_ops.use_bundled(path)  # operator libraries the artifact carries (and its manifest vouches for) come first
     family = runtime_family(manifest["model"])
     graphs = {g["name"]: g for g in manifest["graphs"]}
     engines = {e["graph"]: e for e in manifest.get("engines", [])}
