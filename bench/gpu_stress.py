@@ -323,76 +323,62 @@ def memory(artifacts: dict[str, Path], work: Path, cycles: int = 20) -> dict[str
     return {"ok": device_growth < 16 and host_growth < 64, "summary": f"{cycles} cycles, {summary}", "modes": modes}
 
 
-def cached_libraries(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.rglob("libexport_engine_ort_ops.so") if "cuda" in str(p.relative_to(cache)))
-
-
 def faults(artifacts: dict[str, Path], work: Path) -> dict[str, Any]:
-    """Each fault in a process of its own (a library, once loaded, stays loaded in a process)."""
-    base = work / "ops-cache-good"
-    default = Path(os.environ.get("EXPORT_ENGINE_CACHE") or Path.home() / ".cache" / "export-engine") / "ort-ops"
-    if not cached_libraries(base) and default.is_dir() and cached_libraries(default.parent):
-        shutil.copytree(default.parent, base, dirs_exist_ok=True)  # the build this machine already made
-    if not cached_libraries(base):
-        done = fault_child(artifacts["mast3r"], base, strict=False)
-        if done["rc"] != 0:
-            return {"ok": False, "summary": f"building the operator library failed: {done['tail'][-300:]}"}
-    try:
-        from export_engine.runners.ort_ops import faults as provoke_faults
+    """Each fault of the operator library in a process of its own (a loaded library stays loaded in a process):
+    the prebuilt library ($EXPORT_ENGINE_OPS_PREBUILT) damaged in each way, with an empty cache and no nvcc (so
+    nothing can be built instead), and an unwritable cache with nvcc found. Each must fall back to ONNX Runtime's
+    own operators and still compute the artifact's reference; strict must refuse (exit 8)."""
+    from export_engine.runners.ort_ops import faults as provoke
 
-        kinds = list(provoke_faults.KINDS)
-    except ImportError:
-        provoke_faults, kinds = None, ["truncated", "zero-length", "corrupt", "unwritable-cache"]
+    prebuilt = os.environ.get("EXPORT_ENGINE_OPS_PREBUILT")
+    if not prebuilt:
+        return {"ok": False, "summary": "set EXPORT_ENGINE_OPS_PREBUILT (scripts/build_ort_ops.py) to test faults"}
     rows = {}
-    for kind in kinds:
-        cache = work / f"ops-cache-{kind}"
-        shutil.rmtree(cache, ignore_errors=True)
+    control = fault_child(artifacts["mast3r"], {"EXPORT_ENGINE_CACHE": str(work / "ops-cache-empty")}, nvcc=False)
+    rows["none (control)"] = control
+    for kind in provoke.KINDS:
         if kind == "unwritable-cache":
-            cache = (provoke_faults.unwritable_cache(work / "unwritable") if provoke_faults
-                     else _blocked(work / "unwritable"))  # fmt: skip
+            env = {"EXPORT_ENGINE_CACHE": str(provoke.unwritable_cache(work / "unwritable")),
+                   "EXPORT_ENGINE_OPS_PREBUILT": ""}  # fmt: skip
+            nvcc = True
         else:
-            shutil.copytree(base, cache)
-            for library in cached_libraries(cache):
-                if provoke_faults is not None:
-                    provoke_faults.provoke(kind, library)
-                else:
-                    _damage(kind, library)
-        lenient = fault_child(artifacts["mast3r"], cache, strict=False)
-        strict = fault_child(artifacts["mast3r"], cache, strict=True) if kind != "corrupt" else None
-        rows[kind] = {"fallback_rc": lenient["rc"], "fallback_parity": lenient.get("parity"),
-                      "log": lenient["tail"][-400:], "strict_rc": strict and strict["rc"]}  # fmt: skip
-    ok = all(r["fallback_rc"] == 0 and r["fallback_parity"] == "passed" for r in rows.values())
-    verdict = {k: r["fallback_rc"] == 0 and r["fallback_parity"] == "passed" for k, r in rows.items()}
-    summary = ", ".join(f"{k}: {'falls back' if verdict[k] else 'BROKEN'} (strict exit {r['strict_rc']})"
-                        for k, r in rows.items())  # fmt: skip
+            damaged = work / f"ops-prebuilt-{kind}"
+            shutil.rmtree(damaged, ignore_errors=True)
+            shutil.copytree(prebuilt, damaged)
+            for library in damaged.rglob("libexport_engine_ort_ops.so"):
+                provoke.provoke(kind, library)
+            env = {"EXPORT_ENGINE_OPS_PREBUILT": str(damaged), "EXPORT_ENGINE_CACHE": str(work / f"ops-cache-{kind}")}
+            nvcc = False
+        lenient = fault_child(artifacts["mast3r"], env, nvcc=nvcc)
+        strict = fault_child(artifacts["mast3r"], env, nvcc=nvcc, strict=True)
+        rows[kind] = {**lenient, "strict_rc": strict["rc"], "strict_said": strict["said"]}
+    verdict = {k: r["rc"] == 0 and r["parity"] == "passed" for k, r in rows.items()}
+    ok = all(verdict.values()) and all(r.get("strict_rc") in (None, 8) for r in rows.values())
+    ok = ok and rows["none (control)"]["library"] == "prebuilt"
+    summary = "; ".join(
+        f"{k}: {'runs' if verdict[k] else 'BROKEN'} on {r['library']} ops"
+        + (f", strict exit {r['strict_rc']}" if "strict_rc" in r else "")
+        for k, r in rows.items()
+    )
     return {"ok": ok, "summary": summary, "faults": rows}
 
 
-def _blocked(where: Path) -> Path:
-    where.mkdir(parents=True, exist_ok=True)
-    (where / "file").write_text("not a folder\n")
-    return where / "file" / "cache"
-
-
-def _damage(kind: str, library: Path) -> None:
-    data = library.read_bytes()
-    damaged = {"truncated": data[: len(data) // 2], "zero-length": b"",
-               "corrupt": data[: len(data) // 2] + os.urandom(4096) + data[len(data) // 2 + 4096 :]}[kind]  # fmt: skip
-    scratch = library.with_name(".damaged")
-    scratch.write_bytes(damaged)
-    os.replace(scratch, library)
-
-
 FAULT_PROBE = """
-import sys, numpy as np
+import logging, sys
 from pathlib import Path
+logging.basicConfig(level=logging.WARNING, format="LOG %(name)s: %(message)s")
 from export_engine.errors import ExportError
+from export_engine.runners import ort_ops
 from export_engine.runtime.session import load
 from export_engine.runners.self_check import check_runner
-artifact, strict = Path(sys.argv[1]), sys.argv[2] == "1"
+artifact, strict, nvcc = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+if not nvcc:
+    ort_ops.build.nvcc = lambda: None
 try:
     session = load(artifact, strict=strict)
     reports = [check_runner(session.runners[g["name"]], artifact, g, "probe") for g in session.manifest["graphs"]]
+    own = any(r.outcome.lowerings and "attention_fused" in r.outcome.lowerings for r in session.runners.values())
+    print("LIBRARY", ort_ops.choose(True).source if own else "none")
     print("PARITY", "passed" if all(r.passed for r in reports) else "failed")
 except ExportError as err:
     print("REFUSED", type(err).__name__, err)
@@ -400,15 +386,21 @@ except ExportError as err:
 """
 
 
-def fault_child(artifact: Path, cache: Path, strict: bool) -> dict[str, Any]:
-    env = {**os.environ, "EXPORT_ENGINE_CACHE": str(cache)}
+def fault_child(artifact: Path, env: dict[str, str], nvcc: bool, strict: bool = False) -> dict[str, Any]:
+    full = {**os.environ, **env}
+    full = {k: v for k, v in full.items() if v != ""}
     try:
-        done = subprocess.run([sys.executable, "-c", FAULT_PROBE, str(artifact), "1" if strict else "0"], env=env,
-                              capture_output=True, text=True, timeout=240)  # fmt: skip
+        args = [str(artifact), "1" if strict else "0", "1" if nvcc else "0"]
+        done = subprocess.run([sys.executable, "-c", FAULT_PROBE, *args], env=full, capture_output=True, text=True,
+                              timeout=240)  # fmt: skip
     except subprocess.TimeoutExpired:
-        return {"rc": None, "tail": "hung"}
-    parity = next((line.split()[1] for line in done.stdout.splitlines() if line.startswith("PARITY")), None)
-    return {"rc": done.returncode, "parity": parity, "tail": (done.stdout + done.stderr)[-2000:]}
+        return {"rc": None, "parity": None, "library": None, "said": "hung"}
+    lines = done.stdout.splitlines()
+    parity = next((line.split()[1] for line in lines if line.startswith("PARITY")), None)
+    library = next((line.split(maxsplit=1)[1] for line in lines if line.startswith("LIBRARY")), None)
+    said = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith(("LOG", "REFUSED"))]
+    return {"rc": done.returncode, "parity": parity, "library": library, "said": said[-3:],
+            "tail": "" if done.returncode == 0 else done.stderr[-800:]}  # fmt: skip
 
 
 def bad_inputs(artifacts: dict[str, Path], work: Path) -> dict[str, Any]:
