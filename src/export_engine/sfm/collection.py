@@ -81,7 +81,7 @@ def _probe(name: str, path: Path) -> CollectionImage:
 def _focal_px(exif: object, path: Path, size: tuple[int, int]) -> float | None:
     """Focal length in pixels from EXIF: the 35 mm equivalent over a 36 mm wide frame, else the focal length in mm
     times the focal-plane resolution (pixels per unit of the sensor, in the image's stored resolution)."""
-    detail = exif.get_ifd(_EXIF_IFD) if hasattr(exif, "get_ifd") else {}  # type: ignore[attr-defined]
+    detail = exif.get_ifd(_EXIF_IFD) if hasattr(exif, "get_ifd") else {}
     try:
         f35 = float(detail.get(_FOCAL_35MM, 0) or 0)
         if f35 > 0:

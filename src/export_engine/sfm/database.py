@@ -172,7 +172,9 @@ class ColmapDatabase:
             self._keypoints[image_id - 1] = _Keypoints(entry, np.frombuffer(blob, dtype=np.int32))
 
     @classmethod
-    def create(cls, path: Path, images: Sequence[ImageEntry], camera_mode: str, run: Mapping[str, Any]) -> ColmapDatabase:
+    def create(
+        cls, path: Path, images: Sequence[ImageEntry], camera_mode: str, run: Mapping[str, Any]
+    ) -> ColmapDatabase:
         """A new database with every camera and image, built beside ``path`` and renamed into place."""
         cameras, owners = cameras_for(images, camera_mode)
         staging = path.with_name(f".{path.name}.partial")
@@ -203,13 +205,7 @@ class ColmapDatabase:
     @classmethod
     def resume(cls, path: Path, images: Sequence[ImageEntry], run: Mapping[str, Any]) -> ColmapDatabase:
         """Reopen the database of this same run (``run`` equal to what :meth:`create` stored), else refuse."""
-        stored = read_run(path)
-        for key, value in run.items():
-            if key not in stored or stored[key] != json.loads(json.dumps(value, sort_keys=True)):
-                raise ArtifactError(
-                    f"{path} holds another run (its {key!r} differs: {_short(stored.get(key))} there, "
-                    f"{_short(value)} now); it is left untouched: give another --out, or remove it to start over"
-                )
+        check_run(path, run)
         return cls(path, images, _connect(path))
 
     def done_pairs(self) -> set[int]:
@@ -276,6 +272,18 @@ def read_run(path: Path) -> dict[str, Any]:
             "give another --out"
         ) from err
     return {key: json.loads(value) for key, value in rows}
+
+
+def check_run(path: Path, run: Mapping[str, Any]) -> dict[str, Any]:
+    """The run stored in ``path`` when it is ``run`` (every key equal), else ArtifactError; read-only."""
+    stored = read_run(path)
+    for key, value in run.items():
+        if key not in stored or stored[key] != json.loads(json.dumps(value, sort_keys=True)):
+            raise ArtifactError(
+                f"{path} holds another run (its {key!r} differs: {_short(stored.get(key))} there, "
+                f"{_short(value)} now); it is left untouched: give another --out, or remove it to start over"
+            )
+    return stored
 
 
 @contextmanager

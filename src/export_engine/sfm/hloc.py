@@ -36,8 +36,7 @@ def h5py_module() -> object:
         import h5py
     except ImportError as err:
         raise BackendError(
-            "writing hloc's features.h5 / matches.h5 needs h5py: pip install 'export-engine[sfm]' "
-            "(or pass --no-hloc)"
+            "writing hloc's features.h5 / matches.h5 needs h5py: pip install 'export-engine[sfm]' (or pass --no-hloc)"
         ) from err
     return h5py
 

@@ -40,11 +40,13 @@ def plan(pairs: Sequence[Pair], capacity: int, batch: int, resident: Mapping[int
     """Batches of ``batch`` pairs (in the given order) with the encodes each needs first.
 
     ``resident``: image -> slot already holding its tokens (e.g. from the retrieval pass). ``capacity`` must hold
-    the two images of every pair of a batch: at least ``2 * batch``.
+    the images of every batch at once (at most ``2 * batch``).
     """
-    if capacity < 2 * batch:
-        raise UsageError(f"a token pool of {capacity} images cannot hold a batch of {batch} pairs; lower the batch")
     batches = [tuple(pairs[k : k + batch]) for k in range(0, len(pairs), batch)]
+    widest = max((len({i for p in chunk for i in p}) for chunk in batches), default=0)
+    if capacity < widest:
+        raise UsageError(f"a token pool of {capacity} images cannot hold a batch of {batch} pairs ({widest} images); "
+                         "lower --batch or raise --gpu-memory")  # fmt: skip
     uses: dict[int, list[int]] = defaultdict(list)
     for step, chunk in enumerate(batches):
         for image in sorted({i for p in chunk for i in p}):
@@ -53,7 +55,7 @@ def plan(pairs: Sequence[Pair], capacity: int, batch: int, resident: Mapping[int
     slot_of = dict(resident or {})
     free = sorted(set(range(capacity)) - set(slot_of.values()), reverse=True)
     steps = []
-    for step, chunk in enumerate(batches):
+    for chunk in batches:
         needed = sorted({i for p in chunk for i in p})
         for image in needed:
             cursor[image] += 1  # this use is now current: the next one is further on

@@ -93,8 +93,8 @@ def to_original(xy: np.ndarray, scale: tuple[float, float], offset: tuple[int, i
     return (xy + np.asarray(offset, np.float64) + 0.5) / np.asarray(scale, np.float64) - 0.5
 
 
-def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
-    """Read ``path`` and return it at exactly ``width`` x ``height`` as the network input."""
+def read_rgb(path: str | Path, width: int, height: int) -> tuple[np.ndarray, Fit]:
+    """The (H, W, 3) uint8 network input of the file at ``path`` (EXIF orientation, resize, crop), and its fit."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -105,15 +105,24 @@ def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
             image = ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise ModelInputError(f"image {path} could not be read ({err}); give a PNG or JPEG file") from err
-    original = image.size
-    placed = fit(original, width, height)
+    placed = fit(image.size, width, height)
     if not placed.upstream:
-        upstream = upstream_size(*original, long_side=max(width, height))[1]
+        upstream = upstream_size(*image.size, long_side=max(width, height))[1]
         log.info(
             "%s: %dx%d does not give %dx%d the upstream way (%dx%d); scaled to cover and centre-cropped",
-            path.name, *original, width, height, upstream[2] - upstream[0], upstream[3] - upstream[1],
+            path.name, *image.size, width, height, upstream[2] - upstream[0], upstream[3] - upstream[1],
         )  # fmt: skip
     candidate = _resample(image, placed.resized).crop(placed.box)  # type: ignore[attr-defined]
-    rgb = np.asarray(candidate, dtype=np.uint8)
+    return np.asarray(candidate, dtype=np.uint8), placed
+
+
+def normalized(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1], as upstream (x / 255 - 0.5) / 0.5."""
     tensor = (rgb.astype(np.float32) / 255.0 - 0.5) / 0.5
-    return LoadedImage(tensor.transpose(2, 0, 1)[None].copy(), rgb, path, original, placed.scale, placed.offset)
+    return tensor.transpose(2, 0, 1)[None].copy()
+
+
+def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
+    """Read ``path`` and return it at exactly ``width`` x ``height`` as the network input."""
+    rgb, placed = read_rgb(path, width, height)
+    return LoadedImage(normalized(rgb), rgb, Path(path), placed.original, placed.scale, placed.offset)
