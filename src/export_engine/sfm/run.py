@@ -123,13 +123,11 @@ def match_many(artifact: str | Path, inputs: Sequence[str | Path], out: Path, co
     cameras_for(entries, config.camera_mode)
     run = _fingerprint(artifact, entries, strategy, config)
     database_path = out / DATABASE
-    pairs = None
+    pairs = None if strategy.needs_descriptors else select_pairs(strategy, names)  # a pairs file's names checked
     if database_path.exists():
         stored = check_run(database_path, run)
-        pairs = [tuple(p) for p in stored["pair_list"]]
+        pairs = [tuple(p) for p in stored["pair_list"]]  # retrieval's pairs without the retrieval pass
         log.info("%s holds this run: resuming", database_path)
-    elif not strategy.needs_descriptors:
-        pairs = select_pairs(strategy, names)
     return _execute(artifact, images, entries, out, config, run, pairs, strategy, on_pair)
 
 
