@@ -61,7 +61,7 @@ def test_another_runs_database_is_refused_and_untouched(tmp_path: Path) -> None:
     ColmapDatabase.create(path, [_entry("a.jpg"), _entry("b.jpg")], "per-image", {"pairs": "swin:3"}).close()
     before = path.read_bytes()
     assert check_run(path, {"pairs": "swin:3"})["pairs"] == "swin:3"
-    with pytest.raises(ArtifactError, match="holds another run.*'pairs' differs"):
+    with pytest.raises(ArtifactError, match=r"holds another run.*'pairs' differs"):
         check_run(path, {"pairs": "complete"})
     foreign = tmp_path / "colmap.db"
     with sqlite3.connect(foreign) as raw:

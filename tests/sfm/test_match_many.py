@@ -182,8 +182,9 @@ def _fail(argv: list[str], code: int, capsys: pytest.CaptureFixture, needle: str
     assert len(err) == 1 and needle in err[0], err
 
 
-def test_bad_input_gets_one_line_and_leaves_the_database(tiny_mast3r_artifact: Path, photos: Path, finished: Path,
-                                                         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_bad_input_gets_one_line_and_leaves_the_database(
+    tiny_mast3r_artifact: Path, photos: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     art = str(tiny_mast3r_artifact)
     out = tmp_path / "out"
     shutil.copytree(finished, out)
