@@ -39,6 +39,7 @@ from export_engine.sfm.schedule import Step
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+WARM_UP_RUNS = 3
 QUEUE_BATCHES = 2  # decoded batches waiting for the matcher (and matched ones for the writer: pairs x this)
 _DESC = ("view1_desc", "view2_desc", "view1_desc_conf", "view2_desc_conf")
 _ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
@@ -86,7 +87,7 @@ class Executor:
     """Runs a plan (:mod:`export_engine.sfm.schedule`) over a loaded MASt3R session (see the module docstring)."""
 
     def __init__(self, session: Any, paths: Sequence[Any], match: MatchConfig, batch: int, encode_batch: int,
-                 workers: int) -> None:  # fmt: skip
+                 workers: int, free_at_start: int | None = None) -> None:  # fmt: skip
         import torch
 
         self.encoder, self.decoder = session.runners["encoder"], session.runners["decoder"]
@@ -105,7 +106,8 @@ class Executor:
         self.stages = Stages()
         self.pool: Any = None
         self._nearest: Nearest | None = None
-        self.free_at_start = self.free_memory()
+        # device memory free before the session loaded (its weights count against the budget), else now
+        self.free_at_start = free_at_start if self.on_device and free_at_start else self.free_memory()
         self._stop = threading.Event()
         self._failure: list[BaseException] = []
 
@@ -119,15 +121,16 @@ class Executor:
         return int(torch.cuda.mem_get_info(self.device)[0])
 
     def warm_up(self) -> None:
-        """First runs of the fixed batch shapes (ONNX Runtime / engines record their CUDA graphs) and the
-        recorded matcher, before any worker thread exists."""
+        """First runs of the fixed batch shapes and the recorded matcher, before any worker thread exists: ONNX
+        Runtime records a shape's CUDA graph on its second run (the first allocates), engines after a launch."""
         import torch
 
         if not self.on_device:
             return
-        self._encode([np.zeros((self.height, self.width, 3), np.uint8)])
         feats = torch.zeros((self.batch, self.tokens_n, self.tokens_d), dtype=self.token_dtype, device=self.device)
-        out = self.decoder.run({"feat1": feats, "feat2": feats}, copy=False)
+        for _ in range(WARM_UP_RUNS):
+            self._encode([np.zeros((self.height, self.width, 3), np.uint8)])
+            out = self.decoder.run({"feat1": feats, "feat2": feats}, copy=False)
         desc = out["view1_desc"][0].float()
         self._nearest = nearest_for(tuple(desc.shape), self.match.subsample, self.device, self.match.recorded)
         self._nearest(desc.contiguous(), desc.contiguous())
@@ -215,7 +218,8 @@ class Executor:
         count = len(slots)
         padded = list(slots) + [slots[-1]] * ((self.batch - count) if self.on_device else 0)
         index = torch.tensor(padded, dtype=torch.int64).to(self.device, non_blocking=True)
-        feeds = {"feat1": self.pool.index_select(0, index[:, 0]), "feat2": self.pool.index_select(0, index[:, 1])}
+        first, second = index[:, 0].contiguous(), index[:, 1].contiguous()
+        feeds = {"feat1": self.pool.index_select(0, first), "feat2": self.pool.index_select(0, second)}
         if self.on_device:
             out = self.decoder.run(feeds, copy=False)
             return [out[name][:count].float().clone() for name in _DESC]

@@ -137,8 +137,9 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
     from export_engine.runtime.session import load
 
     started = time.perf_counter()
+    free = _device_free()
     executor = Executor(load(artifact, cuda_graph=True), [i.path for i in images], config.match, config.batch,
-                        config.encode_batch, config.workers)  # fmt: skip
+                        config.encode_batch, config.workers, free)  # fmt: skip
     executor.warm_up()
     budget = executor.budget(config.gpu_memory, len(images))
     if config.token_slots is not None:
@@ -189,6 +190,13 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
         colmap.reconstruct(database_path, _image_root(images), out / "sparse")
     log.info("done in %.1f s", time.perf_counter() - started)
     return report
+
+
+def _device_free() -> int | None:
+    """Free device memory before the artifact loads, where a CUDA device is visible."""
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
 
 
 def _resolution(manifest: dict[str, Any]) -> tuple[int, int]:
