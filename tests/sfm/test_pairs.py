@@ -60,7 +60,7 @@ def test_unknown_strategies_list_the_choices(text: str) -> None:
 @pytest.mark.parametrize(("capacity", "batch"), [(40, 4), (8, 4), (6, 3), (4, 2)])
 def test_plan_keeps_every_batch_in_the_pool(capacity: int, batch: int) -> None:
     pairs = order_for_reuse(list(itertools.combinations(range(20), 2)), 20, capacity)
-    steps = plan(pairs, capacity, batch)
+    steps = plan(pairs, capacity, batch, encode_batch=3)
     holding: dict[int, int] = {}  # slot -> image, replayed from the plan
     seen = []
     for step in steps:
@@ -77,6 +77,15 @@ def test_plan_keeps_every_batch_in_the_pool(capacity: int, batch: int) -> None:
         assert encodes(steps) < len(pairs)  # reuse holds even when images are evicted and encoded again
     naive = plan(sorted(pairs, key=lambda p: (p[1], p[0])), capacity, batch)
     assert encodes(steps) <= encodes(naive)
+
+
+def test_encodes_come_in_whole_batches_where_slots_are_free() -> None:
+    pairs = [(i, i + d) for i in range(40) for d in (1, 2, 3) if i + d < 40]
+    steps = plan(pairs, 40, 4, encode_batch=8)
+    runs = [len(s.encode) for s in steps if s.encode]
+    assert sum(runs) == 40 and all(r % 8 == 0 for r in runs)  # 5 runs of 8, not one or two images a step
+    tight = plan(pairs, 10, 4, encode_batch=8)  # few free slots: whatever fits, still correct (replayed above)
+    assert encodes(tight) >= 40
 
 
 def test_plan_refuses_a_pool_smaller_than_a_batch() -> None:

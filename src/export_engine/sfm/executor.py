@@ -355,9 +355,18 @@ class Executor:
                 desc1, desc2, conf1, conf2 = outputs
                 for b, (i, j) in enumerate(pairs):
                     found = filtered_matches(desc1[b], desc2[b], conf1[b], conf2[b], self.match, self._nearest)
-                    pixels1 = (found["xy1"][:, 1] * self.width + found["xy1"][:, 0]).cpu().numpy()
-                    pixels2 = (found["xy2"][:, 1] * self.width + found["xy2"][:, 0]).cpu().numpy()
-                    self._put(matched, (i, j, pixels1, pixels2, found["conf"].float().cpu().numpy()))
+                    pixels1 = found["xy1"][:, 1] * self.width + found["xy1"][:, 0]
+                    pixels2 = found["xy2"][:, 1] * self.width + found["xy2"][:, 0]
+                    # one transfer (one host sync): pixel ids < 2**53 and float32 scores are exact in float64
+                    host = torch.stack([pixels1.double(), pixels2.double(), found["conf"].double()], 1).cpu().numpy()
+                    result = (
+                        i,
+                        j,
+                        host[:, 0].astype(np.int64),
+                        host[:, 1].astype(np.int64),
+                        host[:, 2].astype(np.float32),
+                    )
+                    self._put(matched, result)
                 self.stages.add("match", time.perf_counter() - start)  # host time; each pair syncs once
         self._put(matched, None)
 

@@ -163,7 +163,7 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
     hloc.write_pairs(out / "pairs.txt", names, pairs)
     done = database.done_pairs()
     todo = [p for p in order_for_reuse(pairs, len(images), budget.slots) if pair_id(p[0] + 1, p[1] + 1) not in done]
-    steps = plan(todo, budget.slots, config.batch, resident)
+    steps = plan(todo, budget.slots, config.batch, resident, config.encode_batch)
     log.info("%d pairs to match (%d done before), %d encodes planned", len(todo), len(pairs) - len(todo),
              encodes(steps))  # fmt: skip
     progress = _Progress(len(todo), executor, on_pair)

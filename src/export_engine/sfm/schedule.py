@@ -11,7 +11,7 @@ pool never grows, so the memory it takes is fixed before the run starts.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from export_engine.errors import UsageError
@@ -36,11 +36,14 @@ def order_for_reuse(pairs: Sequence[Pair], n_images: int, capacity: int) -> list
     return sorted(pairs, key=lambda p: (p[0] // tile, p[1] // tile, p[0], p[1]))
 
 
-def plan(pairs: Sequence[Pair], capacity: int, batch: int, resident: Mapping[int, int] | None = None) -> list[Step]:
+def plan(pairs: Sequence[Pair], capacity: int, batch: int, resident: Mapping[int, int] | None = None,
+         encode_batch: int = 1) -> list[Step]:  # fmt: skip
     """Batches of ``batch`` pairs (in the given order) with the encodes each needs first.
 
     ``resident``: image -> slot already holding its tokens (e.g. from the retrieval pass). ``capacity`` must hold
-    the images of every batch at once (at most ``2 * batch``).
+    the images of every batch at once (at most ``2 * batch``). Encodes come in whole ``encode_batch`` runs where
+    free slots allow: a step that must encode also encodes the next images later steps need (into free slots
+    only, never evicting), so the encoder does not run a padded batch for one or two new images a step.
     """
     batches = [tuple(pairs[k : k + batch]) for k in range(0, len(pairs), batch)]
     widest = max((len({i for p in chunk for i in p}) for chunk in batches), default=0)
@@ -55,7 +58,7 @@ def plan(pairs: Sequence[Pair], capacity: int, batch: int, resident: Mapping[int
     slot_of = dict(resident or {})
     free = sorted(set(range(capacity)) - set(slot_of.values()), reverse=True)
     steps = []
-    for chunk in batches:
+    for step, chunk in enumerate(batches):
         needed = sorted({i for p in chunk for i in p})
         for image in needed:
             cursor[image] += 1  # this use is now current: the next one is further on
@@ -68,8 +71,24 @@ def plan(pairs: Sequence[Pair], capacity: int, batch: int, resident: Mapping[int
                 free.append(slot_of.pop(victim))
             slot_of[image] = free.pop()
             encode.append((image, slot_of[image]))
+        if encode and len(encode) % encode_batch:
+            for image in _upcoming(batches, step + 1, slot_of):
+                if not free or len(encode) % encode_batch == 0:
+                    break
+                slot_of[image] = free.pop()
+                encode.append((image, slot_of[image]))
         steps.append(Step(tuple(encode), chunk, tuple((slot_of[i], slot_of[j]) for i, j in chunk)))
     return steps
+
+
+def _upcoming(batches: Sequence[tuple[Pair, ...]], start: int, resident: Mapping[int, int]) -> Iterator[int]:
+    """Images of the batches from ``start`` on that are not resident, in order of first use."""
+    seen = set()
+    for chunk in batches[start:]:
+        for image in sorted({i for p in chunk for i in p}):
+            if image not in resident and image not in seen:
+                seen.add(image)
+                yield image
 
 
 def _next_use(uses: Mapping[int, list[int]], cursor: Mapping[int, int], image: int) -> float:
