@@ -414,7 +414,13 @@ def _cmd_match_many(args: argparse.Namespace) -> int:
         verify=args.verify,
         reconstruct=args.reconstruct,
     )
-    print(match_many(args.artifact, args.images, args.out, config).text())
+    try:
+        report = match_many(args.artifact, args.images, args.out, config)
+    except KeyboardInterrupt:
+        print(f"export-engine: interrupted; the pairs matched so far are in {args.out / 'database.db'}: run the "
+              "same command again to match the rest", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    print(report.text())
     return 0
 
 

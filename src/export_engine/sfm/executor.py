@@ -61,9 +61,11 @@ class Stages:
     matches: int = 0
     pairs: int = 0
     _events: list[tuple[str, Any, Any]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # readers add from several threads
 
     def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] += seconds
+        with self._lock:
+            self.seconds[stage] += seconds
 
     def settle(self) -> None:
         """Add the CUDA event intervals recorded so far (after the device finished them)."""
@@ -221,8 +223,9 @@ class Executor:
         first, second = index[:, 0].contiguous(), index[:, 1].contiguous()
         feeds = {"feat1": self.pool.index_select(0, first), "feat2": self.pool.index_select(0, second)}
         if self.on_device:
-            out = self.decoder.run(feeds, copy=False)
-            return [out[name][:count].float().clone() for name in _DESC]
+            out = self.decoder.run(feeds, copy=False)  # the runner's buffers: copied before its next run
+            taken = [out[name][:count] for name in _DESC]
+            return [t.clone() if t.dtype == torch.float32 else t.float() for t in taken]
         numpy_out = self.decoder({k: v.numpy() for k, v in feeds.items()})
         return [torch.from_numpy(numpy_out[name]).float() for name in _DESC]
 
