@@ -37,7 +37,7 @@ def test_pycolmap_reads_ids_counts_cameras_and_keypoints(tmp_path: Path) -> None
         np.testing.assert_array_equal(read.read_matches(1, 2), [[0, 0], [1, 0], [1, 1], [2, 2]])
         np.testing.assert_array_equal(read.read_matches(2, 3), [[1, 0], [3, 0]])
         np.testing.assert_array_equal(read.read_matches(3, 2), [[0, 1], [0, 3]])  # swapped for the other order
-        assert read.num_matched_image_pairs() == 2  # a pair with no match has no row
+        assert read.exists_matches(1, 3) and len(read.read_matches(1, 3)) == 0  # an empty row, as COLMAP's own
         # grid (64, 48) on a 640x480 image: pixel 65 = (x 1, y 1) -> (1 + 0.5) * 10 = 15 in COLMAP coordinates
         np.testing.assert_allclose(read.read_keypoints(1), [[5, 5], [15, 15], [25, 25]])
         camera = read.read_camera(1)
@@ -47,6 +47,11 @@ def test_pycolmap_reads_ids_counts_cameras_and_keypoints(tmp_path: Path) -> None
     with sqlite3.connect(path) as raw:
         done = {row[0] for row in raw.execute("SELECT pair_id FROM export_engine_pairs")}
     assert done == {pair_id(1, 2), pair_id(2, 3), pair_id(1, 3)} and pair_id(3, 1) == pair_id(1, 3)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a.jpg sub/b.jpg\na.jpg c.jpg\nsub/b.jpg c.jpg\n")
+    pycolmap.verify_matches(str(path), str(pairs), pycolmap.TwoViewGeometryOptions())  # the empty pair included
+    with pycolmap.Database.open(str(path)) as read:
+        assert read.exists_two_view_geometry(1, 3) and len(read.read_two_view_geometry(1, 3).inlier_matches) == 0
 
 
 def test_camera_modes() -> None:

@@ -238,9 +238,10 @@ class ColmapDatabase:
                                  (image_id, book.pixels.astype(np.int32).tobytes()))  # fmt: skip
                 book.dirty = False
             for pid, found, scores in self._pending:
-                if len(found):
-                    self._db.execute("INSERT OR REPLACE INTO matches VALUES (?, ?, 2, ?)",
-                                     (pid, len(found), found.tobytes()))  # fmt: skip
+                # a pair without matches gets its empty row too, as COLMAP's matcher writes it: COLMAP's
+                # verification would otherwise try to match the pair itself, from descriptors there are none of
+                self._db.execute("INSERT OR REPLACE INTO matches VALUES (?, ?, 2, ?)",
+                                 (pid, len(found), found.tobytes()))  # fmt: skip
                 self._db.execute("INSERT OR REPLACE INTO export_engine_pairs VALUES (?, ?, ?)",
                                  (pid, len(found), scores.tobytes()))  # fmt: skip
         self._pending.clear()
