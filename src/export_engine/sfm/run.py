@@ -28,7 +28,15 @@ from export_engine.families.mast3r.match import MatchConfig
 from export_engine.progress import peak_rss_gib
 from export_engine.sfm import colmap, hloc
 from export_engine.sfm.collection import CollectionImage, list_images
-from export_engine.sfm.database import ColmapDatabase, ImageEntry, cameras_for, check_run, pair_id, read_run
+from export_engine.sfm.database import (
+    ColmapDatabase,
+    ImageEntry,
+    cameras_for,
+    check_run,
+    pair_id,
+    read_run,
+    reading,
+)
 from export_engine.sfm.executor import GIB, Executor
 from export_engine.sfm.pairs import PairStrategy, parse_strategy, select_pairs
 from export_engine.sfm.schedule import encodes, order_for_reuse, plan
@@ -137,6 +145,12 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
     from export_engine.runtime.session import load
 
     started = time.perf_counter()
+    database_path = out / DATABASE
+    if pairs is not None and database_path.exists() and _done_before(database_path) >= {_pid(p) for p in pairs}:
+        log.info("%s: every pair is matched already", database_path)
+        report = MatchManyReport(out, len(images), len(pairs), 0, len(pairs), 0, 0, 0, 0.0, {}, None,
+                                 round(peak_rss_gib(), 3))  # fmt: skip
+        return _afterwards(report, images, entries, config)
     free = _device_free()
     executor = Executor(load(artifact, cuda_graph=True), [i.path for i in images], config.match, config.batch,
                         config.encode_batch, config.workers, free)  # fmt: skip
@@ -155,14 +169,13 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
         resident = {i: i for i in range(min(budget.slots, len(images)))}
         pairs = select_pairs(strategy, names, descriptors)
     out.mkdir(parents=True, exist_ok=True)
-    database_path = out / DATABASE
     if database_path.exists():
         database = ColmapDatabase.resume(database_path, entries, run)
     else:
         database = ColmapDatabase.create(database_path, entries, config.camera_mode, {**run, "pair_list": pairs})
     hloc.write_pairs(out / "pairs.txt", names, pairs)
     done = database.done_pairs()
-    todo = [p for p in order_for_reuse(pairs, len(images), budget.slots) if pair_id(p[0] + 1, p[1] + 1) not in done]
+    todo = [p for p in order_for_reuse(pairs, len(images), budget.slots) if _pid(p) not in done]
     steps = plan(todo, budget.slots, config.batch, resident, config.encode_batch)
     log.info("%d pairs to match (%d done before), %d encodes planned", len(todo), len(pairs) - len(todo),
              encodes(steps))  # fmt: skip
@@ -182,14 +195,31 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
         executor.stages.encodes, budget.slots, round(seconds, 3),
         {k: round(v, 3) for k, v in executor.stages.seconds.items()}, progress.peak_gpu_gib(), round(peak_rss_gib(), 3),
     )  # fmt: skip
-    if config.hloc:
-        hloc.write_hloc(database_path, out, names, [e.size for e in entries])
-    if config.verify:
-        report.verified = colmap.verify(database_path, out / "pairs.txt")
-    if config.reconstruct:
-        colmap.reconstruct(database_path, _image_root(images), out / "sparse")
+    _afterwards(report, images, entries, config)
     log.info("done in %.1f s", time.perf_counter() - started)
     return report
+
+
+def _afterwards(report: MatchManyReport, images: Sequence[CollectionImage], entries: Sequence[ImageEntry],
+                config: MatchManyConfig) -> MatchManyReport:  # fmt: skip
+    """hloc's files, COLMAP's verification and mapper, as asked, once every pair is in the database."""
+    database_path = report.out / DATABASE
+    if config.hloc:
+        hloc.write_hloc(database_path, report.out, [e.name for e in entries], [e.size for e in entries])
+    if config.verify:
+        report.verified = colmap.verify(database_path, report.out / "pairs.txt")
+    if config.reconstruct:
+        colmap.reconstruct(database_path, _image_root(images), report.out / "sparse")
+    return report
+
+
+def _pid(pair: Sequence[int]) -> int:
+    return pair_id(pair[0] + 1, pair[1] + 1)
+
+
+def _done_before(path: Path) -> set[int]:
+    with reading(path) as db:
+        return {row[0] for row in db.execute("SELECT pair_id FROM export_engine_pairs")}
 
 
 def _device_free() -> int | None:
