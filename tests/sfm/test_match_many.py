@@ -14,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from export_engine.calibration.synthetic import structured_image
 from export_engine.cli import main
 from export_engine.families.mast3r.match import MatchConfig
 from export_engine.sfm.hloc import pair_key
@@ -27,29 +25,6 @@ h5py = pytest.importorskip("h5py", reason="h5py (the [sfm] extra) writes hloc's 
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 CONFIG = MatchManyConfig(pairs="swin:2", match=MatchConfig(subsample=4), batch=3, encode_batch=2, workers=2)
-
-
-def _write(path: Path, seed: int, orientation: int = 1, focal35: int = 0) -> Path:
-    rgb = ((structured_image(128, 192, seed).transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
-    exif = Image.Exif()
-    if orientation != 1:
-        exif[0x0112] = orientation
-    if focal35:
-        exif.get_ifd(0x8769)[0xA405] = focal35
-    Image.fromarray(rgb).save(path, exif=exif) if path.suffix == ".jpg" else Image.fromarray(rgb).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    (folder / "sub").mkdir()
-    for k in range(5):
-        _write(folder / f"im{k}.jpg", k, focal35=28 if k == 0 else 0)
-    _write(folder / "sub" / "turned.jpg", 9, orientation=6)  # stored 192x128, seen 128x192
-    _write(folder / "z.png", 11)
-    (folder / "notes.txt").write_text("not an image")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,71 @@
+"""match-many and Matcher on a GPU (ONNX Runtime CUDA, the recorded FastNN-Lite): the same matches as the
+unrecorded path, and a database like the CPU run's."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export_engine.families.mast3r.images import load_image
+from export_engine.families.mast3r.match import MatchConfig, Matcher
+from export_engine.runners.ort_cuda import cuda_available
+from export_engine.runtime.session import load
+from export_engine.sfm.run import MatchManyConfig, match_many
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda_available()[0], reason="needs a CUDA GPU and onnxruntime-gpu (the [gpu] extra)"),
+]
+pycolmap = pytest.importorskip("pycolmap", reason="pycolmap (the [sfm] extra) reads the database back")
+
+
+def _pairs(out: Path) -> dict[tuple[str, str], set]:
+    with pycolmap.Database.open(str(out / "database.db")) as db:
+        ids = {i.name: i.image_id for i in db.read_all_images()}
+        found = {}
+        for line in (out / "pairs.txt").read_text().splitlines():
+            a, b = line.split()
+            kp_a, kp_b = db.read_keypoints(ids[a]), db.read_keypoints(ids[b])
+            found[a, b] = {(*kp_a[i], *kp_b[j]) for i, j in db.read_matches(ids[a], ids[b])}
+    return found
+
+
+def test_recorded_matcher_gives_the_unrecorded_matches(tiny_mast3r_artifact: Path, photos: Path) -> None:
+    files = sorted(photos.glob("*.jpg"))[:3]
+    recorded = Matcher(load(tiny_mast3r_artifact, cuda_graph=True), MatchConfig(subsample=4))
+    plain = Matcher(load(tiny_mast3r_artifact, cuda_graph=True), MatchConfig(subsample=4, recorded=False))
+    assert recorded.on_device
+    for a, b in ((files[0], files[1]), (files[1], files[2]), (files[0], files[1])):
+        got, want = recorded.match(a, b), plain.match(a, b)
+        assert len(got.xy1) > 0
+        np.testing.assert_array_equal(got.xy1, want.xy1)
+        np.testing.assert_array_equal(got.xy2, want.xy2)
+        np.testing.assert_array_equal(got.conf, want.conf)
+    loaded = load_image(files[2], 96, 64)
+    assert recorded.match(loaded, files[0]).xy1.shape[1] == 2
+
+
+def test_gpu_run_matches_the_cpu_run(tiny_mast3r_artifact: Path, photos: Path, tmp_path: Path) -> None:
+    config = MatchManyConfig(pairs="complete", match=MatchConfig(subsample=4), batch=2, encode_batch=2, workers=2)
+    gpu = match_many(tiny_mast3r_artifact, [photos], tmp_path / "gpu", config)
+    assert gpu.peak_gpu_gib is not None and gpu.computed == 21 and gpu.encodes == 7
+    evicting = MatchManyConfig(**{**config.__dict__, "token_slots": 4})
+    small = match_many(tiny_mast3r_artifact, [photos], tmp_path / "small", evicting)
+    assert small.encodes > 7
+    assert _pairs(tmp_path / "small") == _pairs(tmp_path / "gpu")  # same graphs and shapes: the same matches
+    with pytest.MonkeyPatch.context() as patch:  # the same run on the CPU: ONNX Runtime's CPU provider
+        patch.setattr("export_engine.runtime.session._ort_on_cuda", lambda: False)
+        cpu = match_many(tiny_mast3r_artifact, [photos], tmp_path / "cpu", config)
+    assert cpu.peak_gpu_gib is None
+    shared = total = 0
+    for key, matches in _pairs(tmp_path / "cpu").items():
+        got = _pairs(tmp_path / "gpu")[key]
+        shared += len(matches & got)
+        total += max(len(matches), len(got))
+    assert shared >= 0.9 * total  # float differences between providers move a few matches only
+    shutil.rmtree(tmp_path / "cpu")
+    torch.cuda.synchronize()
