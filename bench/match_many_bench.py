@@ -47,6 +47,7 @@ from export_engine.families.mast3r.match import MatchConfig  # noqa: E402
 from export_engine.sfm.run import MatchManyConfig, match_many  # noqa: E402
 
 GiB = 2**30
+WARM_UP_BATCHES = 3  # peers: untimed batches first (torch.compile, then its CUDA graphs are recorded)
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------
@@ -224,7 +225,10 @@ def peer_pipelines(folder: Path, out: Path, pairs: list[tuple[int, int]], total_
         compile_s, timed, matches, network_s, match_s = 0.0, 0, 0, 0.0, 0.0
         batches = [pairs[k : k + batch] for k in range(0, len(pairs), batch)]
         timed_start = time.perf_counter()
-        for number, chunk in enumerate([batches[0], *batches]):  # the first batch warms up (and compiles)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        warm = [batches[0]] * WARM_UP_BATCHES  # compile, then CUDA-graph recording (reduce-overhead)
+        for number, chunk in enumerate([*warm, *batches]):
             began = time.perf_counter()
             padded = chunk + [chunk[-1]] * (batch - len(chunk))
             img1 = torch.from_numpy(np.concatenate([normalized(rgbs[i]) for i, _ in padded])).to(device, dtype)
@@ -242,11 +246,11 @@ def peer_pipelines(folder: Path, out: Path, pairs: list[tuple[int, int]], total_
                     xy1, xy2 = found["xy1"].cpu().numpy(), found["xy2"].cpu().numpy()
                     database.add_pair(i, j, xy1[:, 1] * width + xy1[:, 0], xy2[:, 1] * width + xy2[:, 0],
                                       found["conf"].float().cpu().numpy())  # fmt: skip
-                    if number:
+                    if number >= WARM_UP_BATCHES:
                         matches += len(xy1)
             database.commit()
-            if number == 0:
-                compile_s = time.perf_counter() - began
+            if number < WARM_UP_BATCHES:
+                compile_s += time.perf_counter() - began
                 timed_start = time.perf_counter()
                 continue
             network_s += network_done - began
@@ -260,13 +264,16 @@ def peer_pipelines(folder: Path, out: Path, pairs: list[tuple[int, int]], total_
             "pairs": timed, "seconds": round(seconds, 3), "pairs_per_s": round(timed / seconds, 2),
             "stages_s": {"read (share)": round(read_s * timed / total_pairs, 3), "network": round(network_s, 3),
                          "match + write": round(match_s, 3)},
-            "warm_up_batch_s": round(compile_s, 1), "matches_per_pair": round(matches / max(timed, 1), 1),
+            "warm_up_s": round(compile_s, 1), "matches_per_pair": round(matches / max(timed, 1), 1),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
             "total_s": round(time.perf_counter() - start_all, 1),
         })  # fmt: skip
     del forward, model
     if cuda:
+        import gc
+
         torch._dynamo.reset()
+        gc.collect()
         torch.cuda.empty_cache()
     return rows
 

@@ -8,7 +8,7 @@ and the database written by a third thread as pairs complete.
 
 On CUDA the decoder's next batch runs while the matcher thread matches the previous one on a second stream
 (the matcher's seeds keep few SMs busy, so the two overlap on the device). Queues between the threads are
-bounded (two batches), so memory stays what the plan allowed. Everything that records CUDA graphs (the
+bounded, so memory stays what the budget allowed. Everything that records CUDA graphs (the
 encoder's and decoder's first runs, the recorded matcher) is done in :meth:`Executor.warm_up`, before any
 other thread starts: a capture must not see another thread's CUDA calls.
 
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 GIB = 1024**3
 WARM_UP_RUNS = 3
-QUEUE_BATCHES = 2  # decoded batches waiting for the matcher (and matched ones for the writer: pairs x this)
+# Decoded batches waiting for the matcher: one is enough for the decoder to run a batch ahead of the matcher;
+# the matched pairs waiting for the writer are two batches' worth (host memory).
+QUEUE_BATCHES = 1
 _DESC = ("view1_desc", "view2_desc", "view1_desc_conf", "view2_desc_conf")
 _ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
 # Device memory beyond what warm-up measures (matching temporaries, allocator rounding): a margin, not a model.
@@ -148,7 +150,8 @@ class Executor:
             assert free_now is not None
             budget = gib * GIB if gib else 0.75 * self.free_at_start
             fixed = float(self.free_at_start - free_now) + _MARGIN
-            working = QUEUE_BATCHES * kept + 2 * self.batch * self.token_bytes
+            # batches alive at once: queued, being matched, being decoded; the decoder's gathered inputs
+            working = (QUEUE_BATCHES + 2) * kept + 2 * self.batch * self.token_bytes
         else:
             budget = (gib or 4.0) * GIB
             fixed = 0.25 * GIB
@@ -259,7 +262,7 @@ class Executor:
         if self._nearest is None:
             self._nearest = nearest_for((self.height, self.width, 1), self.match.subsample, self.device, False)
         decoded: queue.Queue[Any] = queue.Queue(QUEUE_BATCHES)
-        matched: queue.Queue[Any] = queue.Queue(QUEUE_BATCHES * self.batch)
+        matched: queue.Queue[Any] = queue.Queue(2 * self.batch)
         threads = [
             threading.Thread(target=self._guard, args=(self._match_loop, decoded, matched), name="sfm-match"),
             threading.Thread(
