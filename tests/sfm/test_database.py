@@ -119,3 +119,49 @@ def test_colmap_verification_recovers_the_inliers_of_a_plane(tmp_path: Path) -> 
             assert (recovered & inlier).sum() >= 0.95 * inlier.sum()  # the plane's matches are kept
             assert (recovered & ~inlier).sum() <= 0.15 * (~inlier).sum()  # most others are not (F admits a line)
             assert int(geometry.config) not in (0, 1)  # neither UNDEFINED nor DEGENERATE
+
+
+def _look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """World-to-camera rotation of a camera at ``position`` looking at ``target`` (y down, as COLMAP's)."""
+    forward = (target - position) / np.linalg.norm(target - position)
+    right = np.cross(forward, [0.0, -1.0, 0.0])
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    return np.stack([right, down, forward])
+
+
+def test_colmap_mapper_reconstructs_a_scene_from_the_database(tmp_path: Path) -> None:
+    from export_engine.sfm.colmap import reconstruct, verify
+
+    rng = np.random.default_rng(1)
+    points = rng.uniform([-2, -1.5, 5], [2, 1.5, 9], size=(600, 3))  # a volume of points, not a plane
+    centre = points.mean(0)
+    images = [_entry(f"view{k}.jpg", 500.0) for k in range(5)]
+    pixels: list[dict[int, int]] = []  # image -> {point: pixel id}, points that land alone on a visible pixel
+    for k in range(5):
+        position = np.array([-1.0 + 0.5 * k, 0.1 * k, 0.0])
+        rotation = _look_at(position, centre)
+        cam = (points - position) @ rotation.T
+        uv = 500.0 * cam[:, :2] / cam[:, 2:] + [320.0, 240.0]  # COLMAP pixel coordinates (centres at +0.5)
+        px = np.floor(uv).astype(np.int64)  # the pixel containing the projection
+        visible = (cam[:, 2] > 0) & (px >= 0).all(1) & (px[:, 0] < 640) & (px[:, 1] < 480)
+        ids = px[:, 1] * 640 + px[:, 0]
+        unique, counts = np.unique(ids[visible], return_counts=True)
+        alone = visible & np.isin(ids, unique[counts == 1])
+        pixels.append({int(p): int(ids[p]) for p in np.flatnonzero(alone)})
+    path = tmp_path / "database.db"
+    db = ColmapDatabase.create(path, images, "single", {"run": "scene"})
+    lines = []
+    for i in range(5):
+        for j in range(i + 1, 5):
+            shared = sorted(set(pixels[i]) & set(pixels[j]))
+            db.add_pair(i, j, np.array([pixels[i][p] for p in shared]), np.array([pixels[j][p] for p in shared]),
+                        np.ones(len(shared)))  # fmt: skip
+            lines.append(f"view{i}.jpg view{j}.jpg\n")
+    db.close()
+    (tmp_path / "pairs.txt").write_text("".join(lines))
+    assert verify(path, tmp_path / "pairs.txt") == 10
+    reconstruct(path, tmp_path, tmp_path / "sparse")
+    model = pycolmap.Reconstruction(str(tmp_path / "sparse" / "0"))
+    assert model.num_reg_images() == 5 and model.num_points3D() > 300
+    assert model.compute_mean_reprojection_error() < 1.0

@@ -187,4 +187,8 @@ def test_bad_input_gets_one_line_and_leaves_the_database(
     _fail(["match-many", art, str(photos), "--pairs", "swin:3", *common], 9, capsys, "holds another run")
     _fail(["match-many", art, str(photos), "--pairs", "swin:2", "--camera-mode", "rig", *common], 2, capsys,
           "--camera-mode 'rig'")  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:  # pycolmap not installed: "import pycolmap" fails
+        patch.setitem(sys.modules, "pycolmap", None)
+        _fail(["match-many", art, str(photos), "--pairs", "swin:2", "--verify", *common], 8, capsys,
+              "--verify needs pycolmap: pip install 'export-engine[sfm]'")  # fmt: skip
     assert (out / "database.db").read_bytes() == before
