@@ -349,7 +349,9 @@ class Executor:
 
         import torch
 
-        stream = torch.cuda.Stream(self.device) if self.on_device else None
+        # High priority: the matcher's short, latency-bound kernels get SMs as soon as the decoder's (which fill
+        # the device) free some, rather than queueing behind a whole decoder batch.
+        stream = torch.cuda.Stream(self.device, priority=-1) if self.on_device else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             while (item := self._get(decoded)) is not None:
                 pairs, outputs, event = item
