@@ -287,8 +287,10 @@ def ours(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, slot
     cuda = torch.cuda.is_available() and not args.tiny
     target = out / ("ours" if slots is None else f"ours-{slots}-slots")
     shutil.rmtree(target, ignore_errors=True)
+    # the database either way; hloc's files too where h5py is installed
     config = MatchManyConfig(pairs=args.pairs, batch=args.batch, encode_batch=args.batch, workers=args.workers,
-                             gpu_memory=None if args.tiny else args.gpu_memory, token_slots=slots)  # fmt: skip
+                             gpu_memory=None if args.tiny else args.gpu_memory, token_slots=slots,
+                             hloc=_has("h5py"))  # fmt: skip
     with BusySampler(cuda) as busy:
         report = match_many(artifact, [folder], target, config)
     row = report.to_dict()
@@ -299,6 +301,12 @@ def ours(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, slot
                gpu_memory_budget_gib=args.gpu_memory,
                within_budget=(report.peak_gpu_gib or 0) <= args.gpu_memory)  # fmt: skip
     return row
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def matcher_rows(artifact: Path, folder: Path, repeats: int) -> list[dict[str, Any]]:

@@ -14,23 +14,23 @@ from export_engine.families.mast3r.images import load_image
 from export_engine.families.mast3r.match import MatchConfig, Matcher
 from export_engine.runners.ort_cuda import cuda_available
 from export_engine.runtime.session import load
+from export_engine.sfm.database import image_ids_of, read_keypoints, read_matches, reading
 from export_engine.sfm.run import MatchManyConfig, match_many
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not cuda_available()[0], reason="needs a CUDA GPU and onnxruntime-gpu (the [gpu] extra)"),
 ]
-pycolmap = pytest.importorskip("pycolmap", reason="pycolmap (the [sfm] extra) reads the database back")
 
 
-def _pairs(out: Path) -> dict[tuple[str, str], set]:
-    with pycolmap.Database.open(str(out / "database.db")) as db:
-        ids = {i.name: i.image_id for i in db.read_all_images()}
-        found = {}
-        for line in (out / "pairs.txt").read_text().splitlines():
-            a, b = line.split()
-            kp_a, kp_b = db.read_keypoints(ids[a]), db.read_keypoints(ids[b])
-            found[a, b] = {(*kp_a[i], *kp_b[j]) for i, j in db.read_matches(ids[a], ids[b])}
+def _pairs(out: Path) -> dict[tuple[int, int], set]:
+    """Each pair's matches as (x1, y1, x2, y2) keypoint coordinates (sqlite3 only: no pycolmap needed here)."""
+    with reading(out / "database.db") as db:
+        keypoints, matches = read_keypoints(db), read_matches(db)
+    found = {}
+    for pid, (indices, _) in matches.items():
+        a, b = image_ids_of(pid)
+        found[a, b] = {(*keypoints[a][i], *keypoints[b][j]) for i, j in indices}
     return found
 
 
@@ -50,7 +50,8 @@ def test_recorded_matcher_gives_the_unrecorded_matches(tiny_mast3r_artifact: Pat
 
 
 def test_gpu_run_matches_the_cpu_run(tiny_mast3r_artifact: Path, photos: Path, tmp_path: Path) -> None:
-    config = MatchManyConfig(pairs="complete", match=MatchConfig(subsample=4), batch=2, encode_batch=2, workers=2)
+    config = MatchManyConfig(pairs="complete", match=MatchConfig(subsample=4), batch=2, encode_batch=2, workers=2,
+                             hloc=False)  # fmt: skip
     gpu = match_many(tiny_mast3r_artifact, [photos], tmp_path / "gpu", config)
     assert gpu.peak_gpu_gib is not None and gpu.computed == 21 and gpu.encodes == 7
     evicting = MatchManyConfig(**{**config.__dict__, "token_slots": 4})
