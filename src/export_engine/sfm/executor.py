@@ -216,14 +216,21 @@ class Executor:
         self.stages.encodes += count
         return tokens[:count]
 
+    def _index(self, values: Sequence[Any]) -> Any:
+        """An int64 index tensor on the device without a host sync: a copy from pageable memory would wait for
+        everything queued on the stream (CUDA stages such copies synchronously), so it goes through pinned memory."""
+        import torch
+
+        index = torch.tensor(values, dtype=torch.int64)
+        return index.pin_memory().to(self.device, non_blocking=True) if self.on_device else index
+
     def _decode(self, slots: Sequence[tuple[int, int]]) -> list[Any]:
         """view1_desc, view2_desc, view1_desc_conf, view2_desc_conf of the batch (k items), owned by the caller."""
         import torch
 
         count = len(slots)
         padded = list(slots) + [slots[-1]] * ((self.batch - count) if self.on_device else 0)
-        index = torch.tensor(padded, dtype=torch.int64).to(self.device, non_blocking=True)
-        first, second = index[:, 0].contiguous(), index[:, 1].contiguous()
+        first, second = self._index([a for a, _ in padded]), self._index([b for _, b in padded])
         feeds = {"feat1": self.pool.index_select(0, first), "feat2": self.pool.index_select(0, second)}
         if self.on_device:
             out = self.decoder.run(feeds, copy=False)  # the runner's buffers: copied before its next run
@@ -240,17 +247,21 @@ class Executor:
         import torch
 
         means = []
+        images = list(images)
+        ahead = max(2 * self.encode_batch, 4 * self.workers)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="sfm-read") as readers:
-            futures = [readers.submit(self._read, i) for i in images]
+            pending = deque(readers.submit(self._read, i) for i in images[:ahead])
             for k in range(0, len(images), self.encode_batch):
+                count = min(self.encode_batch, len(images) - k)
+                rgbs = [pending.popleft().result() for _ in range(count)]
+                pending.extend(readers.submit(self._read, i) for i in images[ahead + k : ahead + k + count])
                 done = self._timed("encode")
-                tokens = self._encode([f.result() for f in futures[k : k + self.encode_batch]])
+                tokens = self._encode(rgbs)
                 if slots is not None:
-                    kept = [(n, s) for n, s in enumerate(slots[k : k + self.encode_batch]) if s >= 0]
+                    kept = [(n, s) for n, s in enumerate(slots[k : k + count]) if s >= 0]
                     if kept:
-                        rows = torch.tensor([n for n, _ in kept], device=self.device)
-                        target = torch.tensor([s for _, s in kept], device=self.device)
-                        self.pool.index_copy_(0, target, tokens.index_select(0, rows))
+                        rows = self._index([n for n, _ in kept])
+                        self.pool.index_copy_(0, self._index([s for _, s in kept]), tokens.index_select(0, rows))
                 means.append(tokens.float().mean(dim=1).cpu())
                 done()
         return torch.cat(means).numpy()
@@ -330,7 +341,7 @@ class Executor:
                     rgbs = [pending.popleft().result() for _ in chunk]
                     done = self._timed("encode")
                     tokens = self._encode(rgbs)
-                    self.pool.index_copy_(0, torch.tensor([s for _, s in chunk], device=self.device), tokens)
+                    self.pool.index_copy_(0, self._index([s for _, s in chunk]), tokens)
                     done()
                 done = self._timed("decode")
                 outputs = self._decode(step.slots)

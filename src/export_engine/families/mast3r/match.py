@@ -251,7 +251,8 @@ def filtered_matches(desc1: Any, desc2: Any, conf1: Any, conf2: Any, config: Mat
     c1 = conf1[xy1[:, 1], xy1[:, 0]]
     c2 = conf2[xy2[:, 1], xy2[:, 0]]
     keep &= (c1 >= config.min_desc_conf) & (c2 >= config.min_desc_conf)
-    xy1, xy2, c1, c2 = xy1[keep], xy2[keep], c1[keep], c2[keep]
+    kept = keep.nonzero().squeeze(1)  # one host sync for the count, not one per masked tensor
+    xy1, xy2, c1, c2 = xy1[kept], xy2[kept], c1[kept], c2[kept]
     return {"xy1": xy1, "xy2": xy2, "conf": sqrt_rounded(c1 * c2)}  # correctly rounded, as numpy's sqrt
 
 
