@@ -17,6 +17,8 @@ def pycolmap_module(what: str) -> Any:
         import pycolmap
     except ImportError as err:
         raise BackendError(f"{what} needs pycolmap: pip install 'export-engine[sfm]'") from err
+    if not log.isEnabledFor(logging.DEBUG) and hasattr(pycolmap, "logging"):
+        pycolmap.logging.minloglevel = 1  # COLMAP's per-step INFO lines only with --debug; warnings stay
     return pycolmap
 
 

@@ -16,7 +16,8 @@ that table change in one transaction per commit, so a run killed at any moment l
 matches are complete for every pair it records as done, and a rerun computes only the others. A fingerprint
 of the run (artifact, images, pair strategy, settings) is stored too: a database of another run is refused.
 
-Not thread-safe: one thread (the writer of :mod:`export_engine.sfm.run`) owns a database object.
+Thread safety: a database object may be shared by threads; its methods run one at a time under its lock (in a
+run, the writer thread of :mod:`export_engine.sfm.executor` is the only one that writes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -167,6 +169,7 @@ class ColmapDatabase:
         self._db = connection
         self._keypoints = [_Keypoints(e) for e in self.images]
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._lock = threading.RLock()
         for image_id, blob in self._db.execute("SELECT image_id, data FROM export_engine_pixels"):
             entry = self.images[image_id - 1]
             self._keypoints[image_id - 1] = _Keypoints(entry, np.frombuffer(blob, dtype=np.int32))
@@ -209,15 +212,17 @@ class ColmapDatabase:
         return cls(path, images, _connect(path))
 
     def done_pairs(self) -> set[int]:
-        return {row[0] for row in self._db.execute("SELECT pair_id FROM export_engine_pairs")}
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT pair_id FROM export_engine_pairs")}
 
     def add_pair(self, i: int, j: int, pixels1: np.ndarray, pixels2: np.ndarray, scores: np.ndarray) -> None:
         """Matches of images i < j (0-based, name order) as grid pixels of each, with their scores; stored at
         the next :meth:`commit`."""
         if not i < j:
             raise ValueError(f"pairs are (i, j) with i < j, got ({i}, {j})")
-        found = np.stack([self._keypoints[i].indices(pixels1), self._keypoints[j].indices(pixels2)], axis=1)
-        self._pending.append((pair_id(i + 1, j + 1), found.astype(np.uint32), np.asarray(scores, np.float32)))
+        with self._lock:
+            found = np.stack([self._keypoints[i].indices(pixels1), self._keypoints[j].indices(pixels2)], axis=1)
+            self._pending.append((pair_id(i + 1, j + 1), found.astype(np.uint32), np.asarray(scores, np.float32)))
 
     @property
     def pending(self) -> int:
@@ -225,6 +230,10 @@ class ColmapDatabase:
 
     def commit(self) -> None:
         """Write the pairs added since the last commit and the keypoints they added, in one transaction."""
+        with self._lock:
+            self._commit()
+
+    def _commit(self) -> None:
         if not self._pending:
             return
         with self._db:
@@ -247,8 +256,9 @@ class ColmapDatabase:
         self._pending.clear()
 
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        with self._lock:
+            self._commit()
+            self._db.close()
 
 
 def _connect(path: Path) -> sqlite3.Connection:

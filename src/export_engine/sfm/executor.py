@@ -12,11 +12,13 @@ bounded, so memory stays what the budget allowed. Everything that records CUDA g
 encoder's and decoder's first runs, the recorded matcher) is done in :meth:`Executor.warm_up`, before any
 other thread starts: a capture must not see another thread's CUDA calls.
 
-An Executor belongs to one run and is driven by one thread (its own workers aside); it is not shared.
+Thread safety: an Executor's public methods run one at a time under its lock (a second caller waits); the
+threads it starts share only the bounded queues, the stop flag and :class:`Stages` (whose additions take a lock).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -26,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -47,6 +49,20 @@ _DESC = ("view1_desc", "view2_desc", "view1_desc_conf", "view2_desc_conf")
 _ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
 # Device memory beyond what warm-up measures (matching temporaries, allocator rounding): a margin, not a model.
 _MARGIN = 0.25 * GIB
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _serialised(method: _F) -> _F:
+    """The method runs under the instance's lock."""
+
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_F, locked)
 
 
 class _StopError(Exception):
@@ -114,6 +130,7 @@ class Executor:
         self.free_at_start = free_at_start if self.on_device and free_at_start else self.free_memory()
         self._stop = threading.Event()
         self._failure: list[BaseException] = []
+        self._lock = threading.RLock()
 
     # --- memory ---------------------------------------------------------------------------------------------
 
@@ -124,6 +141,7 @@ class Executor:
 
         return int(torch.cuda.mem_get_info(self.device)[0])
 
+    @_serialised
     def warm_up(self) -> None:
         """First runs of the fixed batch shapes and the recorded matcher, before any worker thread exists: ONNX
         Runtime records a shape's CUDA graph on its second run (the first allocates), engines after a launch."""
@@ -141,6 +159,7 @@ class Executor:
         torch.cuda.synchronize(self.device)
         self.stages = Stages()  # warm-up runs are not the run's
 
+    @_serialised
     def budget(self, gib: float | None, images: int) -> Budget:
         """Token slots within ``gib`` of memory (device memory on CUDA, measured; host memory on the CPU)."""
         kept = self.batch * self.height * self.width * 4 * 2 * 25  # desc (<= 24 channels) + conf, two views
@@ -165,6 +184,7 @@ class Executor:
             )
         return Budget(min(slots, images), self.token_bytes, budget, fixed)
 
+    @_serialised
     def allocate(self, slots: int) -> None:
         import torch
 
@@ -241,6 +261,7 @@ class Executor:
 
     # --- the run ------------------------------------------------------------------------------------------------
 
+    @_serialised
     def fill(self, images: Sequence[int], slots: Sequence[int] | None) -> Any:
         """Encode ``images`` in batches (reading ahead); tokens go to ``slots`` where given (None: not kept).
         Returns the (n, D) mean token of each image, the global descriptor of retrieval."""
@@ -266,6 +287,7 @@ class Executor:
                 done()
         return torch.cat(means).numpy()
 
+    @_serialised
     def run(self, steps: Sequence[Step], database: ColmapDatabase, on_pair: Callable[[int], None],
             commit_seconds: float) -> None:  # fmt: skip
         """Every step of the plan, results into ``database`` as they complete; ``on_pair(matches)`` after each
