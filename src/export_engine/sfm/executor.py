@@ -18,7 +18,6 @@ threads it starts share only the bounded queues, the stop flag and :class:`Stage
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import queue
@@ -27,8 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +35,7 @@ from export_engine.families.mast3r.images import read_rgb
 from export_engine.families.mast3r.match import MatchConfig, Nearest, filtered_matches, nearest_for
 from export_engine.sfm.database import ColmapDatabase
 from export_engine.sfm.schedule import Step
+from export_engine.sfm.stages import Budget, Stages, serialised
 
 log = logging.getLogger(__name__)
 
@@ -51,56 +50,8 @@ _ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
 _MARGIN = 0.25 * GIB
 
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _serialised(method: _F) -> _F:
-    """The method runs under the instance's lock."""
-
-    @functools.wraps(method)
-    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return cast(_F, locked)
-
-
 class _StopError(Exception):
     """Another thread failed or the run was interrupted: unwind quietly (the first failure is re-raised)."""
-
-
-@dataclass
-class Stages:
-    """Seconds per stage (device time from CUDA events where the stage runs on the GPU) and counters."""
-
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("read", "encode", "decode", "match",
-                                                                             "write"), 0.0))  # fmt: skip
-    encodes: int = 0
-    matches: int = 0
-    pairs: int = 0
-    _events: list[tuple[str, Any, Any]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)  # readers add from several threads
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[stage] += seconds
-
-    def settle(self) -> None:
-        """Add the CUDA event intervals recorded so far (after the device finished them)."""
-        for stage, start, end in self._events:
-            end.synchronize()
-            self.seconds[stage] += start.elapsed_time(end) / 1000.0
-        self._events.clear()
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many token slots fit, and why."""
-
-    slots: int
-    token_bytes: int
-    budget_bytes: float
-    fixed_bytes: float  # measured after warm-up on CUDA (weights, workspaces, recorded graphs), else estimated
 
 
 class Executor:
@@ -141,7 +92,7 @@ class Executor:
 
         return int(torch.cuda.mem_get_info(self.device)[0])
 
-    @_serialised
+    @serialised
     def warm_up(self) -> None:
         """First runs of the fixed batch shapes and the recorded matcher, before any worker thread exists: ONNX
         Runtime records a shape's CUDA graph on its second run (the first allocates), engines after a launch."""
@@ -159,7 +110,7 @@ class Executor:
         torch.cuda.synchronize(self.device)
         self.stages = Stages()  # warm-up runs are not the run's
 
-    @_serialised
+    @serialised
     def budget(self, gib: float | None, images: int) -> Budget:
         """Token slots within ``gib`` of memory (device memory on CUDA, measured; host memory on the CPU)."""
         kept = self.batch * self.height * self.width * 4 * 2 * 25  # desc (<= 24 channels) + conf, two views
@@ -184,7 +135,7 @@ class Executor:
             )
         return Budget(min(slots, images), self.token_bytes, budget, fixed)
 
-    @_serialised
+    @serialised
     def allocate(self, slots: int) -> None:
         import torch
 
@@ -210,7 +161,7 @@ class Executor:
             def end_device() -> None:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
-                self.stages._events.append((stage, start, end))
+                self.stages.interval(stage, start, end)
 
             return end_device
         begin = time.perf_counter()
@@ -261,7 +212,7 @@ class Executor:
 
     # --- the run ------------------------------------------------------------------------------------------------
 
-    @_serialised
+    @serialised
     def fill(self, images: Sequence[int], slots: Sequence[int] | None) -> Any:
         """Encode ``images`` in batches (reading ahead); tokens go to ``slots`` where given (None: not kept).
         Returns the (n, D) mean token of each image, the global descriptor of retrieval."""
@@ -287,7 +238,7 @@ class Executor:
                 done()
         return torch.cat(means).numpy()
 
-    @_serialised
+    @serialised
     def run(self, steps: Sequence[Step], database: ColmapDatabase, on_pair: Callable[[int], None],
             commit_seconds: float) -> None:  # fmt: skip
         """Every step of the plan, results into ``database`` as they complete; ``on_pair(matches)`` after each
