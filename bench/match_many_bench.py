@@ -234,6 +234,8 @@ def peer_pipelines(folder: Path, out: Path, pairs: list[tuple[int, int]], total_
             img1 = torch.from_numpy(np.concatenate([normalized(rgbs[i]) for i, _ in padded])).to(device, dtype)
             img2 = torch.from_numpy(np.concatenate([normalized(rgbs[j]) for _, j in padded])).to(device, dtype)
             with torch.inference_mode():
+                if cuda:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous batch's outputs are done with
                 out_pair = forward(img1, img2)
                 desc1, desc2 = out_pair["view1_desc"].float(), out_pair["view2_desc"].float()
                 conf1, conf2 = out_pair["view1_desc_conf"].float(), out_pair["view2_desc_conf"].float()
@@ -248,6 +250,7 @@ def peer_pipelines(folder: Path, out: Path, pairs: list[tuple[int, int]], total_
                                       found["conf"].float().cpu().numpy())  # fmt: skip
                     if number >= WARM_UP_BATCHES:
                         matches += len(xy1)
+            del out_pair, desc1, desc2, conf1, conf2
             database.commit()
             if number < WARM_UP_BATCHES:
                 compile_s += time.perf_counter() - began
