@@ -122,10 +122,13 @@ class BusySampler:
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
         except Exception:  # pynvml missing: nvidia-smi's own 50 ms loop
+            try:
+                self._proc = subprocess.Popen(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "50"],
+                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+            except OSError:
+                return self  # neither: no busy share (the stage seconds remain)
             self.source = "nvidia-smi"
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "50"],
-                stdout=subprocess.PIPE, text=True)  # fmt: skip
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
