@@ -386,7 +386,7 @@ def main() -> int:
     parser.add_argument("--pairs", default="swin:10")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--gpu-memory", type=float, default=12.0, help="GiB given to match-many")
+    parser.add_argument("--gpu-memory", type=float, default=16.0, help="GiB given to match-many")
     parser.add_argument("--small-pool", type=int, default=48, help="token slots of the eviction run (0: skip)")
     parser.add_argument("--peer-pairs", type=int, default=320)
     parser.add_argument("--compile-mode", default="reduce-overhead")
@@ -425,13 +425,15 @@ def main() -> int:
             save()
             print(f"export failed ({code}); see {args.work}/export-{artifact.name}.log", file=sys.stderr)
             return 1
-    rows.append(ours(artifact, folder, args.out, args, None))
-    save()
-    if args.small_pool:
-        rows.append(ours(artifact, folder, args.out, args, args.small_pool))
+    for label, run in (("ours", lambda: [ours(artifact, folder, args.out, args, None)]),
+                       ("ours, small pool", lambda: [ours(artifact, folder, args.out, args, args.small_pool)]
+                        if args.small_pool else []),
+                       ("Matcher.match", lambda: matcher_rows(artifact, folder, args.repeats))):  # fmt: skip
+        try:
+            rows += run()
+        except Exception as err:  # reported in the table; the other rows still run
+            rows.append({"case": label, "error": f"{type(err).__name__}: {err}"[:300]})
         save()
-    rows += matcher_rows(artifact, folder, args.repeats)
-    save()
     print(table(rows))
     print(json.dumps(ratios(rows)))
     print(f"{args.out / 'match_many_bench.json'} ({time.perf_counter() - start:.0f} s)")
