@@ -192,3 +192,18 @@ def test_bad_input_gets_one_line_and_leaves_the_database(
         _fail(["match-many", art, str(photos), "--pairs", "swin:2", "--verify", *common], 8, capsys,
               "--verify needs pycolmap: pip install 'export-engine[sfm]'")  # fmt: skip
     assert (out / "database.db").read_bytes() == before
+
+
+def test_the_database_holds_what_matcher_match_finds(tiny_mast3r_artifact: Path, photos: Path, finished: Path) -> None:
+    """Batched decoder, token pool and matcher thread give the pair-by-pair API's matches, in original pixels."""
+    from export_engine.families.mast3r.match import Matcher
+    from export_engine.runtime.session import load
+
+    matcher = Matcher(load(tiny_mast3r_artifact), MatchConfig(subsample=4))
+    stored = _matches_by_pair(finished)
+    for a, b in [("im0.jpg", "im1.jpg"), ("im3.jpg", "sub/turned.jpg"), ("sub/turned.jpg", "z.png")]:
+        result = matcher.match(photos / a, photos / b)
+        both = np.concatenate([result.xy1_original, result.xy2_original], axis=1) + 0.5  # COLMAP's convention
+        expected = {tuple(np.round(m, 2)) for m in both.astype(np.float32).astype(np.float64)}
+        got = {tuple(np.round(np.asarray(m, np.float64), 2)) for m in stored[a, b]}
+        assert got == expected and len(expected) > 10
