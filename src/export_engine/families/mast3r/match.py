@@ -213,7 +213,7 @@ class Matcher:
         key = (*desc1.shape, *desc2.shape)
         if key not in self._nearest:
             if desc1.shape != desc2.shape:  # the recorded matcher holds one shape pair; both views share one
-                return nearest_for(tuple(desc1.shape), self.config.subsample, "cpu", recorded=False)
+                return nearest_for(tuple(desc1.shape), self.config.subsample, desc1.device, recorded=False)
             recorded = self.config.recorded and self.on_device
             self._nearest[key] = nearest_for(tuple(desc1.shape), self.config.subsample, desc1.device, recorded)
         return self._nearest[key]
