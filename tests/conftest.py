@@ -68,3 +68,20 @@ def tiny_graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyGraph
             onnx_from_torch(spec.build_module(loaded.module), example, path, spec)
             graphs[f"{family.name}.{spec.name}"] = TinyGraph(path, spec, feeds[spec.name])
     return graphs
+
+
+@pytest.fixture(scope="session")
+def tiny_mast3r_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight MASt3R artifact at 96x64, ONNX only (exported once per test process: ~10 s on 2 cores;
+    no engines, so that a GPU machine runs the same graphs through ONNX Runtime CUDA)."""
+    import json
+
+    from export_engine.cli import main
+    from export_engine.exporters.mast3r import TINY_CONFIG
+
+    root = tmp_path_factory.mktemp("tiny_mast3r")
+    (root / "config.json").write_text(json.dumps(TINY_CONFIG))
+    out = root / "art"
+    argv = ["--model", "mast3r", "--random-weights", "--config", str(root / "config.json"), "--resolution", "96x64"]
+    assert main([*argv, "--backend", "onnx", "--out", str(out), "--quiet"]) == 0
+    return out

@@ -27,6 +27,8 @@ RULES = {
                 "export_engine.calibration.statistics", "export_engine.builders.build"),
     "graph_passes": ("export_engine.runtime", "export_engine.pipeline", "export_engine.models"),
     "models": ("export_engine.exporters", "export_engine.runtime", "export_engine.pipeline"),
+    # collection jobs run artifacts: no model code; pycolmap and h5py only inside functions (optional extra)
+    "sfm": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
 }  # fmt: skip
 
 
@@ -38,6 +40,7 @@ RANKS = {
     "calibration": 5, "runners": 5, "builders": 6,
     "families": 7, "models": 8, "exporters": 9,
     "runtime": 10, "record": 10, "pipeline": 11, "cli": 12, "__init__": 13, "__main__": 14,
+    "sfm": 11,
 }  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from export_engine.errors import BackendError, ExportError, ModelInputError, Par
 
 log = logging.getLogger("export_engine")
 
-SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "segment", "models", "doctor")
+SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "match-many", "segment", "models", "doctor")
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
@@ -130,6 +130,8 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--subsample", type=int, default=8, help="seed grid step in pixels (default 8)")
         p.add_argument("--min-desc-conf", type=float, default=0.0, help="drop matches below this confidence")
         p.add_argument("--device", default="cpu", help="torch device for matching (cpu, cuda)")
+    elif name == "match-many":
+        _match_many_parser(p)
     elif name == "segment":
         p.description = "Segment a volume with a FastSAM3D artifact from clicks (d,h,w[,label]; label 1 or 0)."
         p.add_argument("artifact", type=Path)
@@ -198,7 +200,7 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-NEEDS_ONNXRUNTIME = ("run", "verify", "match", "segment")
+NEEDS_ONNXRUNTIME = ("run", "verify", "match", "match-many", "segment")
 
 
 def _require_onnxruntime() -> None:
@@ -226,6 +228,7 @@ def _dispatch(argv: list[str]) -> int:
             "unpack": _cmd_unpack,
             "segment": _cmd_segment,
             "match": _cmd_match,
+            "match-many": _cmd_match_many,
             "models": _cmd_models,
             "doctor": _cmd_doctor,
         }
@@ -371,6 +374,57 @@ def _cmd_match(args: argparse.Namespace) -> int:
     print(f"{target} ({len(result.xy1)} matches)")
     if args.plot:
         print(plot_matches(result.image1.rgb, result.image2.rgb, result.xy1, result.xy2, args.plot))
+    return 0
+
+
+def _match_many_parser(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Match an image collection with a MASt3R artifact into DIR/database.db (COLMAP), DIR/features.h5 + "
+        "DIR/matches.h5 (hloc) and DIR/pairs.txt; rerun the same command to finish an interrupted run."
+    )
+    p.add_argument("artifact", type=Path)
+    p.add_argument("images", type=Path, nargs="+", help="folders (searched recursively) and/or jpg/png files")
+    p.add_argument("--pairs", default="swin:10",
+                   help="complete | swin:K[:cyclic] | logwin:K[:cyclic] | retrieval:K | FILE (two names a line); "
+                        "default swin:10")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--camera-mode", default="per-image", help="per-image (default) | single | auto")
+    p.add_argument("--gpu-memory", type=float, help="GiB the run may use on the GPU (default 3/4 of the free memory)")
+    p.add_argument("--batch", type=int, default=16, help="pairs per decoder run (default 16)")
+    p.add_argument("--encode-batch", type=int, default=16, help="images per encoder run (default 16)")
+    p.add_argument("--workers", type=int, default=8, help="image-decoding threads (default 8)")
+    p.add_argument("--token-slots", type=int, help="keep at most N images' tokens (default: what --gpu-memory holds)")
+    p.add_argument("--subsample", type=int, default=8, help="seed grid step in pixels (default 8)")
+    p.add_argument("--min-desc-conf", type=float, default=0.0, help="drop matches below this confidence")
+    p.add_argument("--no-hloc", action="store_true", help="skip features.h5 / matches.h5")
+    p.add_argument("--verify", action="store_true", help="COLMAP two-view geometric verification (pycolmap)")
+    p.add_argument("--reconstruct", action="store_true", help="COLMAP incremental mapper into DIR/sparse (pycolmap)")
+
+
+def _cmd_match_many(args: argparse.Namespace) -> int:
+    from export_engine.families.mast3r.match import MatchConfig
+    from export_engine.sfm.run import MatchManyConfig, match_many
+
+    config = MatchManyConfig(
+        pairs=args.pairs,
+        match=MatchConfig(subsample=args.subsample, min_desc_conf=args.min_desc_conf),
+        camera_mode=args.camera_mode,
+        gpu_memory=args.gpu_memory,
+        batch=args.batch,
+        encode_batch=args.encode_batch,
+        token_slots=args.token_slots,
+        workers=args.workers,
+        hloc=not args.no_hloc,
+        verify=args.verify,
+        reconstruct=args.reconstruct,
+    )
+    try:
+        report = match_many(args.artifact, args.images, args.out, config)
+    except KeyboardInterrupt:
+        print(f"export-engine: interrupted; the pairs matched so far are in {args.out / 'database.db'}: run the "
+              "same command again to match the rest", file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    print(report.text())
     return 0
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from export_engine.errors import ModelInputError
-from export_engine.families.mast3r.images import load_image, upstream_size
+from export_engine.families.mast3r.images import fit, load_image, upstream_size
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,14 @@ def test_load_image_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ModelInputError, match="could not be read"):
         load_image(tmp_path / "bad.png", 512, 384)
+
+
+@pytest.mark.parametrize("size", [(800, 600), (600, 800), (1000, 500), (640, 480)])
+def test_fit_predicts_the_loaders_geometry_without_decoding(tmp_path: Path, size: tuple[int, int]) -> None:
+    path = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    loaded = load_image(path, 512, 384)
+    placed = fit(size, 512, 384)
+    assert loaded.rgb.shape == (384, 512, 3)
+    assert (loaded.scale, loaded.offset, loaded.original_size) == (placed.scale, placed.offset, placed.original)
+    assert placed.upstream == (size[0] * 3 == size[1] * 4)  # only 4:3 landscape gives 512x384 the upstream way

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +11,14 @@ from PIL import Image
 
 from export_engine.calibration.synthetic import structured_image
 from export_engine.cli import main
-from export_engine.exporters.mast3r import TINY_CONFIG
+from export_engine.families.mast3r.images import load_image
 from export_engine.families.mast3r.match import MatchConfig, Matcher
 from export_engine.runtime.session import load
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("match")
-    (root / "config.json").write_text(json.dumps(TINY_CONFIG))
-    out = root / "art"
-    argv = ["--model", "mast3r", "--random-weights", "--config", str(root / "config.json"), "--resolution", "96x64"]
-    assert main([*argv, "--out", str(out), "--quiet"]) == 0
-    return out
+def artifact(tiny_mast3r_artifact: Path) -> Path:
+    return tiny_mast3r_artifact
 
 
 def _png(path: Path, seed: int, size: tuple[int, int] = (192, 128)) -> Path:
@@ -64,3 +59,41 @@ def test_match_rejects_other_artifacts_and_bad_images(
     assert main(["match", str(artifact), str(a), str(tmp_path / "bad.png"), "--out", str(tmp_path / "m.npz")]) == 4
     assert "could not be read" in capsys.readouterr().err
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_tokens_are_cached_by_file_and_by_object(artifact: Path, tmp_path: Path) -> None:
+    a, b = _png(tmp_path / "a.png", 1), _png(tmp_path / "b.png", 2)
+    matcher = Matcher(load(artifact), MatchConfig(subsample=4))
+    matcher.prefetch(a, b)
+    first = matcher.match(a, b)
+    assert matcher.encoded == 2
+    assert matcher.match(str(a), b).image1 is first.image1  # same file: neither decoded nor encoded again
+    assert matcher.encoded == 2
+    _png(a, 3)  # the file changes: its size or modification time differ, so it is read and encoded anew
+    os.utime(a, ns=(1, 1))
+    changed = matcher.match(a, b)
+    assert matcher.encoded == 3 and not np.array_equal(changed.image1.rgb, first.image1.rgb)
+    assert matcher.load(b) is changed.image2  # a cached file's image comes from the cache
+    loaded, twin = load_image(b, 96, 64), load_image(b, 96, 64)
+    matcher.match(loaded, twin)  # distinct objects with equal pixels: keyed by identity, so each is encoded
+    assert matcher.encoded == 5
+    matcher.match(loaded, twin)
+    assert matcher.encoded == 5
+    matcher.close()
+
+
+def test_matcher_shared_by_threads_gives_the_sequential_results(artifact: Path, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [_png(tmp_path / f"{k}.png", k) for k in range(4)]
+    pairs = [(files[i], files[j]) for i in range(4) for j in range(i + 1, 4)]
+    sequential = Matcher(load(artifact), MatchConfig(subsample=4, cache_size=2))
+    expected = [sequential.match(a, b) for a, b in pairs]
+    shared = Matcher(load(artifact), MatchConfig(subsample=4, cache_size=2, workers=3))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: shared.match(*p), pairs * 2))
+    for got, want in zip(results, expected * 2, strict=True):
+        np.testing.assert_array_equal(got.xy1, want.xy1)
+        np.testing.assert_array_equal(got.xy2, want.xy2)
+        np.testing.assert_array_equal(got.conf, want.conf)
+    shared.close()

@@ -34,9 +34,7 @@ class LoadedImage:
 
     def to_original(self, xy: np.ndarray) -> np.ndarray:
         """(M, 2) pixel (x, y) of the network input -> (x, y) in the original image (pixel centres)."""
-        xy = np.asarray(xy, dtype=np.float64)
-        offset, scale = np.asarray(self.offset, np.float64), np.asarray(self.scale, np.float64)
-        return (xy + offset + 0.5) / scale - 0.5
+        return to_original(xy, self.scale, self.offset)
 
 
 def _resample(image: object, size: tuple[int, int]) -> object:
@@ -57,8 +55,46 @@ def upstream_size(width: int, height: int, long_side: int) -> tuple[tuple[int, i
     return (new_w, new_h), (cx - half_w, cy - half_h, cx + half_w, cy + half_h)
 
 
-def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
-    """Read ``path`` and return it at exactly ``width`` x ``height`` as the network input."""
+@dataclass(frozen=True)
+class Fit:
+    """How an original image of a given size becomes the network input: resize, then crop."""
+
+    original: tuple[int, int]  # (W, H) of the file after EXIF orientation
+    resized: tuple[int, int]  # (W, H) after resampling
+    box: tuple[int, int, int, int]  # crop (left, top, right, bottom) in the resized image
+    upstream: bool  # False: upstream's procedure gives another size, scaled to cover and centre-cropped
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """resized / original, per axis (x, y)."""
+        return self.resized[0] / self.original[0], self.resized[1] / self.original[1]
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        """Crop origin (left, top) in the resized image."""
+        return self.box[0], self.box[1]
+
+
+def fit(original: tuple[int, int], width: int, height: int) -> Fit:
+    """The resize and crop :func:`load_image` applies to an image of ``original`` (W, H) after EXIF orientation,
+    known before decoding it (a collection's keypoint coordinates are laid out from this)."""
+    resized, box = upstream_size(*original, long_side=max(width, height))
+    if (box[2] - box[0], box[3] - box[1]) == (width, height):
+        return Fit(original, resized, box, True)
+    factor = max(width / original[0], height / original[1])
+    cover = (max(width, round(original[0] * factor)), max(height, round(original[1] * factor)))
+    left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
+    return Fit(original, cover, (left, top, left + width, top + height), False)
+
+
+def to_original(xy: np.ndarray, scale: tuple[float, float], offset: tuple[int, int]) -> np.ndarray:
+    """(M, 2) pixel (x, y) of the network input -> (x, y) in the original image (pixel centres at integers)."""
+    xy = np.asarray(xy, dtype=np.float64)
+    return (xy + np.asarray(offset, np.float64) + 0.5) / np.asarray(scale, np.float64) - 0.5
+
+
+def read_rgb(path: str | Path, width: int, height: int) -> tuple[np.ndarray, Fit]:
+    """The (H, W, 3) uint8 network input of the file at ``path`` (EXIF orientation, resize, crop), and its fit."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -69,21 +105,24 @@ def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
             image = ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise ModelInputError(f"image {path} could not be read ({err}); give a PNG or JPEG file") from err
-    original = image.size
-    resized, box = upstream_size(*original, long_side=max(width, height))
-    candidate = _resample(image, resized).crop(box)  # type: ignore[attr-defined]
-    scale = (resized[0] / original[0], resized[1] / original[1])
-    offset = (box[0], box[1])
-    if candidate.size != (width, height):
-        factor = max(width / original[0], height / original[1])
-        cover = (max(width, round(original[0] * factor)), max(height, round(original[1] * factor)))
-        left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
-        candidate = _resample(image, cover).crop((left, top, left + width, top + height))  # type: ignore[attr-defined]
-        scale, offset = (cover[0] / original[0], cover[1] / original[1]), (left, top)
+    placed = fit(image.size, width, height)
+    if not placed.upstream:
+        upstream = upstream_size(*image.size, long_side=max(width, height))[1]
         log.info(
             "%s: %dx%d does not give %dx%d the upstream way (%dx%d); scaled to cover and centre-cropped",
-            path.name, *original, width, height, box[2] - box[0], box[3] - box[1],
+            path.name, *image.size, width, height, upstream[2] - upstream[0], upstream[3] - upstream[1],
         )  # fmt: skip
-    rgb = np.asarray(candidate, dtype=np.uint8)
+    candidate = _resample(image, placed.resized).crop(placed.box)  # type: ignore[attr-defined]
+    return np.asarray(candidate, dtype=np.uint8), placed
+
+
+def normalized(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1], as upstream (x / 255 - 0.5) / 0.5."""
     tensor = (rgb.astype(np.float32) / 255.0 - 0.5) / 0.5
-    return LoadedImage(tensor.transpose(2, 0, 1)[None].copy(), rgb, path, original, scale, offset)
+    return tensor.transpose(2, 0, 1)[None].copy()
+
+
+def load_image(path: str | Path, width: int, height: int) -> LoadedImage:
+    """Read ``path`` and return it at exactly ``width`` x ``height`` as the network input."""
+    rgb, placed = read_rgb(path, width, height)
+    return LoadedImage(normalized(rgb), rgb, Path(path), placed.original, placed.scale, placed.offset)
