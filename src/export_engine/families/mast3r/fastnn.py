@@ -50,6 +50,7 @@ import torch
 
 from export_engine.errors import BackendError, ModelInputError
 from export_engine.families.mast3r import fastnn_kernel
+from export_engine.runners import gpu_gate
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +485,8 @@ def _capture(step: Callable[[], _Out]) -> tuple[torch.cuda.CUDAGraph, _Out]:
         step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # torch records in CUDA's global capture mode: no other thread's GPU calls may run meanwhile (gpu_gate)
+    with gpu_gate.exclusive(torch.cuda.current_device()), torch.cuda.graph(graph):
         outputs = step()
     return graph, outputs
 

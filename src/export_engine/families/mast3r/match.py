@@ -31,6 +31,7 @@ import numpy as np
 from export_engine.core.types import LoadedArtifact
 from export_engine.errors import BackendError, UsageError
 from export_engine.families.mast3r.images import LoadedImage, load_image
+from export_engine.runners import gpu_gate
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,16 @@ class Matcher:
             feeds = {"feat1": tokens1, "feat2": self._tokens(key2, img2)}
             decoder = self.artifact.runners["decoder"]
             if self.on_device:
-                out = decoder.run(feeds, copy=False)  # type: ignore[attr-defined]
+                # the decoder's own buffers (copy=False), read before another caller of the runner runs it again
+                with decoder.lock:  # type: ignore[attr-defined]
+                    out = decoder.run(feeds, copy=False)  # type: ignore[attr-defined]
+                    with gpu_gate.shared():  # the matcher's kernels and copies stay out of other threads' captures
+                        found = pair_matches(out, self.config, self._nearest_for(out))
+                        found = {k: v.cpu().numpy() for k, v in found.items()}
             else:
                 numpy_out = decoder({k: v.numpy() for k, v in feeds.items()})
                 out = {k: torch.from_numpy(v).to(self.config.device) for k, v in numpy_out.items()}
-            found = {k: v.cpu().numpy() for k, v in pair_matches(out, self.config, self._nearest_for(out)).items()}
+                found = {k: v.cpu().numpy() for k, v in pair_matches(out, self.config, self._nearest_for(out)).items()}
         xy1, xy2 = found["xy1"], found["xy2"]
         log.info("%s <-> %s: %d matches", img1.source.name, img2.source.name, len(xy1))
         return MatchResult(
