@@ -274,12 +274,17 @@ def hammer(runners: list[Any], feeds: list[list[dict[str, Any]]], alone: list[li
 
 
 def nvidia_smi_used() -> int | None:
+    """This process's device memory in MiB as NVML counts it (None where nvidia-smi cannot say)."""
     try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+        done = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                               capture_output=True, text=True, timeout=20, check=True)  # fmt: skip
-        return int(done.stdout.split()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+    except (OSError, subprocess.SubprocessError):
         return None
+    for line in done.stdout.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if fields[0] == str(os.getpid()) and fields[1].isdigit():
+            return int(fields[1])
+    return None
 
 
 def rss_mib() -> float:
@@ -316,9 +321,13 @@ def memory(artifacts: dict[str, Path], work: Path, cycles: int = 20) -> dict[str
         first, last = levels[1], levels[-1]
         growth = {k: (last[k] - first[k]) if last[k] is not None and first[k] is not None else None for k in first}
         modes[mode] = {"growth_cycle2_to_last": growth, "levels": levels}
-    device_growth = max(m["growth_cycle2_to_last"]["cuda_used_mib"] for m in modes.values())
+    # this process's figure where NVML gives one (other processes may share the device), else the device's
+    key = (
+        "smi_mib" if all(m["growth_cycle2_to_last"]["smi_mib"] is not None for m in modes.values()) else "cuda_used_mib"
+    )
+    device_growth = max(m["growth_cycle2_to_last"][key] for m in modes.values())
     host_growth = max(m["growth_cycle2_to_last"]["rss_mib"] for m in modes.values())
-    summary = "; ".join(f"{mode}: device +{m['growth_cycle2_to_last']['cuda_used_mib']} MiB, host "
+    summary = "; ".join(f"{mode}: device +{m['growth_cycle2_to_last'][key]} MiB ({key}), host "
                         f"+{m['growth_cycle2_to_last']['rss_mib']} MiB" for mode, m in modes.items())  # fmt: skip
     return {"ok": device_growth < 16 and host_growth < 64, "summary": f"{cycles} cycles, {summary}", "modes": modes}
 

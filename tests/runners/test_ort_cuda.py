@@ -274,6 +274,19 @@ def test_load_and_close_cycles_do_not_grow_gpu_memory(tiny_artifacts: dict[str, 
     import gc
 
     def used() -> int:
+        """This process's device memory (NVML's per-process figure; the device's when that is unavailable)."""
+        import os
+        import subprocess
+
+        try:
+            query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+            done = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True)
+            rows = [line.split(",") for line in done.stdout.splitlines()]
+            mine = [row for row in rows if row[0].strip() == str(os.getpid())]
+            if mine:
+                return int(mine[0][1]) << 20
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
         free, total = torch.cuda.mem_get_info()
         return total - free
 
