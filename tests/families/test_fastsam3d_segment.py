@@ -11,7 +11,7 @@ import pytest
 
 from export_engine.calibration.synthetic import structured_volume
 from export_engine.cli import main
-from export_engine.errors import ModelInputError
+from export_engine.errors import ModelInputError, UsageError
 from export_engine.exporters.fastsam3d import TINY_CONFIG
 from export_engine.families.fastsam3d.segment import SegmentSession
 from export_engine.runtime.session import load
@@ -88,3 +88,135 @@ def test_click_before_volume_is_an_error(artifact: Path) -> None:
     session.set_volume(structured_volume(64, seed=2))
     with pytest.raises(ModelInputError, match="outside"):
         session.click((64, 1, 1))
+
+
+# --- the device path, the results' host copies, undo and threads --------------------------------------------
+
+
+class _TensorRunner:
+    """A device runner's interface (``run(feeds, copy)`` on torch tensors) over a CPU runner, on torch CPU
+    tensors: SegmentSession takes its device path, as with CUDA runners, on this machine. It records what it was
+    fed to prove that tensors, not numpy arrays, crossed it."""
+
+    device = "cpu"
+
+    def __init__(self, runner: object) -> None:
+        self.runner = runner
+        self.fed: list[str] = []
+
+    def run(self, feeds: dict, copy: bool = True) -> dict:
+        import torch
+
+        self.fed += [type(v).__name__ for v in feeds.values()]
+        out = self.runner({k: v.numpy() for k, v in feeds.items()})  # type: ignore[operator]
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+    def __call__(self, feed: dict) -> dict:
+        raise AssertionError("the device path must call run(), not the numpy interface")
+
+
+def _reference_clicks(artifact: Path, volume: np.ndarray, clicks: list, around: list | None = None) -> list:
+    """The numpy pipeline as the CLI ran it before the device path: preprocess_volume, runners, paste_back."""
+    from export_engine.families.fastsam3d.preprocess import preprocess_volume
+
+    loaded = load(artifact)
+    pts = None if around is None else np.asarray(around, dtype=np.float64)
+    prepared = preprocess_volume(volume, 64, points=pts)
+    embedding = loaded.runners["encoder"]({"image": prepared.image})["image_embedding"]
+    low_res = np.zeros((1, 1, 32, 32, 32), np.float32)
+    results = []
+    for point, label in clicks:
+        feed = {"image_embedding": embedding,
+                "point_coords": prepared.window.points_to_crop(np.asarray([[point]], np.float32)),
+                "point_labels": np.asarray([[label]], np.int64), "mask_input": low_res,
+                "has_mask_input": np.ones((1,), np.float32)}  # fmt: skip
+        out = loaded.runners["prompt_decoder"](feed)
+        low_res = out["low_res_masks"]
+        results.append((prepared.window.paste_back(out["masks_upscaled"][0, 0] > 0, fill=False), low_res))
+    return results
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_session_matches_the_numpy_pipeline(artifact: Path, device_path: bool) -> None:
+    volume = (structured_volume(80, seed=7)[:, 5:75, 10:70] * 900).astype(np.int16)  # cropped and padded
+    clicks = [((40, 35, 30), 1), ((45, 30, 28), 0), ((38, 40, 33), 1)]
+    loaded = load(artifact)
+    if device_path:
+        loaded.runners = {name: _TensorRunner(r) for name, r in loaded.runners.items()}  # type: ignore[misc]
+    session = SegmentSession(loaded)
+    assert session.on_device is device_path
+    session.set_volume(volume, around=[clicks[0][0]])
+    expected = _reference_clicks(artifact, volume, clicks, around=[clicks[0][0]])
+    for (point, label), (mask, low_res) in zip(clicks, expected, strict=True):
+        result = session.click(point, positive=bool(label))
+        np.testing.assert_array_equal(result.mask, mask)
+        np.testing.assert_array_equal(result.low_res_logits, low_res)
+        assert result.voxels == int(mask.sum())
+        assert result.packed() == np.packbits(mask.reshape(-1)).tobytes()
+        np.testing.assert_array_equal(result.device_mask().numpy(), mask)
+    if device_path:
+        assert set(loaded.runners["encoder"].fed) == {"Tensor"}  # type: ignore[attr-defined]
+        assert set(loaded.runners["prompt_decoder"].fed) == {"Tensor"}  # type: ignore[attr-defined]
+
+
+def test_undo_returns_to_the_previous_click_and_reset_forgets(artifact: Path) -> None:
+    session = SegmentSession(load(artifact))
+    session.set_volume(structured_volume(64, seed=3))
+    first = session.click((30, 32, 33))
+    session.click((20, 25, 40), positive=False)
+    assert session.undo() is first and len(session.clicks) == 1
+    again = session.click((20, 25, 40), positive=False)  # same state again -> the same answer
+    other = SegmentSession(load(artifact))
+    other.set_volume(structured_volume(64, seed=3))
+    other.click((30, 32, 33))
+    np.testing.assert_array_equal(again.mask, other.click((20, 25, 40), positive=False).mask)
+    assert session.undo() is first and session.undo() is None and session.clicks == []
+    with pytest.raises(UsageError, match="nothing to undo"):
+        session.undo()
+    session.click((30, 32, 33))
+    session.reset()
+    assert session.last is None and session.clicks == []
+    assert session.device_bytes() > 0
+
+
+def test_nan_volume_is_refused_and_the_session_keeps_its_volume(artifact: Path) -> None:
+    session = SegmentSession(load(artifact))
+    session.set_volume(structured_volume(64, seed=3))
+    before = session.click((30, 32, 33)).mask
+    bad = structured_volume(64, seed=4)
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ModelInputError, match="NaN"):
+        session.set_volume(bad)
+    with pytest.raises(ModelInputError, match="0 voxel"):
+        session.set_volume(np.zeros((64, 64, 64), np.float32))
+    np.testing.assert_array_equal(session.click((30, 32, 33)).mask.shape, before.shape)
+    assert len(session.clicks) == 2
+
+
+def test_threads_on_one_session_serialise_and_sessions_stay_apart(artifact: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    loaded = load(artifact)
+    volumes = [structured_volume(64, seed=s) for s in (11, 12)]
+    points = [(30, 32, 33), (20, 25, 40), (33, 30, 30)]
+
+    def alone(v: np.ndarray) -> list[np.ndarray]:
+        s = SegmentSession(load(artifact))
+        s.set_volume(v)
+        return [s.click(p).mask for p in points]
+
+    def shared(v: np.ndarray) -> list[np.ndarray]:
+        s = SegmentSession(loaded)  # both threads share the artifact's runners
+        s.set_volume(v)
+        return [s.click(p).mask for p in points]
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(shared, volumes))
+    for v, masks in zip(volumes, got, strict=True):
+        for a, b in zip(alone(v), masks, strict=True):
+            np.testing.assert_array_equal(a, b)
+    one = SegmentSession(loaded)
+    one.set_volume(volumes[0])
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda p: one.click(p), points * 3))
+    assert len(one.clicks) == 9
