@@ -24,7 +24,7 @@ from export_engine.errors import BackendError, ExportError, ModelInputError, Par
 
 log = logging.getLogger("export_engine")
 
-SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "segment", "models", "doctor")
+SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "segment", "serve", "models", "doctor")
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
@@ -135,6 +135,18 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True, help="mask.nii.gz (or .nii / .npy)")
         p.add_argument("--plot", type=Path, help="slices.png: three orthogonal slices with the mask")
         p.add_argument("--accumulate", action="store_true", help="send every click so far (default: newest only)")
+    elif name == "serve":
+        p.description = "Serve artifacts over HTTP: FastSAM3D sessions and clicks, MASt3R matching, a viewer at /."
+        p.add_argument("artifacts", type=Path, nargs="+", metavar="ARTIFACT")
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+        p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+        p.add_argument("--allow-root", type=Path, help="folder whose files POST /sessions may read by path")
+        p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest request body (default 1024)")
+        p.add_argument("--gpu-budget-mb", type=float, default=8192.0,
+                       help="device memory for all sessions' state; least recently used go first (default 8192)")
+        p.add_argument("--session-ttl-s", type=float, default=3600.0, help="idle sessions expire (default 3600)")
+        p.add_argument("--max-sessions", type=int, default=256, help="most sessions held at once (default 256)")
+        p.add_argument("--no-cuda-graph", action="store_true", help="do not capture CUDA graphs (GPU runners)")
     elif name == "doctor":
         p.description = (
             "Report versions, ONNX Runtime providers, GPUs and compute capability, engine builders, "
@@ -195,7 +207,7 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-NEEDS_ONNXRUNTIME = ("run", "verify", "match", "segment")
+NEEDS_ONNXRUNTIME = ("run", "verify", "match", "segment", "serve")
 
 
 def _require_onnxruntime() -> None:
@@ -222,6 +234,7 @@ def _dispatch(argv: list[str]) -> int:
             "pack": _cmd_pack,
             "unpack": _cmd_unpack,
             "segment": _cmd_segment,
+            "serve": _cmd_serve,
             "match": _cmd_match,
             "models": _cmd_models,
             "doctor": _cmd_doctor,
@@ -398,6 +411,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     print(save_mask(result.mask, args.out, volume.affine))
     if args.plot:
         print(plot_slices(volume.data, result.mask, clicks, args.plot))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from export_engine.serve.config import ServeConfig
+    from export_engine.serve.server import serve
+
+    config = ServeConfig(host=args.host, port=args.port, allow_root=args.allow_root, max_upload_mb=args.max_upload_mb,
+                         gpu_budget_mb=args.gpu_budget_mb, session_ttl_s=args.session_ttl_s,
+                         max_sessions=args.max_sessions, cuda_graph=not args.no_cuda_graph)  # fmt: skip
+    serve(args.artifacts, config)
     return 0
 
 

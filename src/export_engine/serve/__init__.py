@@ -1,0 +1,11 @@
+"""``export-engine serve``: artifacts behind an HTTP service (FastAPI + uvicorn, the ``[serve]`` extra) and a web
+viewer at ``/``.
+
+- :mod:`.app` builds the FastAPI application (routes, errors as 4xx with a message, metrics).
+- :mod:`.store` holds FastSAM3D sessions in an LRU bounded by device memory, with expiry.
+- :mod:`.uploads` reads uploaded volumes and writes masks (NIfTI, .npy), with size limits.
+- :mod:`.client` is a small Python client of the same API (standard library only).
+- :mod:`.server` runs the app under uvicorn (the CLI's entry point, and tests' local servers).
+
+fastapi and uvicorn are imported when an app is built, never at package import.
+"""
