@@ -53,10 +53,12 @@ class ServeClient:
     def metrics(self) -> str:
         return self.request("GET", "/metrics")[2].decode()
 
-    def create_session(self, volume: str | Path | np.ndarray, name: str | None = None,
+    def create_session(self, volume: str | Path | np.ndarray | bytes, name: str | None = None,
                        artifact: str | None = None) -> dict[str, Any]:  # fmt: skip
-        """Upload a volume: a .nii/.nii.gz/.npy file, or an array (sent as .npy)."""
-        if isinstance(volume, np.ndarray):
+        """Upload a volume: a .nii/.nii.gz/.npy file, an array (sent as .npy), or a file's bytes named ``name``."""
+        if isinstance(volume, bytes):
+            data, filename = volume, name or "volume"
+        elif isinstance(volume, np.ndarray):
             buffer = io.BytesIO()
             np.save(buffer, volume)
             data, filename = buffer.getvalue(), name or "volume.npy"
