@@ -1,13 +1,17 @@
 // export-engine serve's web page: NiiVue shows the session's volume in three planes; a click segments
 // there (POST /sessions/{id}/clicks), shift-click removes, and the mask comes back as an overlay.
 // It uses the same HTTP API as every other client.
-import { Niivue, NVImage } from "@niivue/niivue";
+import { Niivue, SHOW_RENDER } from "@niivue/niivue";
 import { mat4, vec4 } from "gl-matrix";
 
 const NIFTI_VOX_OFFSET = 108; // float32 in a NIfTI-1 header: where the voxels start
 
 const state = { session: null, shape: null, affineInverse: null, busy: false, lastClick: null, error: null };
-const nv = new Niivue({ backColor: [0.1, 0.1, 0.12, 1], show3Dcrosshair: true, dragAndDropEnabled: false });
+const nv = new Niivue({
+  backColor: [0.1, 0.1, 0.12, 1],
+  dragAndDropEnabled: false,
+  multiplanarShowRender: SHOW_RENDER.NEVER, // three planes; no 3-D render
+});
 window.viewer = { nv, state }; // read by the browser test
 
 function status(text, isError = false) {
