@@ -136,16 +136,22 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--plot", type=Path, help="slices.png: three orthogonal slices with the mask")
         p.add_argument("--accumulate", action="store_true", help="send every click so far (default: newest only)")
     elif name == "serve":
+        from export_engine.serve.config import ServeConfig
+
+        d = ServeConfig()  # the defaults' one home
         p.description = "Serve artifacts over HTTP: FastSAM3D sessions and clicks, MASt3R matching, a viewer at /."
         p.add_argument("artifacts", type=Path, nargs="+", metavar="ARTIFACT")
-        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-        p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+        p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+        p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
         p.add_argument("--allow-root", type=Path, help="folder whose files POST /sessions may read by path")
-        p.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest request body (default 1024)")
-        p.add_argument("--gpu-budget-mb", type=float, default=8192.0,
-                       help="device memory for all sessions' state; least recently used go first (default 8192)")
-        p.add_argument("--session-ttl-s", type=float, default=3600.0, help="idle sessions expire (default 3600)")
-        p.add_argument("--max-sessions", type=int, default=256, help="most sessions held at once (default 256)")
+        p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                       help="largest request body (default %(default)s)")  # fmt: skip
+        p.add_argument("--gpu-budget-mb", type=float, default=d.gpu_budget_mb,
+                       help="device memory for sessions (default %(default)s)")  # fmt: skip
+        p.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
+                       help="idle sessions expire (default %(default)s)")  # fmt: skip
+        p.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                       help="most sessions held at once (default %(default)s)")  # fmt: skip
         p.add_argument("--no-cuda-graph", action="store_true", help="do not capture CUDA graphs (GPU runners)")
     elif name == "doctor":
         p.description = (

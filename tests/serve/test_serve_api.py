@@ -145,3 +145,16 @@ def test_health_metrics_docs_and_page(server_url: str) -> None:
     with pytest.raises(ServeError) as err:  # a FastSAM3D-only server has no matcher
         client.request("POST", "/match", *_form({"image1": ("a.png", b"x"), "image2": ("b.png", b"y")}, {}))
     assert err.value.status == 404 and "mast3r" in err.value.detail
+
+
+def test_a_click_can_answer_with_its_packed_mask(server_url: str, tiny_fastsam3d: Path) -> None:
+    volume = structured_volume(70, seed=9)[:, :66, 3:]  # (70, 66, 67): the 64^3 crop is cut on every axis
+    clicks = [((35, 30, 40), True), ((30, 33, 28), False)]
+    client = ServeClient(server_url)
+    sid = client.create_session(volume)["id"]
+    for (point, positive), want in zip(clicks, _alone(tiny_fastsam3d, volume, clicks), strict=True):
+        info, packed = client.click_mask(sid, point, positive)
+        assert len(packed.bits) == 64**3 // 8 and packed.shape == (70, 66, 67)
+        np.testing.assert_array_equal(packed.unpack(), want.astype(np.uint8))
+        assert info["voxels"] == int(want.sum())
+    client.delete(sid)

@@ -45,6 +45,11 @@ MISSING_BUNDLE = (
     "The API works without it: see <a href='/docs'>/docs</a>.</p>"
 )
 
+PACKED_HELP = (
+    "packed: answer with the mask itself: the body is np.packbits of the crop window's voxels (C order); "
+    "X-Iou, X-Voxels, X-Clicks, X-Crop-Start, X-Crop-Size and X-Shape headers carry the rest"
+)
+
 
 @dataclass
 class ServeState:
@@ -166,12 +171,23 @@ def create_app(state: ServeState) -> Any:
         return state.store.get(session_id).state()
 
     @app.post("/sessions/{session_id}/clicks")
-    def click(session_id: str, body: Click) -> dict[str, Any]:
+    def click(
+        session_id: str,
+        body: Click,
+        mask: Annotated[str | None, Query(pattern="^packed$", description=PACKED_HELP)] = None,
+    ) -> Any:
         session = state.store.get(session_id)
         check_point(body.point, session.volume.shape)
         result = session.click(body.point, body.positive)
         state.store.touched(session_id)
-        return outcome(session, result)
+        info = outcome(session, result)
+        if mask is None:
+            return info
+        triple = lambda values: ",".join(map(str, values))  # noqa: E731
+        headers = {"X-Iou": f"{info['iou']:.9g}", "X-Voxels": str(info["voxels"]), "X-Clicks": str(info["clicks"]),
+                   "X-Crop-Start": triple(result.window.start), "X-Crop-Size": triple(result.window.size),
+                   "X-Shape": triple(info["shape"])}  # fmt: skip
+        return Response(result.packed_crop(), media_type="application/octet-stream", headers=headers)
 
     @app.post("/sessions/{session_id}/undo")
     def undo(session_id: str) -> dict[str, Any]:

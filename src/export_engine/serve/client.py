@@ -18,6 +18,7 @@ import io
 import json
 import secrets
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +36,29 @@ class ServeError(ExportError):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status, self.detail = status, detail
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A click's mask as the service sends it: the crop window's voxels bit-packed (C order), where the window
+    starts in the volume (may be negative: padding) and its size; outside the window the mask is empty."""
+
+    bits: bytes
+    start: tuple[int, ...]
+    size: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def unpack(self) -> np.ndarray:
+        """The (d, h, w) uint8 mask in the volume's grid."""
+        crop = np.unpackbits(np.frombuffer(self.bits, np.uint8), count=int(np.prod(self.size))).reshape(self.size)
+        out = np.zeros(self.shape, np.uint8)
+        src, dst = [], []
+        for start, size, extent in zip(self.start, self.size, self.shape, strict=True):
+            lo, hi = max(start, 0), max(min(start + size, extent), max(start, 0))
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - start, hi - start))
+        out[tuple(src)] = crop[tuple(dst)]
+        return out
 
 
 class ServeClient:
@@ -79,6 +103,15 @@ class ServeClient:
     def click(self, session_id: str, point: Any, positive: bool = True) -> dict[str, Any]:
         body = json.dumps({"point": [float(c) for c in point], "positive": bool(positive)}).encode()
         return self._json("POST", f"/sessions/{session_id}/clicks", body, {"Content-Type": "application/json"})
+
+    def click_mask(self, session_id: str, point: Any, positive: bool = True) -> tuple[dict[str, Any], PackedMask]:
+        """A click answered with its mask (compact: the crop window's bits), as a viewer wants it."""
+        body = json.dumps({"point": [float(c) for c in point], "positive": bool(positive)}).encode()
+        _, headers, data = self.request("POST", f"/sessions/{session_id}/clicks?mask=packed", body,
+                                        {"Content-Type": "application/json"})  # fmt: skip
+        triple = lambda name: tuple(int(v) for v in headers[name].split(","))  # noqa: E731
+        info = {"iou": float(headers["x-iou"]), "voxels": int(headers["x-voxels"]), "clicks": int(headers["x-clicks"])}
+        return info, PackedMask(data, triple("x-crop-start"), triple("x-crop-size"), triple("x-shape"))
 
     def undo(self, session_id: str) -> dict[str, Any]:
         return self._json("POST", f"/sessions/{session_id}/undo")

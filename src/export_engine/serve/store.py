@@ -76,7 +76,7 @@ class ServedSession:
             if outside and not self.segment.clicks and _inside(point, self.volume.shape):
                 self.segment.set_volume(self.volume, around=[point])
             result = self.segment.click(point, positive)
-            result.crop_on_host()  # the compact copy, under the device lock
+            result.fetch()  # the compact copy, under the device lock
             self._measure()
             return result
 
@@ -98,7 +98,7 @@ class ServedSession:
             if last is None:
                 return np.zeros(self.volume.shape, dtype=bool)
             with self.devices.hold(self.segment.device):
-                last.crop_on_host()
+                last.fetch()
             return last.mask
 
     def state(self) -> dict[str, Any]:

@@ -88,6 +88,10 @@ class CropWindow:
     def points_to_original(self, points: np.ndarray) -> np.ndarray:
         return np.asarray(points, dtype=np.float32) + np.asarray(self.start, dtype=np.float32)
 
+    def overlap(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(slices of the volume, slices of the crop) where the window and the volume overlap."""
+        return self._overlap()
+
     def _overlap(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
         src, dst = [], []
         for start, size, extent in zip(self.start, self.size, self.original_shape, strict=True):

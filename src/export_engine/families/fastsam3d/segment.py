@@ -45,9 +45,9 @@ HISTORY = 32  # clicks a session can undo; each holds the low-res logits and the
 class ClickResult:
     """One click's outcome. ``crop_mask`` (S^3 bool) and the logits stay where they were computed until read.
 
-    ``mask`` is the (D, H, W) bool mask in the volume's own geometry; ``packed()`` is the same mask as
-    ``np.packbits`` of its C-order flattening, which is what leaves the device (1 bit a voxel, and only the
-    crop window: outside it the mask is always empty).
+    ``mask`` is the (D, H, W) bool mask in the volume's own geometry. What leaves the device is compact: the
+    crop window's mask bit-packed (``np.packbits`` of its C-order flattening, S^3 / 8 bytes; outside the window
+    the mask is always empty) and its voxel count inside the volume, in one copy, made once per result.
     """
 
     def __init__(self, crop_mask: Any, iou: Any, low_res: Any, window: CropWindow) -> None:
@@ -56,7 +56,8 @@ class ClickResult:
         self._iou = iou  # torch scalar tensor
         self._low_res = low_res  # torch (1, 1, m, m, m) float32
         self._lock = threading.Lock()
-        self._host_crop: np.ndarray | None = None
+        self._packed: np.ndarray | None = None
+        self._voxels = 0
 
     @property
     def iou_prediction(self) -> float:
@@ -75,14 +76,23 @@ class ClickResult:
         """The (D, H, W) bool mask as a torch tensor on the runners' device (pasted there, not copied out)."""
         return self.window.paste_back_tensor(self.crop_mask, fill=False)
 
-    def crop_on_host(self) -> np.ndarray:
-        """The crop window's (S, S, S) bool mask on the host: bit-packed on the device, S^3 / 8 bytes copied."""
+    def fetch(self) -> None:
+        """Copy the packed crop mask and the voxel count to the host (once; later calls return at once)."""
         with self._lock:
-            if self._host_crop is None:
-                size = int(np.prod(self.window.size))
-                self._host_crop = np.unpackbits(_packbits(self.crop_mask), count=size).astype(bool)
-                self._host_crop = self._host_crop.reshape(self.window.size)
-            return self._host_crop
+            if self._packed is None:
+                self._packed, self._voxels = _packed_and_count(self.crop_mask, self.window)
+
+    def packed_crop(self) -> bytes:
+        """``np.packbits`` of the crop window's (S, S, S) mask, C order: S^3 / 8 bytes."""
+        self.fetch()
+        assert self._packed is not None
+        return self._packed.tobytes()
+
+    def crop_on_host(self) -> np.ndarray:
+        """The crop window's (S, S, S) bool mask on the host."""
+        self.fetch()
+        size = int(np.prod(self.window.size))
+        return np.unpackbits(self._packed, count=size).astype(bool).reshape(self.window.size)  # type: ignore[arg-type]
 
     @property
     def mask(self) -> np.ndarray:
@@ -92,7 +102,8 @@ class ClickResult:
     @property
     def voxels(self) -> int:
         """Voxels in the mask, inside the volume (the crop's padding does not count)."""
-        return int(self.mask.sum())
+        self.fetch()
+        return self._voxels
 
     def packed(self) -> bytes:
         """``np.packbits(mask.ravel())`` of :attr:`mask`: (D*H*W + 7) // 8 bytes, C order, first voxel in the
@@ -225,17 +236,21 @@ class SegmentSession:
         return {name: torch.from_numpy(np.asarray(value)) for name, value in outputs.items()}
 
 
-def _packbits(mask: Any) -> np.ndarray:
-    """np.packbits of a torch bool tensor's C-order flattening, packed where the tensor lives."""
+def _packed_and_count(mask: Any, window: CropWindow) -> tuple[np.ndarray, int]:
+    """np.packbits of a torch bool (S, S, S) tensor's C-order flattening and its count of voxels inside the
+    volume, computed where the tensor lives and copied to the host together (one transfer, one wait)."""
     import torch
 
+    _, inside = window.overlap()
+    count = mask[inside].sum(dtype=torch.int64).reshape(1)
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
     packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
-    return np.asarray(packed.cpu().numpy())
+    both = torch.cat([packed, count.view(torch.uint8)]).cpu().numpy()
+    return both[:-8], int(both[-8:].view(np.int64)[0])
 
 
 def _runner_device(runner: Any) -> str:
