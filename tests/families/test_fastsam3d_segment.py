@@ -220,3 +220,37 @@ def test_threads_on_one_session_serialise_and_sessions_stay_apart(artifact: Path
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda p: one.click(p), points * 3))
     assert len(one.clicks) == 9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_torch_preprocessing_equals_numpy_bit_for_bit(seed: int) -> None:
+    import torch
+
+    from export_engine.families.fastsam3d.preprocess import (
+        check_preprocessed,
+        preprocess_tensor,
+        preprocess_volume,
+    )
+
+    volume = structured_volume(48, seed=seed)[:, 3:40, 5:48]  # cropped on one axis, padded on others
+    if seed % 2:
+        volume = (volume * 1000).astype(np.int16)
+    points = None if seed < 2 else np.array([[20.0, 18.0, 25.0]])
+    want = preprocess_volume(volume, 40, points=points)
+    got = preprocess_tensor(torch.from_numpy(volume), 40, points=points)
+    check_preprocessed(got)
+    assert got.window == want.window
+    np.testing.assert_array_equal(got.image.numpy(), want.image)
+
+
+def test_torch_preprocessing_defers_its_checks_with_the_numpy_messages() -> None:
+    import torch
+
+    from export_engine.families.fastsam3d.preprocess import check_preprocessed, preprocess_tensor
+
+    bad = structured_volume(24, seed=1)
+    bad[0, 0, 0] = np.inf
+    for volume, message in [(bad, "NaN or infinite"), (np.zeros((24, 24, 24), np.float32), "0 voxel"),
+                            (np.full((24, 24, 24), 3.0, np.float32), "std 0")]:  # fmt: skip
+        with pytest.raises(ModelInputError, match=message):
+            check_preprocessed(preprocess_tensor(torch.from_numpy(volume), 16))
