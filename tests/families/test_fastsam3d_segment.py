@@ -115,6 +115,16 @@ class _TensorRunner:
         raise AssertionError("the device path must call run(), not the numpy interface")
 
 
+class _NumpyRunner:
+    """Only the numpy interface of a runner: SegmentSession takes its host path, whatever the machine runs."""
+
+    def __init__(self, runner: object) -> None:
+        self.runner = runner
+
+    def __call__(self, feed: dict) -> dict:
+        return self.runner(feed)  # type: ignore[operator,no-any-return]
+
+
 def _reference_clicks(artifact: Path, volume: np.ndarray, clicks: list, around: list | None = None) -> list:
     """The numpy pipeline as the CLI ran it before the device path: preprocess_volume, runners, paste_back."""
     from export_engine.families.fastsam3d.preprocess import preprocess_volume
@@ -141,8 +151,8 @@ def test_session_matches_the_numpy_pipeline(artifact: Path, device_path: bool) -
     volume = (structured_volume(80, seed=7)[:, 5:75, 10:70] * 900).astype(np.int16)  # cropped and padded
     clicks = [((40, 35, 30), 1), ((45, 30, 28), 0), ((38, 40, 33), 1)]
     loaded = load(artifact)
-    if device_path:
-        loaded.runners = {name: _TensorRunner(r) for name, r in loaded.runners.items()}  # type: ignore[misc]
+    wrap = _TensorRunner if device_path else _NumpyRunner
+    loaded.runners = {name: wrap(r) for name, r in loaded.runners.items()}  # type: ignore[misc]
     session = SegmentSession(loaded)
     assert session.on_device is device_path
     session.set_volume(volume, around=[clicks[0][0]])
@@ -254,3 +264,37 @@ def test_torch_preprocessing_defers_its_checks_with_the_numpy_messages() -> None
                             (np.full((24, 24, 24), 3.0, np.float32), "std 0")]:  # fmt: skip
         with pytest.raises(ModelInputError, match=message):
             check_preprocessed(preprocess_tensor(torch.from_numpy(volume), 16))
+
+
+@pytest.mark.gpu
+def test_cuda_runners_take_the_device_path_with_the_numpy_path_results(artifact: Path) -> None:
+    """On a GPU machine (ONNX Runtime's CUDA provider): pre-processing on the GPU is bit-identical to numpy's,
+    and the masks of the device path equal those of the same runners fed host arrays."""
+    import torch
+
+    from export_engine.families.fastsam3d.preprocess import (
+        check_preprocessed,
+        preprocess_tensor,
+        preprocess_volume,
+    )
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    loaded = load(artifact)
+    session = SegmentSession(loaded)
+    if not session.on_device:
+        pytest.skip("the artifact runs on the CPU here: install ONNX Runtime's CUDA build (the [gpu] extra)")
+    big = (structured_volume(160, seed=8) * 700).astype(np.int16)
+    on_gpu = preprocess_tensor(torch.from_numpy(big).cuda(), 128)
+    check_preprocessed(on_gpu)
+    np.testing.assert_array_equal(on_gpu.image.cpu().numpy(), preprocess_volume(big, 128).image)
+    volume = (structured_volume(80, seed=7)[:, 5:75, 10:70] * 900).astype(np.int16)
+    clicks = [((40, 35, 30), 1), ((45, 30, 28), 0), ((38, 40, 33), 1)]
+    session.set_volume(volume, around=[clicks[0][0]])
+    expected = _reference_clicks(artifact, volume, clicks, around=[clicks[0][0]])
+    for (point, label), (mask, low_res) in zip(clicks, expected, strict=True):
+        result = session.click(point, positive=bool(label))
+        assert result.device_mask().is_cuda
+        np.testing.assert_allclose(result.low_res_logits, low_res, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(result.mask, mask)
+        assert result.voxels == int(mask.sum())

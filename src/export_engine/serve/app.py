@@ -106,15 +106,7 @@ def create_app(state: ServeState) -> Any:
 
     app = FastAPI(title="export-engine", description="FastSAM3D interactive segmentation and MASt3R matching")
     app.add_middleware(BodyLimit, limit=state.config.max_upload_bytes)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Any:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        state.metrics.observe(request.method, path, response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(Observe, metrics=state.metrics)  # outermost: it also sees BodyLimit's 413s
 
     @app.exception_handler(ExportError)
     async def export_error(request: Request, err: ExportError) -> JSONResponse:
@@ -284,6 +276,33 @@ def run_match(state: ServeState, name: str, loaded: LoadedArtifact, image1: Any,
 
 def _attachment(name: str) -> dict[str, str]:
     return {"Content-Disposition": f'attachment; filename="{name}"'}
+
+
+class Observe:
+    """ASGI middleware: each HTTP request's method, route template, status and latency into :class:`Metrics`
+    (plain ASGI: no per-request objects beyond a closure, unlike an ``@app.middleware`` function)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def sent(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # the router records the matched route
+            self.metrics.observe(scope["method"], route, status, time.perf_counter() - start)
 
 
 class BodyLimit:
