@@ -282,6 +282,8 @@ def _real_array(volume: Any) -> np.ndarray:
         array = array.astype(np.int64 if array.dtype.itemsize >= 4 else np.int32)
     elif not array.dtype.isnative:  # big-endian NIfTI data: torch takes native byte order only
         array = array.astype(array.dtype.newbyteorder("="))
+    if array.flags.c_contiguous or array.flags.f_contiguous:
+        return array  # a Fortran-ordered NIfTI volume is copied to the device as it lies, no transposition
     return np.ascontiguousarray(array)
 
 
