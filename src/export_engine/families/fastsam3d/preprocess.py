@@ -228,7 +228,7 @@ def preprocess_volume(
         window = window_around_points(points, vol.shape, size)
     else:
         window = window_centered(vol.shape, size)
-    image, mean, std = z_normalize(window.crop(vol.astype(np.float32, copy=False)))
+    image, mean, std = z_normalize(window.crop(vol))  # crop first: only the window is converted to float32
     return PreprocessResult(image[None, None], window, mean, std)
 
 
