@@ -158,3 +158,12 @@ def test_a_click_can_answer_with_its_packed_mask(server_url: str, tiny_fastsam3d
         np.testing.assert_array_equal(packed.unpack(), want.astype(np.uint8))
         assert info["voxels"] == int(want.sum())
     client.delete(sid)
+
+
+def test_the_page_says_how_to_build_a_missing_bundle(server_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:  # fmt: skip
+    import export_engine.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "BUNDLE", tmp_path / "viewer.js")  # the server runs in this process
+    status, _, page = ServeClient(server_url).request("GET", "/", check=False)
+    assert status == 503 and b"scripts/build-viewer" in page and b"/docs" in page

@@ -14,11 +14,13 @@ is thread-safe as :mod:`export_engine.serve.store` describes.
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations, which name types
 # imported inside create_app (fastapi is imported at call time), so they must be evaluated where they are written.
 
+import contextlib
 import io
 import logging
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,6 +47,7 @@ MISSING_BUNDLE = (
     "The API works without it: see <a href='/docs'>/docs</a>.</p>"
 )
 
+REAP_EVERY_S = 10.0
 PACKED_HELP = (
     "packed: answer with the mask itself: the body is np.packbits of the crop window's voxels (C order); "
     "X-Iou, X-Voxels, X-Clicks, X-Crop-Start, X-Crop-Size and X-Shape headers carry the rest"
@@ -67,6 +70,11 @@ class ServeState:
         c = self.config
         self.store = SessionStore(c.gpu_budget_bytes, c.max_sessions, c.session_ttl_s)
         self.metrics = Metrics(self.gauges)
+
+    def reap(self, stop: threading.Event, every_s: float) -> None:
+        """Evict expired sessions every ``every_s`` seconds until ``stop`` is set (the app's lifespan runs it)."""
+        while not stop.wait(every_s):
+            self.store.evict_expired()
 
     def of_model(self, model: str, name: str | None) -> tuple[str, LoadedArtifact]:
         names = [n for n, a in self.artifacts.items() if a.manifest["model"] == model]
@@ -104,7 +112,18 @@ def create_app(state: ServeState) -> Any:
         point: list[float] = Field(min_length=3, max_length=3, description="voxel (d, h, w) in the volume's grid")
         positive: bool = Field(True, description="true adds the region, false removes it")
 
-    app = FastAPI(title="export-engine", description="FastSAM3D interactive segmentation and MASt3R matching")
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        stop = threading.Event()  # idle servers free expired sessions too, not only on the next request
+        reaper = threading.Thread(target=state.reap, args=(stop, REAP_EVERY_S), name="session-reaper", daemon=True)
+        reaper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
+    app = FastAPI(title="export-engine", description="FastSAM3D interactive segmentation and MASt3R matching",
+                  lifespan=lifespan)  # fmt: skip
     app.add_middleware(BodyLimit, limit=state.config.max_upload_bytes)
     app.add_middleware(Observe, metrics=state.metrics)  # outermost: it also sees BodyLimit's 413s
 
