@@ -48,6 +48,7 @@ MISSING_BUNDLE = (
 )
 
 REAP_EVERY_S = 10.0
+DRAIN_FACTOR = 4  # oversized bodies up to this many times the limit are read (and dropped) before the 413
 PACKED_HELP = (
     "packed: answer with the mask itself: the body is np.packbits of the crop window's voxels (C order); "
     "X-Iou, X-Voxels, X-Clicks, X-Crop-Start, X-Crop-Size and X-Shape headers carry the rest"
@@ -325,8 +326,12 @@ class Observe:
 
 
 class BodyLimit:
-    """ASGI middleware: a request whose Content-Length is over ``limit`` gets 413 before its body is read;
-    one that streams past it fails while being read."""
+    """ASGI middleware: a request whose Content-Length is over ``limit`` gets 413 without its body being parsed;
+    one that streams past it fails while being read.
+
+    The body of a declared oversized request is read and dropped first when it is at most ``DRAIN_FACTOR``
+    times the limit: a server that closes a connection with unread data makes the kernel reset it, and a client
+    still sending (most do not read a response before their upload ends) would lose the 413 and its message."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -338,7 +343,14 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _reply_413(send, f"request body of {int(declared)} bytes is over this server's {self.limit}")
+            if int(declared) <= DRAIN_FACTOR * self.limit:
+                more = True
+                while more:
+                    message = await receive()
+                    more = message.get("type") == "http.request" and bool(message.get("more_body"))
+            mib = int(declared) / 2**20
+            await _reply_413(send, f"request body of {mib:.1f} MiB is over this server's limit of "
+                                   f"{self.limit / 2**20:g} MiB (export-engine serve --max-upload-mb)")  # fmt: skip
             return
         seen = 0
 
@@ -347,7 +359,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise PayloadTooLargeError(f"request body over this server's {self.limit} bytes")
+                raise PayloadTooLargeError(f"request body over this server's limit of {self.limit / 2**20:g} MiB")
             return message
 
         await self.app(scope, counted, send)
