@@ -45,6 +45,7 @@ from export_engine.families.fastsam3d.preprocess import (
 
 log = logging.getLogger(__name__)
 
+_BIT_WEIGHTS: dict[str, Any] = {}  # device -> np.packbits' bit weights as a uint8 tensor there
 HISTORY = 32  # clicks a session can undo; each holds the low-res logits and the crop's mask on the device
 
 
@@ -64,10 +65,12 @@ class ClickResult:
         self._lock = threading.Lock()
         self._packed: np.ndarray | None = None
         self._voxels = 0
+        self._iou_value = 0.0
 
     @property
     def iou_prediction(self) -> float:
-        return float(self._iou)
+        self.fetch()
+        return self._iou_value
 
     @property
     def low_res_logits(self) -> np.ndarray:
@@ -86,7 +89,7 @@ class ClickResult:
         """Copy the packed crop mask and the voxel count to the host (once; later calls return at once)."""
         with self._lock:
             if self._packed is None:
-                self._packed, self._voxels = _packed_and_count(self.crop_mask, self.window)
+                self._packed, self._voxels, self._iou_value = _fetch(self.crop_mask, self.window, self._iou)
 
     def packed_crop(self) -> bytes:
         """``np.packbits`` of the crop window's (S, S, S) mask, C order: S^3 / 8 bytes."""
@@ -146,6 +149,7 @@ class SegmentSession:
         self.device = _runner_device(self.encoder) if self.on_device else "cpu"
         self._lock = threading.RLock()
         self._states: list[_State] = []
+        self._ones: Any = None  # has_mask_input, made once on the device (set_volume)
 
     # --- the volume ------------------------------------------------------------------------------------
 
@@ -173,6 +177,8 @@ class SegmentSession:
                 window = on_host.window
             self.window, self.embedding = window, embedding
             self.clicks, self._states = [], []
+            if self._ones is None:
+                self._ones = torch.ones((1,), dtype=torch.float32, device=self.device)
         log.info("volume %s encoded (crop start %s)", tuple(tensor.shape), window.start)
 
     # --- clicks ----------------------------------------------------------------------------------------
@@ -201,7 +207,7 @@ class SegmentSession:
                 "point_coords": torch.tensor([[c for c, _ in used]], dtype=torch.float32).to(self.device),
                 "point_labels": torch.tensor([[label for _, label in used]], dtype=torch.int64).to(self.device),
                 "mask_input": previous,
-                "has_mask_input": torch.ones((1,), dtype=torch.float32).to(self.device),
+                "has_mask_input": self._ones,
             }
             out = self._run(self.decoder, feed)
             result = ClickResult(out["masks_upscaled"][0, 0] > 0, out["iou_predictions"][0, 0],
@@ -248,9 +254,10 @@ class SegmentSession:
         return {name: torch.from_numpy(np.asarray(value)) for name, value in outputs.items()}
 
 
-def _packed_and_count(mask: Any, window: CropWindow) -> tuple[np.ndarray, int]:
-    """np.packbits of a torch bool (S, S, S) tensor's C-order flattening and its count of voxels inside the
-    volume, computed where the tensor lives and copied to the host together (one transfer, one wait)."""
+def _fetch(mask: Any, window: CropWindow, iou: Any) -> tuple[np.ndarray, int, float]:
+    """np.packbits of a torch bool (S, S, S) tensor's C-order flattening, its count of voxels inside the volume
+    and the IoU prediction, computed where the tensors live and copied to the host together (one transfer, one
+    wait)."""
     import torch
 
     _, inside = window.overlap()
@@ -259,10 +266,14 @@ def _packed_and_count(mask: Any, window: CropWindow) -> tuple[np.ndarray, int]:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    weights = _BIT_WEIGHTS.get(str(flat.device))
+    if weights is None:  # made once per device: no host-to-device copy per click
+        weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+        _BIT_WEIGHTS[str(flat.device)] = weights
     packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
-    both = torch.cat([packed, count.view(torch.uint8)]).cpu().numpy()
-    return both[:-8], int(both[-8:].view(np.int64)[0])
+    score = iou.reshape(1).to(torch.float32)
+    both = torch.cat([packed, count.view(torch.uint8), score.view(torch.uint8)]).cpu().numpy()
+    return both[:-12], int(both[-12:-4].view(np.int64)[0]), float(both[-4:].view(np.float32)[0])
 
 
 def _runner_device(runner: Any) -> str:
