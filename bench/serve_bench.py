@@ -12,7 +12,9 @@
 3. ``export-engine serve`` in a child process on a free localhost port:
    - session creation from a 256^3 NIfTI upload (.nii.gz and .nii, int16);
    - N client processes for --duration seconds, each with its own volume and click sequence (some undos), every
-     click answered with its mask (``?mask=packed``): latency percentiles, errors;
+     click answered with its mask (``?mask=packed``), a pause of --think-ms (0.5-1.5x) before each click, as a
+     user looks at the result: latency percentiles, errors; then --saturation-s seconds without pauses (each
+     client clicks again as soon as it has its answer), where the one GPU queue sets the latency;
    - every client's first --check-actions actions replayed alone, one client at a time, on fresh sessions: any
      mask that differs is counted (a session that received another's mask would differ);
    - server RSS and GPU memory over --cycles session create/delete cycles;
@@ -266,13 +268,18 @@ def client_actions(seed: int, size: int, crop: int) -> Any:
             yield ("click", point, bool(rng.random() < 0.75))
 
 
-def run_actions(client: Any, sid: str, actions: Any, count: int | None, deadline: float | None) -> dict[str, Any]:
-    """Apply actions until ``count`` are done or the deadline passes; record latency and each mask's hash."""
+def run_actions(client: Any, sid: str, actions: Any, count: int | None, deadline: float | None,
+                think_s: float = 0.0, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Apply actions until ``count`` are done or the deadline passes; record latency and each mask's hash.
+    ``think_s``: a pause before each action, uniform in [0.5, 1.5] x think_s (a user looking at the result)."""
     latencies, hashes, errors = [], [], []
     done = 0
+    pauses = np.random.default_rng(seed + 7919)
     for action in actions:
         if (count is not None and done >= count) or (deadline is not None and time.monotonic() > deadline):
             break
+        if think_s:
+            time.sleep(think_s * pauses.uniform(0.5, 1.5))
         start = time.perf_counter()
         try:
             if action[0] == "undo":
@@ -290,30 +297,45 @@ def run_actions(client: Any, sid: str, actions: Any, count: int | None, deadline
     return {"latencies": latencies, "hashes": hashes, "errors": errors}
 
 
-def load_worker(job: tuple[str, int, int, int, float, int]) -> dict[str, Any]:
+def load_worker(job: tuple[str, int, int, int, float, int, float]) -> dict[str, Any]:
     """One client process: its own volume and click sequence until the deadline (wall-clock, time.time)."""
     from export_engine.calibration.synthetic import structured_volume
     from export_engine.serve.client import ServeClient
 
-    url, seed, size, crop, end_time, keep = job
+    url, seed, size, crop, end_time, keep, think_s = job
     with ServeClient(url) as client:
         sid = client.create_session(npy_bytes(structured_volume(size, seed=seed)), "v.npy")["id"]
         deadline = time.monotonic() + (end_time - time.time())
-        result = run_actions(client, sid, client_actions(seed, size, crop), None, deadline)
+        result = run_actions(client, sid, client_actions(seed, size, crop), None, deadline, think_s, seed)
         client.delete(sid)
     result["hashes"] = result["hashes"][:keep]
     result["seed"] = seed
     return result
 
 
+def run_clients(url: str, args: argparse.Namespace, crop: int, seconds: float, think_s: float,
+                seed0: int) -> list[dict[str, Any]]:  # fmt: skip
+    end_time = time.time() + seconds + 3  # + the clients' start (spawn, volume, session)
+    jobs = [(url, seed0 + i, args.volume, crop, end_time, args.check_actions, think_s) for i in range(args.clients)]
+    with mp.get_context("spawn").Pool(args.clients) as pool:
+        return pool.map(load_worker, jobs)
+
+
+def saturation_section(url: str, args: argparse.Namespace, crop: int) -> list[dict[str, Any]]:
+    """Closed loop without pauses: every client sends its next click as soon as the last one is answered."""
+    results = run_clients(url, args, crop, args.saturation_s, 0.0, 500)
+    stats = percentiles([t for r in results for t in r["latencies"]])
+    errors = sum(len(r["errors"]) for r in results)
+    what = (f"{args.clients} clients, no pauses, {stats['n'] / args.saturation_s:.0f} clicks/s, {errors} errors: the "
+            "GPU's queue (one prompt decoder run at a time) sets it")  # fmt: skip
+    return [{"case": "click round trip, closed loop without pauses", "what": what, **stats}]
+
+
 def load_section(url: str, args: argparse.Namespace, crop: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from export_engine.calibration.synthetic import structured_volume
     from export_engine.serve.client import ServeClient
 
-    end_time = time.time() + args.duration + 2
-    jobs = [(url, 100 + i, args.volume, crop, end_time, args.check_actions) for i in range(args.clients)]
-    with mp.get_context("spawn").Pool(args.clients) as pool:
-        results = pool.map(load_worker, jobs)
+    results = run_clients(url, args, crop, args.duration, args.think_ms / 1e3, 100)
     latencies = [t for r in results for t in r["latencies"]]
     errors = [e for r in results for e in r["errors"]]
     differing = 0
@@ -328,7 +350,8 @@ def load_section(url: str, args: argparse.Namespace, crop: int) -> tuple[list[di
     stats = percentiles(latencies)
     rate = stats["n"] / args.duration
     rows: list[dict[str, Any]] = [
-        {"case": "click round trip p50 (HTTP, mask returned)", "what": f"{args.clients} clients, {rate:.0f} clicks/s",
+        {"case": "click round trip p50 (HTTP, mask returned)",
+         "what": f"{args.clients} clients, {rate:.0f} clicks/s, {args.think_ms:g} ms (0.5-1.5x) between clicks",
          **stats},
         {"case": "click round trip p99 (HTTP, mask returned)", "what": "", "value": stats.get("p99_ms")},
         {"case": "load errors", "what": "; ".join(errors[:3]), "value": len(errors)},
@@ -434,6 +457,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "out" / "serve")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=100.0,
+        help="a client's pause before each click (uniform 0.5-1.5x): a user looking at the mask",
+    )
+    parser.add_argument("--saturation-s", type=float, default=15.0, help="seconds of load without pauses (0: none)")
     parser.add_argument("--volume", type=int, default=160, help="the load clients' volume size (cube)")
     parser.add_argument("--upload", type=int, default=256, help="the upload test's volume size (cube)")
     parser.add_argument("--cycles", type=int, default=1000, help="session create/delete cycles")
@@ -456,6 +486,8 @@ def main() -> int:
         rows += upload_section(server.url, args.upload, 5)
         load_rows, report["load"] = load_section(server.url, args, crop)
         rows += load_rows
+        if args.saturation_s > 0:
+            rows += saturation_section(server.url, args, crop)
         cycle_rows, report["cycles"] = cycles_section(server, args.cycles, args.volume)
         rows += cycle_rows
         bad_rows, report["malformed"] = malformed_section(server.url, max_upload_mb)

@@ -298,3 +298,19 @@ def test_cuda_runners_take_the_device_path_with_the_numpy_path_results(artifact:
         np.testing.assert_allclose(result.low_res_logits, low_res, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(result.mask, mask)
         assert result.voxels == int(mask.sum())
+
+
+def test_the_device_packing_equals_numpys() -> None:
+    """What a GPU session copies to the host (packed bits, count inside the volume, IoU in one transfer), run
+    on CPU tensors: the same as numpy's packbits and count."""
+    import torch
+
+    from export_engine.families.fastsam3d.preprocess import CropWindow
+    from export_engine.families.fastsam3d.segment import _fetch_packed
+
+    window = CropWindow((-3, 5, 2), (9, 9, 9), (20, 12, 30))  # padded before axis 0, cut after axis 1
+    mask = np.random.default_rng(0).random((9, 9, 9)) > 0.6
+    _, inside = window.overlap()
+    packed, count, iou = _fetch_packed(torch.from_numpy(mask), inside, torch.tensor([[0.625]]))
+    np.testing.assert_array_equal(packed, np.packbits(mask.reshape(-1)))
+    assert count == int(mask[inside].sum()) < int(mask.sum()) and iou == 0.625

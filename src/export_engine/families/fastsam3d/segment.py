@@ -258,9 +258,17 @@ def _fetch(mask: Any, window: CropWindow, iou: Any) -> tuple[np.ndarray, int, fl
     """np.packbits of a torch bool (S, S, S) tensor's C-order flattening, its count of voxels inside the volume
     and the IoU prediction, computed where the tensors live and copied to the host together (one transfer, one
     wait)."""
+    _, inside = window.overlap()
+    if mask.device.type == "cpu":  # numpy packs and counts faster than torch's CPU kernels
+        host = mask.numpy()
+        return np.packbits(host.reshape(-1)), int(np.count_nonzero(host[inside])), float(iou)
+    return _fetch_packed(mask, inside, iou)
+
+
+def _fetch_packed(mask: Any, inside: tuple[slice, ...], iou: Any) -> tuple[np.ndarray, int, float]:
+    """:func:`_fetch` in torch, where the tensors live (any device)."""
     import torch
 
-    _, inside = window.overlap()
     count = mask[inside].sum(dtype=torch.int64).reshape(1)
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
