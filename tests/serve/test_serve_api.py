@@ -98,7 +98,10 @@ def test_sessions_from_an_allowed_path_and_a_click_outside_the_crop(server_url: 
     assert client.session(created["id"])["crop_start"] != [18, 18, 18]
     with pytest.raises(ServeError) as err:  # later clicks must stay in that crop
         client.click(created["id"], (97, 95, 2))
-    assert err.value.status == 422 and "outside the 64^3 crop" in err.value.detail
+    assert err.value.status == 422 and "outside the model's 64^3 crop" in err.value.detail
+    assert "/reset" in err.value.detail
+    client.reset(created["id"])  # after a reset, a click anywhere starts a crop around it
+    assert client.click(created["id"], (97, 95, 2))["clicks"] == 1
     with pytest.raises(ServeError) as err:
         client.create_session_from_path("missing.npy")
     assert err.value.status == 403

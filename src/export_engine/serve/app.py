@@ -83,9 +83,10 @@ class ServeState:
             return names[0], self.artifacts[names[0]]
         if name in names:
             return name, self.artifacts[name]
+        named = f" named {name!r}" if name else ""
         raise NoSuchArtifactError(
-            f"no {model} artifact {'named ' + repr(name) + ' ' if name else ''}on this server; it serves "
-            f"{model}: {names or 'none'} (start it with a {model} artifact)"
+            f"this server has no {model} artifact{named}; its {model} artifacts: {names or 'none'} "
+            f"(start export-engine serve with one)"
         )
 
     def gauges(self) -> dict[str, tuple[str, float]]:

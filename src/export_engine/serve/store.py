@@ -75,6 +75,12 @@ class ServedSession:
             outside = bool(np.any(crop < 0) or np.any(crop > self.segment.size - 1))
             if outside and not self.segment.clicks and _inside(point, self.volume.shape):
                 self.segment.set_volume(self.volume, around=[point])
+            elif outside:
+                raise ModelInputError(
+                    f"click {list(point)} lies outside the model's {self.segment.size}^3 crop, which starts at "
+                    f"{list(window.start)} since the first click; click inside it, or reset the session "
+                    f"(POST /sessions/{self.id}/reset) and click there first"
+                )
             result = self.segment.click(point, positive)
             result.fetch()  # the compact copy, under the device lock
             self._measure()
