@@ -266,7 +266,9 @@ def preprocess_tensor(volume: Any, size: int = 128, points: np.ndarray | None = 
         raise ModelInputError(f"FastSAM3D volume must be real numbers, got dtype {vol.dtype}")
     shape = tuple(int(s) for s in vol.shape)
     window = window_centered(shape, size) if points is None else window_around_points(points, shape, size)
-    finite = torch.isfinite(vol).all() if vol.is_floating_point() else torch.ones((), dtype=torch.bool)
+    finite = torch.ones((), dtype=torch.bool, device=vol.device)  # integers are finite
+    if vol.is_floating_point():
+        finite = torch.isfinite(vol).all()
     crop = window.crop_tensor(vol)
     foreground = crop > 0
     count = foreground.sum(dtype=torch.float64)
