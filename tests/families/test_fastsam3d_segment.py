@@ -314,3 +314,19 @@ def test_the_device_packing_equals_numpys() -> None:
     packed, count, iou = _fetch_packed(torch.from_numpy(mask), inside, torch.tensor([[0.625]]))
     np.testing.assert_array_equal(packed, np.packbits(mask.reshape(-1)))
     assert count == int(mask[inside].sum()) < int(mask.sum()) and iou == 0.625
+
+
+@pytest.mark.parametrize("dtype", ["int16", "float32"])
+def test_device_preprocessing_keeps_every_tensor_on_the_volume_device(dtype: str) -> None:
+    """On torch's "meta" device (shapes only), as a stand-in for a GPU: a tensor made on the CPU by mistake
+    would fail to combine with the volume's, as it would with a CUDA volume."""
+    import torch
+
+    from export_engine.families.fastsam3d.preprocess import preprocess_tensor
+
+    volume = torch.empty((40, 30, 50), dtype=getattr(torch, dtype), device="meta")
+    result = preprocess_tensor(volume, 32, points=np.array([[10.0, 12.0, 20.0]]))
+    assert result.image.device.type == result.checks.device.type == "meta"
+    assert tuple(result.image.shape) == (1, 1, 32, 32, 32)
+    pasted = result.window.paste_back_tensor(torch.empty((32, 32, 32), dtype=torch.bool, device="meta"), False)
+    assert pasted.device.type == "meta" and tuple(pasted.shape) == (40, 30, 50)
