@@ -275,7 +275,8 @@ def run_match(state: ServeState, name: str, loaded: LoadedArtifact, image1: Any,
     from export_engine.families.mast3r.match import MatchConfig, Matcher
 
     on_device = all(callable(getattr(r, "run", None)) for r in loaded.runners.values())
-    device = "cuda" if on_device else "cpu"
+    device_id = getattr(getattr(loaded.runners["encoder"], "config", None), "device_id", 0)
+    device = f"cuda:{device_id}" if on_device else "cpu"  # the lock FastSAM3D sessions on that GPU take too
     with tempfile.TemporaryDirectory(prefix="export-engine-match-") as tmp:
         files = []
         for i, upload in enumerate((image1, image2)):

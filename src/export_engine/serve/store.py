@@ -38,6 +38,7 @@ class DeviceLocks:
 
     @contextmanager
     def hold(self, device: str) -> Iterator[None]:
+        device = "cuda:0" if device == "cuda" else device  # one GPU, one lock, however it is named
         with self._guard:
             lock = self._locks.setdefault(device, threading.Lock())
         with lock:
