@@ -76,3 +76,38 @@ def test_count_limit_expiry_and_delete(loaded: object) -> None:
     with pytest.raises(SessionNotFoundError, match="no session has this id"):
         store.get("never")
     assert len(store) == 0
+
+
+def test_device_locks_serialise_one_device_and_not_two() -> None:
+    import threading
+
+    locks = DeviceLocks()
+    order: list[str] = []
+    held = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with locks.hold("cuda"):
+            order.append("first in")
+            held.set()
+            release.wait(5)
+            order.append("first out")
+
+    def second(device: str) -> None:
+        with locks.hold(device):
+            order.append(f"{device} in")
+
+    a = threading.Thread(target=first)
+    a.start()
+    held.wait(5)
+    other = threading.Thread(target=second, args=("cpu",))  # another device does not wait
+    other.start()
+    other.join(5)
+    same = threading.Thread(target=second, args=("cuda:0",))  # the same GPU under another name waits
+    same.start()
+    same.join(0.2)
+    assert same.is_alive()
+    release.set()
+    a.join(5)
+    same.join(5)
+    assert order == ["first in", "cpu in", "first out", "cuda:0 in"]
