@@ -99,4 +99,14 @@ def test_page_click_overlay_matches_the_api(page: Any, server_url: str, volumes_
     expected = client.mask(replay)
     np.testing.assert_array_equal(_overlay(page, shape), expected)
     assert int(expected.sum()) == second["voxels"]
+
+    page.click("#undo")  # back to the first click's mask, in the page and in the API
+    page.wait_for_function("() => window.viewer.state.lastStep?.action === 'undo'", timeout=30_000)
+    _wait_idle(page)
+    np.testing.assert_array_equal(_overlay(page, shape), client.mask(first["session"]))
+    assert int(_overlay(page, shape).sum()) == first["voxels"]
+    page.click("#reset")
+    page.wait_for_function("() => window.viewer.state.lastStep?.action === 'reset'", timeout=30_000)
+    _wait_idle(page)
+    assert not _overlay(page, shape).any()
     client.delete(replay)

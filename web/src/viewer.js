@@ -6,7 +6,15 @@ import { mat4, vec4 } from "gl-matrix";
 
 const NIFTI_VOX_OFFSET = 108; // float32 in a NIfTI-1 header: where the voxels start
 
-const state = { session: null, shape: null, affineInverse: null, busy: false, lastClick: null, error: null };
+const state = {
+  session: null,
+  shape: null,
+  affineInverse: null,
+  busy: false,
+  lastClick: null,
+  lastStep: null,
+  error: null,
+};
 const nv = new Niivue({
   backColor: [0.1, 0.1, 0.12, 1],
   dragAndDropEnabled: false,
@@ -111,15 +119,17 @@ async function showMask() {
   setMaskRange();
 }
 
-async function undo() {
+// Undo (one click back) or reset (every click forgotten; the next click may move the model's crop).
+async function step(action) {
   if (!state.session || state.busy) return;
   state.busy = true;
   try {
-    const result = await (await api("POST", `/sessions/${state.session}/undo`)).json();
+    const result = await (await api("POST", `/sessions/${state.session}/${action}`)).json();
     await showMask();
+    state.lastStep = { action, clicks: result.clicks, voxels: result.voxels };
     status(`${result.clicks} click(s): ${result.voxels} voxels`);
   } catch (err) {
-    status(`undo failed: ${err.message}`, true);
+    status(`${action} failed: ${err.message}`, true);
   } finally {
     state.busy = false;
   }
@@ -131,7 +141,8 @@ async function main() {
   document.getElementById("file").addEventListener("change", (e) => {
     if (e.target.files.length) openVolume(e.target.files[0]);
   });
-  document.getElementById("undo").addEventListener("click", undo);
+  document.getElementById("undo").addEventListener("click", () => step("undo"));
+  document.getElementById("reset").addEventListener("click", () => step("reset"));
   // Capture phase: the click is read before NiiVue's own handler (which moves the crosshair; with shift, pans).
   nv.gl.canvas.addEventListener(
     "mousedown",
