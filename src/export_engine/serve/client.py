@@ -145,9 +145,12 @@ class ServeClient:
         headers: dict[str, str] | None = None,
         check: bool = True,
     ) -> tuple[int, dict[str, str], bytes]:
-        """One request on the persistent connection (reopened once if the server closed it)."""
+        """One request on the persistent connection. A kept-alive connection the server has closed meanwhile
+        (its idle timeout) fails before the request reaches it; the request is then sent once more, on a new
+        connection. A request that fails on a new connection is not repeated (a click is not idempotent)."""
         with self._lock:
             for attempt in (0, 1):
+                reused = self._conn is not None
                 conn = self._conn or http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
                 self._conn = conn
                 try:
@@ -161,7 +164,7 @@ class ServeClient:
                 except (ConnectionError, http.client.HTTPException):
                     conn.close()
                     self._conn = None
-                    if attempt:
+                    if attempt or not reused:
                         raise
             if response.getheader("connection", "").lower() == "close":
                 conn.close()
