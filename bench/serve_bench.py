@@ -11,10 +11,12 @@
    device-resident inputs, and with the compact mask copied to the host (every timing waits for the GPU).
 3. ``export-engine serve`` in a child process on a free localhost port:
    - session creation from a 256^3 NIfTI upload (.nii.gz and .nii, int16);
-   - N client processes for --duration seconds, each with its own volume and click sequence (some undos), every
-     click answered with its mask (``?mask=packed``), a pause of --think-ms (0.5-1.5x) before each click, as a
-     user looks at the result: latency percentiles, errors; then --saturation-s seconds without pauses (each
-     client clicks again as soon as it has its answer), where the one GPU queue sets the latency;
+   - one client alone for --single-s seconds, clicking again as soon as it has its answer (the service's own
+     latency); then N client processes for --duration seconds, each with its own volume and click sequence
+     (some undos), every click answered with its mask (``?mask=packed``), a pause of --think-ms (0.5-1.5x)
+     before each click, as a user looks at the result: latency percentiles, errors; then --saturation-s
+     seconds without pauses (each client clicks again as soon as it has its answer), where the one GPU queue
+     sets the latency;
    - every client's first --check-actions actions replayed alone, one client at a time, on fresh sessions: any
      mask that differs is counted (a session that received another's mask would differ);
    - server RSS and GPU memory over --cycles session create/delete cycles;
@@ -321,6 +323,21 @@ def run_clients(url: str, args: argparse.Namespace, crop: int, seconds: float, t
         return pool.map(load_worker, jobs)
 
 
+def single_client_section(url: str, args: argparse.Namespace, crop: int) -> list[dict[str, Any]]:
+    """One client alone, no pauses: the service's own latency, without queueing behind other clients."""
+    from export_engine.calibration.synthetic import structured_volume
+    from export_engine.serve.client import ServeClient
+
+    with ServeClient(url) as client:
+        sid = client.create_session(npy_bytes(structured_volume(args.volume, seed=900)), "v.npy")["id"]
+        result = run_actions(client, sid, client_actions(900, args.volume, crop), None,
+                             time.monotonic() + args.single_s)  # fmt: skip
+        client.delete(sid)
+    stats = percentiles(result["latencies"])
+    what = f"1 client, no pauses, {stats['n'] / args.single_s:.0f} clicks/s, {len(result['errors'])} errors"
+    return [{"case": "click round trip, one client alone", "what": what, **stats}]
+
+
 def saturation_section(url: str, args: argparse.Namespace, crop: int) -> list[dict[str, Any]]:
     """Closed loop without pauses: every client sends its next click as soon as the last one is answered."""
     results = run_clients(url, args, crop, args.saturation_s, 0.0, 500)
@@ -464,6 +481,7 @@ def main() -> int:
         help="a client's pause before each click (uniform 0.5-1.5x): a user looking at the mask",
     )
     parser.add_argument("--saturation-s", type=float, default=15.0, help="seconds of load without pauses (0: none)")
+    parser.add_argument("--single-s", type=float, default=8.0, help="seconds of one client alone (0: none)")
     parser.add_argument("--volume", type=int, default=160, help="the load clients' volume size (cube)")
     parser.add_argument("--upload", type=int, default=256, help="the upload test's volume size (cube)")
     parser.add_argument("--cycles", type=int, default=1000, help="session create/delete cycles")
@@ -484,6 +502,8 @@ def main() -> int:
     try:
         server.wait()
         rows += upload_section(server.url, args.upload, 5)
+        if args.single_s > 0:
+            rows += single_client_section(server.url, args, crop)
         load_rows, report["load"] = load_section(server.url, args, crop)
         rows += load_rows
         if args.saturation_s > 0:
