@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from export_engine.errors import BackendError, UsageError
-from export_engine.serve.app import ServeState, create_app
+from export_engine.serve.app import create_app
 from export_engine.serve.config import ServeConfig
+from export_engine.serve.state import ServeState
 
 log = logging.getLogger(__name__)
 
