@@ -16,14 +16,21 @@ pytest.importorskip("uvicorn", reason="the service's tests need the [serve] extr
 
 @pytest.fixture(scope="session")
 def tiny_fastsam3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exported once per test run: pytest-xdist's workers share the base temporary folder's parent, and a file
+    lock lets the first worker export while the others wait for it."""
+    from filelock import FileLock
+
     from export_engine.cli import main
     from export_engine.exporters.fastsam3d import TINY_CONFIG
 
-    root = tmp_path_factory.mktemp("serve-art")
-    (root / "config.json").write_text(json.dumps(TINY_CONFIG))
+    root = tmp_path_factory.getbasetemp().parent / "serve-art"
     out = root / "fastsam3d-tiny"
-    argv = ["--model", "fastsam3d", "--random-weights", "--config", str(root / "config.json"), "--backend", "onnx"]
-    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    with FileLock(str(root) + ".lock"):
+        if not (out / "manifest.json").exists():
+            root.mkdir(exist_ok=True)
+            (root / "config.json").write_text(json.dumps(TINY_CONFIG))
+            argv = ["--model", "fastsam3d", "--random-weights", "--config", str(root / "config.json")]
+            assert main([*argv, "--backend", "onnx", "--out", str(out), "--quiet", "--force"]) == 0
     return out
 
 
