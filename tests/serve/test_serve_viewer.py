@@ -86,6 +86,11 @@ def test_page_click_overlay_matches_the_api(page: Any, server_url: str, volumes_
 
     first = _click_view(page, shift=False)
     assert first["positive"] is True and first["voxels"] > 0
+    # The voxel sent is the one under the cursor: NiiVue's crosshair (moved there by the same click) lies within
+    # a voxel of it in world millimetres (the volume's affine: 1.5 x 1.5 x 2 mm voxels).
+    crosshair = page.evaluate("() => Array.from(window.viewer.nv.frac2mm(window.viewer.nv.scene.crosshairPos))")
+    world = np.diag([1.5, 1.5, 2.0, 1.0]) @ np.asarray([*first["point"], 1.0])
+    assert np.all(np.abs(np.asarray(crosshair[:3]) - world[:3]) <= np.array([1.5, 1.5, 2.0]))
     client = ServeClient(server_url)
     np.testing.assert_array_equal(_overlay(page, shape), client.mask(first["session"]))
 

@@ -67,7 +67,7 @@ async function openVolume(file) {
     ]);
     state.affineInverse = inverseAffine(nv.volumes[0].hdr.affine);
     setMaskRange();
-    status(`session ${created.id}: volume ${created.shape.join(" x ")}. Click to segment, shift-click to remove.`);
+    status(`volume ${created.shape.join(" x ")}: click to add, shift-click to remove`);
   } catch (err) {
     status(`could not open ${file.name}: ${err.message}`, true);
   } finally {
@@ -154,7 +154,7 @@ async function main() {
     { capture: true },
   );
   document.body.dataset.ready = "1";
-  status("Open a .nii, .nii.gz or .npy volume.");
+  status("Open a .nii, .nii.gz or .npy volume; then click to add to the mask, shift-click to remove.");
 }
 
 main().catch((err) => status(`the viewer failed to start: ${err.message}`, true));
