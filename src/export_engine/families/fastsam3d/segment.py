@@ -204,8 +204,8 @@ class SegmentSession:
                 previous = torch.zeros((1, 1, *(self.mask_size,) * 3), dtype=torch.float32, device=self.device)
             feed = {
                 "image_embedding": self.embedding,
-                "point_coords": torch.tensor([[c for c, _ in used]], dtype=torch.float32).to(self.device),
-                "point_labels": torch.tensor([[label for _, label in used]], dtype=torch.int64).to(self.device),
+                "point_coords": self._upload([[c for c, _ in used]], torch.float32),
+                "point_labels": self._upload([[label for _, label in used]], torch.int64),
                 "mask_input": previous,
                 "has_mask_input": self._ones,
             }
@@ -244,6 +244,16 @@ class SegmentSession:
             for state in self._states:
                 held += [state.result.crop_mask, state.result.device_low_res]
             return sum(int(t.numel() * t.element_size()) for t in held)
+
+    def _upload(self, values: list, dtype: Any) -> Any:
+        """A small host list as a tensor on the device; to a GPU from pinned memory without a host wait (torch's
+        pinned-memory cache keeps the block until the copy is done)."""
+        import torch
+
+        host = torch.tensor(values, dtype=dtype)
+        if not str(self.device).startswith("cuda"):
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _run(self, runner: Any, feed: dict[str, Any]) -> dict[str, Any]:
         if self.on_device:
