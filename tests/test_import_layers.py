@@ -29,6 +29,8 @@ RULES = {
     "models": ("export_engine.exporters", "export_engine.runtime", "export_engine.pipeline"),
     # collection jobs run artifacts: no model code; pycolmap and h5py only inside functions (optional extra)
     "sfm": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
+    # the service loads artifacts only; fastapi / uvicorn are imported at call time (see the test below)
+    "serve": ("export_engine.models", "export_engine.exporters", "export_engine.pipeline"),
 }  # fmt: skip
 
 
@@ -39,8 +41,7 @@ RANKS = {
     "graph_passes": 4, "validation": 4,
     "calibration": 5, "runners": 5, "builders": 6,
     "families": 7, "models": 8, "exporters": 9,
-    "runtime": 10, "record": 10, "pipeline": 11, "cli": 12, "__init__": 13, "__main__": 14,
-    "sfm": 11,
+    "runtime": 10, "record": 10, "pipeline": 11, "sfm": 11, "serve": 11, "cli": 12, "__init__": 13, "__main__": 14,
 }  # fmt: skip
 
 
@@ -97,3 +98,15 @@ def test_the_rules_would_catch_a_violation(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from export_engine.models.mast3r import MASt3R\n")
     assert imports_of(probe) == [(2, "export_engine.models.mast3r")]
+
+
+def test_serve_imports_its_web_stack_at_call_time() -> None:
+    """fastapi, uvicorn and starlette only inside functions: the package imports without the [serve] extra."""
+    heavy = ("fastapi", "uvicorn", "starlette", "pydantic", "torch")
+    bad = []
+    for path in sorted((SRC / "serve").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])  # fmt: skip
+            bad += [f"{path.relative_to(SRC)}:{node.lineno} {n}" for n in names if n.split(".")[0] in heavy]
+    assert not bad, "module-level imports of optional packages:\n" + "\n".join(bad)

@@ -24,7 +24,8 @@ from export_engine.errors import BackendError, ExportError, ModelInputError, Par
 
 log = logging.getLogger("export_engine")
 
-SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "match-many", "segment", "models", "doctor")
+SUBCOMMANDS = ("run", "inspect", "verify", "pack", "unpack", "match", "match-many", "segment", "serve", "models",
+               "doctor")  # fmt: skip
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
 
@@ -140,6 +141,24 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True, help="mask.nii.gz (or .nii / .npy)")
         p.add_argument("--plot", type=Path, help="slices.png: three orthogonal slices with the mask")
         p.add_argument("--accumulate", action="store_true", help="send every click so far (default: newest only)")
+    elif name == "serve":
+        from export_engine.serve.config import ServeConfig
+
+        d = ServeConfig()  # the defaults' one home
+        p.description = "Serve artifacts over HTTP: FastSAM3D sessions and clicks, MASt3R matching, a viewer at /."
+        p.add_argument("artifacts", type=Path, nargs="+", metavar="ARTIFACT")
+        p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+        p.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
+        p.add_argument("--allow-root", type=Path, help="folder whose files POST /sessions may read by path")
+        p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                       help="largest request body (default %(default)s)")  # fmt: skip
+        p.add_argument("--gpu-budget-mb", type=float, default=d.gpu_budget_mb,
+                       help="device memory for sessions (default %(default)s)")  # fmt: skip
+        p.add_argument("--session-ttl-s", type=float, default=d.session_ttl_s,
+                       help="idle sessions expire (default %(default)s)")  # fmt: skip
+        p.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                       help="most sessions held at once (default %(default)s)")  # fmt: skip
+        p.add_argument("--no-cuda-graph", action="store_true", help="do not capture CUDA graphs (GPU runners)")
     elif name == "doctor":
         p.description = (
             "Report versions, ONNX Runtime providers, GPUs and compute capability, engine builders, "
@@ -200,7 +219,7 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-NEEDS_ONNXRUNTIME = ("run", "verify", "match", "match-many", "segment")
+NEEDS_ONNXRUNTIME = ("run", "verify", "match", "match-many", "segment", "serve")
 
 
 def _require_onnxruntime() -> None:
@@ -227,6 +246,7 @@ def _dispatch(argv: list[str]) -> int:
             "pack": _cmd_pack,
             "unpack": _cmd_unpack,
             "segment": _cmd_segment,
+            "serve": _cmd_serve,
             "match": _cmd_match,
             "match-many": _cmd_match_many,
             "models": _cmd_models,
@@ -456,6 +476,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     print(save_mask(result.mask, args.out, volume.affine))
     if args.plot:
         print(plot_slices(volume.data, result.mask, clicks, args.plot))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from export_engine.serve.config import ServeConfig
+    from export_engine.serve.server import serve
+
+    config = ServeConfig(host=args.host, port=args.port, allow_root=args.allow_root, max_upload_mb=args.max_upload_mb,
+                         gpu_budget_mb=args.gpu_budget_mb, session_ttl_s=args.session_ttl_s,
+                         max_sessions=args.max_sessions, cuda_graph=not args.no_cuda_graph)  # fmt: skip
+    serve(args.artifacts, config)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""FastSAM3D pre-processing as the released evaluation does it, in plain numpy.
+"""FastSAM3D pre-processing as the released evaluation does it, in plain numpy (and in torch, on any device).
 
 Upstream (FastSAM3D:validation_student.py + utils/data_loader.py), after resampling to
 1.5 mm and RAS+ reorientation (not done here: this module receives an array):
@@ -12,6 +12,10 @@ Upstream (FastSAM3D:validation_student.py + utils/data_loader.py), after resampl
 
 :class:`CropWindow` records where the S^3 cube sits in the original volume so that clicks can be moved
 into crop coordinates and predicted masks pasted back into the original geometry.
+
+:func:`preprocess_tensor` does the same crop/pad and z-normalisation on a torch tensor where it lives (a CUDA
+tensor stays on its GPU, with no host synchronisation), with the numpy path's arithmetic: statistics summed in
+float64 and rounded to float32, the normalisation itself in float32, so both give the same encoder input.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,12 +61,36 @@ class CropWindow:
         out[..., src[0], src[1], src[2]] = crop[..., dst[0], dst[1], dst[2]]
         return out
 
+    def crop_tensor(self, volume: Any) -> Any:
+        """:meth:`crop` for a torch tensor (D, H, W): a float32 window on the tensor's device."""
+        import torch
+
+        out = torch.zeros(self.size, dtype=torch.float32, device=volume.device)
+        src, dst = self._overlap()
+        out[dst] = volume[src].to(torch.float32)
+        return out
+
+    def paste_back_tensor(self, crop: Any, fill: bool | float = 0) -> Any:
+        """:meth:`paste_back` for a torch tensor (..., S, S, S), on the tensor's device."""
+        import torch
+
+        if tuple(crop.shape[-3:]) != self.size:
+            raise ModelInputError(f"paste_back: array {tuple(crop.shape)} does not end in the window size {self.size}")
+        out = torch.full((*crop.shape[:-3], *self.original_shape), fill, dtype=crop.dtype, device=crop.device)
+        src, dst = self._overlap()
+        out[..., src[0], src[1], src[2]] = crop[..., dst[0], dst[1], dst[2]]
+        return out
+
     def points_to_crop(self, points: np.ndarray) -> np.ndarray:
         """(..., 3) voxel coordinates (d, h, w) of the original volume -> coordinates in the crop."""
         return np.asarray(points, dtype=np.float32) - np.asarray(self.start, dtype=np.float32)
 
     def points_to_original(self, points: np.ndarray) -> np.ndarray:
         return np.asarray(points, dtype=np.float32) + np.asarray(self.start, dtype=np.float32)
+
+    def overlap(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(slices of the volume, slices of the crop) where the window and the volume overlap."""
+        return self._overlap()
 
     def _overlap(self) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
         src, dst = [], []
@@ -199,8 +228,71 @@ def preprocess_volume(
         window = window_around_points(points, vol.shape, size)
     else:
         window = window_centered(vol.shape, size)
-    image, mean, std = z_normalize(window.crop(vol.astype(np.float32, copy=False)))
+    image, mean, std = z_normalize(window.crop(vol))  # crop first: only the window is converted to float32
     return PreprocessResult(image[None, None], window, mean, std)
+
+
+@dataclass(frozen=True)
+class TensorPreprocessResult:
+    """:func:`preprocess_tensor`'s result. ``image`` is queued on the volume's device; ``checks`` (a float64
+    tensor on that device) is read by :func:`check_preprocessed` once the caller can afford a host sync."""
+
+    image: Any  # torch (1, 1, S, S, S) float32
+    window: CropWindow
+    checks: Any  # torch float64 [all finite, voxels > 0, std]
+
+
+def preprocess_tensor(volume: Any, size: int = 128, points: np.ndarray | None = None) -> TensorPreprocessResult:
+    """:func:`preprocess_volume` for a torch tensor (D, H, W) of real numbers, on its own device, without any
+    host synchronisation (data-dependent checks are deferred: see :func:`check_preprocessed`).
+
+    Statistics are sums over the foreground in float64 (numpy's ``mean`` and ``std(ddof=1)``, which sum
+    pairwise, round to the same float32 values: 1 ulp of float64 is ~1e-9 ulp of float32), then the same float32
+    subtraction and division as :func:`z_normalize`.
+    """
+    import torch
+
+    vol = volume
+    while vol.ndim > 3 and vol.shape[0] == 1:
+        vol = vol[0]
+    if vol.ndim != 3:
+        raise ModelInputError(
+            f"FastSAM3D volume must be 3-D (D, H, W), optionally with leading axes of size 1, got shape "
+            f"{tuple(volume.shape)}"
+        )
+    if vol.numel() == 0:
+        raise ModelInputError(f"FastSAM3D volume is empty (shape {tuple(volume.shape)})")
+    if vol.dtype == torch.bool or vol.is_complex():
+        raise ModelInputError(f"FastSAM3D volume must be real numbers, got dtype {vol.dtype}")
+    shape = tuple(int(s) for s in vol.shape)
+    window = window_centered(shape, size) if points is None else window_around_points(points, shape, size)
+    finite = torch.ones((), dtype=torch.bool, device=vol.device)  # integers are finite
+    if vol.is_floating_point():
+        finite = torch.isfinite(vol).all()
+    crop = window.crop_tensor(vol)
+    foreground = crop > 0
+    count = foreground.sum(dtype=torch.float64)
+    wide = crop.to(torch.float64)
+    mean = torch.where(foreground, wide, 0).sum() / count
+    deviation = torch.where(foreground, wide - mean, 0)
+    std = ((deviation * deviation).sum() / (count - 1)).sqrt()
+    image = (crop - mean.to(torch.float32)) / std.to(torch.float32)
+    checks = torch.stack([finite.to(torch.float64), count, std.to(torch.float32).to(torch.float64)])
+    return TensorPreprocessResult(image[None, None], window, checks)
+
+
+def check_preprocessed(result: TensorPreprocessResult) -> None:
+    """Raise the numpy path's errors for a :func:`preprocess_tensor` result (one small device-to-host copy)."""
+    finite, count, std = (float(v) for v in result.checks.cpu().tolist())
+    if not finite:
+        raise ModelInputError("FastSAM3D volume has NaN or infinite voxels; fix or mask them before inference")
+    if count < 2:
+        raise ModelInputError(
+            f"FastSAM3D volume has {int(count)} voxel(s) > 0 in the crop; z-normalisation needs at "
+            f"least 2 (is the crop outside the body, or the intensities shifted to <= 0?)"
+        )
+    if not std > 0:
+        raise ModelInputError("FastSAM3D volume: all voxels > 0 have the same value (std 0); cannot normalise")
 
 
 def _as_3d(array: np.ndarray, what: str) -> np.ndarray:
