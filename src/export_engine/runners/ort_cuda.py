@@ -127,12 +127,25 @@ class _Signature:
     binding: Any
     graph_id: int | None = None
     options: Any = None  # the RunOptions of this signature's runs
-    runs: int = 0  # completed runs: a CUDA-graph signature may capture during its first CAPTURE_RUNS
+    flush_options: Any = None  # the same, with ONNX Runtime's end-of-run clean-up (see FLUSH_EVERY)
+    runs: int = 0  # completed runs: a CUDA-graph signature captures during its first call (CAPTURE_RUNS runs)
 
 
 # ONNX Runtime runs a graph id uncaptured a few times before it captures it (one or two runs, depending on the
-# release); every run up to this count is treated as a possible capture (alone on the device, see gpu_gate).
+# release). A new CUDA-graph signature's first call makes this many runs back to back, on its caller's thread and
+# alone on the device (gpu_gate): ONNX Runtime's CUDA provider creates its per-thread state (cuBLAS and cuDNN
+# handles, attention plans, workspaces) on a thread's first run, and a capture on a thread that never ran the graph
+# would allocate inside the capture, which CUDA refuses. Measured on an H100: 4 threads sharing a runner whose
+# warm-up and capture fell on different threads failed 393 of 800 calls; plain runs from the same threads, none.
 CAPTURE_RUNS = 4
+# With the runner's own stream, runs skip ONNX Runtime's end-of-run synchronisation, and with it the provider's
+# end-of-run clean-up: the pinned host buffers its kernels used are then only released when the session is
+# destroyed, by a host function queued on the stream during the destruction, which can outlive the session and
+# free the session's pinned-memory arena inside a CUDA callback, where CUDA forbids it (error 800: the process
+# aborts; seen on an H100 when a runner was dropped). Every FLUSH_EVERY-th run of a runner without CUDA graphs,
+# and a last run when it closes, keep the clean-up (one host synchronisation each), so the buffers go back to the
+# arena while the session is alive and the host function finds nothing to do at destruction.
+FLUSH_EVERY = 32
 _LIVE: weakref.WeakSet[CudaGraphRunner] = weakref.WeakSet()
 
 
@@ -156,6 +169,8 @@ class CudaGraphRunner:
         self.session: Any = None
         self._stream: Any = None
         self._last_caller: Any = None  # the stream of the previous run's caller (see run)
+        self._kept: tuple[_Signature, dict[str, Any]] | None = None  # the last run's inputs, for the closing flush
+        self._unflushed = 0  # runs since ONNX Runtime last cleaned up at a run's end
         self._signatures: dict[tuple, _Signature] = {}
         ok, why = cuda_available()
         if not ok:
@@ -188,10 +203,25 @@ class CudaGraphRunner:
             if self.session is None:
                 return
             with gpu_gate.shared(self.config.device_id):
-                self._drain()
-                self._signatures = {}
-                self._last_caller = None
-                self.session = None  # the session, its arenas and captured graphs go here, with no work pending
+                self._retire()
+
+    def _retire(self) -> None:
+        """Flush, drain and drop the session (with ``lock`` and the gate held)."""
+        if self._unflushed and self._kept is not None and self.session is not None:
+            sig, tensors = self._kept
+            try:  # one more run of the last inputs, with ONNX Runtime's end-of-run clean-up (see FLUSH_EVERY)
+                for name, tensor in tensors.items():
+                    self._bind(sig.binding.bind_input, name, tensor)
+                self._stream.wait_stream(self._last_caller or self._stream)
+                self.session.run_with_iobinding(sig.binding, sig.flush_options)
+            except Exception as err:  # onnxruntime raises its own untyped exceptions; closing goes on
+                log.warning("%s: the closing run failed (%s)", self.path.name, _short(err))
+        self._drain()
+        self._signatures = {}
+        self._kept = None
+        self._unflushed = 0
+        self._last_caller = None
+        self.session = None  # the session, its arenas and captured graphs go here, with no work pending
 
     def __del__(self) -> None:
         # Not at interpreter exit: CUDA may already be torn down and the process ends anyway (close_all ran at exit).
@@ -244,9 +274,7 @@ class CudaGraphRunner:
             provider["prefer_nhwc"] = "1"
         provider.update(dict(self.config.provider_options))
         with self.lock, gpu_gate.shared(self.config.device_id):  # a session's allocations stay out of captures
-            self._drain()  # a session this replaces may have host functions pending (see close)
-            self._signatures = {}
-            self.session = None
+            self._retire()  # a session this replaces: flushed and drained first (see close)
             try:
                 self.session = self._ort.InferenceSession(
                     str(source), options, providers=[("CUDAExecutionProvider", provider)]
@@ -287,6 +315,10 @@ class CudaGraphRunner:
                 tensors = self._upload(tensors)
                 if sig is None:
                     sig = self._new_signature(key, tensors)
+                repeats = CAPTURE_RUNS - sig.runs if capturing else 1  # warm-up and capture in this one call
+                for _ in range(repeats - 1):
+                    self._run_signature(sig, tensors, copy=False)
+                    sig.runs += 1
                 outputs = self._run_signature(sig, tensors, copy)
             sig.runs += 1
             return outputs
@@ -319,8 +351,14 @@ class CudaGraphRunner:
             if not self.config.cuda_graph:
                 for tensor in tensors.values():
                     tensor.record_stream(self._stream)  # the caller's allocator keeps them until ORT is done
+        options = sig.options
+        if self._stream is not None and not self.config.cuda_graph:
+            self._kept = (sig, tensors)
+            self._unflushed += 1
+            if self._unflushed >= FLUSH_EVERY:
+                options, self._unflushed = sig.flush_options, 0
         try:
-            self.session.run_with_iobinding(sig.binding, sig.options)
+            self.session.run_with_iobinding(sig.binding, options)
         except Exception as err:  # onnxruntime raises its own untyped exceptions
             raise BackendError(f"ONNX Runtime CUDA failed running {self.path.name}: {_short(err)}") from err
         if not copy:
@@ -417,14 +455,15 @@ class CudaGraphRunner:
         for name, tensor in outputs.items():
             self._bind(binding.bind_output, name, tensor)
         graph_id = len(self._signatures) if self.config.cuda_graph else None
-        options = None
+        options = flush_options = None
         if graph_id is not None or self._stream is not None:
-            options = self._ort.RunOptions()
+            options, flush_options = self._ort.RunOptions(), self._ort.RunOptions()
             if graph_id is not None:
-                options.add_run_config_entry("gpu_graph_id", str(graph_id))
+                for o in (options, flush_options):
+                    o.add_run_config_entry("gpu_graph_id", str(graph_id))
             if self._stream is not None:  # ordering is the streams' business (see run)
                 options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        sig = _Signature(inputs, outputs, binding, graph_id, options)
+        sig = _Signature(inputs, outputs, binding, graph_id, options, flush_options)
         self._signatures[key] = sig
         return sig
 
