@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from export_engine.families.fastsam3d.preprocess import (
     preprocess_tensor,
     preprocess_volume,
 )
+from export_engine.runners import gpu_gate
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,7 @@ class SegmentSession:
         points = None if around is None else np.asarray(around, dtype=np.float64).reshape(-1, 3)
         if points is not None:
             _check_inside(points, tuple(tensor.shape))
-        with self._lock:
+        with self._lock, self._device_work():
             if self.on_device:
                 prepared = preprocess_tensor(tensor.to(self.device, non_blocking=True), self.size, points=points)
                 embedding = self._run(self.encoder, {"image": prepared.image})["image_embedding"]
@@ -187,7 +189,7 @@ class SegmentSession:
         """Add a click at voxel (d, h, w) of the volume; the mask's computation is queued, not awaited."""
         import torch
 
-        with self._lock:
+        with self._lock, self._device_work():
             if self.window is None or self.embedding is None:
                 raise UsageError("call set_volume() before click()")
             _check_inside(np.asarray(point, dtype=np.float64).reshape(1, 3), self.window.original_shape)
@@ -245,6 +247,12 @@ class SegmentSession:
                 held += [state.result.crop_mask, state.result.device_low_res]
             return sum(int(t.numel() * t.element_size()) for t in held)
 
+    def _device_work(self) -> AbstractContextManager[None]:
+        """GPU work of this session outside the runners stays out of other threads' CUDA-graph captures."""
+        if not str(self.device).startswith("cuda"):
+            return nullcontext()
+        return gpu_gate.shared(_device_index(self.device))
+
     def _upload(self, values: list, dtype: Any) -> Any:
         """A small host list as a tensor on the device; to a GPU from pinned memory without a host wait (torch's
         pinned-memory cache keeps the block until the copy is done)."""
@@ -290,8 +298,18 @@ def _fetch_packed(mask: Any, inside: tuple[slice, ...], iou: Any) -> tuple[np.nd
         _BIT_WEIGHTS[str(flat.device)] = weights
     packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
     score = iou.reshape(1).to(torch.float32)
-    both = torch.cat([packed, count.view(torch.uint8), score.view(torch.uint8)]).cpu().numpy()
+    merged = torch.cat([packed, count.view(torch.uint8), score.view(torch.uint8)])
+    with gpu_gate.shared(_device_index(merged.device)) if merged.is_cuda else nullcontext():  # a host wait
+        both = merged.cpu().numpy()
     return both[:-12], int(both[-12:-4].view(np.int64)[0]), float(both[-4:].view(np.float32)[0])
+
+
+def _device_index(device: Any) -> int:
+    """The CUDA device number of a torch device or its name ("cuda" alone: the current device, 0 here)."""
+    index = getattr(device, "index", None)
+    if index is None and isinstance(device, str) and ":" in device:
+        index = int(device.split(":", 1)[1])
+    return int(index or 0)
 
 
 def _runner_device(runner: Any) -> str:
