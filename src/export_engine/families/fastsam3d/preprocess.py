@@ -252,14 +252,7 @@ def preprocess_tensor(volume: Any, size: int = 128, points: np.ndarray | None = 
     """
     import torch
 
-    vol = volume
-    while vol.ndim > 3 and vol.shape[0] == 1:
-        vol = vol[0]
-    if vol.ndim != 3:
-        raise ModelInputError(
-            f"FastSAM3D volume must be 3-D (D, H, W), optionally with leading axes of size 1, got shape "
-            f"{tuple(volume.shape)}"
-        )
+    vol = _squeezed_3d(volume, "volume")
     if vol.numel() == 0:
         raise ModelInputError(f"FastSAM3D volume is empty (shape {tuple(volume.shape)})")
     if vol.dtype == torch.bool or vol.is_complex():
@@ -296,13 +289,18 @@ def check_preprocessed(result: TensorPreprocessResult) -> None:
 
 
 def _as_3d(array: np.ndarray, what: str) -> np.ndarray:
-    arr = np.asarray(array)
+    return _squeezed_3d(np.asarray(array), what)
+
+
+def _squeezed_3d(array: Any, what: str) -> Any:
+    """A numpy array or torch tensor without its leading axes of size 1, which must leave 3 (D, H, W)."""
+    arr = array
     while arr.ndim > 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 3:
         raise ModelInputError(
             f"FastSAM3D {what} must be 3-D (D, H, W), optionally with leading axes of size 1, got shape "
-            f"{tuple(np.shape(array))}"
+            f"{tuple(array.shape)}"
         )
     return arr
 
