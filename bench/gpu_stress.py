@@ -242,7 +242,8 @@ def hammer(runners: list[Any], feeds: list[list[dict[str, Any]]], alone: list[li
     def work(seed: int) -> int:
         nonlocal crosstalk
         rng = random.Random(seed)
-        stream = torch.cuda.Stream()
+        with gpu_gate.shared():  # creating a stream is GPU work too: never inside another thread's capture
+            stream = torch.cuda.Stream()
         done = 0
         for _ in range(calls):
             g, v = rng.randrange(len(runners)), rng.randrange(len(feeds[0]))

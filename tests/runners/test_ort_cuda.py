@@ -206,7 +206,8 @@ def test_a_runner_shared_by_threads_answers_each_caller(tiny_artifacts: dict[str
     shared = CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(cuda_graph=cuda_graph))
 
     def call(i: int) -> tuple[int, dict[str, torch.Tensor]]:
-        stream = torch.cuda.Stream()  # each thread on a stream of its own, as a server's workers are
+        with gpu_gate.shared():  # creating a stream is GPU work too: never inside another thread's capture
+            stream = torch.cuda.Stream()  # each thread on a stream of its own, as a server's workers are
         with torch.cuda.stream(stream):
             out = shared.run(feeds[i % len(feeds)])
             with gpu_gate.shared():  # a caller's own copies stay out of another thread's capture
