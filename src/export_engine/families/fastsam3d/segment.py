@@ -77,7 +77,8 @@ class ClickResult:
     @property
     def low_res_logits(self) -> np.ndarray:
         """(1, 1, m, m, m) float32 on the host (the device tensor is :attr:`device_low_res`)."""
-        return np.asarray(self._low_res.cpu().numpy())
+        with _gated(self._low_res):
+            return np.asarray(self._low_res.cpu().numpy())
 
     @property
     def device_low_res(self) -> Any:
@@ -85,7 +86,8 @@ class ClickResult:
 
     def device_mask(self) -> Any:
         """The (D, H, W) bool mask as a torch tensor on the runners' device (pasted there, not copied out)."""
-        return self.window.paste_back_tensor(self.crop_mask, fill=False)
+        with _gated(self.crop_mask):
+            return self.window.paste_back_tensor(self.crop_mask, fill=False)
 
     def fetch(self) -> None:
         """Copy the packed crop mask and the voxel count to the host (once; later calls return at once)."""
@@ -280,7 +282,8 @@ def _fetch(mask: Any, window: CropWindow, iou: Any) -> tuple[np.ndarray, int, fl
     if mask.device.type == "cpu":  # numpy packs and counts faster than torch's CPU kernels
         host = mask.numpy()
         return np.packbits(host.reshape(-1)), int(np.count_nonzero(host[inside])), float(iou)
-    return _fetch_packed(mask, inside, iou)
+    with _gated(mask):  # allocations, a first upload and a host wait: never inside another thread's capture
+        return _fetch_packed(mask, inside, iou)
 
 
 def _fetch_packed(mask: Any, inside: tuple[slice, ...], iou: Any) -> tuple[np.ndarray, int, float]:
@@ -298,10 +301,16 @@ def _fetch_packed(mask: Any, inside: tuple[slice, ...], iou: Any) -> tuple[np.nd
         _BIT_WEIGHTS[str(flat.device)] = weights
     packed = (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
     score = iou.reshape(1).to(torch.float32)
-    merged = torch.cat([packed, count.view(torch.uint8), score.view(torch.uint8)])
-    with gpu_gate.shared(_device_index(merged.device)) if merged.is_cuda else nullcontext():  # a host wait
-        both = merged.cpu().numpy()
+    both = torch.cat([packed, count.view(torch.uint8), score.view(torch.uint8)]).cpu().numpy()
     return both[:-12], int(both[-12:-4].view(np.int64)[0]), float(both[-4:].view(np.float32)[0])
+
+
+def _gated(tensor: Any) -> AbstractContextManager[None]:
+    """The device gate's shared hold for GPU work on ``tensor``'s device (nothing for a CPU tensor)."""
+    device = getattr(tensor, "device", None)
+    if getattr(device, "type", "cpu") != "cuda":
+        return nullcontext()
+    return gpu_gate.shared(_device_index(device))
 
 
 def _device_index(device: Any) -> int:

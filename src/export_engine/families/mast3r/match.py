@@ -158,7 +158,8 @@ class Matcher:
         if key not in self._cache:
             encoder = self.artifact.runners["encoder"]
             if self.on_device:  # torch CUDA tensors in and out (ort_cuda.CudaGraphRunner, EngineRunner)
-                tokens = encoder.run({"images": torch.from_numpy(image.tensor).cuda()})["tokens"]  # type: ignore[attr-defined]
+                # a host tensor: the runner copies it to its own device, inside the device gate
+                tokens = encoder.run({"images": torch.from_numpy(image.tensor)})["tokens"]  # type: ignore[attr-defined]
             else:
                 tokens = torch.from_numpy(encoder({"images": image.tensor})["tokens"])
             self._cache[key] = (image, tokens)
