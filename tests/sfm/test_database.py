@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from export_engine.errors import ArtifactError
+from export_engine.sfm import database
 from export_engine.sfm.database import ColmapDatabase, ImageEntry, cameras_for, check_run, pair_id
 
 pycolmap = pytest.importorskip("pycolmap", reason="pycolmap (the [sfm] extra) reads the database back")
@@ -165,3 +166,31 @@ def test_colmap_mapper_reconstructs_a_scene_from_the_database(tmp_path: Path) ->
     model = pycolmap.Reconstruction(str(tmp_path / "sparse" / "0"))
     assert model.num_reg_images() == 5 and model.num_points3D() > 300
     assert model.compute_mean_reprojection_error() < 1.0
+
+
+def test_a_failed_commit_is_written_whole_by_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader holding the database past the busy timeout fails a commit; the retry stores every keypoint the
+    stored matches index, and the pairs it records as done are complete."""
+    monkeypatch.setattr(database, "BUSY_TIMEOUT_S", 0.05)
+    images = [_entry(name, None, (64, 48)) for name in ("a.jpg", "b.jpg", "c.jpg")]
+    path = tmp_path / "database.db"
+    db = ColmapDatabase.create(path, images, "per-image", {"run": 1})
+    db.add_pair(0, 1, np.array([0, 65, 130]), np.array([3, 4, 5]), np.ones(3))
+    db.add_pair(1, 2, np.array([4, 7]), np.array([9, 10]), np.ones(2))
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM keypoints").fetchall()  # a shared lock: the writer cannot commit
+    with pytest.raises(ArtifactError, match=r"could not store 2 pairs .*database is locked.*run the same command"):
+        db.commit()
+    reader.execute("COMMIT")
+    reader.close()
+    db.add_pair(0, 2, np.array([0, 1]), np.array([7, 8]), np.ones(2))
+    db.close()
+    with pycolmap.Database.open(str(path)) as read:
+        assert [read.num_keypoints_for_image(i) for i in (1, 2, 3)] == [4, 4, 4]
+        for first, second, count in [(1, 2, 3), (2, 3, 2), (1, 3, 2)]:
+            found = read.read_matches(first, second)
+            assert len(found) == count
+            assert found[:, 0].max() < read.num_keypoints_for_image(first)
+            assert found[:, 1].max() < read.num_keypoints_for_image(second)
+        np.testing.assert_allclose(read.read_keypoints(1), [[5, 5], [15, 15], [25, 25], [15, 5]])

@@ -194,6 +194,21 @@ def test_bad_input_gets_one_line_and_leaves_the_database(
     assert (out / "database.db").read_bytes() == before
 
 
+def test_too_few_token_slots_are_refused_before_any_work(
+    tiny_mast3r_artifact: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the artifact was loaded")
+
+    monkeypatch.setattr("export_engine.runtime.session.load", no_load)
+    out = tmp_path / "out"
+    argv = ["match-many", str(tiny_mast3r_artifact), str(photos), "--out", str(out), "--quiet", "--subsample", "4",
+            "--batch", "3", "--token-slots", "2"]  # fmt: skip
+    _fail(argv, 2, capsys, "--token-slots 2 cannot hold the images of one batch of 3 pairs: give --token-slots 6")
+    assert not out.exists()
+
+
 def test_the_database_holds_what_matcher_match_finds(tiny_mast3r_artifact: Path, photos: Path, finished: Path) -> None:
     """Batched decoder, token pool and matcher thread give the pair-by-pair API's matches, in original pixels."""
     from export_engine.families.mast3r.match import Matcher

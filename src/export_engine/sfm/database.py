@@ -43,6 +43,7 @@ SIMPLE_RADIAL = 2  # COLMAP camera model id; params f, cx, cy, k
 CAMERA_SENSOR = 0  # COLMAP SensorType::CAMERA
 FOCAL_PRIOR_FACTOR = 1.2  # COLMAP's default focal length without EXIF: 1.2 * max(W, H)
 CAMERA_MODES = ("per-image", "single", "auto")
+BUSY_TIMEOUT_S = 60.0  # how long a commit waits for another connection's lock before it fails
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS rigs (rig_id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
@@ -229,23 +230,37 @@ class ColmapDatabase:
         return len(self._pending)
 
     def commit(self) -> None:
-        """Write the pairs added since the last commit and the keypoints they added, in one transaction."""
+        """Write the pairs added since the last commit and the keypoints they added, in one transaction. When it
+        fails, nothing of it is stored and the next commit writes it all again."""
         with self._lock:
             self._commit()
 
     def _commit(self) -> None:
         if not self._pending:
             return
+        dirty = [(image_id, book) for image_id, book in enumerate(self._keypoints, 1) if book.dirty]
+        try:
+            self._write(dirty)
+        except sqlite3.Error as err:
+            raise ArtifactError(
+                f"{self.path}: could not store {len(self._pending)} pairs ({err}); the pairs stored before are "
+                "kept: run the same command again to match the rest"
+            ) from err
+        # clean only once the transaction is in: a COMMIT that fails (the database locked by a reader past the
+        # busy timeout, a full disk) rolls the keypoints back too, and the next commit must write them again, else
+        # it would store matches indexing keypoints the database does not hold
+        for _, book in dirty:
+            book.dirty = False
+        self._pending.clear()
+
+    def _write(self, dirty: Sequence[tuple[int, _Keypoints]]) -> None:
         with self._db:
-            for image_id, book in enumerate(self._keypoints, 1):
-                if not book.dirty:
-                    continue
+            for image_id, book in dirty:
                 xy = book.coordinates()
                 self._db.execute("UPDATE keypoints SET rows = ?, cols = 2, data = ? WHERE image_id = ?",
                                  (len(xy), xy.tobytes(), image_id))  # fmt: skip
                 self._db.execute("INSERT OR REPLACE INTO export_engine_pixels VALUES (?, ?)",
                                  (image_id, book.pixels.astype(np.int32).tobytes()))  # fmt: skip
-                book.dirty = False
             for pid, found, scores in self._pending:
                 # a pair without matches gets its empty row too, as COLMAP's matcher writes it: COLMAP's
                 # verification would otherwise try to match the pair itself, from descriptors there are none of
@@ -253,16 +268,19 @@ class ColmapDatabase:
                                  (pid, len(found), found.tobytes()))  # fmt: skip
                 self._db.execute("INSERT OR REPLACE INTO export_engine_pairs VALUES (?, ?, ?)",
                                  (pid, len(found), scores.tobytes()))  # fmt: skip
-        self._pending.clear()
 
     def close(self) -> None:
         with self._lock:
-            self._commit()
-            self._db.close()
+            try:
+                self._commit()
+            finally:
+                self._db.close()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, check_same_thread=False)  # handed to the writer thread once, used only there
+    # handed to the writer thread once, used only there; a reader (COLMAP's GUI, a script) holding the database
+    # for a while makes a commit wait up to BUSY_TIMEOUT_S instead of failing the run
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     db.execute("PRAGMA synchronous = NORMAL")
     return db
 

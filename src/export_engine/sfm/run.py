@@ -3,12 +3,12 @@
     report = match_many("mast3r-hybrid-512x384", ["photos/"], Path("out"), MatchManyConfig(pairs="swin:10"))
 
 Everything that can be wrong with the input is found before any work: the artifact's model, every image
-(readable, names unique, at least two), the pair strategy and every name a pairs file gives, the camera mode,
-the optional tools (pycolmap, h5py) that were asked for, and an existing ``DIR/database.db`` (resumed when it
-holds this same run, else refused and left untouched). Then the images are encoded once each and the pairs
-decoded and matched in batches (:mod:`export_engine.sfm.executor`), written to ``DIR/database.db`` as they
-complete; ``DIR/pairs.txt`` first, hloc's ``features.h5`` / ``matches.h5`` at the end, then optionally COLMAP's
-geometric verification and incremental mapper.
+(readable, names unique, at least two), a --token-slots too small for one batch, the pair strategy and every
+name a pairs file gives, the camera mode, the optional tools (pycolmap, h5py) that were asked for, and an
+existing ``DIR/database.db`` (resumed when it holds this same run, else refused and left untouched). Then the
+images are encoded once each and the pairs decoded and matched in batches (:mod:`export_engine.sfm.executor`),
+written to ``DIR/database.db`` as they complete; ``DIR/pairs.txt`` first, hloc's ``features.h5`` /
+``matches.h5`` at the end, then optionally COLMAP's geometric verification and incremental mapper.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def match_many(artifact: str | Path, inputs: Sequence[str | Path], out: Path, co
     if config.hloc:
         hloc.h5py_module()
     images = list_images(inputs)
+    _check_token_slots(config, len(images))
     names = [image.name for image in images]
     width, height = _resolution(manifest)
     entries = [_entry(image, width, height) for image in images]
@@ -211,6 +212,14 @@ def _afterwards(report: MatchManyReport, images: Sequence[CollectionImage], entr
     if config.reconstruct:
         colmap.reconstruct(database_path, _image_root(images), report.out / "sparse")
     return report
+
+
+def _check_token_slots(config: MatchManyConfig, n_images: int) -> None:
+    """--token-slots holds the images of any batch (as the memory budget must), found before any work."""
+    need = min(2 * config.batch, n_images)
+    if config.token_slots is not None and config.token_slots < need:
+        raise UsageError(f"--token-slots {config.token_slots} cannot hold the images of one batch of {config.batch} "
+                         f"pairs: give --token-slots {need} or more, or a smaller --batch")  # fmt: skip
 
 
 def _pid(pair: Sequence[int]) -> int:

@@ -49,7 +49,7 @@ def plan(pairs: Sequence[Pair], capacity: int, batch: int, resident: Mapping[int
     widest = max((len({i for p in chunk for i in p}) for chunk in batches), default=0)
     if capacity < widest:
         raise UsageError(f"a token pool of {capacity} images cannot hold a batch of {batch} pairs ({widest} images); "
-                         "lower --batch or raise --gpu-memory")  # fmt: skip
+                         "lower --batch, or raise --token-slots or --gpu-memory")  # fmt: skip
     uses: dict[int, list[int]] = defaultdict(list)
     for step, chunk in enumerate(batches):
         for image in sorted({i for p in chunk for i in p}):
