@@ -108,6 +108,32 @@ def test_sessions_from_an_allowed_path_and_a_click_outside_the_crop(server_url: 
     client.delete(created["id"])
 
 
+def test_bad_server_side_paths_get_4xx(server_url: str, volumes_dir: Path) -> None:
+    client = ServeClient(server_url)
+    np.save(volumes_dir / "huge.npy", np.zeros((96, 96, 96), np.float32))  # 3.4 MiB: over the 2 MiB limit
+    cases = {
+        "over the upload limit": ("huge.npy", 413, "over this server's limit of 2 MiB"),
+        "an embedded NUL": ("big\0.npy", 403, "cannot be used"),
+        "a name too long": ("a" * 300 + ".npy", 403, "File name too long"),
+    }
+    for what, (path, status, text) in cases.items():
+        with pytest.raises(ServeError) as err:
+            client.create_session_from_path(path)
+        assert (err.value.status, text in err.value.detail) == (status, True), f"{what}: {err.value}"
+    assert client.health()["status"] == "ok"
+
+
+def test_the_volume_of_any_numeric_type_can_be_downloaded(server_url: str) -> None:
+    client = ServeClient(server_url)
+    for dtype in (np.int64, np.uint64, np.float16):
+        volume = structured_volume(48, seed=3).astype(dtype)  # int64: 0.8 MiB
+        sid = client.create_session(volume)["id"]
+        status, _, body = client.request("GET", f"/sessions/{sid}/volume")
+        back = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(body)).dataobj)
+        assert status == 200 and np.array_equal(back, volume), dtype
+        client.delete(sid)
+
+
 def test_concurrent_clients_get_their_own_masks(server_url: str, tiny_fastsam3d: Path) -> None:
     rng = np.random.default_rng(0)
     jobs = []
