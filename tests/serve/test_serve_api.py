@@ -123,6 +123,25 @@ def test_bad_server_side_paths_get_4xx(server_url: str, volumes_dir: Path) -> No
     assert client.health()["status"] == "ok"
 
 
+def test_an_oversized_body_without_content_length_gets_413(server_url: str) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    body, content_type = multipart({"volume": ("v.npy", b"\0" * 3 * 2**20)}, {})  # 3 MiB, the limit is 2 MiB
+    chunks = (body[i : i + 2**16] for i in range(0, len(body), 2**16))
+    url = urlsplit(server_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:  # http.client sends an iterable body chunked, with no Content-Length
+        conn.request("POST", "/sessions", body=chunks, headers={"Content-Type": content_type}, encode_chunked=True)
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 413, reply
+    assert reply["error"] == "PayloadTooLargeError" and "limit of 2 MiB" in reply["detail"]
+    assert ServeClient(server_url).health()["status"] == "ok"
+
+
 def test_the_volume_of_any_numeric_type_can_be_downloaded(server_url: str) -> None:
     client = ServeClient(server_url)
     for dtype in (np.int64, np.uint64, np.float16):
