@@ -142,6 +142,26 @@ def test_an_oversized_body_without_content_length_gets_413(server_url: str) -> N
     assert ServeClient(server_url).health()["status"] == "ok"
 
 
+def test_an_unexpected_error_is_a_one_line_json_500(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from export_engine.serve.store import ServedSession
+
+    client = ServeClient(server_url)
+    sid = client.create_session(structured_volume(48, seed=4))["id"]
+
+    def broken(self: ServedSession) -> dict:
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(ServedSession, "state", broken)  # the server runs in this process
+    status, headers, data = client.request("GET", f"/sessions/{sid}", check=False)
+    assert status == 500 and headers["content-type"] == "application/json"
+    reply = json.loads(data)
+    assert reply["error"] == "RuntimeError" and "something broke" in reply["detail"]
+    assert "\n" not in reply["detail"] and "Traceback" not in reply["detail"]
+    monkeypatch.undo()
+    assert client.health()["status"] == "ok"
+    client.delete(sid)
+
+
 def test_the_volume_of_any_numeric_type_can_be_downloaded(server_url: str) -> None:
     client = ServeClient(server_url)
     for dtype in (np.int64, np.uint64, np.float16):
