@@ -108,6 +108,71 @@ def test_sessions_from_an_allowed_path_and_a_click_outside_the_crop(server_url: 
     client.delete(created["id"])
 
 
+def test_bad_server_side_paths_get_4xx(server_url: str, volumes_dir: Path) -> None:
+    client = ServeClient(server_url)
+    np.save(volumes_dir / "huge.npy", np.zeros((96, 96, 96), np.float32))  # 3.4 MiB: over the 2 MiB limit
+    cases = {
+        "over the upload limit": ("huge.npy", 413, "over this server's limit of 2 MiB"),
+        "an embedded NUL": ("big\0.npy", 403, "cannot be used"),
+        "a name too long": ("a" * 300 + ".npy", 403, "File name too long"),
+    }
+    for what, (path, status, text) in cases.items():
+        with pytest.raises(ServeError) as err:
+            client.create_session_from_path(path)
+        assert (err.value.status, text in err.value.detail) == (status, True), f"{what}: {err.value}"
+    assert client.health()["status"] == "ok"
+
+
+def test_an_oversized_body_without_content_length_gets_413(server_url: str) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    body, content_type = multipart({"volume": ("v.npy", b"\0" * 3 * 2**20)}, {})  # 3 MiB, the limit is 2 MiB
+    chunks = (body[i : i + 2**16] for i in range(0, len(body), 2**16))
+    url = urlsplit(server_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:  # http.client sends an iterable body chunked, with no Content-Length
+        conn.request("POST", "/sessions", body=chunks, headers={"Content-Type": content_type}, encode_chunked=True)
+        response = conn.getresponse()
+        reply = json.loads(response.read())
+    finally:
+        conn.close()
+    assert response.status == 413, reply
+    assert reply["error"] == "PayloadTooLargeError" and "limit of 2 MiB" in reply["detail"]
+    assert ServeClient(server_url).health()["status"] == "ok"
+
+
+def test_an_unexpected_error_is_a_one_line_json_500(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from export_engine.serve.store import ServedSession
+
+    client = ServeClient(server_url)
+    sid = client.create_session(structured_volume(48, seed=4))["id"]
+
+    def broken(self: ServedSession) -> dict:
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(ServedSession, "state", broken)  # the server runs in this process
+    status, headers, data = client.request("GET", f"/sessions/{sid}", check=False)
+    assert status == 500 and headers["content-type"] == "application/json"
+    reply = json.loads(data)
+    assert reply["error"] == "RuntimeError" and "something broke" in reply["detail"]
+    assert "\n" not in reply["detail"] and "Traceback" not in reply["detail"]
+    monkeypatch.undo()
+    assert client.health()["status"] == "ok"
+    client.delete(sid)
+
+
+def test_the_volume_of_any_numeric_type_can_be_downloaded(server_url: str) -> None:
+    client = ServeClient(server_url)
+    for dtype in (np.int64, np.uint64, np.float16):
+        volume = structured_volume(48, seed=3).astype(dtype)  # int64: 0.8 MiB
+        sid = client.create_session(volume)["id"]
+        status, _, body = client.request("GET", f"/sessions/{sid}/volume")
+        back = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(body)).dataobj)
+        assert status == 200 and np.array_equal(back, volume), dtype
+        client.delete(sid)
+
+
 def test_concurrent_clients_get_their_own_masks(server_url: str, tiny_fastsam3d: Path) -> None:
     rng = np.random.default_rng(0)
     jobs = []

@@ -69,6 +69,14 @@ def create_app(state: ServeState) -> Any:
             log.error("%s %s failed: %s", request.method, request.url.path, err)
         return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status_code=status)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        # Starlette runs this outside every middleware and re-raises afterwards, so the server's log has the
+        # traceback; the client gets one line, not Starlette's plain-text page.
+        message = " ".join(str(err).split())[:200]
+        detail = f"{request.method} {request.url.path} failed: {type(err).__name__}: {message} (see the server's log)"
+        return JSONResponse({"error": type(err).__name__, "detail": detail}, status_code=500)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         if not BUNDLE.is_file():

@@ -7,7 +7,6 @@ import json
 import time
 from typing import Any
 
-from export_engine.serve.errors import PayloadTooLargeError
 from export_engine.serve.metrics import Metrics
 
 DRAIN_FACTOR = 4  # oversized bodies up to this many times the limit are read (and dropped) before the 413
@@ -42,7 +41,7 @@ class Observe:
 
 class BodyLimit:
     """ASGI middleware: a request whose Content-Length is over ``limit`` gets 413 without its body being parsed;
-    one that streams past it fails while being read.
+    one that streams past it (no Content-Length) gets 413 too, once the app has stopped reading it.
 
     The body of a declared oversized request is read and dropped first when it is at most ``DRAIN_FACTOR``
     times the limit: a server that closes a connection with unread data makes the kernel reset it, and a client
@@ -67,17 +66,41 @@ class BodyLimit:
             await _reply_413(send, f"request body of {mib:.1f} MiB is over this server's limit of "
                                    f"{self.limit / 2**20:g} MiB (export-engine serve --max-upload-mb)")  # fmt: skip
             return
-        seen = 0
+        seen, over, started, pending = 0, False, False, True
 
         async def counted() -> dict:
-            nonlocal seen
+            # Past the limit the app is told the client left (it stops reading) and its answer is replaced by
+            # the 413 below: an exception raised here would reach the body parser, which answers 400.
+            nonlocal seen, over, pending
+            if over:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
+            pending = message.get("type") == "http.request" and bool(message.get("more_body"))
             if seen > self.limit:
-                raise PayloadTooLargeError(f"request body over this server's limit of {self.limit / 2**20:g} MiB")
+                over = True
+                return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, counted, send)
+        async def unless_over(message: dict) -> None:
+            nonlocal started
+            if over and not started:
+                return  # the app's answer to the disconnect (a 400 or 500): the 413 goes instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, unless_over)
+        except Exception:
+            if not over:  # the app's failure after the disconnect it was told of is no error of its own
+                raise
+        if over and not started:
+            while pending and seen <= DRAIN_FACTOR * self.limit:  # as above: let the client finish sending
+                message = await receive()
+                seen += len(message.get("body", b""))
+                pending = message.get("type") == "http.request" and bool(message.get("more_body"))
+            await _reply_413(send, f"request body over this server's limit of {self.limit / 2**20:g} MiB "
+                                   "(export-engine serve --max-upload-mb)")  # fmt: skip
 
 
 async def _reply_413(send: Any, detail: str) -> None:

@@ -53,7 +53,8 @@ def add_session_routes(app: Any, state: ServeState) -> None:
             uploaded = read_volume(volume.filename, body, state.config.max_voxels)
         elif path:
             file = allowed_path(path, state.config.allow_root)
-            uploaded = read_volume(file.name, file.read_bytes(), state.config.max_voxels)
+            uploaded = read_volume(file.name, read_allowed(path, file, state.config.max_upload_bytes),
+                                   state.config.max_voxels)  # fmt: skip
         else:
             raise UsageError("POST /sessions needs a multipart file field 'volume' (or a form field 'path')")
         session = ServedSession(state.store.new_id(), name, SegmentSession(loaded), uploaded.data,
@@ -151,12 +152,43 @@ def allowed_path(path: str, root: Path | None) -> Path:
             "this server reads no server-side paths; upload the file, or start it with --allow-root"
         )
     base = Path(root).resolve()
-    target = (base / path).resolve()
-    if not target.is_relative_to(base):
-        raise PathNotAllowedError(f"path {path!r} is outside the server's allowed root; give a path under {base}")
-    if not target.is_file():
-        raise PathNotAllowedError(f"path {path!r} is not a file under the allowed root {base}")
+    try:
+        target = (base / path).resolve()
+        if not target.is_relative_to(base):
+            raise PathNotAllowedError(f"path {path!r} is outside the server's allowed root; give a path under {base}")
+        if not target.is_file():
+            raise PathNotAllowedError(f"path {path!r} is not a file under the allowed root {base}")
+    except (OSError, ValueError) as err:  # an embedded NUL, a name too long, a folder it may not enter
+        raise PathNotAllowedError(
+            f"path {_shown(path)} cannot be used under the allowed root {base}: {_why(err)}"
+        ) from err
     return target
+
+
+def read_allowed(path: str, file: Path, limit: int) -> bytes:
+    """The bytes of an allowed file, refused (413) from its size before it is read."""
+    try:
+        size = file.stat().st_size
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"path {path!r} holds {size / 2**20:.1f} MiB, over this server's limit of {limit / 2**20:g} MiB "
+                "(export-engine serve --max-upload-mb)"
+            )
+        with file.open("rb") as stream:
+            body = stream.read(limit + 1)  # the file may have grown since its size was read
+    except OSError as err:
+        raise PathNotAllowedError(f"path {_shown(path)} cannot be read: {_why(err)}") from err
+    if len(body) > limit:
+        raise PayloadTooLargeError(f"path {path!r} is over this server's limit of {limit / 2**20:g} MiB")
+    return body
+
+
+def _shown(path: str) -> str:
+    return repr(path) if len(path) <= 80 else repr(path[:80]) + f"... ({len(path)} characters)"
+
+
+def _why(err: Exception) -> str:
+    return getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
 
 
 def run_match(state: ServeState, name: str, loaded: LoadedArtifact, image1: Any, image2: Any) -> Any:
