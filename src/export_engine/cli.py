@@ -159,6 +159,11 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--max-sessions", type=int, default=d.max_sessions,
                        help="most sessions held at once (default %(default)s)")  # fmt: skip
         p.add_argument("--no-cuda-graph", action="store_true", help="do not capture CUDA graphs (GPU runners)")
+        p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="deploy on Ray Serve, one replica per GPU, sessions pinned to their replica (a local "
+                            "Ray without ADDRESS; needs the [ray] extra)")  # fmt: skip
+        p.add_argument("--replicas", type=int, default=2,
+                       help="with --ray on a cluster without GPUs: CPU replicas (default %(default)s)")  # fmt: skip
     elif name == "doctor":
         p.description = (
             "Report versions, ONNX Runtime providers, GPUs and compute capability, engine builders, "
@@ -486,6 +491,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, allow_root=args.allow_root, max_upload_mb=args.max_upload_mb,
                          gpu_budget_mb=args.gpu_budget_mb, session_ttl_s=args.session_ttl_s,
                          max_sessions=args.max_sessions, cuda_graph=not args.no_cuda_graph)  # fmt: skip
+    if args.ray is not None:
+        from export_engine.serve.ray_serve import ray_serve, serve_on_ray
+
+        ray_serve()  # without Ray, say how to install it before any work
+        serve_on_ray(args.artifacts, config, args.ray or None, args.replicas)
+        return 0
     serve(args.artifacts, config)
     return 0
 
