@@ -78,7 +78,6 @@ def test_ray_serve_unknown_ids_are_404(ray_url: str) -> None:
         assert "replica 7" in err.value.detail
 
 
-@pytest.mark.slow
 def test_ray_serve_replicas_come_and_go(ray_url: str, tiny_fastsam3d: Path, volumes_dir: Path) -> None:
     from export_engine.serve.config import ServeConfig
     from export_engine.serve.ray_serve import add_replica, remove_replica

@@ -208,10 +208,17 @@ class Router:
         if not found:
             return error(404, "SessionNotFoundError", f"no session {outer!r} on this service (ids read r<k>-...)")
         k, inner = int(found.group(1)), found.group(2)
+        gone = error(404, "SessionNotFoundError", f"session {outer!r} was held by replica {k}, which this service "
+                     "no longer runs (removed or lost); create a new session")  # fmt: skip
         if k not in self.replicas(refresh=k not in self._handles):
-            return error(404, "SessionNotFoundError", f"session {outer!r} was held by replica {k}, which this service "
-                         "no longer runs (removed or lost); create a new session")  # fmt: skip
-        status, out, data = await self._handles[k].call.remote(method, f"/sessions/{inner}{rest}", query, headers, body)
+            return gone
+        try:
+            status, out, data = await self._handles[k].call.remote(method, f"/sessions/{inner}{rest}", query,
+                                                                   headers, body)  # fmt: skip
+        except Exception:
+            if k not in self.replicas(refresh=True):  # removed since the router last looked
+                return gone
+            raise
         if any(n.lower() == "content-type" and "json" in v for n, v in out):
             data = data.replace(inner.encode(), outer.encode())
         return status, _sized(out, data), data
