@@ -5,6 +5,7 @@ the other replicas' sessions, and without Ray the CLI says how to install it."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def test_ray_serve_replicas_come_and_go(ray_url: str, tiny_fastsam3d: Path, volu
         assert err.value.status == 404 and "replica 1" in err.value.detail
         assert client.click(kept, (40, 35, 30))["clicks"] == 1
         add_replica(1, [tiny_fastsam3d], ServeConfig(port=0, allow_root=volumes_dir))
+        deadline = time.monotonic() + 30  # the router re-reads the replicas every few seconds
+        while len(client.health()["replicas"]) < 2:
+            assert time.monotonic() < deadline, "the router did not see the new replica"
+            time.sleep(0.5)
         fresh = client.create_session(volumes_dir / "ct.nii.gz")["id"]
         assert fresh.startswith("r1-")  # the replica with fewer sessions
         assert client.click(fresh, (40, 35, 30))["clicks"] == 1
@@ -104,3 +109,13 @@ def test_serve_ray_without_ray_says_how_to_install(tiny_fastsam3d: Path, monkeyp
     assert main(["serve", str(tiny_fastsam3d), "--ray", "--port", "0"]) == 8
     err = capsys.readouterr().err
     assert "pip install 'export-engine[ray]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_metrics_get_a_replica_label() -> None:
+    from export_engine.serve.ray_serve import labelled
+
+    text = '# HELP a requests\n# TYPE a counter\na 3\nb{route="/x",status="200"} 1.5\n'
+    assert labelled(text, 1, first=True) == (
+        '# HELP a requests\n# TYPE a counter\na{replica="1"} 3\nb{replica="1",route="/x",status="200"} 1.5\n'
+    )
+    assert labelled(text, 2, first=False) == 'a{replica="2"} 3\nb{replica="2",route="/x",status="200"} 1.5\n'

@@ -59,7 +59,9 @@ class RayService:
     replicas: list[int]
 
 
-def deploy(paths: Sequence[str | Path], config: ServeConfig, replicas: int = 2, address: str | None = None) -> RayService:
+def deploy(
+    paths: Sequence[str | Path], config: ServeConfig, replicas: int = 2, address: str | None = None
+) -> RayService:
     """Start (or join) Ray and Serve, one replica per GPU of the cluster (``replicas`` CPU ones where it has
     none), and the router on ``config.host:config.port``."""
     ray, serve = ray_serve()
@@ -183,20 +185,29 @@ class Router:
         method, path, query = request.method, request.url.path, request.url.query.encode()
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_upload_bytes:
-            return error(413, "PayloadTooLargeError", f"request body over this server's "
-                         f"{self.max_upload_bytes / 2**20:g} MiB limit (export-engine serve --max-upload-mb)")  # fmt: skip
+            limit = f"{self.max_upload_bytes / 2**20:g} MiB"
+            return error(413, "PayloadTooLargeError", f"request body over this server's {limit} limit "
+                         "(export-engine serve --max-upload-mb)")  # fmt: skip
         headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
         body = await request.body()
-        replicas = self.replicas()
-        if not replicas:
-            return error(503, "BackendError", "this service has no replica running; add one (export-engine serve --ray)")
-        if path in ("/health", "/metrics"):
-            return await self.gather(path, replicas)
         match = SESSION_PATH.match(path)
         if match:
             return await self.to_session(method, match.group(1), match.group(2) or "", query, headers, body)
-        k = await self.least_loaded(replicas) if (method, path) == ("POST", "/sessions") else self.any(replicas)
-        status, out, data = await self._handles[k].call.remote(method, path, query, headers, body)
+        for attempt in (0, 1):  # a replica removed since the router last looked: look again, once
+            replicas = self.replicas(refresh=bool(attempt))
+            if not replicas:
+                return error(503, "BackendError", "this service runs no replica now; add one (export-engine serve "
+                             "--ray)")  # fmt: skip
+            try:
+                if path in ("/health", "/metrics"):
+                    return await self.gather(path, replicas)
+                creating = (method, path) == ("POST", "/sessions")
+                k = await self.least_loaded(replicas) if creating else self.any(replicas)
+                status, out, data = await self._handles[k].call.remote(method, path, query, headers, body)
+                break
+            except Exception:
+                if attempt or self.replicas(refresh=True) == replicas:
+                    raise
         if (method, path, status) == ("POST", "/sessions", 201):
             inner = json.loads(data)["id"]
             data = data.replace(inner.encode(), f"r{k}-{inner}".encode())
