@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import re
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -103,16 +104,27 @@ def remove_replica(index: int) -> None:
 
 def serve_on_ray(paths: Sequence[str | Path], config: ServeConfig, address: str | None, replicas: int) -> None:
     """The CLI's ``serve --ray``: deploy, then keep the driver alive until interrupted."""
-    _, serve = ray_serve()
-    service = deploy(paths, config, replicas, address)
-    log.info("%s (API docs at /docs); Ctrl-C stops it", service.url)
+    ray, serve = ray_serve()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the service as Ctrl-C does: Serve shut down, exit 0
+
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a handler of its own
     try:
+        service = deploy(paths, config, replicas, address)
+        log.info("%s (API docs at /docs); Ctrl-C stops it", service.url)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if address:  # a shared cluster: remove this service's applications only
+            for name in serve.status().applications:
+                if name == ROUTER or name.startswith(PREFIX):
+                    serve.delete(name)
+        else:
+            serve.shutdown()
 
 
 def _wait_running(serve: Any, app: str, timeout_s: float = 300.0) -> None:
