@@ -169,14 +169,14 @@ def direct_section(artifact: Path, reps: int) -> list[dict[str, Any]]:
 
 
 class Server:
-    def __init__(self, artifact: Path, out: Path, max_upload_mb: float) -> None:
+    def __init__(self, artifact: Path, out: Path, max_upload_mb: float, extra: list[str] | None = None) -> None:
         from export_engine.serve.server import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(out / "server.log", "w")
         cmd = [sys.executable, "-m", "export_engine", "serve", str(artifact), "--port", str(self.port),
-               "--max-upload-mb", str(max_upload_mb), "--max-sessions", "4096", "--quiet"]  # fmt: skip
+               "--max-upload-mb", str(max_upload_mb), "--max-sessions", "4096", "--quiet", *(extra or [])]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 300) -> None:
@@ -487,6 +487,9 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=1000, help="session create/delete cycles")
     parser.add_argument("--check-actions", type=int, default=150, help="actions per client replayed alone")
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--ray", action="store_true",
+                        help="serve --ray: a local Ray, one replica per GPU (give --clients 8 per GPU); the RSS row "
+                             "is then the Ray driver's, the GPU memory row the whole device's")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -498,7 +501,7 @@ def main() -> int:
     rows = direct_section(artifact, args.repeats)
     report["device"] = device_name()
     max_upload_mb = 256.0
-    server = Server(artifact, args.out, max_upload_mb)
+    server = Server(artifact, args.out, max_upload_mb, ["--ray"] if args.ray else None)
     try:
         server.wait()
         rows += upload_section(server.url, args.upload, 5)
