@@ -76,13 +76,22 @@ def test_ray_serve_answers_as_the_embedded_server(ray_url: str, server_url: str,
         ray_client.delete(second)
 
 
-def test_ray_serve_unknown_ids_are_404(ray_url: str) -> None:
+def test_ray_serve_errors_are_the_embedded_servers(ray_url: str) -> None:
     with ServeClient(ray_url) as client:
         for sid in ("nosuch", "r0-nosuch", "r7-nosuch"):
             with pytest.raises(ServeError) as err:
                 client.click(sid, (1, 1, 1))
             assert err.value.status == 404, err.value.detail
         assert "replica 7" in err.value.detail
+        sid = client.create_session(np.arange(64.0, dtype=np.float32).reshape(4, 4, 4) + 1)["id"]
+        with pytest.raises(ServeError) as err:
+            client.click(sid, (9, 1, 1))  # outside the volume: the replica's own 422, the router's id in it
+        assert err.value.status == 422
+        client.delete(sid)
+        big = b"x" * (3 * 2**20)  # over the 2 MiB limit: refused by the router before any replica reads it
+        status, _, body = client.request("POST", "/sessions", big, {"Content-Type": "text/plain"}, check=False)
+        assert status == 413 and b"--max-upload-mb" in body
+        assert client.request("GET", "/openapi.json")[0] == 200
 
 
 def test_ray_serve_replicas_come_and_go(ray_url: str, tiny_fastsam3d: Path, volumes_dir: Path) -> None:
