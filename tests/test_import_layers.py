@@ -101,8 +101,9 @@ def test_the_rules_would_catch_a_violation(tmp_path: Path) -> None:
 
 
 def test_serve_imports_its_web_stack_at_call_time() -> None:
-    """fastapi, uvicorn and starlette only inside functions: the package imports without the [serve] extra."""
-    heavy = ("fastapi", "uvicorn", "starlette", "pydantic", "torch")
+    """fastapi, uvicorn, starlette and ray only inside functions: the package imports without the [serve] and
+    [ray] extras."""
+    heavy = ("fastapi", "uvicorn", "starlette", "pydantic", "torch", "ray")
     bad = []
     for path in sorted((SRC / "serve").rglob("*.py")):
         for node in ast.parse(path.read_text()).body:  # module level only

@@ -8,6 +8,8 @@ viewer at ``/``.
 - :mod:`.uploads` reads uploaded volumes and writes masks (NIfTI, .npy), with size limits.
 - :mod:`.client` is a small Python client of the same API (standard library only).
 - :mod:`.server` runs the app under uvicorn (the CLI's entry point, and tests' local servers).
+- :mod:`.ray_serve` deploys the app on Ray Serve (``serve --ray``): one replica per GPU, a router that keeps
+  each session on the replica holding it.
 
-fastapi and uvicorn are imported when an app is built, never at package import.
+fastapi, uvicorn and ray are imported when an app is built or deployed, never at package import.
 """

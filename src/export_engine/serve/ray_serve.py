@@ -190,7 +190,7 @@ class Router:
 
         status, headers, body = await self.route(request)
         response = Response(body, status_code=status)
-        response.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers]
+        response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in _sized(headers, body)]
         return response
 
     async def route(self, request: Any) -> Reply:
@@ -223,7 +223,7 @@ class Router:
         if (method, path, status) == ("POST", "/sessions", 201):
             inner = json.loads(data)["id"]
             data = data.replace(inner.encode(), f"r{k}-{inner}".encode())
-        return status, _sized(out, data), data
+        return status, out, data
 
     async def to_session(self, method: str, outer: str, rest: str, query: bytes, headers: list[tuple[str, str]],
                          body: bytes) -> Reply:  # fmt: skip
@@ -244,7 +244,7 @@ class Router:
             raise
         if any(n.lower() == "content-type" and "json" in v for n, v in out):
             data = data.replace(inner.encode(), outer.encode())
-        return status, _sized(out, data), data
+        return status, out, data
 
     async def gather(self, path: str, replicas: list[int]) -> Reply:
         replies = await asyncio.gather(*(self._handles[k].call.remote("GET", path, b"", [], b"") for k in replicas))
