@@ -162,7 +162,7 @@ def _sub_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                        help="deploy on Ray Serve, one replica per GPU, sessions pinned to their replica (a local "
                             "Ray without ADDRESS; needs the [ray] extra)")  # fmt: skip
-        p.add_argument("--replicas", type=int, default=2,
+        p.add_argument("--replicas", type=int, default=d.replicas,
                        help="with --ray on a cluster without GPUs: CPU replicas (default %(default)s)")  # fmt: skip
     elif name == "doctor":
         p.description = (
@@ -490,12 +490,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(host=args.host, port=args.port, allow_root=args.allow_root, max_upload_mb=args.max_upload_mb,
                          gpu_budget_mb=args.gpu_budget_mb, session_ttl_s=args.session_ttl_s,
-                         max_sessions=args.max_sessions, cuda_graph=not args.no_cuda_graph)  # fmt: skip
+                         max_sessions=args.max_sessions, cuda_graph=not args.no_cuda_graph,
+                         replicas=args.replicas)  # fmt: skip
     if args.ray is not None:
         from export_engine.serve.ray_serve import ray_serve, serve_on_ray
 
         ray_serve()  # without Ray, say how to install it before any work
-        serve_on_ray(args.artifacts, config, args.ray or None, args.replicas)
+        serve_on_ray(args.artifacts, config, args.ray or None)
         return 0
     serve(args.artifacts, config)
     return 0

@@ -47,7 +47,7 @@ def test_serve_runs_until_sigterm(tiny_fastsam3d: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [(["--port", "70000"], 2, "--port 70000"), (["--max-upload-mb", "0"], 2, "--max-upload-mb must be positive"),
-     (["--allow-root", "/no/such/folder"], 2, "is not a folder")],
+     (["--allow-root", "/no/such/folder"], 2, "is not a folder"), (["--ray", "--replicas", "0"], 2, "--replicas")],
 )  # fmt: skip
 def test_serve_refuses_bad_flags(tiny_fastsam3d: Path, capsys: pytest.CaptureFixture, extra: list[str], code: int,
                                  message: str) -> None:  # fmt: skip

@@ -34,7 +34,7 @@ def ray_url(tiny_fastsam3d: Path, volumes_dir: Path) -> Iterator[str]:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        service = deploy([tiny_fastsam3d], ServeConfig(port=0, max_upload_mb=2.0, allow_root=volumes_dir), replicas=2)
+        service = deploy([tiny_fastsam3d], ServeConfig(port=0, max_upload_mb=2.0, allow_root=volumes_dir, replicas=2))
         assert service.replicas == [0, 1]
         yield service.url
     finally:

@@ -19,6 +19,7 @@ class ServeConfig:
     session_ttl_s: float = 3600.0  # sessions idle this long are evicted
     allow_root: Path | None = None  # POST /sessions with a `path` reads files under this folder only
     cuda_graph: bool = True  # capture CUDA graphs for the fixed-shape graphs (GPU runners only)
+    replicas: int = 2  # serve --ray on a cluster without GPUs: this many CPU replicas (with GPUs: one per GPU)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -26,8 +27,8 @@ class ServeConfig:
         for name in ("max_upload_mb", "gpu_budget_mb", "session_ttl_s"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_sessions < 1 or self.max_voxels < 1:
-            raise UsageError("--max-sessions and --max-voxels must be at least 1")
+        if self.max_sessions < 1 or self.max_voxels < 1 or self.replicas < 1:
+            raise UsageError("--max-sessions, --max-voxels and --replicas must be at least 1")
         if self.allow_root is not None and not Path(self.allow_root).is_dir():
             raise UsageError(f"--allow-root {self.allow_root} is not a folder")
 

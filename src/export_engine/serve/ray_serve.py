@@ -60,20 +60,16 @@ class RayService:
     replicas: list[int]
 
 
-def deploy(
-    paths: Sequence[str | Path], config: ServeConfig, replicas: int = 2, address: str | None = None
-) -> RayService:
-    """Start (or join) Ray and Serve, one replica per GPU of the cluster (``replicas`` CPU ones where it has
-    none), and the router on ``config.host:config.port``."""
+def deploy(paths: Sequence[str | Path], config: ServeConfig, address: str | None = None) -> RayService:
+    """Start (or join) Ray and Serve, one replica per GPU of the cluster (``config.replicas`` CPU ones where it
+    has none), and the router on ``config.host:config.port``."""
     ray, serve = ray_serve()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     port = config.port or _free_port(config.host)
     serve.start(http_options={"host": config.host, "port": port})
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = gpus or replicas
-    if count < 1:
-        raise BackendError(f"--replicas {replicas}: give at least 1")
+    count = gpus or config.replicas
     files = [str(Path(p).resolve()) for p in paths]
     for k in range(count):
         add_replica(k, files, config)
@@ -102,7 +98,7 @@ def remove_replica(index: int) -> None:
     serve.delete(f"{PREFIX}{index}")
 
 
-def serve_on_ray(paths: Sequence[str | Path], config: ServeConfig, address: str | None, replicas: int) -> None:
+def serve_on_ray(paths: Sequence[str | Path], config: ServeConfig, address: str | None) -> None:
     """The CLI's ``serve --ray``: deploy, then keep the driver alive until interrupted."""
     ray, serve = ray_serve()
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -112,7 +108,7 @@ def serve_on_ray(paths: Sequence[str | Path], config: ServeConfig, address: str 
 
     signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a handler of its own
     try:
-        service = deploy(paths, config, replicas, address)
+        service = deploy(paths, config, address)
         log.info("%s (API docs at /docs); Ctrl-C stops it", service.url)
         while True:
             time.sleep(3600)
