@@ -166,8 +166,13 @@ class WorkerPool:
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:
-            ray.init(address=None if address == "local" else address, include_dashboard=False,
-                     log_to_driver=False)  # fmt: skip
+            try:
+                ray.init(address=None if address == "local" else address, include_dashboard=False,
+                         log_to_driver=False)  # fmt: skip
+            except (ConnectionError, ValueError, RuntimeError) as err:
+                raise BackendError(f"--ray {address}: could not start or reach Ray ({_first_line(err)}); give "
+                                   "auto, a cluster's address (ray://host:10001) or no address for a Ray "
+                                   "started here") from err  # fmt: skip
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = count or gpus or 2
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
