@@ -62,7 +62,7 @@ def test_ray_missing_says_how_to_install(tiny_mast3r_artifact: Path, photos: Pat
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[Any]:
     ray = pytest.importorskip("ray", reason="Ray (the [ray] extra) runs the workers")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a Ray running here
     yield ray
     ray.shutdown()
 

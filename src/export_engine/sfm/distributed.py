@@ -167,8 +167,8 @@ class WorkerPool:
         self.started = not ray.is_initialized()
         if self.started:
             try:
-                ray.init(address=None if address == "local" else address, include_dashboard=False,
-                         log_to_driver=False)  # fmt: skip
+                # "local" is Ray's own word for a new Ray started here, never one already running on the machine
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, ValueError, RuntimeError) as err:
                 raise BackendError(f"--ray {address}: could not start or reach Ray ({_first_line(err)}); give "
                                    "auto, a cluster's address (ray://host:10001) or no address for a Ray "
