@@ -35,6 +35,7 @@ def test_chunks_are_whole_batches_and_groups_contiguous() -> None:
     order = [(i, j) for i in range(6) for j in range(i + 1, 6)]
     chunks = chunks_of(order, 4, 10)
     assert [len(c) for c in chunks] == [8, 7] and [p for c in chunks for p in c] == order
+    assert [len(c) for c in chunks_of(order, 2, 256, 2)] == [2] * 7 + [1]  # a few chunks a worker
     assert [list(g) for g in groups_of(5, 2)] == [[0, 1], [2, 3, 4]]
     steps = plan([(0, 1), (1, 2), (2, 3)], 2, 1)
     assert resident_after(steps, {}) == {2: 0, 3: 1}  # 0 and then 1 evicted, furthest next use first

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Chunks in flight per worker: the next one waits in the actor's queue while the driver takes in the last.
 IN_FLIGHT = 2
+# Chunks per worker at least (where the pairs allow): the unit of balancing and of what a lost worker redoes.
+CHUNKS_PER_WORKER = 4
 INSTALL = "pip install 'export-engine[ray]' (or pip install 'ray[serve]>=2.40')"
 PairResult = tuple[int, int, np.ndarray, np.ndarray, np.ndarray]
 
@@ -126,9 +128,11 @@ def resident_after(steps: Sequence[Step], resident: dict[int, int]) -> dict[int,
     return slot_of
 
 
-def chunks_of(order: Sequence[Pair], batch: int, chunk_pairs: int) -> list[list[Pair]]:
-    """``order`` cut into chunks of whole decoder batches (the single-process run's batches)."""
-    size = max(batch, chunk_pairs // batch * batch)
+def chunks_of(order: Sequence[Pair], batch: int, chunk_pairs: int, workers: int = 1) -> list[list[Pair]]:
+    """``order`` cut into chunks of whole decoder batches (the single-process run's batches), at most
+    ``chunk_pairs`` pairs and small enough to give every worker a few (so one that finishes early takes work)."""
+    size = min(chunk_pairs, -(-len(order) // (CHUNKS_PER_WORKER * workers)))
+    size = max(batch, -(-size // batch) * batch)
     return [list(order[k : k + size]) for k in range(0, len(order), size)]
 
 

@@ -242,7 +242,7 @@ def _execute_on_ray(artifact: Path, images: Sequence[CollectionImage], entries: 
         hloc.write_pairs(out / "pairs.txt", [e.name for e in entries], pairs)
         done = database.done_pairs()
         todo = [p for p in order_for_reuse(pairs, len(images), pool.capacity) if _pid(p) not in done]
-        chunks = distributed.chunks_of(todo, config.batch, config.ray_chunk)
+        chunks = distributed.chunks_of(todo, config.batch, config.ray_chunk, len(pool.actors))
         log.info("%d pairs to match (%d done before) in %d chunks over %d Ray workers", len(todo),
                  len(pairs) - len(todo), len(chunks), len(pool.actors))  # fmt: skip
         progress = _Progress(len(todo), None, on_pair)
@@ -260,6 +260,7 @@ def _execute_on_ray(artifact: Path, images: Sequence[CollectionImage], entries: 
         matching = time.perf_counter()
         try:
             pooled = pool.run(chunks, write)
+            seconds = time.perf_counter() - matching
         except KeyboardInterrupt:
             log.warning("interrupted: %d pairs are in %s; run the same command again to match the rest",
                         len(done) + written["pairs"], database_path)  # fmt: skip
@@ -268,7 +269,6 @@ def _execute_on_ray(artifact: Path, images: Sequence[CollectionImage], entries: 
             database.close()
     finally:
         pool.close()
-    seconds = time.perf_counter() - matching
     stages: dict[str, float] = {}
     for worker in pooled.workers.values():
         for stage, value in worker.stages.items():
