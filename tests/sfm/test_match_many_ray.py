@@ -33,8 +33,8 @@ def _tables(database: Path) -> dict[str, list[tuple]]:
 
 def test_chunks_are_whole_batches_and_groups_contiguous() -> None:
     order = [(i, j) for i in range(6) for j in range(i + 1, 6)]
-    chunks = chunks_of(order, 4, 10)
-    assert [len(c) for c in chunks] == [8, 7] and [p for c in chunks for p in c] == order
+    chunks = chunks_of(order * 4, 4, 10)  # 60 pairs: at most 10 a chunk, in whole batches of 4
+    assert [len(c) for c in chunks] == [8] * 7 + [4] and [p for c in chunks for p in c] == order * 4
     assert [len(c) for c in chunks_of(order, 2, 256, 2)] == [2] * 7 + [1]  # a few chunks a worker
     assert [list(g) for g in groups_of(5, 2)] == [[0, 1], [2, 3, 4]]
     steps = plan([(0, 1), (1, 2), (2, 3)], 2, 1)

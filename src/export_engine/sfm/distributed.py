@@ -132,7 +132,7 @@ def chunks_of(order: Sequence[Pair], batch: int, chunk_pairs: int, workers: int 
     """``order`` cut into chunks of whole decoder batches (the single-process run's batches), at most
     ``chunk_pairs`` pairs and small enough to give every worker a few (so one that finishes early takes work)."""
     size = min(chunk_pairs, -(-len(order) // (CHUNKS_PER_WORKER * workers)))
-    size = max(batch, -(-size // batch) * batch)
+    size = max(batch, size // batch * batch)
     return [list(order[k : k + size]) for k in range(0, len(order), size)]
 
 
