@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from export_engine.cli import main
-from export_engine.errors import BackendError
+from export_engine.errors import BackendError, UsageError
 from export_engine.families.mast3r.match import MatchConfig
 from export_engine.sfm.distributed import chunks_of, groups_of, resident_after
 from export_engine.sfm.run import MatchManyConfig, match_many
@@ -58,6 +58,13 @@ def test_ray_missing_says_how_to_install(tiny_mast3r_artifact: Path, photos: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'export-engine[ray]'" in err[0]
     assert not out.exists()  # refused before any work
+
+
+def test_ray_refuses_retrieval_before_any_work(tiny_mast3r_artifact: Path, photos: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="Ray (the [ray] extra) is checked first")
+    with pytest.raises(UsageError, match="--ray takes complete"):
+        match_many(tiny_mast3r_artifact, [photos], tmp_path / "out", replace(CONFIG, pairs="retrieval:2", ray="local"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

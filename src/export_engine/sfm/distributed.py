@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from export_engine.errors import BackendError
+from export_engine.errors import BackendError, UsageError
 from export_engine.families.mast3r.match import MatchConfig
 from export_engine.sfm.schedule import Pair, Step, plan
 
@@ -177,8 +177,14 @@ class WorkerPool:
                 raise BackendError(f"--ray {address}: could not start or reach Ray ({_first_line(err)}); give "
                                    "auto, a cluster's address (ray://host:10001) or no address for a Ray "
                                    "started here") from err  # fmt: skip
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        resources_now = ray.cluster_resources()
+        gpus = int(resources_now.get("GPU", 0))
         count = count or gpus or 2
+        have = gpus or int(resources_now.get("CPU", 0))
+        if count > have:  # actors that can never be placed would wait for ever
+            self.close()
+            raise UsageError(f"--ray-workers {count}: the Ray cluster has {have} {'GPUs' if gpus else 'CPUs'}, one "
+                             "a worker; give at most that many")  # fmt: skip
         resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         self.name = f"export-engine-match-{uuid.uuid4().hex[:8]}"
         actor = ray.remote(**resources)(MatchWorker)
@@ -235,7 +241,7 @@ class WorkerPool:
         return PoolReport(stats, requeued)
 
     def close(self) -> None:
-        for actor in self.actors.values():
+        for actor in getattr(self, "actors", {}).values():
             self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
