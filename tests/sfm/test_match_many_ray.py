@@ -37,6 +37,7 @@ def test_chunks_are_whole_batches_and_groups_contiguous() -> None:
     assert [len(c) for c in chunks] == [8] * 7 + [4] and [p for c in chunks for p in c] == order * 4
     assert [len(c) for c in chunks_of(order, 2, 256, 2)] == [2] * 7 + [1]  # a few chunks a worker
     assert [list(g) for g in groups_of(5, 2)] == [[0, 1], [2, 3, 4]]
+    assert [list(g) for g in groups_of(9, 2, 2)] == [[0, 1, 4, 5], [2, 3, 6, 7, 8]]  # rounds of 2 a worker
     steps = plan([(0, 1), (1, 2), (2, 3)], 2, 1)
     assert resident_after(steps, {}) == {2: 0, 3: 1}  # 0 and then 1 evicted, furthest next use first
 

@@ -1,7 +1,8 @@
 """``match-many --ray``: the pairs of a collection matched by Ray actors, one per GPU (or N on the CPU), merged
 by the driver into the one database of the single-process run.
 
-    driver   order the pairs as the single-process run does -> chunks -> contiguous groups, one per worker
+    driver   order the pairs as the single-process run does -> chunks -> per round, contiguous runs of chunks,
+             one per worker
     worker   a Ray actor holding the loaded artifact and an :class:`~export_engine.sfm.executor.Executor`; each
              chunk it is sent is planned against the tokens it still holds, so an image is encoded once per worker
     driver   results written in chunk order through :class:`~export_engine.sfm.database.ColmapDatabase`
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 IN_FLIGHT = 2
 # Chunks per worker at least (where the pairs allow): the unit of balancing and of what a lost worker redoes.
 CHUNKS_PER_WORKER = 4
+# Pairs a worker is given per round: results that arrive ahead of the write order wait in the driver's memory
+# (some tens of KiB a pair), so a round bounds them; images at a group's edges are encoded once more per round.
+ROUND_PAIRS = 2048
 INSTALL = "pip install 'export-engine[ray]' (or pip install 'ray[serve]>=2.40')"
 PairResult = tuple[int, int, np.ndarray, np.ndarray, np.ndarray]
 
@@ -136,10 +140,18 @@ def chunks_of(order: Sequence[Pair], batch: int, chunk_pairs: int, workers: int 
     return [list(order[k : k + size]) for k in range(0, len(order), size)]
 
 
-def groups_of(n_chunks: int, n_workers: int) -> list[deque[int]]:
-    """Contiguous runs of chunks, one per worker: neighbours in the pair order share images."""
-    bounds = [round(k * n_chunks / n_workers) for k in range(n_workers + 1)]
-    return [deque(range(bounds[k], bounds[k + 1])) for k in range(n_workers)]
+def groups_of(n_chunks: int, n_workers: int, per_round: int | None = None) -> list[deque[int]]:
+    """The chunks of each round (``per_round`` chunks a worker; None: one round) cut into contiguous runs, one
+    per worker: neighbours in the pair order share images, and the driver, writing in order, holds at most
+    about a round of results that arrived early."""
+    span = n_chunks if per_round is None else per_round * n_workers
+    groups: list[deque[int]] = [deque() for _ in range(n_workers)]
+    for start in range(0, n_chunks, max(span, 1)):
+        size = min(span, n_chunks - start)
+        bounds = [start + round(k * size / n_workers) for k in range(n_workers + 1)]
+        for k, group in enumerate(groups):
+            group.extend(range(bounds[k], bounds[k + 1]))
+    return groups
 
 
 @dataclass
@@ -200,7 +212,8 @@ class WorkerPool:
         """Every chunk matched by some worker and handed to ``write`` pair by pair, in chunk order."""
         ray = self.ray
         names = list(self.actors)
-        queues = dict(zip(names, groups_of(len(chunks), len(names)), strict=True))
+        per_round = max(1, ROUND_PAIRS // max(1, len(chunks[0]) if chunks else 1))
+        queues = dict(zip(names, groups_of(len(chunks), len(names), per_round), strict=True))
         stats = {n: WorkerStats() for n in names}
         in_flight: dict[Any, tuple[str, int]] = {}
         done: dict[int, list[PairResult]] = {}
@@ -258,10 +271,11 @@ def _next(queues: dict[str, deque[int]], name: str) -> bool:
 
 
 def _hand_out(lost: Sequence[int], queues: dict[str, deque[int]], alive: Sequence[str]) -> None:
-    """A lost worker's chunks, in order, to the workers left with the shortest queues."""
-    for chunk in lost:
+    """A lost worker's chunks to the front of the queues of the workers left, one after the other: the writer
+    waits for the earliest of them."""
+    for k, chunk in enumerate(sorted(lost)[::-1]):
         if alive:
-            queues[min(alive, key=lambda n: len(queues[n]))].append(chunk)
+            queues[alive[k % len(alive)]].appendleft(chunk)
 
 
 def _first_line(err: BaseException) -> str:
