@@ -174,8 +174,9 @@ class PoolReport:
 
 
 class WorkerPool:
-    """The Ray workers of one run: :meth:`start`, :attr:`capacity` (token slots, the same on every worker kind
-    the single-process run would use), :meth:`run`, :meth:`close`."""
+    """The Ray workers of one run: made with Ray started (or reached) and the workers loaded; :attr:`capacity`
+    (the fewest token slots of a worker: what the single-process run on such a device orders the pairs by),
+    :meth:`run`, :meth:`close`."""
 
     def __init__(self, address: str, count: int | None, setup: WorkerSetup) -> None:
         ray = ray_module()
@@ -224,8 +225,8 @@ class WorkerPool:
                     chunk = queues[name].popleft()
                     in_flight[self.actors[name].match.remote(chunks[chunk])] = (name, chunk)
             if not in_flight:
-                raise BackendError(f"every Ray worker was lost; {sum(map(len, chunks[:written]))} pairs are in the "
-                                   "database: run the same command again to match the rest")  # fmt: skip
+                raise BackendError(f"every Ray worker was lost; the {sum(map(len, chunks[:written]))} pairs matched "
+                                   "so far are kept: run the same command again to match the rest")  # fmt: skip
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             name, chunk = in_flight.pop(ref)
             try:
