@@ -320,26 +320,42 @@ def peer_pipelines(folder: Path, out: Path, pairs: list[tuple[int, int]], total_
 # --- ours --------------------------------------------------------------------------------------------------------
 
 
-def ours(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, slots: int | None) -> dict[str, Any]:
+def ours(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, slots: int | None,
+         ray: bool = False) -> dict[str, Any]:  # fmt: skip
     import torch
 
     cuda = torch.cuda.is_available() and not args.tiny
     target = out / ("ours" if slots is None else f"ours-{slots}-slots")
+    if ray:
+        target = out / "ours-ray"
     shutil.rmtree(target, ignore_errors=True)
     # the database either way; hloc's files too where h5py is installed
     config = MatchManyConfig(pairs=args.pairs, batch=args.batch, encode_batch=args.batch, workers=args.workers,
                              gpu_memory=None if args.tiny else args.gpu_memory, token_slots=slots,
-                             hloc=_has("h5py"))  # fmt: skip
+                             hloc=_has("h5py"), ray=args.ray if ray else None,
+                             ray_workers=args.ray_workers)  # fmt: skip
     with BusySampler(cuda) as busy, MemorySampler(cuda) as memory:
         report = match_many(artifact, [folder], target, config)
     row = report.to_dict()
     gpu_stages = sum(report.stages[k] for k in ("encode", "decode"))
-    row.update(case="ours: export-engine match-many" + (f", token pool of {slots} images" if slots else ""),
+    if ray:  # the same pairs on Ray workers: the same database as the one-process run, pairs/s per worker count
+        row.update(same_database_as_ours=_tables(target) == _tables(out / "ours"))
+    case = "ours: export-engine match-many" + (f", token pool of {slots} images" if slots else "")
+    case += f", --ray ({len(report.workers or {})} workers)" if ray else ""
+    row.update(case=case,
                pairs_per_s=round(report.pairs_per_second, 2), gpu_busy_share=busy.share, busy_source=busy.source,
                network_share_of_wall=round(gpu_stages / report.seconds, 3) if report.seconds else None,
                gpu_memory_budget_gib=args.gpu_memory, peak_gpu_sampled_gib=memory.peak_gib,
                within_budget=max(report.peak_gpu_gib or 0, memory.peak_gib or 0) <= args.gpu_memory)  # fmt: skip
     return row
+
+
+def _tables(out: Path) -> dict[str, list[Any]]:
+    import sqlite3
+
+    with sqlite3.connect(out / "database.db") as db:
+        return {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall())
+                for t in ("images", "keypoints", "matches", "export_engine_pairs")}  # fmt: skip
 
 
 def _has(module: str) -> bool:
@@ -404,10 +420,16 @@ def table(rows: list[dict[str, Any]]) -> str:
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     ours_rate = next((r["pairs_per_s"] for r in rows if r["case"] == "ours: export-engine match-many"), None)
     peers = [r["pairs_per_s"] for r in rows if r["case"].startswith("peer") and "pairs_per_s" in r]
+    ray = next((r for r in rows if "--ray" in r["case"] and "pairs_per_s" in r), None)
+    scaling = {}
+    if ours_rate and ray:  # the goal: >= 0.9 N times one worker's pairs/s, the same database
+        scaling = {"ray_workers": len(ray["workers"]), "ray_pairs_per_s": ray["pairs_per_s"],
+                   "ray_over_one": round(ray["pairs_per_s"] / ours_rate, 2),
+                   "ray_same_database": ray["same_database_as_ours"]}  # fmt: skip
     if not ours_rate or not peers:
-        return {}
+        return scaling
     return {"ours_pairs_per_s": ours_rate, "fastest_peer_pairs_per_s": max(peers),
-            "ours_over_fastest_peer": round(ours_rate / max(peers), 2)}  # fmt: skip
+            "ours_over_fastest_peer": round(ours_rate / max(peers), 2), **scaling}  # fmt: skip
 
 
 def main() -> int:
@@ -425,6 +447,9 @@ def main() -> int:
     parser.add_argument("--compile-mode", default="reduce-overhead")
     parser.add_argument("--repeats", type=int, default=50, help="Matcher.match calls timed")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="also match-many --ray (a worker per GPU), compared with the one-process run")  # fmt: skip
+    parser.add_argument("--ray-workers", type=int, help="Ray workers (default: one per GPU)")
     args = parser.parse_args()
     if args.tiny:
         args.images, args.pairs, args.batch, args.peer_pairs, args.small_pool = 10, "swin:3", 4, 8, 6
@@ -459,6 +484,8 @@ def main() -> int:
             print(f"export failed ({code}); see {args.work}/export-{artifact.name}.log", file=sys.stderr)
             return 1
     for label, run in (("ours", lambda: [ours(artifact, folder, args.out, args, None)]),
+                       ("ours, --ray", lambda: [ours(artifact, folder, args.out, args, None, True)]
+                        if args.ray else []),
                        ("ours, small pool", lambda: [ours(artifact, folder, args.out, args, args.small_pool)]
                         if args.small_pool else []),
                        ("Matcher.match", lambda: matcher_rows(artifact, folder, args.repeats))):  # fmt: skip

@@ -424,6 +424,10 @@ def _match_many_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hloc", action="store_true", help="skip features.h5 / matches.h5")
     p.add_argument("--verify", action="store_true", help="COLMAP two-view geometric verification (pycolmap)")
     p.add_argument("--reconstruct", action="store_true", help="COLMAP incremental mapper into DIR/sparse (pycolmap)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="match on Ray workers, one per GPU: a Ray started here, or ADDRESS (auto, ray://host:port) of "
+                        "a cluster (pip install 'export-engine[ray]')")  # fmt: skip
+    p.add_argument("--ray-workers", type=int, help="Ray workers (default: one per GPU, else 2 on the CPU)")
 
 
 def _cmd_match_many(args: argparse.Namespace) -> int:
@@ -442,6 +446,8 @@ def _cmd_match_many(args: argparse.Namespace) -> int:
         hloc=not args.no_hloc,
         verify=args.verify,
         reconstruct=args.reconstruct,
+        ray=args.ray,
+        ray_workers=args.ray_workers,
     )
     try:
         report = match_many(args.artifact, args.images, args.out, config)

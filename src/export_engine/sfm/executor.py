@@ -26,14 +26,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from export_engine.errors import UsageError
 from export_engine.families.mast3r.images import read_rgb
 from export_engine.families.mast3r.match import MatchConfig, Nearest, filtered_matches, nearest_for
-from export_engine.sfm.database import ColmapDatabase
 from export_engine.sfm.schedule import Step
 from export_engine.sfm.stages import Budget, Stages, serialised
 
@@ -48,6 +47,15 @@ _DESC = ("view1_desc", "view2_desc", "view1_desc_conf", "view2_desc_conf")
 _ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
 # Device memory beyond what warm-up measures (matching temporaries, allocator rounding): a margin, not a model.
 _MARGIN = 0.25 * GIB
+
+
+class PairSink(Protocol):
+    """Where matched pairs go: the database (:class:`~export_engine.sfm.database.ColmapDatabase`), or on a Ray
+    worker a list sent back to the driver."""
+
+    def add_pair(self, i: int, j: int, pixels1: np.ndarray, pixels2: np.ndarray, scores: np.ndarray) -> None: ...
+
+    def commit(self) -> None: ...
 
 
 class _StopError(Exception):
@@ -239,7 +247,7 @@ class Executor:
         return torch.cat(means).numpy()
 
     @serialised
-    def run(self, steps: Sequence[Step], database: ColmapDatabase, on_pair: Callable[[int], None],
+    def run(self, steps: Sequence[Step], database: PairSink, on_pair: Callable[[int], None],
             commit_seconds: float) -> None:  # fmt: skip
         """Every step of the plan, results into ``database`` as they complete; ``on_pair(matches)`` after each
         pair is stored (the writer thread's progress hook: it may raise to stop the run)."""
@@ -362,7 +370,7 @@ class Executor:
                 self.stages.add("match", time.perf_counter() - start)  # host time; each pair syncs once
         self._put(matched, None)
 
-    def _write_loop(self, matched: queue.Queue[Any], database: ColmapDatabase, on_pair: Callable[[int], None],
+    def _write_loop(self, matched: queue.Queue[Any], database: PairSink, on_pair: Callable[[int], None],
                     commit_seconds: float) -> None:  # fmt: skip
         last = time.perf_counter()
         try:

@@ -26,7 +26,7 @@ from export_engine.errors import UsageError
 from export_engine.families.mast3r.images import fit
 from export_engine.families.mast3r.match import MatchConfig
 from export_engine.progress import peak_rss_gib
-from export_engine.sfm import colmap, hloc
+from export_engine.sfm import colmap, distributed, hloc
 from export_engine.sfm.collection import CollectionImage, list_images
 from export_engine.sfm.database import (
     ColmapDatabase,
@@ -61,6 +61,9 @@ class MatchManyConfig:
     verify: bool = False  # COLMAP two-view geometric verification (needs pycolmap)
     reconstruct: bool = False  # COLMAP incremental mapper into DIR/sparse (needs pycolmap)
     commit_seconds: float = 1.0
+    ray: str | None = None  # match on Ray workers: "local" (a Ray started here), "auto" or a cluster address
+    ray_workers: int | None = None  # Ray workers (default: one per GPU of the cluster, else 2 on the CPU)
+    ray_chunk: int = 256  # pairs sent to a Ray worker at a time (whole batches): what a lost worker redoes
 
     def __post_init__(self) -> None:
         if min(self.batch, self.encode_batch, self.workers) < 1:
@@ -72,6 +75,8 @@ class MatchManyConfig:
             raise UsageError(f"--token-slots must be at least 2, got {self.token_slots}")
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise UsageError(f"--gpu-memory must be a positive number of GiB, got {self.gpu_memory}")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise UsageError(f"--ray-workers must be at least 1, got {self.ray_workers}")
 
 
 @dataclass
@@ -89,6 +94,8 @@ class MatchManyReport:
     peak_gpu_gib: float | None  # device memory used above the start, at its highest (None: CPU)
     peak_host_gib: float
     verified: int | None = None
+    workers: dict[str, dict[str, float]] | None = None  # Ray workers: pairs, pairs/s, encodes, lost (0 / 1)
+    requeued: int = 0  # pairs sent again to another Ray worker after theirs was lost
 
     @property
     def pairs_per_second(self) -> float:
@@ -108,7 +115,14 @@ class MatchManyReport:
             f"resumed), {per_pair:.0f} matches/pair, {self.pairs_per_second:.1f} pairs/s over {self.seconds:.1f} s; "
             f"{self.encodes} encodes into {self.token_slots} token slots; stage seconds: {stages}; {memory}"
             + (f"; {self.verified} pairs verified" if self.verified is not None else "")
+            + (f"; Ray workers: {self._workers_text()}" if self.workers else "")
         )
+
+    def _workers_text(self) -> str:
+        parts = [f"{name} {w['pairs']:.0f} pairs at {w['pairs_per_second']:.1f} pairs/s, {w['encodes']:.0f} encodes"
+                 + (" (lost)" if w["lost"] else "") for name, w in (self.workers or {}).items()]  # fmt: skip
+        lost = sum(1 for w in (self.workers or {}).values() if w["lost"])
+        return ", ".join(parts) + (f"; {lost} lost, {self.requeued} pairs sent again" if lost else "")
 
 
 def match_many(artifact: str | Path, inputs: Sequence[str | Path], out: Path, config: MatchManyConfig,
@@ -124,6 +138,8 @@ def match_many(artifact: str | Path, inputs: Sequence[str | Path], out: Path, co
         colmap.pycolmap_module("--verify" if config.verify else "--reconstruct")
     if config.hloc:
         hloc.h5py_module()
+    if config.ray is not None:
+        distributed.ray_module()
     images = list_images(inputs)
     _check_token_slots(config, len(images))
     names = [image.name for image in images]
@@ -137,6 +153,9 @@ def match_many(artifact: str | Path, inputs: Sequence[str | Path], out: Path, co
         stored = check_run(database_path, run)
         pairs = [tuple(p) for p in stored["pair_list"]]  # retrieval's pairs without the retrieval pass
         log.info("%s holds this run: resuming", database_path)
+    if pairs is None and config.ray is not None:
+        raise UsageError(f"--pairs {config.pairs} needs an encoder pass over every image before the pairs are known; "
+                         "--ray takes complete, swin, logwin or a pairs file")  # fmt: skip
     return _execute(artifact, images, entries, out, config, run, pairs, strategy, on_pair)
 
 
@@ -152,6 +171,9 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
         report = MatchManyReport(out, len(images), len(pairs), 0, len(pairs), 0, 0, 0, 0.0, {}, None,
                                  round(peak_rss_gib(), 3))  # fmt: skip
         return _afterwards(report, images, entries, config)
+    if config.ray is not None:
+        assert pairs is not None  # retrieval is refused with --ray before any work
+        return _execute_on_ray(artifact, images, entries, out, config, run, pairs, on_pair)
     free = _device_free()
     executor = Executor(load(artifact, cuda_graph=True), [i.path for i in images], config.match, config.batch,
                         config.encode_batch, config.workers, free)  # fmt: skip
@@ -199,6 +221,66 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
     _afterwards(report, images, entries, config)
     log.info("done in %.1f s", time.perf_counter() - started)
     return report
+
+
+def _execute_on_ray(artifact: Path, images: Sequence[CollectionImage], entries: Sequence[ImageEntry], out: Path,
+                    config: MatchManyConfig, run: dict[str, Any], pairs: list[Any],
+                    on_pair: Callable[[int], None] | None) -> MatchManyReport:  # fmt: skip
+    """The run on Ray workers (:mod:`export_engine.sfm.distributed`), written here into the one database in the
+    single-process run's order, so the same pairs give the same database."""
+    database_path = out / DATABASE
+    setup = distributed.WorkerSetup(artifact.resolve(), tuple(i.path.resolve() for i in images), config.match,
+                                    config.batch, config.encode_batch, config.workers, config.gpu_memory,
+                                    config.token_slots)  # fmt: skip
+    pool = distributed.WorkerPool(config.ray or "local", config.ray_workers, setup)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if database_path.exists():
+            database = ColmapDatabase.resume(database_path, entries, run)
+        else:
+            database = ColmapDatabase.create(database_path, entries, config.camera_mode, {**run, "pair_list": pairs})
+        hloc.write_pairs(out / "pairs.txt", [e.name for e in entries], pairs)
+        done = database.done_pairs()
+        todo = [p for p in order_for_reuse(pairs, len(images), pool.capacity) if _pid(p) not in done]
+        chunks = distributed.chunks_of(todo, config.batch, config.ray_chunk, len(pool.actors))
+        log.info("%d pairs to match (%d done before) in %d chunks over %d Ray workers", len(todo),
+                 len(pairs) - len(todo), len(chunks), len(pool.actors))  # fmt: skip
+        progress = _Progress(len(todo), None, on_pair)
+        written = {"pairs": 0, "matches": 0, "at": time.perf_counter()}
+
+        def write(result: distributed.PairResult) -> None:
+            database.add_pair(*result)
+            written["pairs"] += 1
+            written["matches"] += len(result[2])
+            if time.perf_counter() - written["at"] >= config.commit_seconds:
+                database.commit()
+                written["at"] = time.perf_counter()
+            progress(len(result[2]))
+
+        matching = time.perf_counter()
+        try:
+            pooled = pool.run(chunks, write)
+            seconds = time.perf_counter() - matching
+        except KeyboardInterrupt:
+            log.warning("interrupted: %d pairs are in %s; run the same command again to match the rest",
+                        len(done) + written["pairs"], database_path)  # fmt: skip
+            raise
+        finally:
+            database.close()
+    finally:
+        pool.close()
+    stages: dict[str, float] = {}
+    for worker in pooled.workers.values():
+        for stage, value in worker.stages.items():
+            stages[stage] = round(stages.get(stage, 0.0) + value, 3)
+    workers = {name: {"pairs": w.pairs, "pairs_per_second": round(w.pairs_per_second, 2), "encodes": w.encodes,
+                      "lost": int(w.lost)} for name, w in pooled.workers.items()}  # fmt: skip
+    report = MatchManyReport(
+        out, len(images), len(pairs), int(written["pairs"]), len(done), int(written["matches"]),
+        sum(w.encodes for w in pooled.workers.values()), pool.capacity, round(seconds, 3), stages, None,
+        round(peak_rss_gib(), 3), workers=workers, requeued=pooled.requeued,
+    )  # fmt: skip
+    return _afterwards(report, images, entries, config)
 
 
 def _afterwards(report: MatchManyReport, images: Sequence[CollectionImage], entries: Sequence[ImageEntry],
@@ -278,16 +360,16 @@ class _Progress:
     """Writer-thread hook: a log line every few seconds with pairs/s and ETA, the device memory high-water mark,
     and the caller's own hook."""
 
-    def __init__(self, total: int, executor: Executor, hook: Callable[[int], None] | None) -> None:
+    def __init__(self, total: int, executor: Executor | None, hook: Callable[[int], None] | None) -> None:
         self.total, self.executor, self.hook = total, executor, hook
         self.done = 0
         self.start = self.last = time.perf_counter()
-        self.start_free = executor.free_at_start
+        self.start_free = executor.free_at_start if executor is not None else None
         self.min_free = self.start_free
         self._sample()
 
     def _sample(self) -> None:
-        free = self.executor.free_memory()
+        free = self.executor.free_memory() if self.executor is not None else None
         if free is not None and self.min_free is not None:
             self.min_free = min(self.min_free, free)
 
