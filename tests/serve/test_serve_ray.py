@@ -32,7 +32,7 @@ def ray_url(tiny_fastsam3d: Path, volumes_dir: Path) -> Iterator[str]:
     from export_engine.serve.config import ServeConfig
     from export_engine.serve.ray_serve import deploy
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a Ray running here
     try:
         service = deploy([tiny_fastsam3d], ServeConfig(port=0, max_upload_mb=2.0, allow_root=volumes_dir, replicas=2))
         assert service.replicas == [0, 1]

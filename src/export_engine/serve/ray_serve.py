@@ -64,8 +64,8 @@ def deploy(paths: Sequence[str | Path], config: ServeConfig, address: str | None
     """Start (or join) Ray and Serve, one replica per GPU of the cluster (``config.replicas`` CPU ones where it
     has none), and the router on ``config.host:config.port``."""
     ray, serve = ray_serve()
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # no address: a Ray of our own, never one that happens to run on this machine
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
     port = config.port or _free_port(config.host)
     serve.start(http_options={"host": config.host, "port": port})
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -101,7 +101,7 @@ def remove_replica(index: int) -> None:
 def serve_on_ray(paths: Sequence[str | Path], config: ServeConfig, address: str | None) -> None:
     """The CLI's ``serve --ray``: deploy, then keep the driver alive until interrupted."""
     ray, serve = ray_serve()
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the service as Ctrl-C does: Serve shut down, exit 0
