@@ -194,11 +194,12 @@ class CudaGraphRunner:
         """Finish this runner's queued work, then release its session, CUDA graphs and buffers. Idempotent; a
         closed runner refuses further runs.
 
-        Without a CUDA graph ONNX Runtime frees a run's pinned host staging buffers from a host function queued on
-        the compute stream, and that function holds a reference to the session's pinned-memory arena. Runs on the
-        own stream return before the GPU (and so that function) is done: a session destroyed in between leaves the
-        function holding the arena's last reference, and the arena's cudaFreeHost then runs inside the host
-        function, where CUDA forbids it (error 800), and the process aborts. So the stream is drained first."""
+        Without a CUDA graph, ONNX Runtime's kernels leave pinned host buffers that its end-of-run clean-up hands
+        to a host function on the compute stream; that function holds a reference to the session's pinned-memory
+        arena. Runs on the own stream skip the clean-up (see FLUSH_EVERY), and a session destroyed with buffers
+        left queues the function itself, which can then hold the arena's last reference and free it inside the
+        CUDA callback, where CUDA forbids it (error 800: the process aborts). So a closing run with the clean-up
+        comes first, then the stream and the last caller's stream are drained, and only then the session goes."""
         with self.lock:
             if self.session is None:
                 return
