@@ -36,6 +36,9 @@
   between them. Results are ready for anything the caller queues on its current stream; reading them on the
   host (``.cpu()``, ``__call__``) waits as usual. With ``own_stream=False`` ONNX Runtime uses a stream of its own
   and every run synchronises the host twice (before and after), as before.
+* Threads (see :class:`CudaGraphRunner`): calls are serialised per runner; a new CUDA-graph shape warms up and
+  captures in its first call, on one thread, alone on the device (:mod:`export_engine.runners.gpu_gate`); every
+  FLUSH_EVERY-th run without a CUDA graph, and a closing run, keep ONNX Runtime's end-of-run clean-up.
 * NHWC convolutions (``nhwc``, default off): ONNX Runtime's ``prefer_nhwc`` provider option, which runs
   convolutions in channels-last layout and moves the layout transposes to where they cancel (on MASt3R it
   leaves nodes off the GPU, so no CUDA graph, and its transposes cost more than the convolutions gain).
