@@ -100,7 +100,8 @@ def test_pending_engines_are_checked_at_load(exported: Path, tmp_path: Path, sta
                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     stand_in(1.0)
     art = _with_engines(exported, tmp_path, "pending")
-    with caplog.at_level(logging.INFO):
+    # the package's logger: a CLI run earlier in this process (--quiet) may have left it at WARNING
+    with caplog.at_level(logging.INFO, logger="export_engine"):
         loaded = load(art)
     assert loaded.engine_graphs == {"encoder", "prompt_decoder"}
     assert sum("engine parity passed here" in r.getMessage() for r in caplog.records) == 2
