@@ -133,3 +133,32 @@ def test_errors_inside_release_the_gate() -> None:
 def test_one_gate_per_device() -> None:
     assert gpu_gate.gate(0) is gpu_gate.gate(0)
     assert gpu_gate.gate(0) is not gpu_gate.gate(1)
+
+
+def test_holding_a_runner_lock_never_deadlocks_with_a_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread inside ``shared`` waits for a runner's lock whose holder wants ``exclusive`` (a capture): the
+    waiting thread's hold is suspended, so the capture runs and both finish."""
+    gate = DeviceGate()
+    monkeypatch.setattr(gpu_gate, "_GATES", {0: gate})
+    lock = threading.RLock()
+    holder_in = threading.Event()
+    order: list[str] = []
+
+    def capturer() -> None:
+        with gpu_gate.holding(lock):
+            holder_in.set()
+            time.sleep(0.1)  # the other thread is now waiting for the lock inside its shared hold
+            with gpu_gate.exclusive():
+                order.append("captured")
+
+    def caller() -> None:
+        holder_in.wait(5)
+        with gpu_gate.shared(), gpu_gate.holding(lock):
+            order.append("ran")
+
+    threads = [_in_thread(capturer), _in_thread(caller)]
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads), "deadlocked"
+    assert order == ["captured", "ran"]
+    assert gate.state() == (0, False)

@@ -120,15 +120,11 @@ class EngineRunner(BaseRunner):
         Threads: calls are serialised by ``lock``; a capture runs alone on the device (``gpu_gate``)."""
         from export_engine.runners import gpu_gate
 
-        with gpu_gate.gate().suspended():  # never wait for this runner while holding the gate
-            self.lock.acquire()
-        try:
+        with gpu_gate.holding(self.lock):
             key = tuple((n, tuple(feeds[n].shape), feeds[n].dtype) for n in self._state.get("inputs", ()) if n in feeds)
             capturing = self.cuda_graph and key not in self._graphs
             with gpu_gate.exclusive() if capturing else gpu_gate.shared():
                 return self._run_locked(feeds, copy)
-        finally:
-            self.lock.release()
 
     def _run_locked(self, feeds: Mapping[str, Any], copy: bool) -> dict[str, Any]:
         import torch

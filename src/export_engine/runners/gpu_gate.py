@@ -130,6 +130,18 @@ def shared(device: int = 0) -> AbstractContextManager[None]:
     return gate(device).shared()
 
 
+@contextmanager
+def holding(lock: threading.RLock, device: int = 0) -> Iterator[None]:
+    """A runner's ``lock``, waited for with this thread's shared hold of ``device``'s gate suspended (a thread
+    that holds the gate must never wait for a runner whose holder waits for the gate), held until the block ends."""
+    with gate(device).suspended():
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def exclusive(device: int = 0) -> AbstractContextManager[None]:
     """GPU work that may capture a CUDA graph on ``device``: runs alone among the gate's users."""
     return gate(device).exclusive()

@@ -308,9 +308,7 @@ class CudaGraphRunner:
         device = self.config.device_id
         tensors = self._check(feeds)
         key = tuple((name, tuple(t.shape)) for name, t in tensors.items())
-        with gpu_gate.gate(device).suspended():  # never wait for this runner while holding the gate
-            self.lock.acquire()
-        try:
+        with gpu_gate.holding(self.lock, device):
             if self.session is None:
                 raise BackendError(f"{self.path.name}: the runner is closed; load the artifact again")
             sig = self._signatures.get(key)
@@ -326,8 +324,6 @@ class CudaGraphRunner:
                 outputs = self._run_signature(sig, tensors, copy)
             sig.runs += 1
             return outputs
-        finally:
-            self.lock.release()
 
     def _run_signature(self, sig: _Signature, tensors: dict[str, Any], copy: bool) -> dict[str, Any]:
         import torch
