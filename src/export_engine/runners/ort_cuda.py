@@ -36,8 +36,9 @@
   between them. Results are ready for anything the caller queues on its current stream; reading them on the
   host (``.cpu()``, ``__call__``) waits as usual. With ``own_stream=False`` ONNX Runtime uses a stream of its own
   and every run synchronises the host twice (before and after), as before.
-* Threads (see :class:`CudaGraphRunner`): calls are serialised per runner; a new CUDA-graph shape warms up and
-  captures in its first call, on one thread, alone on the device (:mod:`export_engine.runners.gpu_gate`); every
+* Threads (see :class:`CudaGraphRunner`): calls are serialised per runner; each thread's first call of a new
+  CUDA-graph shape warms up and captures (ONNX Runtime keeps CUDA graphs per thread), alone on the device
+  (:mod:`export_engine.runners.gpu_gate`); every
   FLUSH_EVERY-th run without a CUDA graph, and a closing run, keep ONNX Runtime's end-of-run clean-up.
 * NHWC convolutions (``nhwc``, default off): ONNX Runtime's ``prefer_nhwc`` provider option, which runs
   convolutions in channels-last layout and moves the layout transposes to where they cancel (on MASt3R it
@@ -131,15 +132,16 @@ class _Signature:
     graph_id: int | None = None
     options: Any = None  # the RunOptions of this signature's runs
     flush_options: Any = None  # the same, with ONNX Runtime's end-of-run clean-up (see FLUSH_EVERY)
-    runs: int = 0  # completed runs: a CUDA-graph signature captures during its first call (CAPTURE_RUNS runs)
 
 
 # ONNX Runtime runs a graph id uncaptured a few times before it captures it (one or two runs, depending on the
-# release). A new CUDA-graph signature's first call makes this many runs back to back, on its caller's thread and
-# alone on the device (gpu_gate): ONNX Runtime's CUDA provider creates its per-thread state (cuBLAS and cuDNN
-# handles, attention plans, workspaces) on a thread's first run, and a capture on a thread that never ran the graph
-# would allocate inside the capture, which CUDA refuses. Measured on an H100: 4 threads sharing a runner whose
-# warm-up and capture fell on different threads failed 393 of 800 calls; plain runs from the same threads, none.
+# release), and its CUDA provider keeps the captured graphs, and the count of runs before them, per thread (in
+# its per-thread context, beside the thread's cuBLAS and cuDNN handles, attention plans and workspaces, which a
+# thread's first run creates). So each thread's first call of a CUDA-graph signature makes this many runs back to
+# back, on that thread and alone on the device (gpu_gate): its warm-up runs create the thread's state outside
+# any capture, and the capture never sees another thread's CUDA calls. Measured on an H100 with 4 threads
+# sharing runners: 393 of 800 calls failed when the warm-up and the capture fell on different threads, and 108 of
+# 800 when only the runner's first caller warmed up (every other thread then captured while the others ran).
 CAPTURE_RUNS = 4
 # With the runner's own stream, runs skip ONNX Runtime's end-of-run synchronisation, and with it the provider's
 # end-of-run clean-up: the pinned host buffers its kernels used are then only released when the session is
@@ -175,6 +177,8 @@ class CudaGraphRunner:
         self._kept: tuple[_Signature, dict[str, Any]] | None = None  # the last run's inputs, for the closing flush
         self._unflushed = 0  # runs since ONNX Runtime last cleaned up at a run's end
         self._signatures: dict[tuple, _Signature] = {}
+        self._local = threading.local()  # per thread: runs of each signature on the current session (see run)
+        self._generation = 0  # the current session's number: a reopened session starts every thread afresh
         ok, why = cuda_available()
         if not ok:
             raise BackendError(f"cannot run {self.path.name} on CUDA: {why}")
@@ -279,6 +283,7 @@ class CudaGraphRunner:
         provider.update(dict(self.config.provider_options))
         with self.lock, gpu_gate.shared(self.config.device_id):  # a session's allocations stay out of captures
             self._retire()  # a session this replaces: flushed and drained first (see close)
+            self._generation += 1
             try:
                 self.session = self._ort.InferenceSession(
                     str(source), options, providers=[("CUDAExecutionProvider", provider)]
@@ -312,18 +317,27 @@ class CudaGraphRunner:
             if self.session is None:
                 raise BackendError(f"{self.path.name}: the runner is closed; load the artifact again")
             sig = self._signatures.get(key)
-            capturing = self.config.cuda_graph and (sig is None or sig.runs < CAPTURE_RUNS)
+            done = self._thread_runs()
+            capturing = self.config.cuda_graph and done.get(key, 0) < CAPTURE_RUNS
             with gpu_gate.exclusive(device) if capturing else gpu_gate.shared(device):
                 tensors = self._upload(tensors)
                 if sig is None:
                     sig = self._new_signature(key, tensors)
-                repeats = CAPTURE_RUNS - sig.runs if capturing else 1  # warm-up and capture in this one call
+                repeats = CAPTURE_RUNS - done.get(key, 0) if capturing else 1  # warm-up and capture in this call
                 for _ in range(repeats - 1):
                     self._run_signature(sig, tensors, copy=False)
-                    sig.runs += 1
+                    done[key] = done.get(key, 0) + 1
                 outputs = self._run_signature(sig, tensors, copy)
-            sig.runs += 1
+            done[key] = done.get(key, 0) + 1
             return outputs
+
+    def _thread_runs(self) -> dict[tuple, int]:
+        """The calling thread's completed runs of each signature on the current session (CAPTURE_RUNS says why
+        they are counted per thread)."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            local.generation, local.runs = self._generation, {}
+        return local.runs
 
     def _run_signature(self, sig: _Signature, tensors: dict[str, Any], copy: bool) -> dict[str, Any]:
         import torch

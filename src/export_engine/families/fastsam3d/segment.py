@@ -315,9 +315,9 @@ def _gated(tensor: Any) -> AbstractContextManager[None]:
 
 def _device_index(device: Any) -> int:
     """The CUDA device number of a torch device or its name ("cuda" alone: the current device, 0 here)."""
+    if isinstance(device, str):  # (a str has an .index method: read the name, never the attribute)
+        return int(device.split(":", 1)[1]) if ":" in device else 0
     index = getattr(device, "index", None)
-    if index is None and isinstance(device, str) and ":" in device:
-        index = int(device.split(":", 1)[1])
     return int(index or 0)
 
 
