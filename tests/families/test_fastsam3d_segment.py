@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from export_engine.calibration.synthetic import structured_volume
 from export_engine.cli import main
@@ -330,3 +331,10 @@ def test_device_preprocessing_keeps_every_tensor_on_the_volume_device(dtype: str
     assert tuple(result.image.shape) == (1, 1, 32, 32, 32)
     pasted = result.window.paste_back_tensor(torch.empty((32, 32, 32), dtype=torch.bool, device="meta"), False)
     assert pasted.device.type == "meta" and tuple(pasted.shape) == (40, 30, 50)
+
+
+def test_device_index_reads_names_and_torch_devices() -> None:
+    """A session's device may be given as a name ("cuda:1"), whose str has an .index method of its own."""
+    from export_engine.families.fastsam3d.segment import _device_index
+
+    assert [_device_index(d) for d in ("cuda:1", "cuda", torch.device("cuda:2"), torch.device("cuda"))] == [1, 0, 2, 0]
