@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from export_engine.calibration.synthetic import structured_volume
+from export_engine.errors import ModelInputError
 from export_engine.families.fastsam3d.segment import SegmentSession
 from export_engine.runtime.session import load
 from export_engine.serve.errors import SessionNotFoundError
-from export_engine.serve.store import DeviceLocks, ServedSession, SessionStore
+from export_engine.serve.store import DeviceWorkers, ServedSession, SessionStore
 
 
 class Clock:
@@ -29,7 +30,7 @@ def loaded(tiny_fastsam3d: Path) -> object:
 
 def _session(loaded: object, store: SessionStore, seed: int) -> ServedSession:
     volume = structured_volume(64, seed=seed)
-    served = ServedSession(store.new_id(), "tiny", SegmentSession(loaded), volume, np.eye(4), DeviceLocks())  # type: ignore[arg-type]
+    served = ServedSession(store.new_id(), "tiny", SegmentSession(loaded), volume, np.eye(4), DeviceWorkers())  # type: ignore[arg-type]
     served.encode()
     return served
 
@@ -78,24 +79,31 @@ def test_count_limit_expiry_and_delete(loaded: object) -> None:
     assert len(store) == 0
 
 
-def test_device_locks_serialise_one_device_and_not_two() -> None:
+def test_device_workers_serialise_one_device_on_one_thread_and_not_two() -> None:
     import threading
 
-    locks = DeviceLocks()
+    workers = DeviceWorkers()
     order: list[str] = []
+    threads: dict[str, set[str]] = {}
     held = threading.Event()
     release = threading.Event()
 
+    def note(device: str) -> None:
+        threads.setdefault(device, set()).add(threading.current_thread().name)
+
     def first() -> None:
-        with locks.hold("cuda"):
+        def step() -> None:
+            note("cuda:0")
             order.append("first in")
             held.set()
             release.wait(5)
             order.append("first out")
 
+        workers.run("cuda", step)
+
     def second(device: str) -> None:
-        with locks.hold(device):
-            order.append(f"{device} in")
+        workers.run(device, lambda: (note(device.replace("cuda", "cuda:0") if device == "cuda" else device),
+                                     order.append(f"{device} in")))  # fmt: skip
 
     a = threading.Thread(target=first)
     a.start()
@@ -111,3 +119,21 @@ def test_device_locks_serialise_one_device_and_not_two() -> None:
     a.join(5)
     same.join(5)
     assert order == ["first in", "cpu in", "first out", "cuda:0 in"]
+    assert len(threads["cuda:0"]) == 1 and threads["cuda:0"] != threads["cpu"]  # one thread per device, always
+    workers.close()
+
+
+def test_device_workers_return_raise_and_nest() -> None:
+    workers = DeviceWorkers()
+    assert workers.run("cpu", lambda x, y=0: x + y, 2, y=3) == 5
+    with pytest.raises(ModelInputError, match="bad click"):
+        workers.run("cpu", _raise, ModelInputError("bad click"))
+    # a step that runs another step of its own device runs it in place (no deadlock on the one worker)
+    assert workers.run("cpu", lambda: workers.run("cpu", lambda: "inner")) == "inner"
+    workers.close()
+    assert workers.run("cpu", lambda: "after close") == "after close"  # a new worker
+    workers.close()
+
+
+def _raise(err: Exception) -> None:
+    raise err

@@ -56,6 +56,7 @@ def create_app(state: ServeState) -> Any:
             yield
         finally:
             stop.set()
+            state.devices.close()  # the steps already queued finish first
 
     app = FastAPI(title="export-engine", description="FastSAM3D interactive segmentation and MASt3R matching",
                   lifespan=lifespan)  # fmt: skip

@@ -192,11 +192,9 @@ def _why(err: Exception) -> str:
 
 
 def run_match(state: ServeState, name: str, loaded: LoadedArtifact, image1: Any, image2: Any) -> Any:
-    from export_engine.families.mast3r.match import MatchConfig, Matcher
-
     on_device = all(callable(getattr(r, "run", None)) for r in loaded.runners.values())
     device_id = getattr(getattr(loaded.runners["encoder"], "config", None), "device_id", 0)
-    device = f"cuda:{device_id}" if on_device else "cpu"  # the lock FastSAM3D sessions on that GPU take too
+    device = f"cuda:{device_id}" if on_device else "cpu"  # the worker FastSAM3D sessions on that GPU use too
     with tempfile.TemporaryDirectory(prefix="export-engine-match-") as tmp:
         files = []
         for i, upload in enumerate((image1, image2)):
@@ -204,16 +202,22 @@ def run_match(state: ServeState, name: str, loaded: LoadedArtifact, image1: Any,
             target = Path(tmp) / f"image{i}{suffix}"
             target.write_bytes(upload.file.read(state.config.max_upload_bytes))
             files.append(target)
-        with state.devices.hold(device):
-            matcher = state.matchers.get(name)
-            if matcher is None:
-                matcher = state.matchers[name] = Matcher(loaded, MatchConfig(device=device))
-            try:
-                return matcher.match(files[0], files[1])
-            except ExportError:
-                raise
-            except (OSError, ValueError) as err:  # PIL: not an image, truncated
-                raise UsageError(f"the images could not be read ({type(err).__name__}: {err})") from err
+        return state.devices.run(device, _match_files, state, name, loaded, device, files)
+
+
+def _match_files(state: ServeState, name: str, loaded: LoadedArtifact, device: str, files: list[Path]) -> Any:
+    """The match's device step (on the device's worker): the artifact's Matcher, made on first use."""
+    from export_engine.families.mast3r.match import MatchConfig, Matcher
+
+    matcher = state.matchers.get(name)
+    if matcher is None:
+        matcher = state.matchers[name] = Matcher(loaded, MatchConfig(device=device))
+    try:
+        return matcher.match(files[0], files[1])
+    except ExportError:
+        raise
+    except (OSError, ValueError) as err:  # PIL: not an image, truncated
+        raise UsageError(f"the images could not be read ({type(err).__name__}: {err})") from err
 
 
 def _attachment(name: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""What every request of the service shares: artifacts by name, sessions, device locks, metrics."""
+"""What every request of the service shares: artifacts by name, sessions, device workers, metrics."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from export_engine.core.types import LoadedArtifact
 from export_engine.serve.config import ServeConfig
 from export_engine.serve.errors import NoSuchArtifactError
 from export_engine.serve.metrics import Metrics, gpu_memory_bytes, process_rss_bytes
-from export_engine.serve.store import DeviceLocks, SessionStore
+from export_engine.serve.store import DeviceWorkers, SessionStore
 
 
 @dataclass
 class ServeState:
-    """What every request shares: artifacts by name, sessions, device locks, metrics (all thread-safe)."""
+    """What every request shares: artifacts by name, sessions, device workers, metrics (all thread-safe)."""
 
     artifacts: Mapping[str, LoadedArtifact]
     config: ServeConfig
     store: SessionStore = field(init=False)
-    devices: DeviceLocks = field(default_factory=DeviceLocks)
+    devices: DeviceWorkers = field(default_factory=DeviceWorkers)
     matchers: dict[str, Any] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
     started: float = field(default_factory=time.time)

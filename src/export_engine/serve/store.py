@@ -2,8 +2,9 @@
 
 Threads: :class:`SessionStore` guards its table with one lock (held only for bookkeeping, never while a model
 runs); each :class:`ServedSession` serialises its own state changes with its lock, and every step that runs on a
-device takes that device's lock from :class:`DeviceLocks` (so no two threads run graphs, or capture CUDA graphs,
-on one GPU at once). Locks are always taken in the order session -> device, never the reverse.
+device is handed to that device's worker thread (:class:`DeviceWorkers`), which runs the device's steps one at a
+time in arrival order. A request thread holds its session's lock while it waits for the worker; the worker never
+takes a session's lock.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,23 +27,45 @@ from export_engine.serve.errors import SessionNotFoundError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 EXPIRED_MEMORY = 4096  # ids remembered after expiry or eviction, to say so instead of "unknown"
 
 
-class DeviceLocks:
-    """One lock per device: GPU work is queued per device, in arrival order of the threads that wait."""
+class DeviceWorkers:
+    """One worker thread per device runs that device's steps, one at a time, in arrival order.
+
+    ONNX Runtime's CUDA provider keeps per thread its cuBLAS and cuDNN handles, workspaces and captured CUDA graphs,
+    so graphs run from a server's pool of request threads set all of that up again on each new thread of the pool
+    (a warm-up and a capture, alone on the device, in the middle of other clients' clicks). One thread per device
+    sets it up once, and queues the device's work as a lock would."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, threading.Lock] = {}
+        self._workers: dict[str, ThreadPoolExecutor] = {}
         self._guard = threading.Lock()
+        self._local = threading.local()  # on a worker thread: the device it serves
 
-    @contextmanager
-    def hold(self, device: str) -> Iterator[None]:
-        device = "cuda:0" if device == "cuda" else device  # one GPU, one lock, however it is named
+    def run(self, device: str, step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``step(*args, **kwargs)`` on ``device``'s worker thread; its result, or its exception raised here."""
+        device = "cuda:0" if device == "cuda" else device  # one GPU, one worker, however it is named
+        if getattr(self._local, "device", None) == device:
+            return step(*args, **kwargs)  # a step that runs another step of its own device
         with self._guard:
-            lock = self._locks.setdefault(device, threading.Lock())
-        with lock:
-            yield
+            worker = self._workers.get(device)
+            if worker is None:
+                worker = self._workers[device] = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"device-{device}", initializer=self._serve, initargs=(device,)
+                )
+        return worker.submit(step, *args, **kwargs).result()
+
+    def _serve(self, device: str) -> None:
+        self._local.device = device
+
+    def close(self) -> None:
+        """Let each worker finish the steps already queued, then end it (a later step starts a new one)."""
+        with self._guard:
+            workers, self._workers = list(self._workers.values()), {}
+        for worker in workers:
+            worker.shutdown(wait=True)
 
 
 @dataclass
@@ -54,7 +77,7 @@ class ServedSession:
     segment: SegmentSession
     volume: np.ndarray  # host copy in the upload's dtype: re-centring the crop, GET .../volume
     affine: np.ndarray
-    devices: DeviceLocks
+    devices: DeviceWorkers
     created: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     held_bytes: int = 0  # device bytes after the last operation (read by the store without this lock)
@@ -63,29 +86,34 @@ class ServedSession:
         self.held_bytes = self.segment.device_bytes()
 
     def encode(self, around: Sequence[Sequence[float]] | None = None) -> None:
-        with self.lock, self.devices.hold(self.segment.device):
-            self.segment.set_volume(self.volume, around=around)
+        with self.lock:
+            self.devices.run(self.segment.device, self.segment.set_volume, self.volume, around=around)
             self._measure()
 
     def click(self, point: Sequence[float], positive: bool) -> ClickResult:
         """A click; the first click outside the crop (volumes larger than the model's) re-centres it there."""
-        with self.lock, self.devices.hold(self.segment.device):
-            window = self.segment.window
-            assert window is not None
-            crop = window.points_to_crop(np.asarray(point, dtype=np.float32))
-            outside = bool(np.any(crop < 0) or np.any(crop > self.segment.size - 1))
-            if outside and not self.segment.clicks and _inside(point, self.volume.shape):
-                self.segment.set_volume(self.volume, around=[point])
-            elif outside:
-                raise ModelInputError(
-                    f"click {list(point)} lies outside the model's {self.segment.size}^3 crop, which starts at "
-                    f"{list(window.start)} since the first click; click inside it, or reset the session "
-                    f"(POST /sessions/{self.id}/reset) and click there first"
-                )
-            result = self.segment.click(point, positive)
-            result.fetch()  # the compact copy, under the device lock
+        with self.lock:
+            result = self.devices.run(self.segment.device, self._click, point, positive)
             self._measure()
             return result
+
+    def _click(self, point: Sequence[float], positive: bool) -> ClickResult:
+        """The click's device step (on the device's worker, with the session's lock held by the caller)."""
+        window = self.segment.window
+        assert window is not None
+        crop = window.points_to_crop(np.asarray(point, dtype=np.float32))
+        outside = bool(np.any(crop < 0) or np.any(crop > self.segment.size - 1))
+        if outside and not self.segment.clicks and _inside(point, self.volume.shape):
+            self.segment.set_volume(self.volume, around=[point])
+        elif outside:
+            raise ModelInputError(
+                f"click {list(point)} lies outside the model's {self.segment.size}^3 crop, which starts at "
+                f"{list(window.start)} since the first click; click inside it, or reset the session "
+                f"(POST /sessions/{self.id}/reset) and click there first"
+            )
+        result = self.segment.click(point, positive)
+        result.fetch()  # the compact copy, on the device's worker too
+        return result
 
     def undo(self) -> ClickResult | None:
         with self.lock:
@@ -104,8 +132,7 @@ class ServedSession:
             last = self.segment.last
             if last is None:
                 return np.zeros(self.volume.shape, dtype=bool)
-            with self.devices.hold(self.segment.device):
-                last.fetch()
+            self.devices.run(self.segment.device, last.fetch)
             return last.mask
 
     def state(self) -> dict[str, Any]:
