@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from export_engine.cli import main
+from export_engine.errors import UsageError
 from export_engine.families.mast3r.match import MatchConfig
 from export_engine.sfm.hloc import pair_key
 from export_engine.sfm.run import MatchManyConfig, match_many
@@ -89,6 +90,56 @@ def _matches_by_pair(out: Path) -> dict[tuple[str, str], set]:
             found = db.read_matches(images[a], images[b])
             result[a, b] = {(*kp_a[i], *kp_b[j]) for i, j in found}
     return result
+
+
+def test_more_matcher_threads_write_the_same_database(tiny_mast3r_artifact: Path, photos: Path, finished: Path,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    """Matcher threads finish batches in any order; the writer stores pairs in the plan's order, so keypoint ids
+    and the whole database are those of the one-thread run."""
+    out = tmp_path / "threads"
+    argv = ["match-many", str(tiny_mast3r_artifact), str(photos), "--pairs", "swin:2", "--out", str(out),
+            "--subsample", "4", "--batch", "3", "--encode-batch", "2", "--workers", "2", "--matchers", "3",
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert _tables(out / "database.db") == _tables(finished / "database.db")
+
+
+def test_matchers_below_one_are_refused() -> None:
+    with pytest.raises(UsageError, match="--matchers must be >= 1"):
+        MatchManyConfig(matchers=0)
+
+
+def test_the_writer_stores_pairs_in_the_plans_order_whatever_order_they_come_in() -> None:
+    import queue
+    import random
+    import threading
+
+    from export_engine.sfm.executor import Executor
+    from export_engine.sfm.stages import Stages
+
+    class Sink:
+        def __init__(self) -> None:
+            self.added: list[tuple[int, int]] = []
+
+        def add_pair(self, i: int, j: int, *rest: object) -> None:
+            self.added.append((i, j))
+
+        def commit(self) -> None:
+            pass
+
+    sizes = [3, 1, 4, 2]  # pairs per batch
+    items = [(seq, b, n, (seq, b, np.zeros(b), np.zeros(b), np.zeros(b, np.float32)))
+             for seq, n in enumerate(sizes) for b in range(n)]  # fmt: skip
+    random.Random(3).shuffle(items)
+    matched: queue.Queue = queue.Queue()
+    for item in [*items, None]:
+        matched.put(item)
+    executor = Executor.__new__(Executor)  # the writer needs only its stop flag and stages
+    executor._stop, executor.stages = threading.Event(), Stages()
+    sink = Sink()
+    executor._write_loop(matched, sink, lambda _: None, commit_seconds=60.0)
+    assert sink.added == [(seq, b) for seq, n in enumerate(sizes) for b in range(n)]
+    assert executor.stages.pairs == sum(sizes)
 
 
 def test_evicted_images_are_encoded_again_with_the_same_matches(tiny_mast3r_artifact: Path, photos: Path,

@@ -66,6 +66,7 @@ class WorkerSetup:
     workers: int  # image-decoding threads per worker
     gpu_memory: float | None
     token_slots: int | None
+    matchers: int = 1  # matcher threads per worker
 
 
 @dataclass
@@ -86,7 +87,7 @@ class MatchWorker:
         free = _device_free()
         self.setup = setup
         self.executor = Executor(load(setup.artifact, cuda_graph=True), setup.paths, setup.match, setup.batch,
-                                 setup.encode_batch, setup.workers, free)  # fmt: skip
+                                 setup.encode_batch, setup.workers, free, setup.matchers)  # fmt: skip
         self.executor.warm_up()
         budget = self.executor.budget(setup.gpu_memory, len(setup.paths))
         if setup.token_slots is not None:

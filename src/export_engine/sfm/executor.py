@@ -1,16 +1,19 @@
 """The many-pair matcher: images decoded ahead by worker threads, each image encoded once in batches into a
-fixed pool of token slots, the decoder on batches of pairs, FastNN-Lite on its own thread (and CUDA stream),
-and the database written by a third thread as pairs complete.
+fixed pool of token slots, the decoder on batches of pairs, FastNN-Lite on threads (and CUDA streams) of its
+own, and the database written by another thread as pairs complete.
 
-    main thread      read images (worker pool) -> encode -> tokens into slots -> decode a batch of pairs
-    matcher thread   FastNN-Lite per pair of the batch (the recorded CUDA-graph matcher on CUDA), filters
-    writer thread    keypoints and matches into the database, committed every ``commit_seconds``; progress
+    main thread       read images (worker pool) -> encode -> tokens into slots -> decode a batch of pairs
+    matcher threads   ``matchers`` of them, each taking whole batches: FastNN-Lite per pair (a recorded
+                      CUDA-graph matcher of its own on CUDA), filters
+    writer thread     keypoints and matches into the database in the plan's order, committed every
+                      ``commit_seconds``; progress
 
-On CUDA the decoder's next batch runs while the matcher thread matches the previous one on a second stream
-(the matcher's seeds keep few SMs busy, so the two overlap on the device). Queues between the threads are
-bounded, so memory stays what the budget allowed. Everything that records CUDA graphs (the
-encoder's and decoder's first runs, the recorded matcher) is done in :meth:`Executor.warm_up`, before any
-other thread starts: a capture must not see another thread's CUDA calls.
+On CUDA the decoder's next batch runs while the matcher threads match earlier ones on streams of their own
+(the matcher's seeds keep few SMs busy, so the two overlap on the device); each pair's matching waits on the host
+for its match count, and a second matcher thread queues its pair's kernels during that wait. Queues between the
+threads are bounded, so memory stays what the budget allowed. Everything that records CUDA graphs (the encoder's
+and decoder's first runs, the recorded matchers) is done in :meth:`Executor.warm_up`, before any other thread
+starts: a capture must not see another thread's CUDA calls.
 
 Thread safety: an Executor's public methods run one at a time under its lock (a second caller waits); the
 threads it starts share only the bounded queues, the stop flag and :class:`Stages` (whose additions take a lock).
@@ -66,7 +69,7 @@ class Executor:
     """Runs a plan (:mod:`export_engine.sfm.schedule`) over a loaded MASt3R session (see the module docstring)."""
 
     def __init__(self, session: Any, paths: Sequence[Any], match: MatchConfig, batch: int, encode_batch: int,
-                 workers: int, free_at_start: int | None = None) -> None:  # fmt: skip
+                 workers: int, free_at_start: int | None = None, matchers: int = 1) -> None:  # fmt: skip
         import torch
 
         self.encoder, self.decoder = session.runners["encoder"], session.runners["decoder"]
@@ -82,9 +85,10 @@ class Executor:
                               for o in session.graphs["decoder"]["outputs"])  # fmt: skip
         self.paths, self.match, self.batch, self.encode_batch = list(paths), match, batch, encode_batch
         self.workers = max(1, workers)
+        self.matchers = max(1, matchers)  # matcher threads, each with its own recorded matcher and stream
         self.stages = Stages()
         self.pool: Any = None
-        self._nearest: Nearest | None = None
+        self._nearests: list[Nearest] = []
         # device memory free before the session loaded (its weights count against the budget), else now
         self.free_at_start = free_at_start if self.on_device and free_at_start else self.free_memory()
         self._stop = threading.Event()
@@ -113,8 +117,10 @@ class Executor:
             self._encode([np.zeros((self.height, self.width, 3), np.uint8)])
             out = self.decoder.run({"feat1": feats, "feat2": feats}, copy=False)
         desc = out["view1_desc"][0].float()
-        self._nearest = nearest_for(tuple(desc.shape), self.match.subsample, self.device, self.match.recorded)
-        self._nearest(desc.contiguous(), desc.contiguous())
+        for _ in range(self.matchers):
+            nearest = nearest_for(tuple(desc.shape), self.match.subsample, self.device, self.match.recorded)
+            nearest(desc.contiguous(), desc.contiguous())
+            self._nearests.append(nearest)
         torch.cuda.synchronize(self.device)
         self.stages = Stages()  # warm-up runs are not the run's
 
@@ -128,8 +134,8 @@ class Executor:
             assert free_now is not None
             budget = gib * GIB if gib else 0.75 * self.free_at_start
             fixed = float(self.free_at_start - free_now) + _MARGIN
-            # batches alive at once: queued, being matched, being decoded; the decoder's gathered inputs
-            working = (QUEUE_BATCHES + 2) * kept + 2 * self.batch * self.token_bytes
+            # batches alive at once: queued, being matched (one a matcher), being decoded; the decoder's gathered inputs
+            working = (QUEUE_BATCHES + 1 + self.matchers) * kept + 2 * self.batch * self.token_bytes
         else:
             budget = (gib or 4.0) * GIB
             fixed = 0.25 * GIB
@@ -251,28 +257,30 @@ class Executor:
             commit_seconds: float) -> None:  # fmt: skip
         """Every step of the plan, results into ``database`` as they complete; ``on_pair(matches)`` after each
         pair is stored (the writer thread's progress hook: it may raise to stop the run)."""
-        if self._nearest is None:
-            self._nearest = nearest_for((self.height, self.width, 1), self.match.subsample, self.device, False)
+        while len(self._nearests) < self.matchers:  # the CPU (no warm-up): the unrecorded matcher
+            self._nearests.append(nearest_for((self.height, self.width, 1), self.match.subsample, self.device, False))
         decoded: queue.Queue[Any] = queue.Queue(QUEUE_BATCHES)
-        matched: queue.Queue[Any] = queue.Queue(2 * self.batch)
-        threads = [
-            threading.Thread(target=self._guard, args=(self._match_loop, decoded, matched), name="sfm-match"),
-            threading.Thread(
-                target=self._guard,
-                args=(self._write_loop, matched, database, on_pair, commit_seconds),
-                name="sfm-write",
-            ),
+        matched: queue.Queue[Any] = queue.Queue(2 * self.batch * self.matchers)
+        matchers = [
+            threading.Thread(target=self._guard, args=(self._match_loop, n, decoded, matched), name=f"sfm-match-{k}")
+            for k, n in enumerate(self._nearests[: self.matchers])
         ]
-        for thread in threads:
+        writer = threading.Thread(
+            target=self._guard, args=(self._write_loop, matched, database, on_pair, commit_seconds), name="sfm-write"
+        )
+        for thread in [*matchers, writer]:
             thread.start()
         try:
             self._feed(steps, decoded)
+            for thread in matchers:
+                thread.join()
+            self._put(matched, None)  # the writer's end, once every matcher is done
         except BaseException as err:
             if not isinstance(err, _StopError):
                 self._failure.append(err)
             self._stop.set()
         finally:
-            for thread in threads:
+            for thread in [*matchers, writer]:
                 thread.join()
             self.stages.settle()
         if self._failure:
@@ -313,7 +321,7 @@ class Executor:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="sfm-read") as readers:
             pending: deque[Future[np.ndarray]] = deque()
             submitted = 0
-            for step in steps:
+            for seq, step in enumerate(steps):
                 while submitted < len(order) and len(pending) < ahead + len(step.encode):
                     pending.append(readers.submit(self._read, order[submitted]))
                     submitted += 1
@@ -331,12 +339,14 @@ class Executor:
                 if self.on_device:
                     event = torch.cuda.Event()
                     event.record()
-                self._put(decoded, (step.pairs, outputs, event))
+                self._put(decoded, (seq, step.pairs, outputs, event))
                 if self._stop.is_set():
                     raise _StopError
-            self._put(decoded, None)
+            for _ in range(self.matchers):
+                self._put(decoded, None)  # one end for each matcher thread
 
-    def _match_loop(self, decoded: queue.Queue[Any], matched: queue.Queue[Any]) -> None:
+    def _match_loop(self, nearest: Nearest, decoded: queue.Queue[Any], matched: queue.Queue[Any]) -> None:
+        """Match each batch it takes; every pair goes to the writer tagged (batch, position, batch size)."""
         import contextlib
 
         import torch
@@ -346,7 +356,7 @@ class Executor:
         stream = torch.cuda.Stream(self.device, priority=-1) if self.on_device else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             while (item := self._get(decoded)) is not None:
-                pairs, outputs, event = item
+                seq, pairs, outputs, event = item
                 if stream is not None:
                     stream.wait_event(event)
                     for tensor in outputs:
@@ -354,7 +364,7 @@ class Executor:
                 start = time.perf_counter()
                 desc1, desc2, conf1, conf2 = outputs
                 for b, (i, j) in enumerate(pairs):
-                    found = filtered_matches(desc1[b], desc2[b], conf1[b], conf2[b], self.match, self._nearest)
+                    found = filtered_matches(desc1[b], desc2[b], conf1[b], conf2[b], self.match, nearest)
                     pixels1 = found["xy1"][:, 1] * self.width + found["xy1"][:, 0]
                     pixels2 = found["xy2"][:, 1] * self.width + found["xy2"][:, 0]
                     # one transfer (one host sync): pixel ids < 2**53 and float32 scores are exact in float64
@@ -366,23 +376,32 @@ class Executor:
                         host[:, 1].astype(np.int64),
                         host[:, 2].astype(np.float32),
                     )
-                    self._put(matched, result)
-                self.stages.add("match", time.perf_counter() - start)  # host time; each pair syncs once
-        self._put(matched, None)
+                    self._put(matched, (seq, b, len(pairs), result))
+                self.stages.add("match", time.perf_counter() - start)  # host time (thread-seconds); a sync a pair
 
     def _write_loop(self, matched: queue.Queue[Any], database: PairSink, on_pair: Callable[[int], None],
                     commit_seconds: float) -> None:  # fmt: skip
+        """Store the pairs in the plan's order, whichever matcher thread finishes first (keypoint ids are given
+        in the order pairs are stored, so a run's database does not depend on the threads' timing)."""
         last = time.perf_counter()
+        waiting: dict[tuple[int, int], tuple[int, Any]] = {}
+        seq, position = 0, 0
         try:
             while (item := self._get(matched)) is not None:
-                start = time.perf_counter()
-                database.add_pair(*item)
-                self.stages.pairs += 1
-                self.stages.matches += len(item[2])
-                if start - last >= commit_seconds:
-                    database.commit()
-                    last = time.perf_counter()
-                self.stages.add("write", time.perf_counter() - start)
-                on_pair(len(item[2]))
+                waiting[(item[0], item[1])] = (item[2], item[3])
+                while (seq, position) in waiting:
+                    size, pair = waiting.pop((seq, position))
+                    seq, position = (seq, position + 1) if position + 1 < size else (seq + 1, 0)
+                    start = time.perf_counter()
+                    database.add_pair(*pair)
+                    self.stages.pairs += 1
+                    self.stages.matches += len(pair[2])
+                    if start - last >= commit_seconds:
+                        database.commit()
+                        last = time.perf_counter()
+                    self.stages.add("write", time.perf_counter() - start)
+                    on_pair(len(pair[2]))
+            if waiting:
+                raise RuntimeError(f"{len(waiting)} matched pairs were never stored (pair {seq}:{position} missing)")
         finally:
             database.commit()  # the pairs finished so far, also when the run stops early

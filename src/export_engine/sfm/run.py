@@ -57,6 +57,7 @@ class MatchManyConfig:
     encode_batch: int = 16  # images per encoder run
     token_slots: int | None = None  # keep at most this many images' tokens (default: what gpu_memory holds)
     workers: int = 8  # image-decoding threads
+    matchers: int = 1  # matcher threads (each with its own recorded matcher and CUDA stream)
     hloc: bool = True  # features.h5 + matches.h5 (needs h5py)
     verify: bool = False  # COLMAP two-view geometric verification (needs pycolmap)
     reconstruct: bool = False  # COLMAP incremental mapper into DIR/sparse (needs pycolmap)
@@ -66,9 +67,9 @@ class MatchManyConfig:
     ray_chunk: int = 256  # pairs sent to a Ray worker at a time (whole batches): what a lost worker redoes
 
     def __post_init__(self) -> None:
-        if min(self.batch, self.encode_batch, self.workers) < 1:
-            raise UsageError(f"--batch, --encode-batch and --workers must be >= 1, got {self.batch}, "
-                             f"{self.encode_batch}, {self.workers}")  # fmt: skip
+        if min(self.batch, self.encode_batch, self.workers, self.matchers) < 1:
+            raise UsageError(f"--batch, --encode-batch, --workers and --matchers must be >= 1, got {self.batch}, "
+                             f"{self.encode_batch}, {self.workers}, {self.matchers}")  # fmt: skip
         if self.match.subsample < 1:
             raise UsageError("--subsample must be at least 1")
         if self.token_slots is not None and self.token_slots < 2:
@@ -176,7 +177,7 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
         return _execute_on_ray(artifact, images, entries, out, config, run, pairs, on_pair)
     free = _device_free()
     executor = Executor(load(artifact, cuda_graph=True), [i.path for i in images], config.match, config.batch,
-                        config.encode_batch, config.workers, free)  # fmt: skip
+                        config.encode_batch, config.workers, free, config.matchers)  # fmt: skip
     executor.warm_up()
     budget = executor.budget(config.gpu_memory, len(images))
     if config.token_slots is not None:
@@ -231,7 +232,7 @@ def _execute_on_ray(artifact: Path, images: Sequence[CollectionImage], entries: 
     database_path = out / DATABASE
     setup = distributed.WorkerSetup(artifact.resolve(), tuple(i.path.resolve() for i in images), config.match,
                                     config.batch, config.encode_batch, config.workers, config.gpu_memory,
-                                    config.token_slots)  # fmt: skip
+                                    config.token_slots, config.matchers)  # fmt: skip
     pool = distributed.WorkerPool(config.ray or "local", config.ray_workers, setup)
     try:
         out.mkdir(parents=True, exist_ok=True)
