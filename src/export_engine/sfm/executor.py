@@ -35,7 +35,7 @@ import numpy as np
 
 from export_engine.errors import UsageError
 from export_engine.families.mast3r.images import read_rgb
-from export_engine.families.mast3r.match import MatchConfig, Nearest, filtered_matches, nearest_for
+from export_engine.families.mast3r.match import MatchConfig, Nearest, nearest_for, unfiltered_matches
 from export_engine.sfm.schedule import Step
 from export_engine.sfm.stages import Budget, Stages, serialised
 
@@ -364,11 +364,14 @@ class Executor:
                 start = time.perf_counter()
                 desc1, desc2, conf1, conf2 = outputs
                 for b, (i, j) in enumerate(pairs):
-                    found = filtered_matches(desc1[b], desc2[b], conf1[b], conf2[b], self.match, nearest)
+                    found = unfiltered_matches(desc1[b], desc2[b], conf1[b], conf2[b], self.match, nearest)
                     pixels1 = found["xy1"][:, 1] * self.width + found["xy1"][:, 0]
                     pixels2 = found["xy2"][:, 1] * self.width + found["xy2"][:, 0]
-                    # one transfer (one host sync): pixel ids < 2**53 and float32 scores are exact in float64
-                    host = torch.stack([pixels1.double(), pixels2.double(), found["conf"].double()], 1).cpu().numpy()
+                    # one transfer (one host sync), filtered on the host: pixel ids < 2**53 and float32 scores are
+                    # exact in float64
+                    columns = [pixels1.double(), pixels2.double(), found["conf"].double(), found["keep"].double()]
+                    host = torch.stack(columns, 1).cpu().numpy()
+                    host = host[host[:, 3] > 0]
                     result = (
                         i,
                         j,
@@ -377,7 +380,7 @@ class Executor:
                         host[:, 2].astype(np.float32),
                     )
                     self._put(matched, (seq, b, len(pairs), result))
-                self.stages.add("match", time.perf_counter() - start)  # host time (thread-seconds); a sync a pair
+                self.stages.add("match", time.perf_counter() - start)  # thread-seconds; 2 host syncs a pair
 
     def _write_loop(self, matched: queue.Queue[Any], database: PairSink, on_pair: Callable[[int], None],
                     commit_seconds: float) -> None:  # fmt: skip

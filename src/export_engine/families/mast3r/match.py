@@ -247,6 +247,16 @@ def filtered_matches(desc1: Any, desc2: Any, conf1: Any, conf2: Any, config: Mat
                      nearest: Nearest | None = None) -> dict[str, Any]:  # fmt: skip
     """Reciprocal matches of two (H, W, D) descriptor maps with their (H, W) confidences, border- and
     confidence-filtered: xy1, xy2 (M, 2) int64 (x, y) and conf (M,), on the maps' device."""
+    found = unfiltered_matches(desc1, desc2, conf1, conf2, config, nearest)
+    kept = found.pop("keep").nonzero().squeeze(1)  # one host sync for the count, not one per masked tensor
+    return {name: value[kept] for name, value in found.items()}
+
+
+def unfiltered_matches(desc1: Any, desc2: Any, conf1: Any, conf2: Any, config: MatchConfig,
+                       nearest: Nearest | None = None) -> dict[str, Any]:  # fmt: skip
+    """The reciprocal matches before filtering, with ``keep`` (M,) bool saying which pass the border and confidence
+    filters: xy1, xy2, conf, keep. No host synchronisation beyond the matcher's own (a caller that copies the
+    matches to the host anyway filters there, and saves one)."""
     from export_engine.families.mast3r.fastnn import fast_reciprocal_nn, sqrt_rounded
 
     height, width = int(desc1.shape[0]), int(desc1.shape[1])
@@ -258,9 +268,7 @@ def filtered_matches(desc1: Any, desc2: Any, conf1: Any, conf2: Any, config: Mat
     c1 = conf1[xy1[:, 1], xy1[:, 0]]
     c2 = conf2[xy2[:, 1], xy2[:, 0]]
     keep &= (c1 >= config.min_desc_conf) & (c2 >= config.min_desc_conf)
-    kept = keep.nonzero().squeeze(1)  # one host sync for the count, not one per masked tensor
-    xy1, xy2, c1, c2 = xy1[kept], xy2[kept], c1[kept], c2[kept]
-    return {"xy1": xy1, "xy2": xy2, "conf": sqrt_rounded(c1 * c2)}  # correctly rounded, as numpy's sqrt
+    return {"xy1": xy1, "xy2": xy2, "conf": sqrt_rounded(c1 * c2), "keep": keep}  # correctly rounded, as numpy's sqrt
 
 
 def _inside(xy: Any, width: int, height: int, border: int) -> Any:
