@@ -3,45 +3,23 @@ bad flags and artifacts refused with their exit codes before anything listens.""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from export_engine.cli import main
-from export_engine.serve.client import ServeClient
-from export_engine.serve.server import free_port
-
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-def test_serve_runs_until_sigterm(tiny_fastsam3d: Path, tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "export_engine", "serve", str(tiny_fastsam3d), "--port", str(port), "--quiet"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        client = ServeClient(f"http://127.0.0.1:{port}", timeout=5)
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            try:
-                assert client.health()["status"] == "ok"
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start within 60 s"
-                time.sleep(0.2)
+def test_serve_runs_until_sigterm(tiny_fastsam3d: Path, serve_child: Any) -> None:
+    def ready(client: Any) -> None:
+        assert client.health()["status"] == "ok"
+
+    with serve_child([str(tiny_fastsam3d)], ready, (OSError,), start_s=60, stop_s=30, poll_s=0.2,
+                     client_timeout=5) as client:  # fmt: skip
         sid = client.create_session(np.arange(27.0, dtype=np.float32).reshape(3, 3, 3) + 1)["id"]
         assert client.click(sid, (1, 1, 1))["clicks"] == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
-    assert code == 0
 
 
 @pytest.mark.parametrize(

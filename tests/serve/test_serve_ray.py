@@ -4,22 +4,17 @@ the other replicas' sessions, and without Ray the CLI says how to install it."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from export_engine.cli import main
 from export_engine.serve.client import ServeClient, ServeError
-from export_engine.serve.server import free_port
-
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 CLICKS = [((40, 35, 30), True), ((45, 40, 28), True), ((38, 30, 33), False)]
 
@@ -119,30 +114,16 @@ def test_ray_serve_replicas_come_and_go(ray_url: str, tiny_fastsam3d: Path, volu
 
 
 @pytest.mark.slow
-def test_serve_ray_cli_runs_until_sigterm(tiny_fastsam3d: Path) -> None:
+def test_serve_ray_cli_runs_until_sigterm(tiny_fastsam3d: Path, serve_child: Any) -> None:
     pytest.importorskip("ray", reason="the Ray tests need the [ray] extra")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "export_engine", "serve", str(tiny_fastsam3d), "--ray", "--replicas", "1",
-           "--port", str(port), "--quiet"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        client = ServeClient(f"http://127.0.0.1:{port}", timeout=10)
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            try:
-                assert [r["replica"] for r in client.health()["replicas"]] == [0]
-                break
-            except (OSError, ServeError):
-                assert time.monotonic() < deadline, "the service did not start within 180 s"
-                time.sleep(0.5)
+
+    def ready(client: Any) -> None:
+        assert [r["replica"] for r in client.health()["replicas"]] == [0]
+
+    with serve_child([str(tiny_fastsam3d), "--ray", "--replicas", "1"], ready, (OSError, ServeError), start_s=180,
+                     stop_s=60, poll_s=0.5, client_timeout=10) as client:  # fmt: skip
         sid = client.create_session(np.arange(27.0, dtype=np.float32).reshape(3, 3, 3) + 1)["id"]
         assert sid.startswith("r0-") and client.click(sid, (1, 1, 1))["clicks"] == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    assert code == 0, proc.stdout.read().decode()[-3000:] if proc.stdout else ""
 
 
 def test_serve_ray_without_ray_says_how_to_install(tiny_fastsam3d: Path, monkeypatch: pytest.MonkeyPatch,
