@@ -318,17 +318,18 @@ class CudaGraphRunner:
                 raise BackendError(f"{self.path.name}: the runner is closed; load the artifact again")
             sig = self._signatures.get(key)
             done = self._thread_runs()
-            capturing = self.config.cuda_graph and done.get(key, 0) < CAPTURE_RUNS
+            runs = done.get(key, 0)
+            capturing = self.config.cuda_graph and runs < CAPTURE_RUNS
             with gpu_gate.exclusive(device) if capturing else gpu_gate.shared(device):
                 tensors = self._upload(tensors)
                 if sig is None:
                     sig = self._new_signature(key, tensors)
-                repeats = CAPTURE_RUNS - done.get(key, 0) if capturing else 1  # warm-up and capture in this call
+                repeats = CAPTURE_RUNS - runs if capturing else 1  # warm-up and capture in this call
                 for _ in range(repeats - 1):
                     self._run_signature(sig, tensors, copy=False)
-                    done[key] = done.get(key, 0) + 1
+                    runs = done[key] = runs + 1
                 outputs = self._run_signature(sig, tensors, copy)
-            done[key] = done.get(key, 0) + 1
+            done[key] = runs + 1
             return outputs
 
     def _thread_runs(self) -> dict[tuple, int]:

@@ -117,10 +117,10 @@ class Executor:
             self._encode([np.zeros((self.height, self.width, 3), np.uint8)])
             out = self.decoder.run({"feat1": feats, "feat2": feats}, copy=False)
         desc = out["view1_desc"][0].float()
-        for _ in range(self.matchers):
-            nearest = nearest_for(tuple(desc.shape), self.match.subsample, self.device, self.match.recorded)
+        self._nearests = [nearest_for(tuple(desc.shape), self.match.subsample, self.device, self.match.recorded)
+                          for _ in range(self.matchers)]  # fmt: skip
+        for nearest in self._nearests:
             nearest(desc.contiguous(), desc.contiguous())
-            self._nearests.append(nearest)
         torch.cuda.synchronize(self.device)
         self.stages = Stages()  # warm-up runs are not the run's
 
@@ -263,7 +263,7 @@ class Executor:
         matched: queue.Queue[Any] = queue.Queue(2 * self.batch * self.matchers)
         matchers = [
             threading.Thread(target=self._guard, args=(self._match_loop, n, decoded, matched), name=f"sfm-match-{k}")
-            for k, n in enumerate(self._nearests[: self.matchers])
+            for k, n in enumerate(self._nearests)
         ]
         writer = threading.Thread(
             target=self._guard, args=(self._write_loop, matched, database, on_pair, commit_seconds), name="sfm-write"
