@@ -44,6 +44,7 @@ from export_engine.families.fastsam3d.preprocess import (
     preprocess_volume,
 )
 from export_engine.runners import gpu_gate
+from export_engine.runners.host_copy import to_device
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class SegmentSession:
             _check_inside(points, tuple(tensor.shape))
         with self._lock, self._device_work():
             if self.on_device:
-                prepared = preprocess_tensor(tensor.to(self.device, non_blocking=True), self.size, points=points)
+                prepared = preprocess_tensor(to_device(tensor, self.device), self.size, points=points)
                 embedding = self._run(self.encoder, {"image": prepared.image})["image_embedding"]
                 check_preprocessed(prepared)  # the one host sync, while the encoder runs
                 window = prepared.window
