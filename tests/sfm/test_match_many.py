@@ -273,3 +273,11 @@ def test_the_database_holds_what_matcher_match_finds(tiny_mast3r_artifact: Path,
         expected = {tuple(np.round(m, 2)) for m in both.astype(np.float32).astype(np.float64)}
         got = {tuple(np.round(np.asarray(m, np.float64), 2)) for m in stored[a, b]}
         assert got == expected and len(expected) > 10
+
+
+def test_matcher_threads_default_to_two_on_a_gpu_and_one_on_the_cpu() -> None:
+    from export_engine.sfm.executor import matcher_threads
+
+    assert MatchManyConfig().matchers is None
+    assert (matcher_threads(None, True), matcher_threads(None, False)) == (2, 1)
+    assert (matcher_threads(3, False), matcher_threads(1, True)) == (3, 1)

