@@ -1,12 +1,12 @@
 """Copies of large host tensors to a GPU through pinned staging buffers.
 
 A copy from ordinary (pageable) host memory makes the CUDA driver stage the bytes itself, one thread copying
-them into its own small pinned buffers: 14 GB/s on an H100 machine, where the same bytes go up at 52 GB/s from
-pinned memory. :func:`to_device` does the staging here instead (21-25 GB/s there with chunks of 8 MiB and 4 CPU
-threads; 15-18 GB/s with chunks of 1-2 MiB, 19-24 with 4 MiB):
-the bytes are split into chunks; each chunk is copied into one of two pinned buffers by torch's multi-threaded CPU
-copy while the previous chunk's DMA runs; a buffer is reused only after its DMA has finished (a CUDA event). The
-result is the same bytes in the same layout as ``tensor.to(device)`` (a Fortran-ordered array stays so).
+them into its own small pinned buffers: 14.3-14.7 GB/s on an H100 machine (16 and 32 MiB volumes), where the same
+bytes go up at 52-54 GB/s from pinned memory. :func:`to_device` does the staging here instead: the bytes are split
+into chunks; each chunk is copied into one of two pinned buffers by torch's multi-threaded CPU copy while the
+previous chunk's DMA runs; a buffer is reused only after its DMA has finished (a CUDA event). Measured there with
+4 CPU threads: 20.9-25.5 GB/s with chunks of 8 MiB (the default), 18.5-23.6 with 4 MiB, 14.6-19.9 with 1-2 MiB.
+The result is the same bytes in the same layout as ``tensor.to(device)`` (a Fortran-ordered array stays so).
 
 Small tensors, tensors already pinned, CPU targets and layouts that are not dense go the plain way. The staging
 buffers are made once per device (two chunks, 16 MiB of pinned memory by default) and kept; one copy at a time
@@ -30,10 +30,10 @@ MIN_BYTES = 1 << 20  # smaller copies go the plain way (the staging's own overhe
 class _Stager:
     """Two pinned buffers of ``chunk`` bytes and the events of their last DMA, for one device."""
 
-    def __init__(self, device: Any, chunk: int) -> None:
+    def __init__(self, chunk: int) -> None:
         import torch
 
-        self.device, self.chunk = device, chunk
+        self.chunk = chunk
         self.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         self.events = [torch.cuda.Event(), torch.cuda.Event()]
         self.lock = threading.Lock()
@@ -101,7 +101,7 @@ def _stager(device: Any, chunk: int) -> _Stager | None:
     with _STAGERS_LOCK:
         if key not in _STAGERS:
             try:
-                _STAGERS[key] = _Stager(device, chunk)
+                _STAGERS[key] = _Stager(chunk)
             except RuntimeError as err:  # pinned memory refused (limits of the container, of the driver)
                 log.warning("pinned staging buffers unavailable on %s (%s); host copies go the plain way", device, err)
                 _STAGERS[key] = None
