@@ -353,3 +353,30 @@ def test_runners_closed_or_dropped_after_many_runs_do_not_abort(tiny_artifacts: 
         done = subprocess.run([sys.executable, "-c", DROP_PROBE, str(artifact)], capture_output=True, text=True,
                               timeout=300)  # fmt: skip
         assert done.returncode == 0 and "done" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_runner_of_some_outputs_computes_those_as_the_reference_and_checks_its_rewrites(
+    tiny_artifacts: dict[str, Path], cuda_graph: bool
+) -> None:
+    artifact = tiny_artifacts["mast3r"]
+    graph = next(g for g in json.loads((artifact / "manifest.json").read_text())["graphs"] if g["name"] == "decoder")
+    kept = ("view2_desc_conf", "view1_desc")
+    check = graph["reference_check"]
+    with np.load(artifact / check["inputs"]) as data:
+        feed = {k: torch.from_numpy(data[k]) for k in data.files}
+    config = CudaSessionConfig(cuda_graph=cuda_graph, outputs=kept)
+    with CudaGraphRunner(artifact / graph["file"], graph, config) as runner:
+        assert runner.outcome.lowerings and runner.outcome.fallback is None  # the rewrites passed on the pruned graph
+        assert [r.output for r in runner.outcome.check.outputs] == ["view1_desc", "view2_desc_conf"]
+        for _ in range(3):
+            got = {k: v.cpu().numpy() for k, v in runner.run(feed).items()}
+        assert sorted(got) == sorted(kept)
+        with np.load(artifact / check["expected"]) as data:
+            for name in kept:
+                tol = check["tolerances"][name]
+                np.testing.assert_allclose(got[name], data[name], atol=tol["atol"], rtol=tol["rtol"], err_msg=name)
+    with pytest.raises(ModelInputError, match=r"has no output\(s\) \['pts'\]"):
+        CudaGraphRunner(artifact / graph["file"], graph, CudaSessionConfig(outputs=("pts",)))

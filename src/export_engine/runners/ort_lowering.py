@@ -162,24 +162,52 @@ _OWN_OP_GRAPHS: set[Path] = set()  # rewritten graphs with nodes of export-engin
 _LOWERING_LOCK = threading.Lock()
 
 
-def lowered_graph(path: Path, names: Sequence[str]) -> Path:
+def lowered_graph(path: Path, names: Sequence[str], outputs: Sequence[str] = ()) -> Path:
     """``path`` rewritten by ``names`` (in canonical order) into a scratch folder removed at exit; no names: the
     stored graph. One rewrite per graph and set per process, started from the longest set already rewritten
-    that this one extends (a study adds one rewrite a step)."""
+    that this one extends (a study adds one rewrite a step).
+
+    ``outputs``: compute only these outputs (empty: all); the graph is first pruned of the others and of every
+    node that only they need (:func:`~export_engine.graph_passes.prune_outputs.prune_outputs`), so a pruned
+    graph is a graph of its own even without rewrites."""
     names = check_lowerings(names)
-    if not names:
+    kept = pruned_outputs(path, outputs)
+    if not names and not kept:
         return path
-    graph_id = graph_key(path)
+    graph_id = (*graph_key(path), kept)
     with _LOWERING_LOCK:  # artifacts may be loaded from several threads
         return _lowered_locked(path, graph_id, names)
 
 
-def _lowered_locked(path: Path, graph_id: tuple[str, int, int], names: tuple[str, ...]) -> Path:
+def pruned_outputs(path: Path, outputs: Sequence[str]) -> tuple[str, ...]:
+    """The outputs of ``path`` to keep, in the graph's order: () when ``outputs`` is empty or names them all.
+    An unknown name raises ModelInputError with the graph's outputs."""
+    if not outputs:
+        return ()
+    declared = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    unknown = [n for n in outputs if n not in declared]
+    if unknown:
+        raise ModelInputError(f"{path.name} has no output(s) {unknown}; its outputs: {declared}")
+    kept = tuple(n for n in declared if n in outputs)
+    return () if len(kept) == len(declared) else kept
+
+
+def _lowered_locked(path: Path, graph_id: tuple, names: tuple[str, ...]) -> Path:
     if (*graph_id, names) not in _LOWERED:
         from export_engine.graph_passes.base import load_graph, save_graph
+        from export_engine.graph_passes.prune_outputs import PruneOutputsConfig, prune_outputs
 
-        done = max((k[3] for k in _LOWERED if k[:3] == graph_id and k[3] == names[: len(k[3])]), key=len, default=())
-        graph = load_graph(Path(_LOWERED[(*graph_id, done)].name) / path.name if done else path)
+        done = max((k[-1] for k in _LOWERED if k[:-1] == graph_id and k[-1] == names[: len(k[-1])]), key=len,
+                   default=None)  # fmt: skip
+        if done is None:  # nothing of this graph and outputs yet: start from the stored graph, pruned
+            done = ()
+            graph = load_graph(path)
+            report = prune_outputs(graph, PruneOutputsConfig(graph_id[-1]))
+            if report.matched:
+                log.info("%s: computing only %s: %d nodes of the other outputs dropped (for this run only; the "
+                         "artifact is unchanged)", path.name, list(graph_id[-1]), report.rewritten)  # fmt: skip
+        else:
+            graph = load_graph(Path(_LOWERED[(*graph_id, done)].name) / path.name)
         passes = _passes()
         for name in names[len(done) :]:
             report = passes[name](graph)

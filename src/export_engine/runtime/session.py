@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from export_engine.artifacts.store import read_manifest, verify_files
 from export_engine.core.types import GraphRunner
 from export_engine.errors import BackendError, ModelInputError, ParityError
 from export_engine.families import RuntimeFamily, runtime_family
-from export_engine.runners.ort_lowering import lowered_graph, register_own_ops, with_own_ops
+from export_engine.runners.ort_lowering import lowered_graph, pruned_outputs, register_own_ops, with_own_ops
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,12 @@ class ArtifactSession:
     provider: str
     graphs: dict[str, Any] = field(default_factory=dict)
     engine_graphs: frozenset[str] = frozenset()  # graphs that run their engine (the others: ONNX Runtime)
+    outputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # graphs that compute only these outputs
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.outputs:
+            raise ModelInputError(f"{self.path.name} was loaded to compute only {dict(self.outputs)}; the whole "
+                                  "model needs every output: load it without outputs=")  # fmt: skip
         return self.family.run(self.runners, inputs, self.graphs)
 
     @property
@@ -58,13 +62,18 @@ class ArtifactSession:
 
 
 def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[str, ...] = (), check: bool = True,
-                   strict: bool = False) -> GraphRunner:  # fmt: skip
+                   strict: bool = False, outputs: tuple[str, ...] = ()) -> GraphRunner:  # fmt: skip
     """ONNX Runtime on the CPU, numpy in and out (the CUDA path is ort_cuda.CudaGraphRunner). ``lowerings``
-    rewrite the graph in memory first, checked against the artifact's reference as on CUDA."""
+    rewrite the graph in memory first, checked against the artifact's reference as on CUDA; ``outputs``: compute
+    only these (the graph pruned of the others, as on CUDA)."""
     from export_engine.runners.self_check import open_checked
 
+    kept = pruned_outputs(path, outputs)
+    if kept:
+        graph_meta = {**graph_meta, "outputs": [o for o in graph_meta["outputs"] if o["name"] in kept]}
+
     def open_fn(names: tuple[str, ...], tf32: bool) -> GraphRunner:
-        return _cpu_session(path, lowered_graph(path, names))
+        return _cpu_session(path, lowered_graph(path, names, kept))
 
     names = with_own_ops(lowerings, cuda=False, strict=strict)
     runner, _ = open_checked(open_fn, path, graph_meta, names, False, check, strict)
@@ -176,6 +185,7 @@ def load(
     cuda_graph: bool = False,
     self_check: bool = True,
     strict: bool = False,
+    outputs: Mapping[str, Sequence[str]] | None = None,
 ) -> ArtifactSession:
     """Open ``artifact`` (verifying every file's sha256 unless ``verify=False``) and prepare its graphs.
 
@@ -188,6 +198,10 @@ def load(
     memory for ONNX Runtime's fused kernels, and each rewritten graph first runs the artifact's stored reference
     input (``self_check``, one inference per graph): a rewrite that fails falls back to the graph as stored, or
     with ``strict`` raises ParityError.
+
+    ``outputs`` (graph name -> output names): a caller that reads only some outputs of a graph names them, and
+    ONNX Runtime computes only those, on a copy of the graph pruned of the others (an engine computes all of
+    its outputs). Such a session serves its runners to that caller; ``run`` of the whole model refuses.
     """
     from export_engine.runners.engine import can_run_engine
 
@@ -200,6 +214,7 @@ def load(
     ort_ops.use_bundled(path)  # operator libraries the artifact carries (and its manifest vouches for) come first
     family = runtime_family(manifest["model"])
     graphs = {g["name"]: g for g in manifest["graphs"]}
+    wanted = _wanted_outputs(path, graphs, outputs or {})
     engines = {e["graph"]: e for e in manifest.get("engines", [])}
     on_cuda = _ort_on_cuda()
     runners: dict[str, GraphRunner] = {}
@@ -219,11 +234,31 @@ def load(
         if on_cuda:
             from export_engine.runners.ort_cuda import CudaGraphRunner, CudaSessionConfig
 
-            config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph, check=self_check, strict=strict)
+            config = CudaSessionConfig(family.ort_attention, cuda_graph=cuda_graph, check=self_check, strict=strict,
+                                       outputs=wanted.get(name, ()))  # fmt: skip
             runners[name] = CudaGraphRunner(path / graph["file"], graph, config)
             used.add("onnxruntime CUDAExecutionProvider")
         else:
-            runners[name] = ort_cpu_runner(path / graph["file"], graph)
+            runners[name] = ort_cpu_runner(path / graph["file"], graph, outputs=wanted.get(name, ()))
             used.add("onnxruntime CPUExecutionProvider")
     log.info("running %s with %s", path.name, ", ".join(sorted(used)))
-    return ArtifactSession(path, manifest, family, runners, ", ".join(sorted(used)), graphs, frozenset(engine_graphs))
+    return ArtifactSession(
+        path, manifest, family, runners, ", ".join(sorted(used)), graphs, frozenset(engine_graphs), wanted
+    )
+
+
+def _wanted_outputs(path: Path, graphs: Mapping[str, Any], outputs: Mapping[str, Sequence[str]]
+                    ) -> dict[str, tuple[str, ...]]:  # fmt: skip
+    """``outputs`` checked against the manifest: known graphs and outputs, at least one output a graph."""
+    wanted = {}
+    for name, names in outputs.items():
+        if name not in graphs:
+            raise ModelInputError(f"{path.name} has no graph {name!r}; its graphs: {sorted(graphs)}")
+        declared = [o["name"] for o in graphs[name]["outputs"]]
+        unknown = [n for n in names if n not in declared]
+        if unknown or not names:
+            raise ModelInputError(f"graph {name} of {path.name}: outputs {list(names)} are not a non-empty subset "
+                                  f"of its outputs {declared}")  # fmt: skip
+        if len(set(names)) < len(declared):  # naming every output prunes nothing
+            wanted[name] = tuple(n for n in declared if n in names)
+    return wanted

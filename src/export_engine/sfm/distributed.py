@@ -81,12 +81,11 @@ class MatchWorker:
     """One Ray actor's state: the loaded artifact, its token pool and which images the pool holds."""
 
     def __init__(self, setup: WorkerSetup) -> None:
-        from export_engine.runtime.session import load
-        from export_engine.sfm.executor import Executor
+        from export_engine.sfm.executor import Executor, load_for_matching
 
         free = _device_free()
         self.setup = setup
-        self.executor = Executor(load(setup.artifact, cuda_graph=True), setup.paths, setup.match, setup.batch,
+        self.executor = Executor(load_for_matching(setup.artifact), setup.paths, setup.match, setup.batch,
                                  setup.encode_batch, setup.workers, free, setup.matchers)  # fmt: skip
         self.executor.warm_up()
         budget = self.executor.budget(setup.gpu_memory, len(setup.paths))

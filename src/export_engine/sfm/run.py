@@ -37,7 +37,7 @@ from export_engine.sfm.database import (
     read_run,
     reading,
 )
-from export_engine.sfm.executor import GIB, Executor
+from export_engine.sfm.executor import GIB, Executor, load_for_matching
 from export_engine.sfm.pairs import PairStrategy, parse_strategy, select_pairs
 from export_engine.sfm.schedule import encodes, order_for_reuse, plan
 
@@ -163,7 +163,6 @@ def match_many(artifact: str | Path, inputs: Sequence[str | Path], out: Path, co
 def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequence[ImageEntry], out: Path,
              config: MatchManyConfig, run: dict[str, Any], pairs: list[Any] | None, strategy: PairStrategy,
              on_pair: Callable[[int], None] | None) -> MatchManyReport:  # fmt: skip
-    from export_engine.runtime.session import load
 
     started = time.perf_counter()
     database_path = out / DATABASE
@@ -176,7 +175,7 @@ def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequenc
         assert pairs is not None  # retrieval is refused with --ray before any work
         return _execute_on_ray(artifact, images, entries, out, config, run, pairs, on_pair)
     free = _device_free()
-    executor = Executor(load(artifact, cuda_graph=True), [i.path for i in images], config.match, config.batch,
+    executor = Executor(load_for_matching(artifact), [i.path for i in images], config.match, config.batch,
                         config.encode_batch, config.workers, free, config.matchers)  # fmt: skip
     executor.warm_up()
     budget = executor.budget(config.gpu_memory, len(images))

@@ -1,0 +1,55 @@
+"""Loading an artifact to compute only some outputs of a graph: the same values, the others never computed, and
+clear refusals (the CPU path; the CUDA runner's is a gpu test in tests/runners/test_ort_cuda.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export_engine.errors import ModelInputError
+from export_engine.runners.ort_lowering import lowered_graph
+from export_engine.runtime.session import load
+from export_engine.sfm.executor import DECODER_OUTPUTS, load_for_matching
+
+
+def reference_feed(artifact: Path, graph: str) -> dict[str, np.ndarray]:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    check = next(g for g in manifest["graphs"] if g["name"] == graph)["reference_check"]
+    with np.load(artifact / check["inputs"]) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_a_pruned_decoder_gives_the_same_descriptors_and_nothing_else(tiny_mast3r_artifact: Path) -> None:
+    feed = reference_feed(tiny_mast3r_artifact, "decoder")
+    with load(tiny_mast3r_artifact) as full, load_for_matching(tiny_mast3r_artifact) as pruned:
+        assert set(pruned.outputs) == {"decoder"} and sorted(pruned.outputs["decoder"]) == sorted(DECODER_OUTPUTS)
+        everything, kept = full.runners["decoder"](feed), pruned.runners["decoder"](feed)
+        assert sorted(kept) == sorted(DECODER_OUTPUTS) and set(everything) > set(kept)
+        for name in DECODER_OUTPUTS:
+            np.testing.assert_allclose(kept[name], everything[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        stored = full.path / "decoder.onnx"
+        source = lowered_graph(stored, (), DECODER_OUTPUTS)
+        assert source != stored and source.stat().st_size < stored.stat().st_size
+        with pytest.raises(ModelInputError, match=r"compute only .*load it without outputs="):
+            pruned.run({"view1_img": np.zeros(1), "view2_img": np.zeros(1)})
+
+
+def test_unknown_graphs_and_outputs_are_refused_and_naming_all_prunes_nothing(tiny_mast3r_artifact: Path) -> None:
+    with pytest.raises(ModelInputError, match=r"no graph 'decoderr'; its graphs: \['decoder', 'encoder'\]"):
+        load(tiny_mast3r_artifact, outputs={"decoderr": ("view1_desc",)})
+    with pytest.raises(ModelInputError, match=r"outputs \['view1_dsc'\] are not a non-empty subset"):
+        load(tiny_mast3r_artifact, outputs={"decoder": ("view1_dsc",)})
+    with pytest.raises(ModelInputError, match="not a non-empty subset"):
+        load(tiny_mast3r_artifact, outputs={"decoder": ()})
+    with pytest.raises(ModelInputError, match=r"decoder.onnx has no output\(s\) \['x'\]; its outputs"):
+        lowered_graph(tiny_mast3r_artifact / "decoder.onnx", (), ("x",))
+    manifest = json.loads((tiny_mast3r_artifact / "manifest.json").read_text())
+    every = [o["name"] for o in next(g for g in manifest["graphs"] if g["name"] == "decoder")["outputs"]]
+    with load(tiny_mast3r_artifact, outputs={"decoder": every}) as session:
+        assert session.outputs == {}
+        images = np.zeros((1, 3, 64, 96), np.float32)
+        out = session.run({"view1_img": images, "view2_img": images})
+        assert "view1_pts3d" in out
