@@ -67,6 +67,7 @@ class _StopError(Exception):
     """Another thread failed or the run was interrupted: unwind quietly (the first failure is re-raised)."""
 
 
+MATCHER_PRIORITY = -1  # CUDA stream priority of the matcher threads (lower is higher; the decoder's: 0)
 GPU_MATCHERS = 2  # matcher threads by default on a GPU (see matcher_threads)
 
 
@@ -375,7 +376,7 @@ class Executor:
 
         # High priority: the matcher's short, latency-bound kernels get SMs as soon as the decoder's (which fill
         # the device) free some, rather than queueing behind a whole decoder batch.
-        stream = torch.cuda.Stream(self.device, priority=-1) if self.on_device else None
+        stream = torch.cuda.Stream(self.device, priority=MATCHER_PRIORITY) if self.on_device else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             while (item := self._get(decoded)) is not None:
                 seq, pairs, outputs, event = item
