@@ -16,10 +16,12 @@
    one warm-up batch; pairs/s are over those pairs.
 4. ``export-engine match-many`` itself (the API it calls), all pairs, files to database: pairs/s, seconds per
    stage, GPU busy share (NVML utilisation sampled every 50 ms; nvidia-smi if pynvml is missing), peak device
-   memory above the start against ``--gpu-memory``, peak host memory, with its default matcher threads (2 on a
+   memory above the start against ``--gpu-memory``, peak host memory, with its default matcher threads (3 on a
    GPU); again with ``--matchers`` matcher threads (default 1; its database must equal the default run's);
    again with a token pool of ``--small-pool`` images (evictions and re-encodes). Then ``Matcher.match`` on two
    preloaded images with cached tokens and on two files (tokens cached), median ms per pair.
+5. ``--variants``: more runs of the default row with settings changed, e.g. ``matchers=3+priority=-1,batch=24``
+   (comma-separated runs; ``matchers``, ``batch`` and ``priority``, the matcher streams' CUDA priority).
 
 ``--tiny`` runs every part on the CPU with the tiny model (no torch.compile, a few images): a smoke test of
 this script, not a measurement.
@@ -322,7 +324,7 @@ def peer_pipelines(folder: Path, out: Path, pairs: list[tuple[int, int]], total_
 
 
 def ours(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, slots: int | None,
-         ray: bool = False, matchers: int | None = None) -> dict[str, Any]:  # fmt: skip
+         ray: bool = False, matchers: int | None = None, variant: str = "") -> dict[str, Any]:  # fmt: skip
     import torch
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -331,6 +333,8 @@ def ours(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, slot
         target = out / "ours-ray"
     if matchers is not None:
         target = out / f"ours-{matchers}-matchers"
+    if variant:
+        target = out / f"ours-{variant.replace('=', '-').replace('+', '_')}"
     shutil.rmtree(target, ignore_errors=True)
     # the database either way; hloc's files too where h5py is installed
     config = MatchManyConfig(pairs=args.pairs, batch=args.batch, encode_batch=args.batch, workers=args.workers,
@@ -341,11 +345,12 @@ def ours(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, slot
         report = match_many(artifact, [folder], target, config)
     row = report.to_dict()
     gpu_stages = sum(report.stages[k] for k in ("encode", "decode"))
-    if ray or matchers is not None:  # the same pairs on Ray workers or other matcher threads: the same database
+    if ray or matchers is not None or variant:  # the same pairs on Ray workers or other threads: the same database
         row.update(same_database_as_ours=_tables(target) == _tables(out / "ours"))
     case = "ours: export-engine match-many" + (f", token pool of {slots} images" if slots else "")
     case += f", {matchers} matcher thread{'s' * (matchers != 1)}" if matchers is not None else ""
     case += f", --ray ({len(report.workers or {})} workers)" if ray else ""
+    case += f", variant {variant}" if variant else ""
     row.update(case=case,
                pairs_per_s=round(report.pairs_per_second, 2), gpu_busy_share=busy.share, busy_source=busy.source,
                network_share_of_wall=round(gpu_stages / report.seconds, 3) if report.seconds else None,
@@ -395,6 +400,25 @@ def matcher_rows(artifact: Path, folder: Path, repeats: int) -> list[dict[str, A
                      "min_ms": round(times[0], 3), "p90_ms": round(times[(9 * len(times)) // 10], 3)})  # fmt: skip
     matcher.close()
     return rows
+
+
+def variant_row(artifact: Path, folder: Path, out: Path, args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """The default row again with ``variant``'s settings (``matchers=N+batch=N+priority=N``)."""
+    from export_engine.sfm import executor
+
+    settings = dict(part.split("=", 1) for part in variant.split("+"))
+    unknown = set(settings) - {"matchers", "batch", "priority"}
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown settings {sorted(unknown)} (matchers, batch, priority)")
+    changed = argparse.Namespace(**{**vars(args), "batch": int(settings.get("batch", args.batch))})
+    default_priority = executor.MATCHER_PRIORITY
+    executor.MATCHER_PRIORITY = int(settings.get("priority", default_priority))
+    try:
+        matchers = int(settings["matchers"]) if "matchers" in settings else None
+        row = ours(artifact, folder, out, changed, None, matchers=matchers, variant=variant)
+    finally:
+        executor.MATCHER_PRIORITY = default_priority
+    return row
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -451,6 +475,8 @@ def main() -> int:
     parser.add_argument("--gpu-memory", type=float, default=16.0, help="GiB given to match-many")
     parser.add_argument("--small-pool", type=int, default=48, help="token slots of the eviction run (0: skip)")
     parser.add_argument("--peer-pairs", type=int, default=320)
+    parser.add_argument("--variants", default="", help="more default rows with settings changed, e.g. "
+                        "matchers=3+priority=-1,batch=24 (see the module docstring)")  # fmt: skip
     parser.add_argument("--compile-mode", default="reduce-overhead")
     parser.add_argument("--repeats", type=int, default=50, help="Matcher.match calls timed")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tiny model")
@@ -498,6 +524,8 @@ def main() -> int:
                         if args.ray else []),
                        ("ours, small pool", lambda: [ours(artifact, folder, args.out, args, args.small_pool)]
                         if args.small_pool else []),
+                       *((f"variant {v}", lambda v=v: [variant_row(artifact, folder, args.out, args, v)])
+                         for v in filter(None, args.variants.split(","))),
                        ("Matcher.match", lambda: matcher_rows(artifact, folder, args.repeats))):  # fmt: skip
         try:
             rows += run()

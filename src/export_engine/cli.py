@@ -419,7 +419,7 @@ def _match_many_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encode-batch", type=int, default=16, help="images per encoder run (default 16)")
     p.add_argument("--workers", type=int, default=8, help="image-decoding threads (default 8)")
     p.add_argument("--matchers", type=int,
-                   help="matcher threads, each with its own recorded matcher and CUDA stream (default 2 on a GPU, "
+                   help="matcher threads, each with its own recorded matcher and CUDA stream (default 3 on a GPU, "
                         "1 on the CPU)")  # fmt: skip
     p.add_argument("--token-slots", type=int, help="keep at most N images' tokens (default: what --gpu-memory holds)")
     p.add_argument("--subsample", type=int, default=8, help="seed grid step in pixels (default 8)")

@@ -275,9 +275,9 @@ def test_the_database_holds_what_matcher_match_finds(tiny_mast3r_artifact: Path,
         assert got == expected and len(expected) > 10
 
 
-def test_matcher_threads_default_to_two_on_a_gpu_and_one_on_the_cpu() -> None:
+def test_matcher_threads_default_to_three_on_a_gpu_and_one_on_the_cpu() -> None:
     from export_engine.sfm.executor import matcher_threads
 
     assert MatchManyConfig().matchers is None
-    assert (matcher_threads(None, True), matcher_threads(None, False)) == (2, 1)
+    assert (matcher_threads(None, True), matcher_threads(None, False)) == (3, 1)
     assert (matcher_threads(3, False), matcher_threads(1, True)) == (3, 1)

@@ -57,7 +57,7 @@ class MatchManyConfig:
     encode_batch: int = 16  # images per encoder run
     token_slots: int | None = None  # keep at most this many images' tokens (default: what gpu_memory holds)
     workers: int = 8  # image-decoding threads
-    matchers: int | None = None  # matcher threads, each with its own recorded matcher and stream (None: 2 on a GPU)
+    matchers: int | None = None  # matcher threads, each with its own recorded matcher and stream (None: 3 on a GPU)
     hloc: bool = True  # features.h5 + matches.h5 (needs h5py)
     verify: bool = False  # COLMAP two-view geometric verification (needs pycolmap)
     reconstruct: bool = False  # COLMAP incremental mapper into DIR/sparse (needs pycolmap)
