@@ -53,3 +53,21 @@ def test_unknown_graphs_and_outputs_are_refused_and_naming_all_prunes_nothing(ti
         images = np.zeros((1, 3, 64, 96), np.float32)
         out = session.run({"view1_img": images, "view2_img": images})
         assert "view1_pts3d" in out
+
+
+def test_a_pruned_rewritten_graph_is_checked_on_what_it_keeps(tiny_mast3r_artifact: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    from export_engine.runtime.session import ort_cpu_runner
+
+    manifest = json.loads((tiny_mast3r_artifact / "manifest.json").read_text())
+    graph = next(g for g in manifest["graphs"] if g["name"] == "decoder")
+    check = graph["reference_check"]
+    with caplog.at_level("INFO", logger="export_engine"):
+        runner = ort_cpu_runner(tiny_mast3r_artifact / "decoder.onnx", graph, ("skip_layernorm", "bias_gelu"),
+                                outputs=("view2_desc",))  # fmt: skip
+    assert "pass the artifact's check (view2_desc max abs error" in caplog.text
+    got = runner(reference_feed(tiny_mast3r_artifact, "decoder"))
+    assert list(got) == ["view2_desc"]
+    with np.load(tiny_mast3r_artifact / check["expected"]) as data:
+        tol = check["tolerances"]["view2_desc"]
+        np.testing.assert_allclose(got["view2_desc"], data["view2_desc"], atol=tol["atol"], rtol=tol["rtol"])

@@ -76,7 +76,7 @@ def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[s
         return _cpu_session(path, lowered_graph(path, names, kept))
 
     names = with_own_ops(lowerings, cuda=False, strict=strict)
-    runner, _ = open_checked(open_fn, path, graph_meta, names, False, check, strict)
+    runner, _ = open_checked(open_fn, path, graph_meta, names, False, check, strict, context=kept)
     return runner
 
 
