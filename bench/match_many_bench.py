@@ -21,7 +21,8 @@
    again with a token pool of ``--small-pool`` images (evictions and re-encodes). Then ``Matcher.match`` on two
    preloaded images with cached tokens and on two files (tokens cached), median ms per pair.
 5. ``--variants``: more runs of the default row with settings changed, e.g. ``matchers=3+priority=-1,batch=24``
-   (comma-separated runs; ``matchers``, ``batch`` and ``priority``, the matcher streams' CUDA priority).
+   (comma-separated runs; ``matchers``, ``batch`` (the decoder's and the encoder's batch) and ``priority``, the
+   matcher streams' CUDA priority).
 
 ``--tiny`` runs every part on the CPU with the tiny model (no torch.compile, a few images): a smoke test of
 this script, not a measurement.
@@ -406,7 +407,10 @@ def variant_row(artifact: Path, folder: Path, out: Path, args: argparse.Namespac
     """The default row again with ``variant``'s settings (``matchers=N+batch=N+priority=N``)."""
     from export_engine.sfm import executor
 
-    settings = dict(part.split("=", 1) for part in variant.split("+"))
+    parts = variant.split("+")
+    if not all("=" in part for part in parts):
+        raise ValueError(f"variant {variant!r}: write settings as NAME=VALUE joined by '+' (matchers, batch, priority)")
+    settings = dict(part.split("=", 1) for part in parts)
     unknown = set(settings) - {"matchers", "batch", "priority"}
     if unknown:
         raise ValueError(f"variant {variant!r}: unknown settings {sorted(unknown)} (matchers, batch, priority)")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export_engine.errors import ModelInputError
+from export_engine.errors import ModelInputError, UsageError
+from export_engine.families.mast3r.match import Matcher
 from export_engine.runners.ort_lowering import lowered_graph
 from export_engine.runtime.session import load
 from export_engine.sfm.executor import DECODER_OUTPUTS, load_for_matching
@@ -33,17 +34,20 @@ def test_a_pruned_decoder_gives_the_same_descriptors_and_nothing_else(tiny_mast3
         stored = full.path / "decoder.onnx"
         source = lowered_graph(stored, (), DECODER_OUTPUTS)
         assert source != stored and source.stat().st_size < stored.stat().st_size
-        with pytest.raises(ModelInputError, match=r"compute only .*load it without outputs="):
+        with pytest.raises(UsageError, match=r"compute only .*load it without outputs="):
             pruned.run({"view1_img": np.zeros(1), "view2_img": np.zeros(1)})
+        with pytest.raises(UsageError, match=r"Matcher also returns the 3-D points: load it without outputs="):
+            Matcher(pruned)
 
 
 def test_unknown_graphs_and_outputs_are_refused_and_naming_all_prunes_nothing(tiny_mast3r_artifact: Path) -> None:
     with pytest.raises(ModelInputError, match=r"no graph 'decoderr'; its graphs: \['decoder', 'encoder'\]"):
         load(tiny_mast3r_artifact, outputs={"decoderr": ("view1_desc",)})
-    with pytest.raises(ModelInputError, match=r"outputs \['view1_dsc'\] are not a non-empty subset"):
-        load(tiny_mast3r_artifact, outputs={"decoder": ("view1_dsc",)})
-    with pytest.raises(ModelInputError, match="not a non-empty subset"):
-        load(tiny_mast3r_artifact, outputs={"decoder": ()})
+    with pytest.raises(ModelInputError, match=r"has no output\(s\) \['view1_dsc'\]; its outputs: \['view1_pts3d'"):
+        load(tiny_mast3r_artifact, outputs={"decoder": ("view1_desc", "view1_dsc")})
+    for bad in ((), "view1_desc"):
+        with pytest.raises(ModelInputError, match="outputs= takes a non-empty list of output names"):
+            load(tiny_mast3r_artifact, outputs={"decoder": bad})
     with pytest.raises(ModelInputError, match=r"decoder.onnx has no output\(s\) \['x'\]; its outputs"):
         lowered_graph(tiny_mast3r_artifact / "decoder.onnx", (), ("x",))
     manifest = json.loads((tiny_mast3r_artifact / "manifest.json").read_text())
@@ -71,3 +75,17 @@ def test_a_pruned_rewritten_graph_is_checked_on_what_it_keeps(tiny_mast3r_artifa
     with np.load(tiny_mast3r_artifact / check["expected"]) as data:
         tol = check["tolerances"]["view2_desc"]
         np.testing.assert_allclose(got["view2_desc"], data["view2_desc"], atol=tol["atol"], rtol=tol["rtol"])
+
+
+def test_pruned_and_whole_copies_of_one_graph_are_kept_apart(tiny_mast3r_artifact: Path) -> None:
+    import onnx
+
+    stored = tiny_mast3r_artifact / "decoder.onnx"
+    names = ("skip_layernorm",)
+    whole, pruned = lowered_graph(stored, names), lowered_graph(stored, names, ("view1_desc",))
+    longer = lowered_graph(stored, (*names, "bias_gelu"), ("view1_desc",))  # started from the pruned copy
+    assert len({whole, pruned, longer, stored}) == 4
+    outputs = {p: [o.name for o in onnx.load(str(p), load_external_data=False).graph.output]
+               for p in (whole, pruned, longer)}  # fmt: skip
+    assert len(outputs[whole]) == 8 and outputs[pruned] == outputs[longer] == ["view1_desc"]
+    assert lowered_graph(stored, names, ("view1_desc",)) == pruned and lowered_graph(stored, names) == whole

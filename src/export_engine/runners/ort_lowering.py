@@ -158,6 +158,7 @@ def graph_key(path: Path) -> tuple[str, int, int]:
 
 
 _LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
+_DECLARED: dict[tuple, list[str]] = {}  # graph file version -> its output names (see pruned_outputs)
 _OWN_OP_GRAPHS: set[Path] = set()  # rewritten graphs with nodes of export-engine's operator domain
 _LOWERING_LOCK = threading.Lock()
 
@@ -184,7 +185,10 @@ def pruned_outputs(path: Path, outputs: Sequence[str]) -> tuple[str, ...]:
     An unknown name raises ModelInputError with the graph's outputs."""
     if not outputs:
         return ()
-    declared = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    key = graph_key(path)
+    declared = _DECLARED.get(key)
+    if declared is None:  # read once per graph file and version (parsing a graph with its weights takes a while)
+        declared = _DECLARED[key] = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
     unknown = [n for n in outputs if n not in declared]
     if unknown:
         raise ModelInputError(f"{path.name} has no output(s) {unknown}; its outputs: {declared}")

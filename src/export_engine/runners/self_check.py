@@ -115,9 +115,9 @@ def _open_and_check(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, g
         stored = open_fn((), False)  # a graph that does not open as stored either raises its own error here
         if strict:
             raise BackendError(
-                f"{message}; refusing to run (strict). Without strict the graph runs as stored."
+                f"{message}; refusing to run (strict). Without strict the graph runs without rewrites."
             ) from err
-        log.warning("%s; running the graph as stored", message)
+        log.warning("%s; running the graph without rewrites", message)
         return stored, RewriteOutcome((), False, None, message)
 
     try:
@@ -158,9 +158,9 @@ def _open_and_check(open_fn: Callable[[tuple[str, ...], bool], R], path: Path, g
     message = (f"{path.name}: ONNX Runtime rewrite {'; '.join(culprits) or _describe(lowerings, tf32)} fails the "
                f"artifact's check (together: {worst(report)})")  # fmt: skip
     if strict:
-        raise ParityError(f"{message}; refusing to run (strict). Without strict the graph runs as stored.\n"
+        raise ParityError(f"{message}; refusing to run (strict). Without strict the graph runs without rewrites.\n"
                           + format_table([report]))  # fmt: skip
-    log.warning("%s; running the graph as stored", message)
+    log.warning("%s; running the graph without rewrites", message)
     return open_fn((), False), RewriteOutcome((), False, report, message)
 
 

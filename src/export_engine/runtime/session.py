@@ -12,7 +12,7 @@ import numpy as np
 
 from export_engine.artifacts.store import read_manifest, verify_files
 from export_engine.core.types import GraphRunner
-from export_engine.errors import BackendError, ModelInputError, ParityError
+from export_engine.errors import BackendError, ModelInputError, ParityError, UsageError
 from export_engine.families import RuntimeFamily, runtime_family
 from export_engine.runners.ort_lowering import lowered_graph, pruned_outputs, register_own_ops, with_own_ops
 
@@ -39,7 +39,7 @@ class ArtifactSession:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.outputs:
-            raise ModelInputError(f"{self.path.name} was loaded to compute only {dict(self.outputs)}; the whole "
+            raise UsageError(f"{self.path.name} was loaded to compute only {dict(self.outputs)}; the whole "
                                   "model needs every output: load it without outputs=")  # fmt: skip
         return self.family.run(self.runners, inputs, self.graphs)
 
@@ -201,7 +201,8 @@ def load(
 
     ``outputs`` (graph name -> output names): a caller that reads only some outputs of a graph names them, and
     ONNX Runtime computes only those, on a copy of the graph pruned of the others (an engine computes all of
-    its outputs). Such a session serves its runners to that caller; ``run`` of the whole model refuses.
+    its outputs). Such a session serves its runners to that caller; ``run`` of the whole model and ``Matcher``
+    refuse it (UsageError).
     """
     from export_engine.runners.engine import can_run_engine
 
@@ -242,8 +243,11 @@ def load(
             runners[name] = ort_cpu_runner(path / graph["file"], graph, outputs=wanted.get(name, ()))
             used.add("onnxruntime CPUExecutionProvider")
     log.info("running %s with %s", path.name, ", ".join(sorted(used)))
+    for name in sorted(engine_graphs & set(wanted)):
+        log.info("%s: its engine computes every output (outputs= prunes ONNX Runtime's graphs only)", name)
+    pruned = {name: kept for name, kept in wanted.items() if name not in engine_graphs}
     return ArtifactSession(
-        path, manifest, family, runners, ", ".join(sorted(used)), graphs, frozenset(engine_graphs), wanted
+        path, manifest, family, runners, ", ".join(sorted(used)), graphs, frozenset(engine_graphs), pruned
     )
 
 
@@ -255,10 +259,12 @@ def _wanted_outputs(path: Path, graphs: Mapping[str, Any], outputs: Mapping[str,
         if name not in graphs:
             raise ModelInputError(f"{path.name} has no graph {name!r}; its graphs: {sorted(graphs)}")
         declared = [o["name"] for o in graphs[name]["outputs"]]
+        if isinstance(names, str) or not names:
+            raise ModelInputError(f"graph {name} of {path.name}: outputs= takes a non-empty list of output names, "
+                                  f"got {names!r}; its outputs: {declared}")  # fmt: skip
         unknown = [n for n in names if n not in declared]
-        if unknown or not names:
-            raise ModelInputError(f"graph {name} of {path.name}: outputs {list(names)} are not a non-empty subset "
-                                  f"of its outputs {declared}")  # fmt: skip
+        if unknown:
+            raise ModelInputError(f"graph {name} of {path.name} has no output(s) {unknown}; its outputs: {declared}")
         if len(set(names)) < len(declared):  # naming every output prunes nothing
             wanted[name] = tuple(n for n in declared if n in names)
     return wanted

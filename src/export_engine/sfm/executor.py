@@ -46,8 +46,8 @@ WARM_UP_RUNS = 3
 # Decoded batches waiting for the matcher: one is enough for the decoder to run a batch ahead of the matcher;
 # the matched pairs waiting for the writer are two batches' worth (host memory).
 QUEUE_BATCHES = 1
-# The decoder's outputs that matching reads (the session is loaded to compute only these: the DPT heads' points
-# and confidences, 38 % of the decoder's FLOPs at 512x384, are never computed)
+# The decoder's outputs that matching reads (the session is loaded to compute only these: on ONNX Runtime the DPT
+# heads' points and confidences, 38 % of the decoder's FLOPs at 512x384, are never computed; an engine computes all)
 DECODER_OUTPUTS = ("view1_desc", "view2_desc", "view1_desc_conf", "view2_desc_conf")
 _ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
 # Device memory beyond what warm-up measures (matching temporaries, allocator rounding): a margin, not a model.

@@ -99,6 +99,9 @@ class Matcher:
     def __init__(self, artifact: LoadedArtifact, config: MatchConfig | None = None):
         if artifact.manifest["model"] != "mast3r":
             raise UsageError(f"{artifact.path} is a {artifact.manifest['model']} artifact, not mast3r")
+        if getattr(artifact, "outputs", None):
+            raise UsageError(f"{artifact.path} was loaded to compute only {dict(artifact.outputs)}; Matcher also "
+                             "returns the 3-D points: load it without outputs=")  # fmt: skip
         self.artifact = artifact
         self.config = config or MatchConfig()
         _, _, self.height, self.width = artifact.graphs["encoder"]["inputs"][0]["shape"]
