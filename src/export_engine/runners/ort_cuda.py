@@ -72,7 +72,7 @@ from export_engine.runners.ort_lowering import (
     check_lowerings,
     fp32_matrix_products,
     lowered_graph,
-    pruned_outputs,
+    pruned_entry,
     register_own_ops,
     with_own_ops,
 )
@@ -191,11 +191,8 @@ class CudaGraphRunner:
             ort.preload_dlls()  # onnxruntime-gpu finds the CUDA libraries that torch ships
         self._ort = ort
         c = self.config
-        kept = pruned_outputs(self.path, c.outputs)
-        if kept:  # the graph entry as the pruned graph has it: its outputs, and only those checked
-            self.graph_meta = {**self.graph_meta, "outputs": [o for o in self.graph_meta["outputs"]
-                                                              if o["name"] in kept]}  # fmt: skip
-        self._kept_outputs = kept
+        # the graph entry as the pruned graph has it: its outputs, and only those bound and checked
+        self._kept_outputs, self.graph_meta = pruned_entry(self.graph_meta, c.outputs, self.path.name)
         self._inputs = {i["name"]: i for i in self.graph_meta["inputs"]}
         self._outputs = {o["name"]: o for o in self.graph_meta["outputs"]}
         if c.own_stream:

@@ -44,7 +44,7 @@ import importlib
 import logging
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,6 @@ def graph_key(path: Path) -> tuple[str, int, int]:
 
 
 _LOWERED: dict[tuple, tempfile.TemporaryDirectory] = {}
-_DECLARED: dict[tuple, list[str]] = {}  # graph file version -> its output names (see pruned_outputs)
 _OWN_OP_GRAPHS: set[Path] = set()  # rewritten graphs with nodes of export-engine's operator domain
 _LOWERING_LOCK = threading.Lock()
 
@@ -168,11 +167,12 @@ def lowered_graph(path: Path, names: Sequence[str], outputs: Sequence[str] = ())
     stored graph. One rewrite per graph and set per process, started from the longest set already rewritten
     that this one extends (a study adds one rewrite a step).
 
-    ``outputs``: compute only these outputs (empty: all); the graph is first pruned of the others and of every
-    node that only they need (:func:`~export_engine.graph_passes.prune_outputs.prune_outputs`), so a pruned
-    graph is a graph of its own even without rewrites."""
+    ``outputs``: compute only these outputs (empty: all; :func:`pruned_entry` resolves them from the manifest's
+    graph entry); the graph is first pruned of the others and of every node that only they need
+    (:func:`~export_engine.graph_passes.prune_outputs.prune_outputs`), so a pruned graph is a graph of its own
+    even without rewrites. An output the graph does not have raises ModelInputError."""
     names = check_lowerings(names)
-    kept = pruned_outputs(path, outputs)
+    kept = tuple(outputs)
     if not names and not kept:
         return path
     graph_id = (*graph_key(path), kept)
@@ -180,20 +180,21 @@ def lowered_graph(path: Path, names: Sequence[str], outputs: Sequence[str] = ())
         return _lowered_locked(path, graph_id, names)
 
 
-def pruned_outputs(path: Path, outputs: Sequence[str]) -> tuple[str, ...]:
-    """The outputs of ``path`` to keep, in the graph's order: () when ``outputs`` is empty or names them all.
-    An unknown name raises ModelInputError with the graph's outputs."""
+def pruned_entry(graph_meta: Mapping[str, Any], outputs: Sequence[str], where: str
+                 ) -> tuple[tuple[str, ...], Mapping[str, Any]]:  # fmt: skip
+    """The outputs of a graph to keep, from its manifest entry and in its order (() when ``outputs`` is empty or
+    names them all), and the entry as the pruned graph has it (its outputs only). An unknown name raises
+    ModelInputError naming ``where`` and the graph's outputs."""
     if not outputs:
-        return ()
-    key = graph_key(path)
-    declared = _DECLARED.get(key)
-    if declared is None:  # read once per graph file and version (parsing a graph with its weights takes a while)
-        declared = _DECLARED[key] = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+        return (), graph_meta
+    declared = [o["name"] for o in graph_meta["outputs"]]
     unknown = [n for n in outputs if n not in declared]
     if unknown:
-        raise ModelInputError(f"{path.name} has no output(s) {unknown}; its outputs: {declared}")
+        raise ModelInputError(f"{where} has no output(s) {unknown}; its outputs: {declared}")
     kept = tuple(n for n in declared if n in outputs)
-    return () if len(kept) == len(declared) else kept
+    if len(kept) == len(declared):
+        return (), graph_meta
+    return kept, {**graph_meta, "outputs": [o for o in graph_meta["outputs"] if o["name"] in kept]}
 
 
 def _lowered_locked(path: Path, graph_id: tuple, names: tuple[str, ...]) -> Path:
@@ -206,6 +207,10 @@ def _lowered_locked(path: Path, graph_id: tuple, names: tuple[str, ...]) -> Path
         if done is None:  # nothing of this graph and outputs yet: start from the stored graph, pruned
             done = ()
             graph = load_graph(path)
+            declared = [t.name for t in graph.outputs]
+            unknown = [n for n in graph_id[-1] if n not in declared]
+            if unknown:  # a user's name, said as such (the pass itself refuses it as a pass error)
+                raise ModelInputError(f"{path.name} has no output(s) {unknown}; its outputs: {declared}")
             report = prune_outputs(graph, PruneOutputsConfig(graph_id[-1]))
             if report.matched:
                 log.info("%s: computing only %s: %d nodes of the other outputs dropped (for this run only; the "

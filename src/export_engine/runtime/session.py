@@ -14,7 +14,7 @@ from export_engine.artifacts.store import read_manifest, verify_files
 from export_engine.core.types import GraphRunner
 from export_engine.errors import BackendError, ModelInputError, ParityError, UsageError
 from export_engine.families import RuntimeFamily, runtime_family
-from export_engine.runners.ort_lowering import lowered_graph, pruned_outputs, register_own_ops, with_own_ops
+from export_engine.runners.ort_lowering import lowered_graph, pruned_entry, register_own_ops, with_own_ops
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ArtifactSession:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.outputs:
             raise UsageError(f"{self.path.name} was loaded to compute only {dict(self.outputs)}; the whole "
-                                  "model needs every output: load it without outputs=")  # fmt: skip
+                             "model needs every output: load it without outputs=")  # fmt: skip
         return self.family.run(self.runners, inputs, self.graphs)
 
     @property
@@ -68,9 +68,7 @@ def ort_cpu_runner(path: Path, graph_meta: Mapping[str, Any], lowerings: tuple[s
     only these (the graph pruned of the others, as on CUDA)."""
     from export_engine.runners.self_check import open_checked
 
-    kept = pruned_outputs(path, outputs)
-    if kept:
-        graph_meta = {**graph_meta, "outputs": [o for o in graph_meta["outputs"] if o["name"] in kept]}
+    kept, graph_meta = pruned_entry(graph_meta, outputs, path.name)
 
     def open_fn(names: tuple[str, ...], tf32: bool) -> GraphRunner:
         return _cpu_session(path, lowered_graph(path, names, kept))
@@ -258,13 +256,11 @@ def _wanted_outputs(path: Path, graphs: Mapping[str, Any], outputs: Mapping[str,
     for name, names in outputs.items():
         if name not in graphs:
             raise ModelInputError(f"{path.name} has no graph {name!r}; its graphs: {sorted(graphs)}")
-        declared = [o["name"] for o in graphs[name]["outputs"]]
         if isinstance(names, str) or not names:
+            declared = [o["name"] for o in graphs[name]["outputs"]]
             raise ModelInputError(f"graph {name} of {path.name}: outputs= takes a non-empty list of output names, "
                                   f"got {names!r}; its outputs: {declared}")  # fmt: skip
-        unknown = [n for n in names if n not in declared]
-        if unknown:
-            raise ModelInputError(f"graph {name} of {path.name} has no output(s) {unknown}; its outputs: {declared}")
-        if len(set(names)) < len(declared):  # naming every output prunes nothing
-            wanted[name] = tuple(n for n in declared if n in names)
+        kept, _ = pruned_entry(graphs[name], names, f"graph {name} of {path.name}")
+        if kept:  # naming every output prunes nothing
+            wanted[name] = kept
     return wanted

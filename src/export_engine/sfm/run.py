@@ -163,7 +163,6 @@ def match_many(artifact: str | Path, inputs: Sequence[str | Path], out: Path, co
 def _execute(artifact: Path, images: Sequence[CollectionImage], entries: Sequence[ImageEntry], out: Path,
              config: MatchManyConfig, run: dict[str, Any], pairs: list[Any] | None, strategy: PairStrategy,
              on_pair: Callable[[int], None] | None) -> MatchManyReport:  # fmt: skip
-
     started = time.perf_counter()
     database_path = out / DATABASE
     if pairs is not None and database_path.exists() and _done_before(database_path) >= {_pid(p) for p in pairs}:
